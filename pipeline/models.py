@@ -1,0 +1,149 @@
+"""Base-model and tokenizer loading: hub id, local folder, or a GGUF file (converted once).
+
+Every stage loads its model through here, so the security rules hold everywhere:
+``trust_remote_code`` only when the config says so, and safetensors only.
+
+GGUF checkpoints are de-quantised by transformers on load, which takes tens of seconds; the first
+load therefore converts the file to an ordinary safetensors folder in a cache keyed by the file's
+content digest, and later loads (other stages, other ranks, other runs) read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
+
+PACKAGE_SCHEME = "pkg://"
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: ``$UORA_PIPELINE_CACHE`` or ``~/.cache/uora-pipeline``."""
+    return Path(os.environ.get("UORA_PIPELINE_CACHE", Path.home() / ".cache" / "uora-pipeline"))
+
+
+def resolve_package_dir(name_or_path: str) -> str:
+    """Map ``pkg://<package>`` to the installed package's folder without importing the package."""
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return name_or_path
+    package = name_or_path[len(PACKAGE_SCHEME) :]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model.name_or_path: Python package {package!r} is not installed")
+    return str(spec.submodule_search_locations[0])
+
+
+def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """sha256 of a file's content, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_gguf(directory: str, gguf_file: str, cache: Path | None = None) -> Path:
+    """Convert ``directory/gguf_file`` to a safetensors + tokenizer folder, once per content digest.
+
+    Safe under concurrency (several ranks or test workers): a file lock serialises conversion, and
+    the folder appears by an atomic rename only once it is complete.
+    """
+    source = Path(directory) / gguf_file
+    if not source.is_file():
+        raise FileNotFoundError(f"model.gguf_file: {source} does not exist")
+    cache = cache or cache_root()
+    target = cache / "gguf" / f"{source.stem}-{file_digest(source)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.parent), gguf_file=source.name, dtype=torch.float32
+        )
+        # The de-quantised weights are ordinary float tensors; drop the GGUF marker so that
+        # transformers serialises them as a plain checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(config: ModelConfig) -> str:
+    """The hub id or local folder that ``from_pretrained`` should read for this config."""
+    location = resolve_package_dir(config.name_or_path)
+    if config.gguf_file:
+        return str(convert_gguf(location, config.gguf_file))
+    return location
+
+
+def read_chat_template(config: ModelConfig) -> str | None:
+    """The configured chat template override: a path to a Jinja file, or the template text."""
+    template = config.chat_template
+    if template is None:
+        return None
+    if "{" not in template and Path(template).is_file():
+        return Path(template).read_text(encoding="utf-8")
+    return template
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The tokenizer, with the chat-template override applied and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_dir(config),
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+    )
+    template = read_chat_template(config)
+    if template is not None:
+        tokenizer.chat_template = template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, *, quantize: bool | None = None, device_map: Any = None) -> Any:
+    """The base causal LM in the configured dtype; 8-bit via bitsandbytes when ``quantize``.
+
+    ``quantize`` defaults to ``config.load_in_8bit``; export passes ``False`` to merge into
+    full-precision weights even when training used an 8-bit base.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": config.revision,
+        "trust_remote_code": config.trust_remote_code,
+        "use_safetensors": True,
+        "dtype": getattr(torch, config.dtype),
+    }
+    if config.load_in_8bit if quantize is None else quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(config), **kwargs)

@@ -1,0 +1,13 @@
+"""The 'promote' stage (not built yet)."""
+
+from __future__ import annotations
+
+from pipeline.stages.base import StageContext, StageNotImplemented, StageResult
+
+NAME = "promote"
+INPUTS: tuple[str, ...] = ("evaluate", "export")
+CONFIG_SECTIONS: tuple[str, ...] = ()
+
+
+def run(ctx: StageContext) -> StageResult:
+    raise StageNotImplemented(f"stage '{NAME}' is not implemented yet")

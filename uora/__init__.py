@@ -1,0 +1,1 @@
+"""UORA: Uniform Orthogonal Reinitialization Adaptation, as a PEFT method (not built yet)."""
