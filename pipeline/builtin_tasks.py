@@ -23,6 +23,10 @@ _ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamp
 _WORDS = [
     "river", "planet", "garden", "yellow", "window", "silver", "orange", "dragon", "pocket",
     "forest", "candle", "bridge", "rocket", "violet", "summer", "tunnel", "marble", "puzzle",
+    "anchor", "basket", "castle", "desert", "engine", "falcon", "ginger", "harbor", "island",
+    "jacket", "kitten", "ladder", "meadow", "needle", "oyster", "pepper", "quartz", "rabbit",
+    "saddle", "thunder", "umbrella", "velvet", "walnut", "zephyr", "lantern", "compass", "biscuit",
+    "cabinet", "dolphin", "feather", "glacier", "horizon", "journey", "kingdom", "library", "monsoon",
 ]  # fmt: skip
 _CITIES = ["Paris", "Lagos", "Lima", "Oslo", "Kyoto", "Cairo", "Quito", "Perth"]
 
@@ -75,18 +79,22 @@ _UNITS = [  # (from, to, factor): integer factors keep answers exact
     ("liters", "milliliters", 1000),
     ("days", "hours", 24),
     ("feet", "inches", 12),
+    ("weeks", "days", 7),
+    ("tonnes", "kilograms", 1000),
+    ("yards", "feet", 3),
+    ("centimeters", "millimeters", 10),
 ]
 
 
 def _unit_conversion(rng: random.Random) -> dict[str, str]:
     source, target, factor = rng.choice(_UNITS)
     if rng.random() < 0.5:
-        value = rng.randint(2, 90)
+        value = rng.randint(2, 250)
         answer = value * factor
         question = f"Convert {value} {source} to {target}. Reply with the number only."
         steps = f"1 {source[:-1]} = {factor} {target}, so {value} × {factor} = {answer}."
     else:  # the other direction, chosen so the result is a whole number
-        answer = rng.randint(2, 90)
+        answer = rng.randint(2, 250)
         value = answer * factor
         question = f"How many {source} are {value} {target}? Reply with the number only."
         steps = f"1 {source[:-1]} = {factor} {target}, so {value} ÷ {factor} = {answer}."
@@ -94,15 +102,15 @@ def _unit_conversion(rng: random.Random) -> dict[str, str]:
 
 
 def _string_manipulation(rng: random.Random) -> dict[str, str]:
-    word = rng.choice(_WORDS)
-    kind = rng.randrange(4)
+    word = " ".join(rng.sample(_WORDS, 2))  # two-word phrases keep the space of questions large
+    kind = rng.randrange(5)
     if kind == 0:
-        return _finish("string", f"Reverse the letters of the word '{word}'.", "", word[::-1])
+        return _finish("string", f"Reverse the characters of the text '{word}'.", "", word[::-1])
     if kind == 1:
         vowels = sum(ch in "aeiou" for ch in word)
         letters = ", ".join(ch for ch in word if ch in "aeiou")
         return _finish(
-            "string", f"How many vowels (a, e, i, o, u) are in the word '{word}'?",
+            "string", f"How many vowels (a, e, i, o, u) are in the text '{word}'?",
             f"The vowels are {letters}.", str(vowels),
         )  # fmt: skip
     if kind == 2:
@@ -111,7 +119,10 @@ def _string_manipulation(rng: random.Random) -> dict[str, str]:
             "string", f"Join these words with hyphens, in upper case: {' '.join(words)}", "",
             "-".join(words).upper(),
         )  # fmt: skip
-    letter = rng.choice(sorted(set(word)))
+    if kind == 3:
+        without = "".join(ch for ch in word if ch not in "aeiou")
+        return _finish("string", f"Remove every vowel (a, e, i, o, u) from the text '{word}'.", "", without)
+    letter = rng.choice(sorted(set(word) - {" "}))
     count = word.count(letter)
     return _finish(
         "string", f"How many times does the letter '{letter}' appear in '{word}'?", "", str(count)

@@ -200,8 +200,7 @@ def run_pipeline(
             report.status, report.detail = "disabled", "promote.enabled is false"
             continue
         if not force and pipeline.up_to_date(name):
-            report.status = "up to date"
-            report.detail = str(config.run_dir / name)
+            report.status, report.detail = "up to date", f"{name}/"
             continue
         console.print(f"[bold]▶ {name}[/bold]")
         began = time.perf_counter()
@@ -213,7 +212,9 @@ def run_pipeline(
             report.status, report.detail = "not implemented", str(error)
             _drop_if_empty(config.run_dir / f"{name}.partial")
             message = str(error) if "not implemented" in str(error) else f"not implemented yet ({error})"
-            print(f"stage '{name}': {message}; no output was written", file=sys.stderr)
+            if not message.startswith("stage "):
+                message = f"stage '{name}': {message}"
+            print(f"{message}; no output was written", file=sys.stderr)
             code = EXIT_STAGE_FAILED
         except StageError as error:
             report.status, report.detail = "failed", str(error)
@@ -230,7 +231,7 @@ def run_pipeline(
                   file=sys.stderr)  # fmt: skip
             code = EXIT_STAGE_FAILED
         else:
-            report.status, report.detail, report.metrics = "ran", str(config.run_dir / name), result.metrics
+            report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
         report.seconds = time.perf_counter() - began
         if code:
             break

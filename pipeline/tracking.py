@@ -230,7 +230,11 @@ def _is_number(value: Any) -> bool:
 def log_dataset(dataset: Any, name: str, context: str, digest: str | None = None,
                 source: str | None = None) -> None:  # fmt: skip
     """Record a ``datasets.Dataset`` as an MLflow input of the active run (``mlflow.data``)."""
+    import warnings
+
     import mlflow
 
-    record = mlflow.data.from_huggingface(dataset, name=name, digest=digest, source=source)
+    with warnings.catch_warnings():  # a local path matches two equivalent source types; harmless
+        warnings.simplefilter("ignore", UserWarning)
+        record = mlflow.data.from_huggingface(dataset, name=name, digest=digest, source=source)
     mlflow.log_input(record, context=context)
