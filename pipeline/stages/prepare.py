@@ -39,8 +39,10 @@ CONFIG_SECTIONS: tuple[str, ...] = (
 )  # fmt: skip
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+}  # fmt: skip
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -85,7 +87,8 @@ def read_local(path: Path, field: str) -> Iterator[tuple[int, Any]]:
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
-                raise StageError(f"{field}: {path} must hold a JSON array of rows (got {type(data).__name__})")
+                kind = type(data).__name__
+                raise StageError(f"{field}: {path} must hold a JSON array of rows (got {kind})")
             yield from enumerate(data, start=1)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -125,7 +128,8 @@ def load_hub(source: DataSource, field: str) -> Any:
         return datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StageError(f"{field}.hub: cannot load {source.hub!r} (split {source.split!r}): {first}") from None
+        message = f"{field}.hub: cannot load {source.hub!r} (split {source.split!r}): {first}"
+        raise StageError(message) from None
 
 
 def source_digest(source: DataSource, seed: int) -> str:
@@ -171,7 +175,9 @@ def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
     return value.strip()
 
 
-def _turns(items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str]) -> list[dict[str, str]]:
+def _turns(
+    items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str]
+) -> list[dict[str, str]]:
     if not isinstance(items, list):
         raise Malformed(f"field '{key}' must be a list of turns (got {type(items).__name__})")
     messages = []
@@ -198,7 +204,8 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
     if fmt == "alpaca":
         instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output")}]
+        output = _text(record, "output")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     elif fmt == "sharegpt":
         if "conversations" not in record:
             raise Malformed("missing field 'conversations'")
@@ -388,7 +395,8 @@ def percentiles(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
     ordered = sorted(values)
-    result = {f"p{p}": float(ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]) for p in PERCENTILES}
+    last = len(ordered) - 1
+    result = {f"p{p}": float(ordered[min(last, int(p / 100 * len(ordered)))]) for p in PERCENTILES}
     result.update(min=float(ordered[0]), max=float(ordered[-1]), mean=round(sum(ordered) / len(ordered), 2))
     return result
 
