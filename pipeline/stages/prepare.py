@@ -457,8 +457,9 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a bar per tiny shard is noise; ours cover the slow parts
     try:
+        # One shard per split: an empty eval split (eval_fraction 0) must still load back.
         DatasetDict({"train": to_dataset(train), "eval": to_dataset(held_out)}).save_to_disk(
-            str(out_dir / "dataset")
+            str(out_dir / "dataset"), num_shards={"train": 1, "eval": 1}
         )
     finally:
         if bars:
