@@ -178,14 +178,19 @@ class DataConfig(StrictModel):
 # adapter
 # --------------------------------------------------------------------------------------------
 class ReinitConfig(StrictModel):
-    """UORA's re-initialisation rule (see UORA.md): when a scaling vector's magnitude stays below
-    ``threshold`` for ``patience`` checks, it is interpolated back towards its start by ``alpha``."""
+    """UORA's re-init rule: a rank slot whose |d| stays below threshold gets its projections moved.
 
-    threshold: float = Field(1e-5, ge=0, description="Vector-magnitude threshold.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Interpolation factor.")
-    patience: int = Field(1, ge=1, description="Checks below threshold before re-init.")
-    target: Literal["fixed", "resample"] = Field("fixed", description="Re-init target.")
-    seed: int = Field(0, description="Seed for resampled targets.")
+    Every ``patience`` checks with ``|d[i]| < threshold``, row i of A and column i of B are
+    interpolated towards a target orthogonal pair: ``A ← alpha·A + (1 − alpha)·R`` (see UORA.md).
+    """
+
+    threshold: float = Field(1e-5, ge=0, description="A slot is dead while abs(d[i]) is below this.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Share of the old direction kept per event.")
+    patience: int = Field(1, ge=1, description="Dead checks (one per optimizer step) per re-init event.")
+    target: Literal["fixed", "resample"] = Field(
+        "fixed", description="fixed: one seeded target pair; resample: a fresh target per event."
+    )
+    seed: int = Field(0, description="Seed of the target projections.")
 
 
 class AdapterConfig(StrictModel):
@@ -633,3 +638,71 @@ def digest_of(value: Any) -> str:
 
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# the reference documentation, generated from the schema (README's tables come from here)
+# --------------------------------------------------------------------------------------------
+SECTION_CLASSES: dict[str, type[BaseModel]] = {
+    name: _section_type(field.annotation)  # type: ignore[misc]
+    for name, field in PipelineConfig.model_fields.items()
+}
+
+
+def _type_name(annotation: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(str(arg) for arg in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " \\| ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "**required**"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(see below)"
+    if isinstance(value, list):
+        value = [item.model_dump(exclude_defaults=True) if isinstance(item, BaseModel) else item
+                 for item in value]  # fmt: skip
+    return f"`{json.dumps(value)}`"
+
+
+def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
+    """Markdown tables (key, type, default, meaning) for the given sections, nested ones included."""
+    blocks: list[str] = []
+
+    def table(title: str, model: type[BaseModel]) -> None:
+        rows = [f"**`{title}`** — {(model.__doc__ or '').strip().splitlines()[0]}", "",
+                "| key | type | default | meaning |", "|---|---|---|---|"]  # fmt: skip
+        nested = []
+        for name, field in model.model_fields.items():
+            description = (field.description or "").replace("|", "\\|")
+            kind, default = _type_name(field.annotation), _default_text(field)
+            rows.append(f"| `{name}` | {kind} | {default} | {description} |")
+            inner = _section_type(field.annotation)
+            if inner is not None:
+                suffix = "[]" if "list" in _type_name(field.annotation) else ""
+                nested.append((f"{title}.{name}{suffix}", inner))
+        blocks.append("\n".join(rows))
+        for inner_title, inner in nested:
+            table(inner_title, inner)
+
+    for name in sections or tuple(SECTION_CLASSES):
+        table(name, SECTION_CLASSES[name])
+    return "\n\n".join(blocks) + "\n"
+
+
+if __name__ == "__main__":  # python -m pipeline.config [SECTION ...]: print the reference
+    import sys
+
+    print(reference_markdown(tuple(sys.argv[1:]) or None), end="")

@@ -191,7 +191,12 @@ def run_pipeline(
         return EXIT_TRACKING
 
     tracker = Tracker(config, config_path)
-    tracker.start()
+    try:
+        tracker.start()
+    except Exception as error:  # a store that answers but refuses (auth, schema, locked db)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"tracking.uri: cannot start the MLflow run on {uri}: {first}", file=sys.stderr)
+        return EXIT_TRACKING
     reports = [StageReport(name) for name in selected]
     code = 0
     for report in reports:
