@@ -437,13 +437,12 @@ def format_validation_error(error: Any) -> list[str]:
     sees one line per field.
     """
     lines: list[str] = []
-    seen: set[str] = set()
+    by_path: dict[str, int] = {}  # path -> index in lines, to merge union alternatives
+    reasons: dict[str, list[str]] = {}
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])
         # Drop pydantic's union-branch tags (e.g. 'list[str]', "literal['all-linear']").
         fields = tuple(part for part in loc if isinstance(part, int) or re.fullmatch(r"\w+", str(part)))
-        if len(fields) != len(loc):
-            fields = fields  # a branch-tagged location: keep the field part
         path = ".".join(str(part) for part in fields)
         kind = item["type"]
         if kind == "config_rules":
@@ -452,21 +451,27 @@ def format_validation_error(error: Any) -> list[str]:
                 full = ".".join(p for p in (path, field) if p) if ctx.get("relative") else field
                 lines.append(_line(full, reason, value))
             continue
-        if path in seen:
-            continue
-        seen.add(path)
         if kind == "extra_forbidden":
             hint = _closest_field(_model_at(fields[:-1]), str(fields[-1]))
-            lines.append(_line(path, f"unknown key{hint}", item["input"]))
+            reason, value, has_value = f"unknown key{hint}", item["input"], True
         elif kind == "missing":
-            lines.append(_line(path, "required field is missing", has_value=False))
+            reason, value, has_value = "required field is missing", None, False
         else:
-            message = item["msg"]
-            if message.startswith("Value error, "):
-                message = message.removeprefix("Value error, ")
+            reason, value, has_value = item["msg"], item["input"], True
+            if reason.startswith("Value error, "):
+                reason = reason.removeprefix("Value error, ")
             else:  # pydantic's own wording: "Input should be ..." reads better lower-cased here
-                message = message[0].lower() + message[1:]
-            lines.append(_line(path, message, item["input"]))
+                reason = reason[0].lower() + reason[1:]
+        if path in by_path:  # another alternative of a union: "should be a list or 'all-linear'"
+            if reason not in reasons[path]:
+                reasons[path].append(reason)
+                merged = reasons[path][0] + "".join(
+                    " or " + r.removeprefix("input should be ") for r in reasons[path][1:]
+                )
+                lines[by_path[path]] = _line(path, merged, value, has_value=has_value)
+            continue
+        by_path[path], reasons[path] = len(lines), [reason]
+        lines.append(_line(path, reason, value, has_value=has_value))
     return lines
 
 

@@ -171,8 +171,6 @@ def run_pipeline(
     """Run ``stages`` (default: all, in order) and print a one-screen summary; returns an exit code."""
     from rich.console import Console
 
-    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri
-
     console = console or Console()
     order = stage_registry.STAGE_ORDER
     selected = [name for name in order if name in (stages or order)]
@@ -183,6 +181,26 @@ def run_pipeline(
             print(line, file=sys.stderr)
         return EXIT_STAGE_FAILED
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock, Timeout
+
+    # One driver per run directory: a second one would race on the same .partial folders. The
+    # lock is an OS file lock, so a killed driver (or a requeued Slurm job) never leaves it stale.
+    lock = FileLock(str(config.run_dir / "driver.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"run dir {config.run_dir} is in use by another pipeline process", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    try:
+        return _run_locked(config, selected, pipeline, force, config_path, console)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
+                config_path: str | None, console: Any) -> int:  # fmt: skip
+    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri
+
     uri = resolve_uri(config)
     try:
         check_reachable(uri)

@@ -71,6 +71,7 @@ MALFORMED = {
     "wrong type": ("", ["run.seed=abc"],
                    "run.seed: input should be a valid integer, unable to parse string as an integer (got 'abc')"),
     "bad choice": ("", ["adapter.method=dora"], "adapter.method: input should be 'uora', 'lora' or 'vera' (got 'dora')"),
+    "union of types": ("", ["adapter.target_modules=5"], "adapter.target_modules: input should be a valid list or 'all-linear' (got 5)"),
     "out of range": ("", ["adapter.r=0"], "adapter.r: input should be greater than 0 (got 0)"),
     "missing data file": ("data: {sources: [{path: /nonexistent/x.jsonl}]}\n", [],
                           "data.sources.0.path: file does not exist (got '/nonexistent/x.jsonl')"),

@@ -195,6 +195,18 @@ def test_not_implemented_stage_stops_the_run(tmp_path, store, fakes, capsys):
     assert not (config.run_dir / "evaluate").exists() and not (config.run_dir / "evaluate.partial").exists()
 
 
+def test_one_driver_per_run_dir(tmp_path, store, fakes, capsys):
+    from filelock import FileLock
+
+    config = make_config(tmp_path, store)
+    config.run_dir.mkdir(parents=True)
+    with FileLock(str(config.run_dir / "driver.lock")):
+        assert go(config)[0] == 1
+    assert capsys.readouterr().err.strip() == f"run dir {config.run_dir} is in use by another pipeline process"
+    assert sum(fakes.counts().values()) == 0
+    assert go(config)[0] == 0  # released with its holder
+
+
 def test_promote_runs_only_when_enabled(tmp_path, store, fakes):
     config = make_config(tmp_path, store, promote={"enabled": True})
     assert go(config)[0] == 0
