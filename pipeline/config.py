@@ -403,9 +403,9 @@ def _closest_field(model: type[BaseModel] | None, key: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(path: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The section class that a location (without its last element) points into."""
-    model: Any = PipelineConfig
+    model: Any = root or PipelineConfig
     for part in path:
         if isinstance(part, int):
             continue
@@ -430,7 +430,7 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(error: Any) -> list[str]:
+def format_validation_error(error: Any, root: type[BaseModel] | None = None) -> list[str]:
     """pydantic's ValidationError as ``dotted.path: reason (got value)`` lines, one per problem.
 
     Union alternatives produce one error per branch in pydantic; they are collapsed so the user
@@ -452,12 +452,14 @@ def format_validation_error(error: Any) -> list[str]:
                 lines.append(_line(full, reason, value))
             continue
         if kind == "extra_forbidden":
-            hint = _closest_field(_model_at(fields[:-1]), str(fields[-1]))
+            hint = _closest_field(_model_at(fields[:-1], root), str(fields[-1]))
             reason, value, has_value = f"unknown key{hint}", item["input"], True
         elif kind == "missing":
             reason, value, has_value = "required field is missing", None, False
         else:
-            reason, value, has_value = item["msg"], item["input"], True
+            # A section-level rule (a model validator) gets the whole section as its input:
+            # echoing that dict is noise, and it may hold values nobody wants in a log.
+            reason, value, has_value = item["msg"], item["input"], not isinstance(item["input"], dict)
             if reason.startswith("Value error, "):
                 reason = reason.removeprefix("Value error, ")
             else:  # pydantic's own wording: "Input should be ..." reads better lower-cased here
