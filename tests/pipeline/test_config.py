@@ -279,9 +279,9 @@ def test_section_level_rule_does_not_echo_the_section():
         judge: Judge
 
     with pytest.raises(ValidationError) as info:
-        Eval.model_validate({"judge": {"backend": "openai", "secret": "sk-123"}})
+        Eval.model_validate({"judge": {"backend": "openai", "api_key_envv": "KEY"}})
     lines = format_validation_error(info.value, root=Eval)
-    assert lines == ["judge.secret: unknown key; did you mean 'backend'? (got 'sk-123')"]
+    assert lines == ["judge.api_key_envv: unknown key; did you mean 'api_key_env'? (got 'KEY')"]
     with pytest.raises(ValidationError) as info:
         Eval.model_validate({"judge": {"backend": "openai"}})
     assert format_validation_error(info.value) == ["judge: api_key_env is required when backend is 'openai'"]
