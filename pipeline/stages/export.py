@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.registry import flatten_results
 from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "export"
@@ -316,22 +317,6 @@ def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any
     return "\n".join(lines)
 
 
-def flatten_results(results: dict[str, Any]) -> dict[str, float]:
-    """``{"models": {"tuned": {"score_overall": 7.1, "categories": {...}}}}`` →
-    ``{"tuned.score_overall": 7.1, "tuned.categories.writing": ...}`` (numbers only)."""
-    flat: dict[str, float] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            flat[prefix] = float(node)
-
-    walk("", results.get("models", {}))
-    return flat
-
-
 def _eval_scores(run_dir: Path) -> dict[str, float]:
     """Evaluate's headline scores if that stage has run (the card is still useful without)."""
     path = run_dir / "evaluate" / "results.json"
@@ -339,9 +324,9 @@ def _eval_scores(run_dir: Path) -> dict[str, float]:
         return {}
     try:
         flat = flatten_results(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return {}
-    return {k: v for k, v in flat.items() if ".categories." not in k}
+    return {k: v for k, v in flat.items() if v is not None and ".categories." not in k}
 
 
 def data_digests(run_dir: Path) -> dict[str, str]:

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from export_helpers import TEMPLATE_MARKER
 
+EXPERIMENT = "export-tests"
+
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir: Path) -> Any:
@@ -43,12 +45,29 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -
 
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One sqlite tracking + registry store for the session (creating one costs seconds).
-    Tests isolate themselves by registered-model name and by their own runs."""
+    """One sqlite tracking + registry store for the session (creating one costs seconds), with
+    an experiment whose artifacts live beside it. Tests isolate themselves by registered-model
+    name and by their own runs."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.MlflowClient().search_experiments()  # creates the schema once, here
-    mlflow.set_tracking_uri(None)
+    try:
+        mlflow.MlflowClient().create_experiment(EXPERIMENT, artifact_location=(folder / "artifacts").as_uri())
+    finally:
+        mlflow.set_tracking_uri(None)
     return uri
+
+
+@pytest.fixture
+def mlflow_tracking(mlflow_store: str):
+    """Point MLflow at the session store and its experiment for one test, then restore."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_store)
+    mlflow.set_experiment(EXPERIMENT)
+    yield mlflow_store
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

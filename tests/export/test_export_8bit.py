@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 from export_helpers import finish, make_config, make_ctx, write_adapter
 from test_export_merge import logits_on

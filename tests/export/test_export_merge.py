@@ -192,23 +192,17 @@ def test_missing_adapter_is_one_clear_line(tmp_path, tiny_base_dir):
 
 
 def test_export_logs_verification_to_active_mlflow_run(
-    tmp_path, tiny_base_dir, smollm2_tokenizer, mlflow_store
+    tmp_path, tiny_base_dir, smollm2_tokenizer, mlflow_tracking
 ):
     import mlflow
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
     write_adapter(run_dir, AutoModelForCausalLM.from_pretrained(tiny_base_dir), smollm2_tokenizer, "lora")
-    mlflow.set_tracking_uri(mlflow_store)
-    try:
-        with mlflow.start_run() as parent, mlflow.start_run(nested=True) as child:
-            result = export.run(
-                make_ctx(run_dir, make_config(tiny_base_dir), mlflow_run_id=child.info.run_id)
-            )
-        logged = mlflow.get_run(child.info.run_id).data.metrics
-        artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id)}
-    finally:
-        mlflow.set_tracking_uri(None)
+    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as child:
+        result = export.run(make_ctx(run_dir, make_config(tiny_base_dir), mlflow_run_id=child.info.run_id))
+    logged = mlflow.get_run(child.info.run_id).data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id)}
     assert logged["export.verify_max_abs_error"] == pytest.approx(
         result.metrics["export.verify_max_abs_error"]
     )
