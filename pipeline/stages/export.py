@@ -173,7 +173,6 @@ def _merge_verify_save(
         reloaded = reloaded.float().eval()
         report = compare_logits(reference, _logits(reloaded, prompts))
         del reloaded
-        gc.collect()
         report.update(
             {
                 "dtype": dtype_name,

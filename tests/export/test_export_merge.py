@@ -25,10 +25,10 @@ from pipeline.stages.base import StageError
 CHECK_PROMPTS = ["Name a colour.", "How many legs does a spider have? Answer briefly."]
 
 
-def logits_on(model, tokenizer) -> torch.Tensor:
+def logits_on(model, tokenizer, prompts: list[str] = CHECK_PROMPTS) -> torch.Tensor:
     rows = []
     with torch.no_grad():
-        for prompt in CHECK_PROMPTS:
+        for prompt in prompts:
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}],
                 add_generation_prompt=True,
@@ -39,20 +39,24 @@ def logits_on(model, tokenizer) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def reference_logits(base_dir: Path, adapter_dir: Path, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logits(
+    base_dir: Path, adapter_dir: Path, tokenizer, prompts: list[str] = CHECK_PROMPTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(base + adapter, base alone) logits in float32, through PEFT's unmerged forward."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    with_adapter = logits_on(model, tokenizer)
+    with_adapter = logits_on(model, tokenizer, prompts)
     with model.disable_adapter():
-        without = logits_on(model, tokenizer)
+        without = logits_on(model, tokenizer, prompts)
     return with_adapter, without
 
 
-def export_and_check(tmp_path: Path, base_dir: Path, tokenizer, method: str, **export_cfg) -> dict:
+def export_and_check(
+    tmp_path: Path, base_dir: Path, tokenizer, method: str, prompts: list[str] = CHECK_PROMPTS, **export_cfg
+) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if method == "uora":
@@ -72,8 +76,8 @@ def export_and_check(tmp_path: Path, base_dir: Path, tokenizer, method: str, **e
     merged_tok = AutoTokenizer.from_pretrained(merged_dir)
     assert TEMPLATE_MARKER in merged_tok.chat_template  # the training template, not the base's
 
-    ref, base_only = reference_logits(base_dir, run_dir / "train" / "adapter", tokenizer)
-    got = logits_on(merged, merged_tok)
+    ref, base_only = reference_logits(base_dir, run_dir / "train" / "adapter", tokenizer, prompts)
+    got = logits_on(merged, merged_tok, prompts)
     error = float((got - ref).abs().max())
     effect = float((ref - base_only).abs().max())
     return {"result": result, "out": out, "error": error, "effect": effect, "merged": merged}
@@ -138,7 +142,17 @@ def test_bfloat16_export_uses_bf16_tolerance_and_weights(tmp_path, tiny_base_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "vera", "uora"])
 def test_smollm2_merge_matches_base_plus_adapter(tmp_path, smollm2_dir, smollm2_tokenizer, method):
-    checked = export_and_check(tmp_path, smollm2_dir, smollm2_tokenizer, method)
+    # One short prompt each for the stage's check and this test's own: SmolLM2 forwards dominate
+    # this file's CPU time.
+    checked = export_and_check(
+        tmp_path,
+        smollm2_dir,
+        smollm2_tokenizer,
+        method,
+        CHECK_PROMPTS[:1],
+        verify_prompts=1,
+        verify_max_tokens=40,
+    )
     assert checked["effect"] > 0.1
     assert checked["error"] < 1e-3, checked
     report = checked["result"].extra["verification"]
