@@ -9,10 +9,23 @@ still compare equal and pickles/JSON (which store the string "UORA") keep resolv
 
 from __future__ import annotations
 
+import warnings
+
+import peft
 from peft.utils import PeftType, register_peft_method
 
 UORA_NAME = "uora"
 UORA_PREFIX = "uora_lambda_"
+# UoraModel overrides PEFT's internal state-dict hooks (`_get_adapter_state_dict`,
+# `_remap_adapter_state_dict_for_load`), which may change between minor releases.
+SUPPORTED_PEFT_MINOR = (0, 21)
+
+if tuple(int(part) for part in peft.__version__.split(".")[:2]) != SUPPORTED_PEFT_MINOR:
+    warnings.warn(
+        f"uora is built against peft {SUPPORTED_PEFT_MINOR[0]}.{SUPPORTED_PEFT_MINOR[1]}.x, found peft "
+        f"{peft.__version__}; saving/loading UORA adapters may not work",
+        stacklevel=2,
+    )
 
 
 def extend_peft_type(name: str, value: str | None = None) -> PeftType:
