@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,6 +33,11 @@ MANIFEST = "manifest.json"
 EXIT_STAGE_FAILED = 1
 EXIT_TRACKING = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (Slurm preemption, ``scancel``): stop like Ctrl-C, record it, exit 143."""
 
 
 @dataclass
@@ -191,10 +198,25 @@ def run_pipeline(
     except Timeout:
         print(f"run dir {config.run_dir} is in use by another pipeline process", file=sys.stderr)
         return EXIT_STAGE_FAILED
+    previous = _install_sigterm_handler()
     try:
         return _run_locked(config, selected, pipeline, force, config_path, console)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         lock.release()
+
+
+def _install_sigterm_handler() -> Any:
+    """Turn SIGTERM into an exception so the stage's MLflow run is closed as KILLED and the
+    summary still prints; the stage's ``.partial`` folder stays for the resumed run."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
@@ -244,8 +266,13 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
             print(f"stage '{name}' failed: {error}", file=sys.stderr)
             code = EXIT_STAGE_FAILED
         except KeyboardInterrupt:
-            report.status, report.detail = "failed", "interrupted"
+            report.status, report.detail = "failed", "interrupted (Ctrl-C); rerun to resume"
+            print(f"stage '{name}' interrupted; rerun to resume", file=sys.stderr)
             code = EXIT_INTERRUPTED
+        except Terminated:
+            report.status, report.detail = "failed", "terminated (SIGTERM); rerun to resume"
+            print(f"stage '{name}' terminated by SIGTERM; rerun to resume", file=sys.stderr)
+            code = EXIT_TERMINATED
         except Exception as error:
             traceback.print_exc()
             report.status = "failed"
@@ -261,7 +288,8 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
     for report in reports:
         if report.status == "pending":
             report.status = "not run"
-    tracker.finish("FINISHED" if code == 0 else "FAILED")
+    stopped = code in (EXIT_INTERRUPTED, EXIT_TERMINATED)
+    tracker.finish("FINISHED" if code == 0 else "KILLED" if stopped else "FAILED")
     print_summary(console, config, reports, uri, tracker.parent_id)
     return code
 

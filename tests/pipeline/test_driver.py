@@ -327,6 +327,41 @@ def test_sigkill_mid_stage_leaves_no_trusted_output(tmp_path, store):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_cleanly_and_marks_the_run_killed(tmp_path, store):
+    import mlflow
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(textwrap.dedent(f"""\
+        run: {{name: termed, output_dir: {tmp_path / "runs"}}}
+        model: {{name_or_path: org/model}}
+        tracking: {{uri: "{store}", experiment: sigterm}}
+    """))
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config_file), str(ready), "slow"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert process.poll() is None and time.time() < deadline, "driver exited before the stage started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143
+    assert "stage 'train' terminated by SIGTERM; rerun to resume" in err
+    assert "terminated (SIGTERM)" in out
+    run_dir = tmp_path / "runs" / "termed"
+    assert not (run_dir / "train").exists() and (run_dir / "train.partial").is_dir()
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("sigterm")
+    [child] = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'train'")
+    assert child.info.status == "KILLED"
+
+
+@pytest.mark.slow
 def test_real_prepare_through_the_cli(tmp_path, store, smollm2_dir, capsys):
     """`python -m pipeline prepare CONFIG` end to end: dataset on disk, stats and inputs in MLflow."""
     import mlflow
