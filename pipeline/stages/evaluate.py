@@ -77,8 +77,8 @@ def run(ctx: StageContext) -> StageResult:
         },
     }
     write_results(work, results)
-    metrics = flatten_metrics(models)
-    log_to_mlflow(work, metrics, results)
+    metrics = flatten_metrics(models)  # the driver logs these to this stage's MLflow run
+    log_to_mlflow(work, results)
     return StageResult(
         metrics=metrics,
         outputs={
@@ -273,13 +273,13 @@ def write_results(work: Path, results: dict[str, Any]) -> None:
     radar_chart(results["models"], work / "radar.png")
 
 
-def log_to_mlflow(work: Path, metrics: dict[str, float], results: dict[str, Any]) -> None:
-    """Metrics, tags and artifacts on the active (evaluate child) run, if there is one."""
+def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
+    """Tags and artifacts on the active (evaluate child) run, if there is one; the metrics are
+    ``StageResult.metrics``, which the driver logs to the same run."""
     import mlflow
 
     if mlflow.active_run() is None:
         return
-    mlflow.log_metrics(metrics)
     judge = results["judge"]
     mlflow.set_tags(
         {
