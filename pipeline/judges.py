@@ -196,11 +196,13 @@ class LocalJudge:
     @classmethod
     def from_config(cls, config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> LocalJudge:
         """Load the configured judge weights (``local_model``, or the base model when unset)."""
+        import torch
+
         from pipeline.eval.identity import model_identity
         from pipeline.models import load_model, load_tokenizer
 
         model_cfg = config.local_model or base_model
-        model = load_model(model_cfg).eval()
+        model = load_model(model_cfg, device_map="auto" if torch.cuda.is_available() else None).eval()
         tokenizer = load_tokenizer(model_cfg)
         identity = {
             "backend": "local",

@@ -46,6 +46,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.eval
     work = ctx.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    if not ctx.force:
+        reuse_previous_caches(ctx.run_dir / NAME, work)
 
     # Everything that can be wrong with the inputs fails here, before a model loads.
     questions = load_questions(cfg, exclude_instructions=training_instructions(ctx.run_dir))
@@ -104,6 +106,26 @@ def training_instructions(run_dir: Path) -> list[str]:
 
     train = load_from_disk(str(dataset_dir))["train"]
     return [m["content"] for messages in train["messages"] for m in messages if m["role"] == "user"]
+
+
+def reuse_previous_caches(previous: Path, work: Path) -> None:
+    """Start from the answer/judgment caches of the last completed evaluation of this run.
+
+    The driver starts a fresh ``evaluate.partial`` when a config change re-runs the stage; the
+    cache keys decide what is still valid, so e.g. a new judge re-judges without regenerating a
+    single answer. ``--force`` skips this (the partial folder's own caches are still used).
+    """
+    import shutil
+
+    for folder in ("answers", "judgments"):
+        source = previous / folder
+        if not source.is_dir():
+            continue
+        for path in source.glob("*.jsonl"):
+            target = work / folder / path.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
 
 
 def tuned_model_path(ctx: StageContext) -> Path:
