@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
-CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "eval")
+CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
 
 log = logging.getLogger(__name__)
 
