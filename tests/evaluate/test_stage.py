@@ -194,3 +194,34 @@ def test_missing_adapter_and_key_fail_before_any_model_loads(tmp_path, monkeypat
     monkeypatch.setenv("E2E_JUDGE_KEY", KEY)
     with pytest.raises(StageError, match=r"stage input missing: .*train"):
         evaluate.run(ctx)
+
+
+def test_merged_tuned_folder_answers_like_the_unmerged_adapter(smollm2_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.eval.questions import load_questions
+
+    adapter = make_lora_adapter(smollm2_dir, tmp_path / "adapter")
+    merged_dir = tmp_path / "merged"
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(merged_dir)
+    questions_file = tmp_path / "q.jsonl"
+    questions_file.write_text(json.dumps(QUESTIONS[0]) + "\n")
+
+    def answers_from(tuned_path):
+        config = PipelineConfig.model_validate(
+            {
+                "run": {"name": "m", "output_dir": str(tmp_path / "runs")},
+                "model": SMOLLM2,
+                "eval": {"questions": str(questions_file), "max_new_tokens": 4, "models": ["tuned"]},
+            }
+        )
+        questions = load_questions(config.eval)
+        out = tmp_path / tuned_path.name / "answers"
+        return evaluate.generate_all(config, questions, out, tuned_path)["tuned"]["1"]
+
+    from_adapter, from_merged = answers_from(adapter), answers_from(merged_dir)
+    assert from_merged["choices"] == from_adapter["choices"]
+    assert from_merged["cache_key"] != from_adapter["cache_key"]  # different model identities
