@@ -330,7 +330,8 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(8, gt=0, description="Questions generated together (left-padded).")
     temperatures: dict[str, float] = Field(
         default_factory=lambda: dict(MT_BENCH_TEMPERATURES),
-        description="Sampling temperature per category (0 = greedy), as MT-Bench uses them.",
+        description="Sampling temperature per category (0 = greedy); unlisted MT-Bench categories keep "
+        "MT-Bench's values.",
     )
     default_temperature: float = Field(0.7, ge=0.0, description="Temperature for unlisted categories.")
     models: list[Literal["base", "tuned"]] = Field(
@@ -342,6 +343,14 @@ class EvalConfig(StrictModel):
         "<run_dir>/train/adapter.",
     )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    @field_validator("temperatures")
+    @classmethod
+    def _over_mt_bench_defaults(cls, value: dict[str, float]) -> dict[str, float]:
+        # Setting one category keeps MT-Bench's values for the others.
+        if any(t < 0 for t in value.values()):
+            raise ValueError("temperatures must be >= 0 (0 = greedy)")
+        return {**MT_BENCH_TEMPERATURES, **value}
 
     @model_validator(mode="after")
     def _files_exist(self) -> EvalConfig:
