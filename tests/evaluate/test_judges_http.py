@@ -136,3 +136,25 @@ def test_concurrency_limit_and_samples(api_key):
     assert all(len(outputs) == 2 for outputs in results.values())
     assert len(server.requests) == 12
     assert server.peak_in_flight == 2
+
+
+def test_interrupted_judging_resumes_without_asking_again(api_key, tmp_path):
+    cache = tmp_path / "j.jsonl"
+    healthy = False
+
+    def script(body, n):
+        if healthy:
+            return 200, "Rating: [[9]]", {}
+        return (200, f"Rating: [[{n}]]", {}) if n <= 3 else (503, "down", {"retry-after-ms": "1"})
+
+    with FakeOpenAI(script, api_key=KEY) as server:
+        judge = _judge(server, api_key, concurrency=1, retries=0)
+        tasks = _tasks(judge, n_questions=3)  # 6 judgments
+        with pytest.raises(StageError, match="HTTP 503"):
+            run_judging(judge, tasks, cache, progress=False)
+        assert len(cache.read_text().splitlines()) == 3  # what was judged is on disk
+
+        healthy, sent = True, len(server.requests)
+        records = run_judging(judge, _tasks(judge, n_questions=3), cache, progress=False)
+        assert len(server.requests) - sent == 3  # only the three missing ones
+    assert [r["score"] for r in records] == [1.0, 2.0, 3.0, 9.0, 9.0, 9.0]
