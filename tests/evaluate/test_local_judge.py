@@ -27,9 +27,9 @@ def _judge(smollm2, scoring, **kwargs):
 
 def test_logits_scoring_gives_the_most_likely_rating(smollm2):
     judge = _judge(smollm2, "logits", batch_size=2)
-    chats = [_chat("Paris."), _chat("Bananas are yellow.")]
+    chats = [_chat("Paris.")]
     results = dict(judge.complete(chats, samples=1))
-    assert sorted(results) == [0, 1]
+    assert sorted(results) == [0]
     for outputs in results.values():
         rating = parse_rating(outputs[0])
         assert outputs[0] == f"Rating: [[{int(rating)}]]" and 1 <= rating <= 10
@@ -48,9 +48,9 @@ def test_logits_scoring_gives_the_most_likely_rating(smollm2):
 
 
 def test_generate_scoring_returns_the_judge_text(smollm2):
-    judge = _judge(smollm2, "generate", max_new_tokens=8, batch_size=2)
-    results = dict(judge.complete([_chat("Paris."), _chat("Lyon.")], samples=1))
-    assert sorted(results) == [0, 1]
+    judge = _judge(smollm2, "generate", max_new_tokens=6, batch_size=2)
+    results = dict(judge.complete([_chat("Lyon.")], samples=1))
+    assert sorted(results) == [0]
     for (text,) in results.values():
         assert isinstance(text, str) and text  # whatever it says; the parser decides if it is a rating
         rating = parse_rating(text)

@@ -164,7 +164,7 @@ def test_cpu_default_shape_builtin_questions_local_judge(tmp_path):
             "model": SMOLLM2,
             "eval": {
                 "questions": "builtin",
-                "question_ids": [2, 1001],  # one hand-written, one generated verifiable task
+                "question_ids": [1001],  # a generated task with a verifiable answer
                 "max_new_tokens": 4,
                 "models": ["base"],
                 "judge": {"backend": "local", "local_scoring": "logits"},
@@ -178,7 +178,7 @@ def test_cpu_default_shape_builtin_questions_local_judge(tmp_path):
     assert row["judge_failures"] == 0  # logit scoring always yields a rating
     assert 1.0 <= row["score_overall"] <= 10.0
     assert row["exact_match"] in (0.0, 0.5, 1.0)  # 4 tokens rarely suffice, but it is measured
-    assert set(row["categories"]) == {"roleplay", "math"}
+    assert set(row["categories"]) == {"math"} and row["judged"] == 2
     assert result.metrics["base.score_overall"] == row["score_overall"]
     assert "tuned.score_overall" not in result.metrics
 
