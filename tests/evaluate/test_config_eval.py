@@ -1,0 +1,53 @@
+"""The eval config section: judge backend rules, the key never echoed, temperatures, file checks."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import MT_BENCH_TEMPERATURES, PipelineConfig, format_validation_error
+
+
+def _errors(eval_section):
+    with pytest.raises(ValidationError) as error:
+        PipelineConfig.model_validate(
+            {"run": {"name": "x"}, "model": {"name_or_path": "gpt2"}, "eval": eval_section}
+        )
+    return format_validation_error(error.value)
+
+
+def test_openai_backend_needs_the_key_variable_name_and_a_model():
+    assert _errors({"judge": {"backend": "openai", "model": "gpt-4"}}) == [
+        "eval.judge: api_key_env is required when backend is 'openai' (the NAME of the environment variable "
+        "that holds the key, e.g. OPENAI_API_KEY)"
+    ]
+    assert _errors({"judge": {"backend": "openai", "api_key_env": "OPENAI_API_KEY"}}) == [
+        "eval.judge: model is required when backend is 'openai' (e.g. gpt-4)"
+    ]
+
+
+def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it():
+    lines = _errors({"judge": {"backend": "openai", "model": "m", "api_key_env": "sk-proj-abc123SECRET"}})
+    assert lines == [
+        "eval.judge: api_key_env must be the NAME of an environment variable, not the key itself"
+    ]
+    assert "SECRET" not in "".join(lines)
+
+
+def test_temperatures_override_only_what_is_named():
+    config = PipelineConfig.model_validate(
+        {"run": {"name": "x"}, "model": {"name_or_path": "gpt2"}, "eval": {"temperatures": {"writing": 0.2}}}
+    )
+    assert config.eval.temperatures == {**MT_BENCH_TEMPERATURES, "writing": 0.2}
+    assert MT_BENCH_TEMPERATURES["math"] == 0.0 and MT_BENCH_TEMPERATURES["roleplay"] == 0.7
+    assert MT_BENCH_TEMPERATURES["humanities"] == 0.1
+
+
+def test_missing_files_fail_at_validation(tmp_path):
+    assert _errors({"questions": str(tmp_path / "q.jsonl")}) == [
+        f"eval.questions: expected builtin, hub or an existing .jsonl file (got '{tmp_path / 'q.jsonl'}')"
+    ]
+    assert _errors({"judge": {"prompts": "nope.jsonl"}}) == [
+        "eval.judge.prompts: file does not exist (got 'nope.jsonl')"
+    ]
+    assert _errors({"models": []})[0].startswith("eval.models:")
