@@ -145,6 +145,13 @@ EOF
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
+# Alive and not a zombie (a reaped-late daemon under a non-reaping PID 1 still answers kill -0).
+running() {
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $state && $state != Z ]]
+}
+
 stop() {
     [[ -f $DIR/pids ]] || return 0
     local name pid
@@ -162,7 +169,7 @@ stop() {
     done < <(tac "$DIR/pids")
     local deadline=$((SECONDS + 10))
     while read -r name pid; do
-        while kill -0 "$pid" 2>/dev/null; do
+        while running "$pid"; do
             if ((SECONDS >= deadline)); then
                 echo "cluster.sh: $name ($pid) ignored SIGTERM; killing it" >&2
                 kill -KILL "$pid" 2>/dev/null || true
@@ -178,7 +185,7 @@ status() {
     [[ -f $DIR/pids ]] || { echo "not running"; return 1; }
     local name pid rc=0
     while read -r name pid; do
-        if kill -0 "$pid" 2>/dev/null; then echo "$name $pid running"; else echo "$name $pid dead"; rc=1; fi
+        if running "$pid"; then echo "$name $pid running"; else echo "$name $pid dead"; rc=1; fi
     done <"$DIR/pids"
     return $rc
 }

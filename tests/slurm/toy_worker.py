@@ -10,7 +10,8 @@ a bit-identical result to an uninterrupted one.
 
     python -m torch.distributed.run ... tests/slurm/toy_worker.py OUT_DIR
 
-Environment: TOY_STEPS (default 30), TOY_STEP_SECONDS (default 0.05, to leave time to signal).
+Environment: TOY_STEPS (default 30), TOY_STEP_SECONDS (default 0.05, to leave time to signal),
+TOY_FAIL_AT (a step at which rank 0 crashes, to test that failures are not requeued).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> int:
     out = Path(sys.argv[1])
     steps = int(os.environ.get("TOY_STEPS", "30"))
     pause = float(os.environ.get("TOY_STEP_SECONDS", "0.05"))
+    fail_at = int(os.environ.get("TOY_FAIL_AT", "-1"))
     flag = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -77,6 +79,8 @@ def main() -> int:
             dist.barrier()
             dist.destroy_process_group()
             return 0
+        if step == fail_at and rank == 0:
+            raise RuntimeError(f"toy failure at step {step}")
         x, y = batch(step, rank)
         grad = 2 * x.T @ (x @ w - y) / len(y)
         dist.all_reduce(grad)

@@ -1,0 +1,133 @@
+"""slurm/train.sh's mechanics on the real test cluster, with the stand-in worker (toy_worker.py).
+
+What is proven here, independent of the training recipe: one torchrun per node joined by c10d
+rendezvous over two Slurm nodes; SIGUSR1 reaching the workers (not killing torchrun), checkpoint,
+self-requeue, resume, DONE, with a result bit-identical to an uninterrupted run; the log appended
+across restarts; the restart cap; resuming by hand; failures not requeued and their exit status
+kept. tests/slurm/test_pipeline_slurm.py does the same with the real train stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.conftest import REPO_ROOT, SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+TOY = REPO_ROOT / "tests" / "slurm" / "toy_worker.py"
+TRAIN_SH = REPO_ROOT / "slurm" / "train.sh"
+STEPS = "30"
+
+
+def toy_env(out: Path, **extra: str) -> dict[str, str]:
+    """slurm/train.sh with the stand-in as its training command (CONFIG is the output folder)."""
+    return {
+        "UORA_TRAIN_CMD": f'exec "$UORA_TRAIN_LAUNCHER" {TOY} "$1"',
+        "UORA_DONE_FILE": str(out / "DONE"),
+        "TOY_STEPS": STEPS,
+        "TOY_STEP_SECONDS": "0.1",
+        **extra,
+    }
+
+
+def submit(cluster: SlurmCluster, out: Path, cwd: Path, *sbatch_args: str, **env: str) -> str:
+    return cluster.sbatch(*sbatch_args, "--gpus-per-node=0", str(TRAIN_SH), str(out), cwd=cwd, env=toy_env(out, **env))
+
+
+def wait_for_progress(out: Path, step: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if int((out / "progress").read_text() or 0) >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the stand-in never reached step {step}")
+
+
+def rank_records(out: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(out.glob("ranks.*")) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same stand-in training without Slurm: one standalone torchrun with 2 processes."""
+    out = tmp_path_factory.mktemp("toy-reference")
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TOY), str(out)],
+        env={**os.environ, "TOY_STEPS": STEPS, "TOY_STEP_SECONDS": "0"},
+        check=True, capture_output=True, timeout=120,
+    )
+    return json.loads((out / "result.json").read_text())
+
+
+def test_two_nodes_rendezvous_and_match_standalone_run(slurm_cluster: SlurmCluster, tmp_path: Path, reference):
+    out = tmp_path / "out"
+    job = slurm_cluster.wait(submit(slurm_cluster, out, tmp_path, "--job-name=toy"))
+    log = job.log_text()
+    assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 0), log
+    assert job.log == tmp_path / f"toy-{job.id}.out"  # <job name>-<job id>.out in the submit dir
+    # Head address from the node list: n1's NodeAddr, since "n1" itself resolves nowhere.
+    assert "rendezvous 127.0.0.1:" in log
+    records = rank_records(out)
+    assert sorted((r["rank"], r["node"], r["world"]) for r in records) in (
+        [(0, "0", 2), (1, "1", 2)],
+        [(0, "1", 2), (1, "0", 2)],  # c10d may give rank 0 to either node
+    )
+    assert json.loads((out / "result.json").read_text()) == reference
+
+
+def test_usr1_checkpoints_requeues_and_resumes_bit_identically(slurm_cluster: SlurmCluster, tmp_path: Path, reference):
+    out = tmp_path / "out"
+    job_id = submit(slurm_cluster, out, tmp_path)
+    wait_for_progress(out, 5)
+    # Default scancel: every process of the job's steps (not the batch shell) gets SIGUSR1,
+    # torchrun included, exactly like `#SBATCH --signal=USR1@300` before the time limit.
+    assert slurm_cluster.run("scancel", "--signal=USR1", job_id).returncode == 0
+    job = slurm_cluster.wait(job_id)
+    log = job.log_text()
+    assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 1), log
+    assert "requeueing job" in log and "(restart 1 of at most 20)" in log  # one log, appended
+    starts = {(r["restart"], r["start"]) for r in rank_records(out)}
+    resumed_at = max(start for _, start in starts)
+    assert 5 <= resumed_at < int(STEPS) and starts == {("0", 0), ("1", resumed_at)}, starts
+    assert (out / "DONE").is_file() and not (out / "PREEMPTED").exists()
+    assert json.loads((out / "result.json").read_text()) == reference
+
+
+def test_restart_cap_then_resume_by_hand(slurm_cluster: SlurmCluster, tmp_path: Path, reference):
+    out = tmp_path / "out"
+    job_id = submit(slurm_cluster, out, tmp_path, UORA_MAX_RESTARTS="0")
+    wait_for_progress(out, 3)
+    # To the batch shell only (as `--signal=B:USR1@...` would): it passes it on to the workers.
+    assert slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
+    job = slurm_cluster.wait(job_id)
+    log = job.log_text()
+    assert (job.state, job.exit_code, job.restarts) == ("FAILED", "3:0", 0), log
+    assert "SIGUSR1: asking the training workers to checkpoint" in log
+    assert "resubmit the same command to resume" in log
+    assert (out / "checkpoint.pt").is_file() and not (out / "DONE").exists()
+    # By hand: the same command again resumes from the checkpoint.
+    job = slurm_cluster.wait(submit(slurm_cluster, out, tmp_path))
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), job.log_text()
+    assert json.loads((out / "result.json").read_text()) == reference
+
+
+def test_failure_is_not_requeued_and_keeps_its_exit_status(slurm_cluster: SlurmCluster, tmp_path: Path):
+    out = tmp_path / "out"
+    job = slurm_cluster.wait(submit(slurm_cluster, out, tmp_path, TOY_FAIL_AT="2"))
+    log = job.log_text()
+    status = job.exit_code.split(":")[0]
+    # srun reports the worst task: 1 from the crashed rank, or 143 from the peer it then killed.
+    assert (job.state, job.restarts) == ("FAILED", 0) and status in ("1", "143"), log
+    assert "toy failure at step 2" in log
+    assert f"training failed (exit status {status})" in log and not (out / "DONE").exists()
