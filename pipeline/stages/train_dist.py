@@ -66,6 +66,13 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
+    if os.environ.get("UORA_DS_SHM_COMM", "0") != "1":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op on first CPU init (~100 s on two
+        # cores, per machine); plain gloo is exact and enough for CPU runs. The dict is
+        # DeepSpeed's own cache of op compatibility (deepspeed/ops/__init__.py), edits persist.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not ds_comm.is_initialized():
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     state = PartialState(cpu=True, backend="gloo")

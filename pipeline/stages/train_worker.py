@@ -213,6 +213,7 @@ def train(spec: dict[str, Any]) -> int:
         report_to="none",
         disable_tqdm=not is_rank0,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
         **device_kwargs,
     )
 
