@@ -10,9 +10,13 @@ cross-section rules live in ``PipelineConfig``'s validators.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class StrictModel(BaseModel):
@@ -30,6 +34,19 @@ class RunConfig(StrictModel):
     name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(42, description="Seed for data splits, training and generation.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # The name becomes a folder name: refuse anything that could escape output_dir.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("must be a folder name: letters, digits, '.', '_' or '-'")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        """``<output_dir>/<name>``, absolute."""
+        return (Path(self.output_dir) / self.name).resolve()
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,23 +72,157 @@ class ModelConfig(StrictModel):
         None, description="Chat template override: Jinja text or a path to a .jinja file."
     )
 
+    @model_validator(mode="after")
+    def _local_files_exist(self) -> ModelConfig:
+        # Only what can be checked without importing anything heavy: pkg:// packages, local
+        # folders given as paths, the GGUF file inside them, a chat-template file.
+        location = self.name_or_path
+        if location.startswith("pkg://"):
+            import importlib.util
+
+            spec = importlib.util.find_spec(location[len("pkg://") :])
+            if spec is None or not spec.submodule_search_locations:
+                raise _issue("name_or_path", "Python package is not installed", location)
+            location = spec.submodule_search_locations[0]
+        elif _looks_like_path(location) and not Path(location).exists():
+            raise _issue("name_or_path", "local model folder does not exist", location)
+        if self.gguf_file and Path(location).is_dir() and not (Path(location) / self.gguf_file).is_file():
+            raise _issue("gguf_file", f"file not found in {location}", self.gguf_file)
+        template = self.chat_template
+        if template and "{" not in template and template.endswith(".jinja") and not Path(template).is_file():
+            raise _issue("chat_template", "template file does not exist", template)
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # data (prepare stage)
 # --------------------------------------------------------------------------------------------
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"]
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+class DataSource(StrictModel):
+    """One source of examples: a local file, a hub dataset, or the built-in generated tasks.
+
+    Exactly one of ``path``, ``hub`` or ``builtin`` is set. ``samples`` takes exactly that many
+    rows (without replacement); ``weight`` gives the source a share of the weighted mixture.
+    """
+
+    path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
+    hub: str | None = Field(None, description="Hub dataset name, e.g. yahma/alpaca-cleaned.")
+    config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
+    split: str = Field("train", description="Hub dataset split.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    builtin: int | None = Field(None, gt=0, description="Number of built-in generated tasks.")
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the keys.")
+    name: str | None = Field(None, description="Label stored in the `source` column.")
+    samples: int | None = Field(None, gt=0, description="Take exactly this many rows.")
+    weight: float | None = Field(None, gt=0, description="Share of the weighted mixture.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.lower().endswith(LOCAL_SUFFIXES):
+            raise ValueError(f"unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
+        if not Path(value).is_file():
+            raise ValueError("file does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DataSource:
+        kinds = [key for key in ("path", "hub", "builtin") if getattr(self, key) is not None]
+        if len(kinds) != 1:
+            raise _issue("", "set exactly one of path, hub, builtin", kinds or None)
+        if self.samples is not None and self.weight is not None:
+            raise _issue("weight", "set samples or weight, not both", self.weight)
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name stored in the dataset's ``source`` column."""
+        if self.name:
+            return self.name
+        if self.path:
+            return Path(self.path).name
+        if self.hub:
+            return self.hub + (f":{self.config}" if self.config else "")
+        return "builtin"
+
+
 class DataConfig(StrictModel):
     """Instruction data sources and the preparation rules (owned by the prepare stage)."""
+
+    sources: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(builtin=1500)],
+        min_length=1,
+        description="Where examples come from; several sources are mixed.",
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="Total rows of the weighted part of the mixture (default: as many "
+        "as the weights allow without repeating rows).",
+    )  # fmt: skip
+    eval_fraction: float = Field(0.05, ge=0, le=0.5, description="Share of rows held out for eval.")
+    eval_size: int | None = Field(None, ge=0, description="Exact eval rows; overrides eval_fraction.")
+    max_length: int = Field(2048, gt=0, description="Drop examples longer than this many tokens.")
+    dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
+    strict: bool = Field(False, description="Malformed rows are an error instead of dropped.")
+    system_prompt: str | None = Field(None, description="Prepended as a system turn when none.")
+    cache_dir: str | None = Field(
+        None, description="Prepared-data cache (default: ~/.cache/uora-pipeline/prepared)."
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # adapter
 # --------------------------------------------------------------------------------------------
+class ReinitConfig(StrictModel):
+    """UORA's re-initialisation rule (see UORA.md): when a scaling vector's magnitude stays below
+    ``threshold`` for ``patience`` checks, it is interpolated back towards its start by ``alpha``."""
+
+    threshold: float = Field(1e-5, ge=0, description="Vector-magnitude threshold.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Interpolation factor.")
+    patience: int = Field(1, ge=1, description="Checks below threshold before re-init.")
+    target: Literal["fixed", "resample"] = Field("fixed", description="Re-init target.")
+    seed: int = Field(0, description="Seed for resampled targets.")
+
+
 class AdapterConfig(StrictModel):
     """The PEFT adapter: UORA (ours) or the LoRA/VeRA baselines, one code path for all three."""
 
-    method: Literal["uora", "lora", "vera"] = "uora"
-    r: int = Field(64, gt=0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    method: Literal["uora", "lora", "vera"] = Field("uora", description="Adapter method.")
+    r: int = Field(64, gt=0, description="Rank.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear (every linear but lm_head)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
+    # uora / vera
+    projection_prng_key: int = Field(0, description="Seed of the frozen shared projections (uora, vera).")
+    d_initial: float = Field(0.1, description="Initial value of the scaling vector d (uora, vera).")
+    save_projection: bool = Field(True, description="Store projections in the checkpoint (uora, vera).")
+    projection_init: Literal["orthogonal", "kaiming"] = Field(
+        "orthogonal", description="Projection initialisation (uora)."
+    )
+    reinit: ReinitConfig = Field(default_factory=lambda: ReinitConfig(), description="Re-init rule (uora).")
+    # lora
+    lora_alpha: int | None = Field(None, gt=0, description="LoRA scaling numerator (lora); default 2*r.")
+
+    @model_validator(mode="after")
+    def _method_knobs(self) -> AdapterConfig:
+        # A knob for another method is almost always a mistake (a copied config): say so.
+        only = {"lora_alpha": "lora", "projection_init": "uora", "reinit": "uora"}
+        for key, method in only.items():
+            if key in self.model_fields_set and self.method != method:
+                raise _issue(key, f"only used by method '{method}' (method is '{self.method}')",
+                             getattr(self, key))  # fmt: skip
+        if self.method == "lora":
+            for key in ("projection_prng_key", "d_initial", "save_projection"):
+                if key in self.model_fields_set:
+                    raise _issue(key, "only used by methods 'uora' and 'vera' (method is 'lora')",
+                                 getattr(self, key))  # fmt: skip
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,11 +296,25 @@ class PromoteConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # tracking
 # --------------------------------------------------------------------------------------------
+_URI_PATTERN = r"^(sqlite:///|postgresql(\+\w+)?://|mysql(\+\w+)?://|https?://|file:|databricks)"
+
+
 class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
 
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
     experiment: str = Field("uora-pipeline", description="MLflow experiment name.")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not re.match(_URI_PATTERN, value):
+            raise ValueError(
+                "unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, mysql://, file:)"
+            )
+        return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,3 +332,340 @@ class PipelineConfig(StrictModel):
     export: ExportConfig = Field(default_factory=ExportConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> PipelineConfig:
+        issues = cross_section_issues(self)
+        if issues:
+            context = {"summary": issues[0][1], "issues": issues}
+            raise PydanticCustomError("config_rules", "{summary}", context)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+
+def _read_deepspeed(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The DeepSpeed JSON at ``path``, or the reason it cannot be read."""
+    file = Path(path)
+    if not file.is_file():
+        return None, "DeepSpeed config file does not exist"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return None, f"DeepSpeed config is not valid JSON ({error})"
+    if not isinstance(data, dict):
+        return None, "DeepSpeed config must be a JSON object"
+    return data, None
+
+
+def cross_section_issues(config: PipelineConfig) -> list[tuple[str, str, Any]]:
+    """Rules that involve more than one field: ``[(dotted.path, reason, value), ...]``."""
+    issues: list[tuple[str, str, Any]] = []
+    adapter = config.adapter
+    if adapter.method == "uora" and not adapter.save_projection:
+        issues.append((
+            "adapter.save_projection",
+            "UORA adapters must save their projections (the re-init rule changes them; they cannot be "
+            "regenerated from the seed)",
+            False,
+        ))  # fmt: skip
+    deepspeed = getattr(config.train, "deepspeed", None)
+    if deepspeed:
+        data, reason = _read_deepspeed(deepspeed)
+        if reason:
+            issues.append(("train.deepspeed", reason, deepspeed))
+        else:
+            stage = (data or {}).get("zero_optimization", {}).get("stage")
+            if config.model.load_in_8bit and stage == 3:
+                issues.append((
+                    "model.load_in_8bit",
+                    f"an 8-bit base cannot be sharded by ZeRO-3 ({deepspeed}); use ZeRO-2 or a "
+                    "full-precision base",
+                    True,
+                ))  # fmt: skip
+    for index, source in enumerate(config.data.sources):
+        if source.hub is not None and source.format == "auto" and source.hub.endswith(LOCAL_SUFFIXES):
+            issues.append((f"data.sources.{index}.hub", "looks like a file name; use path:", source.hub))
+    if config.data.eval_size is not None and "eval_fraction" in config.data.model_fields_set:
+        issues.append(("data.eval_size", "set eval_size or eval_fraction, not both", config.data.eval_size))
+    return issues
+
+
+def _issue(field: str, reason: str, value: Any) -> PydanticCustomError:
+    """A validation error about ``field`` of the model being validated (a path relative to it)."""
+    return PydanticCustomError(
+        "config_rules", "{summary}", {"summary": reason, "issues": [(field, reason, value)], "relative": True}
+    )
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith((".gguf", ".safetensors"))
+
+
+# --------------------------------------------------------------------------------------------
+# loading: YAML file + command-line overrides -> PipelineConfig, or one line per problem
+# --------------------------------------------------------------------------------------------
+class ConfigError(Exception):
+    """The config is invalid; ``lines`` holds one ``dotted.path: reason (got value)`` per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _line(path: str, reason: str, value: Any = ..., *, has_value: bool = True) -> str:
+    suffix = f" (got {_show(value)})" if has_value and value is not ... else ""
+    return f"{path or '<config>'}: {reason}{suffix}"
+
+
+def _closest_field(model: type[BaseModel] | None, key: str) -> str:
+    import difflib
+
+    if model is None:
+        return ""
+    match = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section class that a location (without its last element) points into."""
+    model: Any = PipelineConfig
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return None
+        model = _section_type(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(error: Any) -> list[str]:
+    """pydantic's ValidationError as ``dotted.path: reason (got value)`` lines, one per problem.
+
+    Union alternatives produce one error per branch in pydantic; they are collapsed so the user
+    sees one line per field.
+    """
+    lines: list[str] = []
+    seen: set[str] = set()
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        # Drop pydantic's union-branch tags (e.g. 'list[str]', "literal['all-linear']").
+        fields = tuple(part for part in loc if isinstance(part, int) or re.fullmatch(r"\w+", str(part)))
+        if len(fields) != len(loc):
+            fields = fields  # a branch-tagged location: keep the field part
+        path = ".".join(str(part) for part in fields)
+        kind = item["type"]
+        if kind == "config_rules":
+            ctx = item.get("ctx", {})
+            for field, reason, value in ctx.get("issues", []):
+                full = ".".join(p for p in (path, field) if p) if ctx.get("relative") else field
+                lines.append(_line(full, reason, value))
+            continue
+        if path in seen:
+            continue
+        seen.add(path)
+        if kind == "extra_forbidden":
+            hint = _closest_field(_model_at(fields[:-1]), str(fields[-1]))
+            lines.append(_line(path, f"unknown key{hint}", item["input"]))
+        elif kind == "missing":
+            lines.append(_line(path, "required field is missing", has_value=False))
+        else:
+            message = item["msg"]
+            if message.startswith("Value error, "):
+                message = message.removeprefix("Value error, ")
+            else:  # pydantic's own wording: "Input should be ..." reads better lower-cased here
+                message = message[0].lower() + message[1:]
+            lines.append(_line(path, message, item["input"]))
+    return lines
+
+
+def _field_annotation(path: list[str]) -> Any:
+    """The schema annotation at a dotted path (None if the path is not in the schema)."""
+    model: Any = PipelineConfig
+    annotation: Any = None
+    for part in path:
+        if part.isdigit():
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = _section_type(annotation)
+    return annotation
+
+
+def _schema_default(path: list[str]) -> Any:
+    """The JSON form of the schema default at ``path`` (so ``data.sources.0.path=...`` can
+    override an item of a default list), or an empty section."""
+    model: Any = PipelineConfig
+    field = None
+    for part in path:
+        if part.isdigit() or model is None or part not in model.model_fields:
+            return {}
+        field = model.model_fields[part]
+        model = _section_type(field.annotation)
+    if field is None or (field.default_factory is None and field.default in (None, ...)):
+        return {}
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, list):
+        return [item.model_dump(mode="json", exclude_unset=True) if isinstance(item, BaseModel) else item
+                for item in value]  # fmt: skip
+    return {}
+
+
+def _is_plain_string(annotation: Any) -> bool:
+    import typing
+
+    if annotation is str:
+        return True
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return bool(args) and all(arg is str for arg in args)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``key.sub=value`` override to the raw config mapping, in place.
+
+    The value is typed by the schema: string fields take it verbatim (``run.name=007`` stays the
+    string "007"), everything else is parsed as YAML (numbers, booleans, null, lists).
+    """
+    import yaml
+
+    key, sep, raw = override.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.(\w+))*", key.strip()):
+        raise ConfigError([f"override {override!r}: expected key.sub=value, e.g. train.epochs=2"])
+    parts = key.strip().split(".")
+    annotation = _field_annotation(parts)
+    if _is_plain_string(annotation) and raw.strip() not in ("null", "~"):
+        value: Any = raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError([_line(here, "no such list item", override)])
+            node = node[int(part)]
+            continue
+        if node.get(part) is None:
+            node[part] = _schema_default(parts[: depth + 1])
+        node = node[part]
+        if not isinstance(node, dict | list):
+            raise ConfigError([_line(here, "is a value, not a section", override)])
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError([_line(key, "no such list item", override)])
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The YAML file as a mapping; syntax errors become one line with the file and line number."""
+    import yaml
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([f"{path}: cannot read config file ({error})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError([f"{path}{where}: YAML syntax error: {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError([f"{path}: the config must be a YAML mapping of sections (got {kind})"])
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read, override and validate a run config; raises ConfigError with one line per problem."""
+    from pydantic import ValidationError
+
+    data = read_yaml(path)
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def to_yaml(config: PipelineConfig) -> str:
+    """The fully resolved config (defaults filled in) as YAML, for the record."""
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config: PipelineConfig) -> dict[str, str]:
+    """``{"dotted.path": "value"}`` for every leaf, e.g. for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, list) and value and any(isinstance(item, dict) for item in value):
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
+        else:
+            flat[prefix] = json.dumps(value) if not isinstance(value, str) else value
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The parts of the config named by ``keys`` (sections or dotted paths to fields)."""
+    dumped = config.model_dump(mode="json")
+    result: dict[str, Any] = {}
+    for key in keys:
+        node: Any = dumped
+        for part in key.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        result[key] = node
+    return result
+
+
+def digest_of(value: Any) -> str:
+    """sha256 of a JSON-able value in canonical form."""
+    import hashlib
+
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

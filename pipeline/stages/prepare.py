@@ -1,13 +1,610 @@
-"""The 'prepare' stage (not built yet)."""
+"""The 'prepare' stage: sources → chat messages → checked, filtered, deduplicated, split dataset.
+
+Read top to bottom, this is the recipe:
+
+1. load every source (local JSON/JSONL/Parquet/CSV, a hub dataset, or the built-in tasks);
+2. normalise each row to chat ``messages`` (alpaca, sharegpt, messages, prompt/completion;
+   ``auto`` detects the format from the keys); malformed rows are reported with file and row;
+3. drop exact duplicates, render with the chat template and drop rows over ``data.max_length``;
+4. mix sources (``samples`` / ``weight``), split train/eval deterministically;
+5. save a ``DatasetDict`` (``messages``, ``source``, ``answer``) and ``stats.json``.
+
+Steps 1–5 are cached by a digest of everything they depend on (data config, source contents,
+tokenizer and template, seed), so reruns, other ranks and other nodes reuse the result.
+"""
 
 from __future__ import annotations
 
-from pipeline.stages.base import StageContext, StageNotImplemented, StageResult
+import csv
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.stages.base import StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import DataSource, PipelineConfig
 
 NAME = "prepare"
 INPUTS: tuple[str, ...] = ()
-CONFIG_SECTIONS: tuple[str, ...] = ()
+CONFIG_SECTIONS: tuple[str, ...] = (
+    "run.seed", "data", "model.name_or_path", "model.gguf_file", "model.revision", "model.chat_template",
+)  # fmt: skip
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+}  # fmt: skip
+PERCENTILES = (50, 90, 95, 99)
+
+
+class Malformed(ValueError):
+    """One row cannot be used; the message says why (the caller adds file and row)."""
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]]
+    source: str
+    answer: str | None
+    where: str  # "<file> row N", for reports
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. reading sources
+# --------------------------------------------------------------------------------------------
+def read_local(path: Path, field: str) -> Iterator[tuple[int, Any]]:
+    """``(row number, record)`` pairs; row numbers are 1-based (JSONL: the line number).
+
+    A file that cannot be read or parsed at all is a StageError naming the config field; a single
+    bad JSONL line is yielded as a ``Malformed`` so it is reported like any other bad row.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield number, json.loads(line)
+                    except ValueError as error:
+                        yield number, Malformed(f"invalid JSON ({error})")
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                kind = type(data).__name__
+                raise StageError(f"{field}: {path} must hold a JSON array of rows (got {kind})")
+            yield from enumerate(data, start=1)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as handle:
+                yield from enumerate(csv.DictReader(handle), start=1)
+        else:
+            raise StageError(f"{field}: unsupported file type {suffix!r} ({path})")
+    except StageError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as error:
+        raise StageError(f"{field}: cannot read {path}: {type(error).__name__}: {error}") from None
+    except Exception as error:  # pyarrow's errors (ArrowInvalid, ...) share no useful base
+        raise StageError(f"{field}: cannot read {path}: {type(error).__name__}: {error}") from None
+
+
+def read_source(source: DataSource, index: int, seed: int) -> Iterator[tuple[int, Any]]:
+    """The raw records of one source, whatever its kind."""
+    field = f"data.sources.{index}"
+    if source.path is not None:
+        yield from read_local(Path(source.path), f"{field}.path")
+    elif source.hub is not None:
+        yield from enumerate(load_hub(source, field), start=1)
+    else:
+        from pipeline.builtin_tasks import generate_tasks
+
+        yield from enumerate(generate_tasks(int(source.builtin or 0), seed), start=1)
+
+
+def load_hub(source: DataSource, field: str) -> Any:
+    """A hub dataset split (``datasets.load_dataset``); failures become one line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = f"{field}.hub: cannot load {source.hub!r} (split {source.split!r}): {first}"
+        raise StageError(message) from None
+
+
+def source_digest(source: DataSource, seed: int) -> str:
+    """What identifies a source's content: file bytes, hub coordinates, or generator settings.
+
+    Hub datasets are identified by name/config/split/revision (pin ``revision`` for exact
+    reproducibility); files by their sha256.
+    """
+    if source.path is not None:
+        from pipeline.models import file_digest
+
+        return file_digest(source.path)
+    spec = source.model_dump(mode="json", include={"hub", "config", "split", "revision", "builtin"})
+    if source.builtin is not None:
+        spec["seed"] = seed
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. normalising rows to chat messages
+# --------------------------------------------------------------------------------------------
+def detect_format(record: dict[str, Any]) -> str | None:
+    """The format a row's keys indicate, or None."""
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    return None
+
+
+def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
+    if key not in record or record[key] is None:
+        if required:
+            raise Malformed(f"missing field '{key}'")
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise Malformed(f"field '{key}' must be a string (got {type(value).__name__})")
+    return value.strip()
+
+
+def _turns(
+    items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str]
+) -> list[dict[str, str]]:
+    if not isinstance(items, list):
+        raise Malformed(f"field '{key}' must be a list of turns (got {type(items).__name__})")
+    messages = []
+    for number, turn in enumerate(items, start=1):
+        if not isinstance(turn, dict):
+            raise Malformed(f"{key}[{number}] must be an object (got {type(turn).__name__})")
+        role = turn.get(role_key)
+        if role not in role_map:
+            raise Malformed(f"{key}[{number}] has bad role {role!r}")
+        content = turn.get(text_key)
+        if not isinstance(content, str):
+            raise Malformed(f"{key}[{number}].{text_key} must be a string (got {type(content).__name__})")
+        messages.append({"role": role_map[role], "content": content.strip()})
+    return messages
+
+
+def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
+    """``(messages, answer)`` for one row in format ``fmt``; raises Malformed."""
+    if isinstance(record, Malformed):
+        raise record
+    if not isinstance(record, dict):
+        raise Malformed(f"row must be an object (got {type(record).__name__})")
+    identity = {role: role for role in ROLES}
+    if fmt == "alpaca":
+        instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        output = _text(record, "output")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    elif fmt == "sharegpt":
+        if "conversations" not in record:
+            raise Malformed("missing field 'conversations'")
+        messages = _turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    elif fmt == "messages":
+        if "messages" not in record:
+            raise Malformed("missing field 'messages'")
+        messages = _turns(record["messages"], "messages", "role", "content", identity)
+    elif fmt == "prompt_completion":
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational variant
+            messages = _turns(prompt, "prompt", "role", "content", identity)
+            messages += _turns(completion, "completion", "role", "content", identity)
+        else:
+            messages = [{"role": "user", "content": _text(record, "prompt")},
+                        {"role": "assistant", "content": _text(record, "completion")}]  # fmt: skip
+    else:
+        raise StageError(f"unknown data format {fmt!r}")
+    check_turns(messages)
+    answer = record.get("answer")
+    return messages, answer if isinstance(answer, str) else None
+
+
+def check_turns(messages: list[dict[str, str]]) -> None:
+    """Optional system turn first, then user/assistant alternating, ending with the assistant."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise Malformed("no user/assistant turns")
+    for number, message in enumerate(messages, start=1):
+        if not message["content"]:
+            raise Malformed(f"empty {message['role']} turn (turn {number})")
+    for position, message in enumerate(body):
+        expected = "user" if position % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise Malformed(f"turns must alternate user/assistant (turn {position + 1} is {message['role']})")
+    if body[-1]["role"] != "assistant":
+        raise Malformed("last turn must be from the assistant")
+
+
+def load_examples(config: PipelineConfig) -> tuple[list[list[Example]], list[dict[str, Any]], list[str]]:
+    """Per source: the usable examples, the malformed-row reports, and the detected format."""
+    from tqdm.auto import tqdm
+
+    data, seed = config.data, config.run.seed
+    per_source: list[list[Example]] = []
+    malformed: list[dict[str, Any]] = []
+    formats: list[str] = []
+    for index, source in enumerate(data.sources):
+        label = source.label
+        fmt = source.format
+        examples: list[Example] = []
+        for number, record in tqdm(read_source(source, index, seed), desc=f"reading {label}", unit="row",
+                                   leave=False, disable=None):  # fmt: skip
+            where = f"{label} row {number}"
+            if fmt == "auto":
+                if not isinstance(record, dict):
+                    malformed.append({"source": label, "row": number, "reason": "row must be an object"})
+                    continue
+                detected = detect_format(record)
+                if detected is None:
+                    keys = ", ".join(sorted(map(str, record))[:8])
+                    raise StageError(
+                        f"data.sources.{index}.format: cannot detect the format of {label} "
+                        f"(row {number} has keys: {keys}); set it to alpaca, sharegpt, messages "
+                        "or prompt_completion"
+                    )
+                fmt = detected
+            try:
+                messages, answer = normalise(record, fmt)
+            except Malformed as problem:
+                malformed.append({"source": label, "row": number, "reason": str(problem)})
+                continue
+            if data.system_prompt and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": data.system_prompt})
+            row_source = label
+            if source.builtin is not None and isinstance(record, dict) and record.get("category"):
+                row_source = f"builtin:{record['category']}"
+            examples.append(Example(messages, row_source, answer, where))
+        per_source.append(examples)
+        formats.append(fmt)
+    if data.strict and malformed:
+        first = malformed[0]
+        raise StageError(
+            f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row {first['row']}: "
+            f"{first['reason']}"
+        )
+    return per_source, malformed, formats
+
+
+# --------------------------------------------------------------------------------------------
+# 3. template check, token lengths
+# --------------------------------------------------------------------------------------------
+def check_template(tokenizer: Any) -> None:
+    """The chat template must exist and render every turn's content (else training is wrong)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise StageError("model.chat_template: the tokenizer has no chat template; set model.chat_template")
+    probe = [{"role": "system", "content": "PROBE-SYSTEM"}, {"role": "user", "content": "PROBE-USER"},
+             {"role": "assistant", "content": "PROBE-ASSISTANT"}]  # fmt: skip
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception as error:
+        raise StageError(f"model.chat_template: the chat template does not render: {error}") from None
+    missing = [m["content"] for m in probe if m["content"] not in text]
+    if missing:
+        raise StageError(f"model.chat_template: the rendered template drops message content ({missing[0]})")
+
+
+def token_lengths(tokenizer: Any, examples: list[Example], batch: int = 256) -> list[int | None]:
+    """Rendered length in tokens per example; None where the template fails on that example."""
+    from tqdm.auto import tqdm
+
+    lengths: list[int | None] = []
+    for start in tqdm(range(0, len(examples), batch), desc="rendering + tokenising", unit="batch",
+                      leave=False, disable=None):  # fmt: skip
+        texts: list[str | None] = []
+        for example in examples[start : start + batch]:
+            try:
+                texts.append(tokenizer.apply_chat_template(example.messages, tokenize=False))
+            except Exception:
+                texts.append(None)
+        rendered = [text for text in texts if text is not None]
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+        counts = iter(len(item) for item in ids)
+        lengths.extend(next(counts) if text is not None else None for text in texts)
+    return lengths
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """Digest of what decides rendering and lengths: template, vocabulary and merges."""
+    parts = [type(tokenizer).__name__, tokenizer.chat_template or ""]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts.append(backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items())))
+    return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. mixing and splitting
+# --------------------------------------------------------------------------------------------
+def mix(per_source: list[list[Example]], config: PipelineConfig, counts: Counter) -> list[Example]:
+    """Apply ``samples`` and ``weight`` per source (sampling without replacement, seeded)."""
+    import random
+
+    data, seed = config.data, config.run.seed
+    rng = random.Random(seed)
+    weighted = [i for i, source in enumerate(data.sources) if source.weight is not None]
+    targets: dict[int, int] = {}
+    if weighted:
+        total_weight = sum(float(data.sources[i].weight or 0) for i in weighted)
+        shares = {i: float(data.sources[i].weight or 0) / total_weight for i in weighted}
+        total = data.max_samples or int(min(len(per_source[i]) / shares[i] for i in weighted))
+        targets = {i: min(len(per_source[i]), round(shares[i] * total)) for i in weighted}
+    mixed: list[Example] = []
+    for index, (source, examples) in enumerate(zip(data.sources, per_source, strict=True)):
+        want = source.samples if source.samples is not None else targets.get(index)
+        if want is None or want >= len(examples):
+            if want is not None and want > len(examples):
+                counts[f"short_of_requested:{source.label}"] += want - len(examples)
+            mixed.extend(examples)
+            continue
+        chosen = sorted(rng.sample(range(len(examples)), want))
+        counts["sampled_out"] += len(examples) - want
+        mixed.extend(examples[i] for i in chosen)
+    return mixed
+
+
+def split(examples: list[Example], config: PipelineConfig) -> tuple[list[Example], list[Example]]:
+    """Deterministic split: order by a seeded hash of the content, the first k rows are eval.
+
+    Hash order (rather than shuffled positions) keeps an example's side of the split stable when
+    other rows are added or removed.
+    """
+    data, n = config.data, len(examples)
+    if data.eval_size is not None:
+        k = data.eval_size
+    else:
+        k = round(data.eval_fraction * n)
+        if data.eval_fraction > 0 and n >= 2:
+            k = max(k, 1)
+    if k >= n:
+        raise StageError(f"data.eval_size: {k} eval rows leave no training rows ({n} rows after filtering)")
+    seed = config.run.seed
+    ordered = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}\x00{e.key}".encode()).hexdigest())
+    return ordered[k:], ordered[:k]
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    result = {f"p{p}": float(ordered[min(last, int(p / 100 * len(ordered)))]) for p in PERCENTILES}
+    result.update(min=float(ordered[0]), max=float(ordered[-1]), mean=round(sum(ordered) / len(ordered), 2))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the whole build, and its cache
+# --------------------------------------------------------------------------------------------
+def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
+    """Build ``out_dir/dataset`` + ``stats.json`` (+ ``malformed.jsonl``, ``token_lengths.png``)."""
+    from datasets import Dataset, DatasetDict, Features, List, Value
+
+    check_template(tokenizer)
+    per_source, malformed, formats = load_examples(config)
+    counts: Counter = Counter()
+    counts["malformed"] = len(malformed)
+    rows_in = {config.data.sources[i].label: len(ex) + sum(m["source"] == config.data.sources[i].label
+               for m in malformed) for i, ex in enumerate(per_source)}  # fmt: skip
+
+    seen: set[str] = set()
+    lengths_by_key: dict[str, int] = {}
+    flat = [example for examples in per_source for example in examples]
+    lengths = token_lengths(tokenizer, flat)
+    for example, length in zip(flat, lengths, strict=True):
+        if length is not None:
+            lengths_by_key[example.key] = length
+    kept_per_source: list[list[Example]] = []
+    for examples in per_source:
+        kept = []
+        for example in examples:
+            key = example.key
+            if config.data.dedupe and key in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(key)
+            length = lengths_by_key.get(key)
+            if length is None:
+                counts["template_error"] += 1
+            elif length > config.data.max_length:
+                counts["too_long"] += 1
+            else:
+                kept.append(example)
+        kept_per_source.append(kept)
+    mixed = mix(kept_per_source, config, counts)
+    if not mixed:
+        raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
+    train, held_out = split(mixed, config)
+
+    features = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
+                         "source": Value("string"), "answer": Value("string")})  # fmt: skip
+
+    def to_dataset(rows: list[Example]) -> Any:
+        columns = {"messages": [e.messages for e in rows], "source": [e.source for e in rows],
+                   "answer": [e.answer for e in rows]}  # fmt: skip
+        return Dataset.from_dict(columns, features=features)
+
+    import datasets
+
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per tiny shard is noise; ours cover the slow parts
+    try:
+        # One shard per split: an empty eval split (eval_fraction 0) must still load back.
+        DatasetDict({"train": to_dataset(train), "eval": to_dataset(held_out)}).save_to_disk(
+            str(out_dir / "dataset"), num_shards={"train": 1, "eval": 1}
+        )
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    kept_lengths = [lengths_by_key[e.key] for e in mixed]
+    stats = {
+        "rows_in": {"total": sum(rows_in.values()), **{f"source:{k}": v for k, v in rows_in.items()}},
+        "rows_out": {"total": len(mixed), "train": len(train), "eval": len(held_out),
+                     **{f"source:{k}": v for k, v in sorted(Counter(e.source for e in mixed).items())}},
+        "dropped": {key: counts[key] for key in sorted(counts) if counts[key]},
+        "token_length": percentiles(kept_lengths),
+        "formats": {config.data.sources[i].label: fmt for i, fmt in enumerate(formats)},
+        "digests": {
+            "train": digest_rows(train), "eval": digest_rows(held_out),
+            "sources": {s.label: source_digest(s, config.run.seed) for s in config.data.sources},
+        },
+        "malformed_examples": malformed[:20],
+    }  # fmt: skip
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    if malformed:
+        with (out_dir / "malformed.jsonl").open("w", encoding="utf-8") as handle:
+            for item in malformed:
+                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+    plot_lengths(kept_lengths, config.data.max_length, out_dir / "token_lengths.png")
+    return stats
+
+
+def digest_rows(rows: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for example in rows:
+        digest.update(json.dumps([example.messages, example.source, example.answer], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
+    """Histogram of kept examples' token lengths, with the filter limit marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.hist(lengths, bins=40, color="#4C72B0")
+    axes.axvline(limit, color="#C44E52", linestyle="--", label=f"max_length={limit}")
+    axes.set_xlabel("tokens per example (rendered with the chat template)")
+    axes.set_ylabel("examples")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def cache_key(config: PipelineConfig, tokenizer: Any) -> str:
+    """Everything the prepared dataset depends on (the cache location itself excluded)."""
+    from pipeline.config import digest_of
+
+    data = config.data.model_dump(mode="json", exclude={"cache_dir"})
+    sources = [source_digest(source, config.run.seed) for source in config.data.sources]
+    return digest_of({"data": data, "sources": sources, "seed": config.run.seed,
+                      "tokenizer": tokenizer_identity(tokenizer), "version": 1})  # fmt: skip
+
+
+def cache_dir(config: PipelineConfig) -> Path:
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir)
+    from pipeline.models import cache_root
+
+    return cache_root() / "prepared"
+
+
+def prepare_cached(config: PipelineConfig, tokenizer: Any) -> tuple[Path, bool]:
+    """The cached build folder for this config, building it once (file-locked, atomic rename)."""
+    from filelock import FileLock
+
+    root = cache_dir(config)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / cache_key(config, tokenizer)[:24]
+    if (target / "stats.json").is_file():
+        return target, True
+    with FileLock(str(target) + ".lock"):
+        if (target / "stats.json").is_file():
+            return target, True
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
+        try:
+            build(config, tokenizer, staging)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target, False
 
 
 def run(ctx: StageContext) -> StageResult:
-    raise StageNotImplemented(f"stage '{NAME}' is not implemented yet")
+    from pipeline.models import load_tokenizer
+
+    config = ctx.config
+    try:
+        tokenizer = load_tokenizer(config.model)
+    except (OSError, ValueError) as error:
+        raise StageError(f"model.name_or_path: cannot load the tokenizer: {error}") from None
+    built, hit = prepare_cached(config, tokenizer)
+    for item in built.iterdir():
+        destination = ctx.work_dir / item.name
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, destination)
+    stats = json.loads((ctx.work_dir / "stats.json").read_text(encoding="utf-8"))
+    report(stats, ctx.work_dir, hit)
+    log_to_mlflow(ctx, stats)
+    metrics = {"rows_in": stats["rows_in"]["total"], "rows_train": stats["rows_out"]["train"],
+               "rows_eval": stats["rows_out"]["eval"], "cache_hit": float(hit),
+               **{f"dropped.{k}": v for k, v in stats["dropped"].items() if ":" not in k},
+               **{f"token_length.{k}": v for k, v in stats["token_length"].items()}}  # fmt: skip
+    outputs = {"dataset": "dataset", "stats": "stats.json"}
+    return StageResult(metrics=metrics, outputs=outputs,
+                       extra={"cache": str(built), "digests": stats["digests"]})  # fmt: skip
+
+
+def report(stats: dict[str, Any], work_dir: Path, hit: bool) -> None:
+    """A few lines for the console: what came in, what went out, what was dropped and why."""
+    dropped = ", ".join(f"{k}={v}" for k, v in stats["dropped"].items()) or "nothing"
+    print(f"prepare: {stats['rows_in']['total']} rows in → {stats['rows_out']['train']} train + "
+          f"{stats['rows_out']['eval']} eval; dropped {dropped}{' (cached)' if hit else ''}")  # fmt: skip
+    for item in stats.get("malformed_examples", [])[:5]:
+        print(f"  malformed: {item['source']} row {item['row']}: {item['reason']}")
+    if stats["dropped"].get("malformed", 0) > 5:
+        print(f"  ... all malformed rows: {work_dir.parent / NAME / 'malformed.jsonl'}")
+
+
+def log_to_mlflow(ctx: StageContext, stats: dict[str, Any]) -> None:
+    """stats.json, the length plot and the datasets (with digests) on the active child run."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    from datasets import load_from_disk
+
+    from pipeline.tracking import log_dataset
+
+    for name in ("stats.json", "token_lengths.png", "malformed.jsonl"):
+        if (ctx.work_dir / name).is_file():
+            mlflow.log_artifact(str(ctx.work_dir / name))
+    dataset = load_from_disk(str(ctx.work_dir / "dataset"))
+    final = str(ctx.run_dir / NAME / "dataset")
+    for split_name, context in (("train", "training"), ("eval", "evaluation")):
+        log_dataset(dataset[split_name], name=f"{ctx.config.run.name}-{split_name}", context=context,
+                    digest=stats["digests"][split_name][:16], source=final)  # fmt: skip
+    safe = {re.sub(r"[^\w./ -]", "_", k): v[:16] for k, v in stats["digests"]["sources"].items()}
+    mlflow.set_tags({f"data.digest.{k}": v for k, v in safe.items()})

@@ -1,0 +1,240 @@
+"""MLflow lineage: one parent run per pipeline run, one child run per executed stage.
+
+Why here and not in the stages: every run must carry the same record (resolved config, git
+commit, package versions, dataset digests) no matter which stages ran, and the store must be
+checked before any model loads. Stages only log their own metrics and artifacts into the active
+child run with plain ``mlflow.log_*`` calls.
+
+``mlflow`` is imported lazily so that config validation stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+PARENT_RECORD = "mlflow_run.json"
+PACKAGES = ("uora-pipeline", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow",
+            "deepspeed", "bitsandbytes")  # fmt: skip
+_PARAM_LIMIT = 6000
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or written; raised before any heavy work."""
+
+
+def resolve_uri(config: PipelineConfig) -> str:
+    """``tracking.uri``, or the default sqlite store ``<run_dir>/mlflow.db``."""
+    return config.tracking.uri or f"sqlite:///{config.run_dir / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with one line, if the store at ``uri`` cannot be used.
+
+    A remote server's default client retries for minutes; here a single short probe decides.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            message = f"tracking.uri: cannot create {folder} ({error}) (got {uri!r})"
+            raise TrackingUnavailable(message) from None
+        if not os.access(folder, os.W_OK):
+            raise TrackingUnavailable(f"tracking.uri: folder {folder} is not writable (got {uri!r})")
+    elif parsed.scheme in ("http", "https"):
+        probe = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(probe, timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass  # the server answered (auth or routing aside): it is reachable
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise TrackingUnavailable(
+                f"tracking.uri: MLflow tracking server unreachable ({reason}) (got {uri!r})"
+            ) from None
+    elif parsed.scheme.startswith(("postgresql", "mysql")):
+        port = parsed.port or (5432 if parsed.scheme.startswith("postgresql") else 3306)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout).close()
+        except OSError as error:
+            raise TrackingUnavailable(f"tracking.uri: database unreachable ({error}) (got {uri!r})") from None
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """The project's git commit (with ``-dirty`` when the worktree has changes), if in a checkout."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that determine a run's result."""
+    versions = {}
+    for name in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
+    """The experiment's id, created with artifacts next to a sqlite store (not in ./mlruns)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+class Tracker:
+    """The MLflow side of one pipeline invocation (see module docstring)."""
+
+    def __init__(self, config: PipelineConfig, config_path: str | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.uri = resolve_uri(config)
+        self.parent_id: str | None = None
+        self.resumed = False
+
+    # -- parent run ---------------------------------------------------------------------------
+    def start(self) -> str:
+        """Start (or resume, for the same run dir and config) the parent run and log lineage."""
+        import mlflow
+
+        from pipeline.config import digest_of, flatten, to_yaml
+
+        os.environ["MLFLOW_TRACKING_URI"] = self.uri  # worker processes inherit the store
+        mlflow.set_tracking_uri(self.uri)
+        experiment_id = _experiment_id(mlflow, self.config.tracking.experiment, self.uri)
+        mlflow.set_experiment(experiment_id=experiment_id)
+        config_digest = digest_of(self.config.model_dump(mode="json"))
+        record_file = self.config.run_dir / PARENT_RECORD
+        previous = self._previous_parent(record_file, config_digest, mlflow)
+        if previous:
+            mlflow.start_run(run_id=previous)
+            self.resumed = True
+        else:
+            mlflow.start_run(run_name=self.config.run.name, experiment_id=experiment_id)
+        run = mlflow.active_run()
+        assert run is not None
+        self.parent_id = run.info.run_id
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps({"run_id": self.parent_id, "uri": self.uri,
+                                           "config_digest": config_digest}))  # fmt: skip
+        if not self.resumed:
+            params = {key: value[:_PARAM_LIMIT] for key, value in flatten(self.config).items()}
+            items = list(params.items())
+            for start in range(0, len(items), 100):
+                mlflow.log_params(dict(items[start : start + 100]))
+            mlflow.log_text(to_yaml(self.config), "config.yaml")
+            if self.config_path and Path(self.config_path).is_file():
+                mlflow.log_artifact(self.config_path, "config_source")
+        tags = {"pipeline.run_dir": str(self.config.run_dir), "pipeline.config_digest": config_digest}
+        commit = git_commit()
+        if commit:
+            tags["git.commit"] = commit
+            tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        tags.update({f"version.{name}": version for name, version in package_versions().items()})
+        mlflow.set_tags(tags)
+        return self.parent_id
+
+    def _previous_parent(self, record_file: Path, config_digest: str, mlflow: Any) -> str | None:
+        if not record_file.is_file():
+            return None
+        try:
+            record = json.loads(record_file.read_text())
+        except ValueError:
+            return None
+        if record.get("uri") != self.uri or record.get("config_digest") != config_digest:
+            return None
+        try:
+            mlflow.get_run(record["run_id"])
+        except Exception:  # deleted or a different store: start a new parent run
+            return None
+        return record["run_id"]
+
+    def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+        import mlflow
+
+        if tags:
+            mlflow.set_tags(tags)
+        while mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
+
+    # -- child runs ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage_run(self, stage: str) -> Iterator[str]:
+        """A child run for one stage execution, active for the duration of the block.
+
+        Ends FINISHED on success, FAILED if the block raises (the exception propagates).
+        """
+        import mlflow
+
+        run = mlflow.start_run(run_name=stage, nested=True, tags={"pipeline.stage": stage})
+        try:
+            yield run.info.run_id
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.end_run(status="FINISHED")
+
+    def log_stage_result(self, stage: str, metrics: dict[str, float], manifest_path: Path) -> None:
+        """In the active child run: the stage's metrics and manifest; on the parent: its metrics
+        prefixed with the stage name, so one run page shows the whole pipeline."""
+        import mlflow
+
+        clean = {key: float(value) for key, value in metrics.items() if _is_number(value)}
+        if clean:
+            mlflow.log_metrics(clean)
+        mlflow.log_artifact(str(manifest_path))
+        if clean and self.parent_id:
+            client = mlflow.MlflowClient()
+            for key, value in clean.items():
+                client.log_metric(self.parent_id, f"{stage}.{key}", value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def log_dataset(dataset: Any, name: str, context: str, digest: str | None = None,
+                source: str | None = None) -> None:  # fmt: skip
+    """Record a ``datasets.Dataset`` as an MLflow input of the active run (``mlflow.data``)."""
+    import warnings
+
+    import mlflow
+
+    with warnings.catch_warnings():  # a local path matches two equivalent source types; harmless
+        warnings.simplefilter("ignore", UserWarning)
+        record = mlflow.data.from_huggingface(dataset, name=name, digest=digest, source=source)
+    mlflow.log_input(record, context=context)
