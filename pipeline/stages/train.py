@@ -1,13 +1,171 @@
-"""The 'train' stage (not built yet)."""
+"""The 'train' stage: prepared chat data -> a PEFT adapter (UORA, LoRA or VeRA) via TRL's SFTTrainer.
+
+The recipe itself lives in ``train_worker`` (one process of training). This module decides how
+to run it: in this process for one process without DeepSpeed, otherwise under ``torchrun`` with
+``train.nproc_per_node`` workers. It passes the workers the exact config, the dataset path and
+the MLflow child run (only global rank 0 logs), forwards SIGTERM/SIGUSR1 so the workers can
+checkpoint, and turns the outcome into a ``StageResult``.
+
+Resuming needs no flag: ``ctx.work_dir`` survives an interrupted attempt, and the worker resumes
+from its last complete checkpoint (``trainer_state.json`` present).
+"""
 
 from __future__ import annotations
 
-from pipeline.stages.base import StageContext, StageNotImplemented, StageResult
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "train"
 INPUTS: tuple[str, ...] = ("prepare",)
-CONFIG_SECTIONS: tuple[str, ...] = ()
+CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
+
+SPEC = "train_spec.json"
+
+
+class StagePreempted(StageError):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning resumes it.
+
+    Not a failure of the run: the driver should exit with status 0 and leave the stage incomplete
+    (no DONE, the work folder kept) so that a requeued job continues.
+    """
 
 
 def run(ctx: StageContext) -> StageResult:
-    raise StageNotImplemented(f"stage '{NAME}' is not implemented yet")
+    from pipeline.stages import train_worker as worker
+
+    work_dir = ctx.work_dir
+    tcfg = ctx.config.train
+    if ctx.force and work_dir.exists():
+        shutil.rmtree(work_dir)  # --force: start over instead of resuming
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (worker.DONE, worker.PREEMPTED):
+        (work_dir / stale).unlink(missing_ok=True)
+    dataset_dir = ctx.input_dir("prepare") / "dataset"
+    if tcfg.deepspeed and not Path(tcfg.deepspeed).is_file():
+        raise StageError(f"train.deepspeed: {tcfg.deepspeed} does not exist")
+
+    config_dump = ctx.config.model_dump(mode="json")
+    (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
+    spec = {
+        "work_dir": str(work_dir.resolve()),
+        "dataset_dir": str(dataset_dir.resolve()),
+        "config": config_dump,
+        "mlflow_run_id": ctx.mlflow_run_id,
+        "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
+    }
+    if tcfg.deepspeed:
+        spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
+    spec_path = work_dir / SPEC
+    spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+
+    if tcfg.nproc_per_node == 1 and not tcfg.deepspeed:
+        code = _run_in_process(spec)
+    else:
+        code = _run_torchrun(spec_path, tcfg)
+
+    preempted = work_dir / worker.PREEMPTED
+    if preempted.is_file():
+        info = json.loads(preempted.read_text())
+        raise StagePreempted(
+            f"training preempted ({info.get('signal')}) at step {info['step']}; checkpoint saved in "
+            f"{info['checkpoint']}; rerun the same command to resume"
+        )
+    if code != 0 or not (work_dir / worker.DONE).is_file():
+        raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
+
+    metrics = json.loads((work_dir / worker.METRICS).read_text())
+    _log_artifacts(ctx, work_dir)
+    # Checkpoints are for resuming only; the finished stage keeps the adapter, not GBs of state.
+    shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(work_dir / "pids", ignore_errors=True)
+    return StageResult(
+        metrics=metrics,
+        outputs={
+            "adapter": worker.ADAPTER,
+            "config": "config.yaml",
+            "metrics": worker.METRICS,
+            "loss_curve": worker.LOSS_PNG,
+        },
+        extra={"adapter_method": ctx.config.adapter.method, "nproc_per_node": tcfg.nproc_per_node},
+    )
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _run_in_process(spec: dict[str, Any]) -> int:
+    from pipeline.stages import train_worker as worker
+
+    try:
+        return worker.train(spec)
+    except worker.TrainingFailed as exc:
+        raise StageError(str(exc)) from None
+
+
+def worker_env(tcfg: Any) -> dict[str, str]:
+    """Environment for torchrun workers: our code first on the path, sane CPU threading."""
+    from pipeline.stages.train_dist import cpu_threads
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = str(cpu_threads(tcfg.nproc_per_node, tcfg.omp_num_threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
+    """``torchrun`` for one node. SIGUSR1 is added to the signals torchrun forwards to workers
+    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={tcfg.nproc_per_node}",
+        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown_timeout={tcfg.preempt_grace_s}",
+        "-m",
+        "pipeline.stages.train_worker",
+        str(spec_path),
+    ]
+
+
+def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
+    proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
+
+    def forward(signum: int, _frame: Any) -> None:
+        proc.send_signal(signum)  # torchrun passes it on to every worker
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _log_artifacts(ctx: StageContext, work_dir: Path) -> None:
+    """The loss curve, config and metrics on the train child run (active in this process)."""
+    if not ctx.mlflow_run_id:
+        return
+    import mlflow
+
+    for name in ("loss_curve.png", "config.yaml", "metrics.json"):
+        if (work_dir / name).is_file():
+            mlflow.log_artifact(str(work_dir / name))
