@@ -11,7 +11,8 @@
 #   UORA_TRAIN_CMD       training command run on the first node (default: `$UORA_PYTHON -m
 #                        pipeline train CONFIG OVERRIDES...`); runs with `bash -c`, CONFIG and
 #                        OVERRIDES as "$@". For custom recipes (and the Slurm tests' stand-in).
-#   UORA_DONE_FILE       marker that training finished (default: <run dir>/train/DONE)
+#   UORA_DONE_FILE       with UORA_TRAIN_CMD: the file that says training finished
+#   UORA_PREEMPTED_FILE  with UORA_TRAIN_CMD: the file that says it stopped after a checkpoint
 
 uora_log() { echo "[uora-slurm $(date '+%F %T')] $*" >&2; }
 
@@ -43,17 +44,32 @@ uora_init() {
         "rendezvous $MASTER_ADDR:$MASTER_PORT, python $UORA_PYTHON"
 }
 
-# <run dir>/train/DONE of CONFIG + overrides, from the pipeline's own config loader.
-uora_done_file() {
-    if [[ -n ${UORA_DONE_FILE:-} ]]; then echo "$UORA_DONE_FILE"; return; fi
+# Where training stands for CONFIG + overrides: "complete" (the driver's train output is up to
+# date for this config: manifest matches, DONE and the adapter present), "preempted" (the workers
+# checkpointed and left the PREEMPTED marker in train.partial/), else "incomplete". Asked of the
+# pipeline itself, so a DONE left by an earlier run of a different config never counts.
+# For a custom UORA_TRAIN_CMD: UORA_DONE_FILE / UORA_PREEMPTED_FILE say the same.
+uora_training_status() {
+    if [[ -n ${UORA_DONE_FILE:-} ]]; then
+        if [[ -f $UORA_DONE_FILE ]]; then echo complete
+        elif [[ -n ${UORA_PREEMPTED_FILE:-} && -f $UORA_PREEMPTED_FILE ]]; then echo preempted
+        else echo incomplete; fi
+        return
+    fi
     "$UORA_PYTHON" - "$@" <<'PY'
 import sys
 from pipeline.config import ConfigError, load_config
+from pipeline.driver import Pipeline
 try:
     config = load_config(sys.argv[1], sys.argv[2:])
 except ConfigError as error:
     sys.exit("\n".join(error.lines))
-print(config.run_dir / "train" / "DONE")
+if Pipeline(config).up_to_date("train") and (config.run_dir / "train" / "DONE").is_file():
+    print("complete")
+elif (config.run_dir / "train.partial" / "PREEMPTED").is_file():
+    print("preempted")
+else:
+    print("incomplete")
 PY
 }
 
@@ -79,25 +95,24 @@ uora_run_supervised() {
     trap - USR1 TERM
 }
 
-# Training: run it, then finish (DONE), requeue (stopped without DONE), or fail. Exits the shell
-# on requeue and failure; returns 0 when training is complete.
+# Training: run it, then finish (complete), requeue (stopped without DONE after a checkpoint),
+# or fail. Exits the shell on requeue and failure; returns 0 when training is complete.
+# The train command always runs: the driver itself skips a train stage that is up to date.
 uora_train() {
-    local config=$1 done_file restarts
-    done_file=$(uora_done_file "$@")
-    if [[ -f $done_file ]]; then
-        uora_log "training already complete ($done_file)"
-        return 0
-    fi
+    local status restarts
     if [[ -n ${UORA_TRAIN_CMD:-} ]]; then
         uora_run_supervised bash -c "$UORA_TRAIN_CMD" uora-train "$@"
     else
         uora_run_supervised "$UORA_PYTHON" -m pipeline train "$@"
     fi
-    if [[ -f $done_file ]]; then
-        uora_log "training complete ($done_file)"
+    status=$(uora_training_status "$@")
+    if [[ $status == complete ]]; then
+        uora_log "training complete"
         return 0
     fi
-    if ((UORA_RC != 0)); then
+    # Stopped after a checkpoint: exit 0 without DONE is the workers' contract; the PREEMPTED
+    # marker covers a driver that reports the stop with a non-zero status.
+    if [[ $status != preempted ]] && ((UORA_RC != 0)); then
         uora_log "training failed (exit status $UORA_RC) without a checkpointed stop; not requeueing." \
             "Fix the cause, then resubmit the same command: it resumes from the last checkpoint."
         exit "$UORA_RC"

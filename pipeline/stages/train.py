@@ -30,6 +30,9 @@ INPUTS: tuple[str, ...] = ("prepare",)
 CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
 
 SPEC = "train_spec.json"
+# A multi-node launcher (slurm/launch.sh, set by slurm/train.sh): called as
+# `LAUNCHER -m pipeline.stages.train_worker SPEC`, it starts torchrun on every node itself.
+LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"
 
 
 class StagePreempted(StageError):
@@ -68,7 +71,9 @@ def run(ctx: StageContext) -> StageResult:
     spec_path = work_dir / SPEC
     spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
-    if tcfg.nproc_per_node == 1 and not tcfg.deepspeed:
+    if os.environ.get(LAUNCHER_ENV):
+        code = _run_torchrun(spec_path, tcfg, launcher=os.environ[LAUNCHER_ENV])
+    elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed:
         code = _run_in_process(spec)
     else:
         code = _run_torchrun(spec_path, tcfg)
@@ -144,8 +149,12 @@ def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
     ]
 
 
-def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
-    proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
+def _run_torchrun(spec_path: Path, tcfg: Any, launcher: str | None = None) -> int:
+    if launcher:
+        command = [launcher, "-m", "pipeline.stages.train_worker", str(spec_path)]
+    else:
+        command = torchrun_command(spec_path, tcfg)
+    proc = subprocess.Popen(command, env=worker_env(tcfg))
 
     def forward(signum: int, _frame: Any) -> None:
         proc.send_signal(signum)  # torchrun passes it on to every worker
