@@ -281,16 +281,72 @@ class EvalConfig(StrictModel):
 # export
 # --------------------------------------------------------------------------------------------
 class ExportConfig(StrictModel):
-    """Merge-and-export (owned by the export stage)."""
+    """Merge-and-export (owned by the export stage).
+
+    The merge always happens in a floating-point copy of the base (``dtype``), never in int8: when
+    training used an 8-bit base, export reloads it unquantised, because rounding the merged
+    weights back to int8 discards most of a low-rank update.
+    """
+
+    mode: Literal["merged", "adapter_only"] = Field(
+        "merged",
+        description="'merged': write a standalone HF model folder (plus the adapter); "
+        "'adapter_only': keep just the adapter folder.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="dtype the base is reloaded in, merged in and saved in; default model.dtype.",
+    )
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
+    verify_prompts: int = Field(
+        4, ge=1, le=16, description="How many fixed prompts the merged logits are checked on."
+    )
+    verify_max_tokens: int = Field(96, ge=8, description="Tokens per verification prompt (truncated).")
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Largest allowed |merged - (base + adapter)| logit difference, relative to the "
+        "largest reference logit; default by dtype (float32 1e-4, bfloat16 1e-1, float16 5e-2).",
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # promote
 # --------------------------------------------------------------------------------------------
 class PromoteConfig(StrictModel):
-    """Model-registry registration and alias promotion (owned by the promote stage)."""
+    """Model-registry registration and alias promotion (owned by the promote stage).
+
+    The alias moves only when the gate passes: ``gate_metric`` (a flattened evaluate metric such
+    as ``tuned.score_overall``) is at or above ``threshold`` and not worse than the current
+    holder of the alias by more than ``margin``. ``--force`` moves it regardless (recorded).
+    """
 
     enabled: bool = False
+    registered_model: str = Field(
+        "uora-pipeline", min_length=1, description="Registered model name in the MLflow registry."
+    )
+    log: list[Literal["merged", "adapter"]] = Field(
+        default_factory=lambda: ["merged"],
+        min_length=1,
+        description="Which exported artifacts to log as MLflow models.",
+    )
+    register_from: Literal["merged", "adapter"] = Field(
+        "merged", description="Which logged model becomes the new registered version."
+    )
+    alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
+    gate_metric: str = Field(
+        "tuned.score_overall", description="Evaluate metric the gate reads ('<model>.<name>')."
+    )
+    threshold: float | None = Field(None, description="Minimum gate_metric value; None: no floor.")
+    margin: float = Field(
+        0.0, ge=0, description="How much worse than the current champion a candidate may be."
+    )
+
+    @model_validator(mode="after")
+    def _register_is_logged(self) -> PromoteConfig:
+        if self.register_from not in self.log:
+            raise ValueError(f"register_from={self.register_from!r} must be one of log={self.log}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,190 @@
-"""The 'promote' stage (not built yet)."""
+"""The 'promote' stage: log the exported model to MLflow, register a version, gate the alias.
+
+Read top to bottom:
+
+1. read the evaluate stage's ``results.json`` and the export stage's ``lineage.json``;
+2. log the exported model(s) to the stage's MLflow run with the transformers flavor: the merged
+   folder as a standalone model and/or the adapter as a PEFT model that references the local
+   base (``promote.log``), with explicit pip requirements;
+3. register the ``promote.register_from`` one as a new version of ``promote.registered_model``,
+   tagged with the evaluation scores (``eval.*``) and lineage (``lineage.*``: parent run, data
+   digests, config digest, adapter digest);
+4. gate: move ``promote.alias`` (``champion``) to the new version only when ``gate_metric`` is at
+   or above ``threshold`` and not worse than the current champion by more than ``margin``;
+   ``--force`` overrides. The decision and its reason are printed, tagged on the version and the
+   run, and written to ``decision.json``.
+
+``mlflow.transformers.load_model("models:/NAME@champion")`` then loads the promoted model.
+"""
 
 from __future__ import annotations
 
-from pipeline.stages.base import StageContext, StageNotImplemented, StageResult
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.registry import (
+    config_digest,
+    current_holder,
+    eval_tags,
+    flatten_results,
+    gate,
+    pip_requirements,
+    recorded_value,
+)
+from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "promote"
 INPUTS: tuple[str, ...] = ("evaluate", "export")
-CONFIG_SECTIONS: tuple[str, ...] = ()
+CONFIG_SECTIONS: tuple[str, ...] = ("promote",)
+
+log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> StageResult:
-    raise StageNotImplemented(f"stage '{NAME}' is not implemented yet")
+    """Register the exported model and move the alias if the gate passes (or ``--force``)."""
+    import mlflow
+
+    cfg = ctx.config.promote
+    metrics = _read_results(ctx.input_dir("evaluate") / "results.json")
+    if cfg.gate_metric not in metrics:
+        available = ", ".join(sorted(k for k in metrics if ".categories." not in k)) or "none"
+        raise StageError(
+            f"promote.gate_metric: {cfg.gate_metric!r} is not in the evaluate results "
+            f"(available: {available})"
+        )
+    export_dir = ctx.input_dir("export")
+    lineage = _read_json(export_dir / "lineage.json", "the export stage writes it")
+    for kind in cfg.log:
+        if not (export_dir / kind).is_dir():
+            hint = " (export.mode is adapter_only?)" if kind == "merged" else ""
+            raise StageError(f"promote.log: {export_dir / kind} does not exist{hint}")
+
+    active = mlflow.active_run()
+    if active is None:  # run outside the driver: open (or reopen) the stage's own run
+        mlflow.start_run(run_id=ctx.mlflow_run_id, run_name=None if ctx.mlflow_run_id else NAME)
+    try:
+        return _promote(ctx, metrics, lineage, export_dir)
+    finally:
+        if active is None:
+            mlflow.end_run()
+
+
+def _promote(
+    ctx: StageContext, metrics: dict[str, float | None], lineage: dict[str, Any], export_dir: Path
+) -> StageResult:
+    import mlflow
+
+    cfg = ctx.config.promote
+    client = mlflow.MlflowClient()
+    run = mlflow.active_run()
+    run_id = run.info.run_id
+    parent_run_id = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
+
+    logged = {kind: _log_model(ctx, export_dir, kind, lineage) for kind in cfg.log}
+    tags = {
+        **eval_tags(metrics),
+        "lineage.run_id": run_id,
+        "lineage.parent_run_id": str(parent_run_id),
+        "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
+        "lineage.config_digest": config_digest(ctx.config),
+        "lineage.adapter_digest": str(lineage.get("adapter_digest")),
+        "lineage.base_model": str(lineage.get("base_model")),
+        "lineage.method": str(lineage.get("method")),
+        "lineage.artifact": cfg.register_from,
+        **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
+    }
+    version = mlflow.register_model(logged[cfg.register_from], cfg.registered_model, tags=tags)
+
+    holder = current_holder(client, cfg.registered_model, cfg.alias)
+    decision = gate(
+        metric=cfg.gate_metric,
+        value=metrics.get(cfg.gate_metric),
+        threshold=cfg.threshold,
+        margin=cfg.margin,
+        champion_version=holder.version if holder is not None else None,
+        champion_value=recorded_value(holder, cfg.gate_metric),
+        force=ctx.force,
+    )
+    if decision.promote:
+        client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
+    for key, value in decision.as_tags().items():
+        client.set_model_version_tag(cfg.registered_model, version.version, key, value)
+    mlflow.set_tags({**decision.as_tags(), "promotion.version": version.version})
+
+    verdict = "promoted to" if decision.promote else "not promoted to"
+    message = (
+        f"promote: {cfg.registered_model} version {version.version} {verdict} @{cfg.alias}: {decision.reason}"
+    )
+    print(message)
+    log.info(message)
+
+    record = {
+        "registered_model": cfg.registered_model,
+        "version": version.version,
+        "alias": cfg.alias,
+        "logged_models": logged,
+        **decision.as_dict(),
+    }
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.work_dir / "decision.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return StageResult(
+        metrics={"promote.version": float(version.version), "promote.promoted": float(decision.promote)},
+        outputs={"decision": "decision.json"},
+        extra=record,
+    )
+
+
+def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str, Any]) -> str:
+    """Log one exported artifact with the transformers flavor; returns its model URI.
+
+    Model objects, not a folder path, are passed: transformers 5 models are logged reliably that
+    way, and the adapter needs its base model object anyway."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "merged":
+        folder = export_dir / "merged"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        extra: dict[str, Any] = {}
+    else:
+        from peft import PeftModel
+
+        from pipeline.models import load_model, resolve_model_dir
+
+        if lineage.get("method") == "uora":
+            import uora  # noqa: F401  (registers UORA with PEFT)
+        folder = export_dir / "adapter"
+        base = load_model(ctx.config.model.model_copy(update={"load_in_8bit": False}), quantize=False)
+        model = PeftModel.from_pretrained(base, str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # The base weights are referenced, not copied: the adapter is the small artifact.
+        extra = {"base_model_path": resolve_model_dir(ctx.config.model)}
+    with torch.no_grad():
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name=kind,
+            task="text-generation",
+            pip_requirements=pip_requirements(peft=kind == "adapter"),
+            **extra,
+        )
+    return info.model_uri
+
+
+def _read_results(path: Path) -> dict[str, float | None]:
+    results = _read_json(path, "the evaluate stage writes it")
+    if not isinstance(results.get("models"), dict):
+        raise StageError(f"promote: {path} has no 'models' object")
+    return flatten_results(results)
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise StageError(f"promote: {path} is missing ({hint})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise StageError(f"promote: {path} is not valid JSON: {error}") from error

@@ -1,0 +1,212 @@
+"""The export stage: merged logits equal base + adapter (checked here independently of the stage's
+own verification), the folder is a complete HF model, failures leave nothing trusted behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from export_helpers import (
+    TEMPLATE_MARKER,
+    finish,
+    make_config,
+    make_ctx,
+    require_uora,
+    write_adapter,
+    write_eval_results,
+)
+
+from pipeline.stages import export
+from pipeline.stages.base import StageError
+
+# Prompts of the tests' own (not the stage's verification prompts).
+CHECK_PROMPTS = ["Name a colour.", "How many legs does a spider have? Answer briefly."]
+
+
+def logits_on(model, tokenizer) -> torch.Tensor:
+    rows = []
+    with torch.no_grad():
+        for prompt in CHECK_PROMPTS:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )["input_ids"]
+            rows.append(model(input_ids=ids).logits[0].float())
+    return torch.cat(rows)
+
+
+def reference_logits(base_dir: Path, adapter_dir: Path, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base + adapter, base alone) logits in float32, through PEFT's unmerged forward."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with_adapter = logits_on(model, tokenizer)
+    with model.disable_adapter():
+        without = logits_on(model, tokenizer)
+    return with_adapter, without
+
+
+def export_and_check(tmp_path: Path, base_dir: Path, tokenizer, method: str, **export_cfg) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if method == "uora":
+        require_uora()
+    from transformers import AutoModelForCausalLM as Auto
+
+    run_dir = tmp_path / "run"
+    write_adapter(run_dir, Auto.from_pretrained(base_dir, dtype=torch.float32), tokenizer, method)
+    write_eval_results(run_dir, tuned=6.5)
+    ctx = make_ctx(run_dir, make_config(base_dir, export=export_cfg), mlflow_run_id=None)
+    result = export.run(ctx)
+    out = finish(ctx)
+
+    merged_dir = out / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert not any("lora" in n or "vera" in n or "uora" in n for n, _ in merged.named_parameters())
+    merged_tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert TEMPLATE_MARKER in merged_tok.chat_template  # the training template, not the base's
+
+    ref, base_only = reference_logits(base_dir, run_dir / "train" / "adapter", tokenizer)
+    got = logits_on(merged, merged_tok)
+    error = float((got - ref).abs().max())
+    effect = float((ref - base_only).abs().max())
+    return {"result": result, "out": out, "error": error, "effect": effect, "merged": merged}
+
+
+@pytest.mark.parametrize("method", ["lora", "vera", "uora"])
+def test_tiny_merge_matches_base_plus_adapter(tmp_path, tiny_base_dir, smollm2_tokenizer, method):
+    checked = export_and_check(tmp_path, tiny_base_dir, smollm2_tokenizer, method, max_shard_size="2MB")
+    # The adapter moves the logits; the merged model reproduces the moved logits.
+    assert checked["effect"] > 1e-2
+    assert checked["error"] < 1e-4 * checked["effect"] + 1e-5, checked
+
+    result, out = checked["result"], checked["out"]
+    report = result.extra["verification"]
+    assert report["passed"] and report["top1_agreement"] == 1.0
+    assert report["rel_error"] <= report["tolerance"] == export.DEFAULT_TOLERANCE["float32"]
+    assert result.metrics["export.verify_max_abs_error"] == report["max_abs_error"]
+    assert result.outputs == {
+        "adapter": "adapter",
+        "lineage": "lineage.json",
+        "merged": "merged",
+        "verification": "verification.json",
+    }
+    # Sharded safetensors, config, generation config, tokenizer, model card; adapter kept.
+    merged_dir = out / "merged"
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((merged_dir / s).is_file() for s in shards)
+    assert not list(merged_dir.glob("*.bin"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (merged_dir / name).is_file(), name
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    card = (merged_dir / "README.md").read_text()
+    assert f"| Method | {method.upper()} |" in card
+    assert f"| Base model | `{tiny_base_dir}` |" in card
+    trainable = report["trainable_params"]
+    assert trainable > 0 and f"{trainable:,}" in card
+    assert "| tuned.score_overall | 6.5 |" in card
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["method"] == method and lineage["trainable_params"] == trainable
+    assert len(lineage["adapter_digest"]) == 64
+
+
+def test_bfloat16_export_uses_bf16_tolerance_and_weights(tmp_path, tiny_base_dir, smollm2_tokenizer):
+    checked = export_and_check(tmp_path, tiny_base_dir, smollm2_tokenizer, "lora", dtype="bfloat16")
+    report = checked["result"].extra["verification"]
+    assert report["dtype"] == "bfloat16" and report["tolerance"] == export.DEFAULT_TOLERANCE["bfloat16"]
+    assert report["passed"]
+    from safetensors import safe_open
+
+    shard = next((checked["out"] / "merged").glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.bfloat16
+    # bf16 rounding of the merged weights: close to the float32 reference, not equal.
+    assert 0 < checked["error"] < 0.1 * checked["effect"] + 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "vera", "uora"])
+def test_smollm2_merge_matches_base_plus_adapter(tmp_path, smollm2_dir, smollm2_tokenizer, method):
+    checked = export_and_check(tmp_path, smollm2_dir, smollm2_tokenizer, method)
+    assert checked["effect"] > 0.1
+    assert checked["error"] < 1e-3, checked
+    report = checked["result"].extra["verification"]
+    assert report["passed"] and report["top1_agreement"] == 1.0
+    assert report["adapter_effect_rel"] > 100 * report["rel_error"]
+
+
+def test_failed_verification_fails_stage_and_leaves_no_merged_folder(
+    tmp_path, tiny_base_dir, smollm2_tokenizer, monkeypatch
+):
+    from peft.tuners.tuners_utils import BaseTuner
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    write_adapter(run_dir, AutoModelForCausalLM.from_pretrained(tiny_base_dir), smollm2_tokenizer, "lora")
+    # A broken merge: drop the adapter instead of folding it in.
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kw: self.unload())
+    ctx = make_ctx(run_dir, make_config(tiny_base_dir))
+    with pytest.raises(StageError, match=r"^export: verification failed: merged logits differ"):
+        export.run(ctx)
+    assert not (ctx.work_dir / "merged").exists()
+    assert not (ctx.work_dir / "merged.tmp").exists()
+    report = json.loads((ctx.work_dir / "verification.json").read_text())
+    assert report["passed"] is False and report["rel_error"] > report["tolerance"]
+
+
+def test_refuses_to_overwrite_existing_export_unless_forced(tmp_path, tiny_base_dir, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    write_adapter(run_dir, AutoModelForCausalLM.from_pretrained(tiny_base_dir), smollm2_tokenizer, "lora")
+    (run_dir / "export").mkdir()
+    (run_dir / "export" / "keep.txt").write_text("previous export")
+    config = make_config(tiny_base_dir, export={"mode": "adapter_only"})
+    with pytest.raises(StageError, match=r"export: .*export already exists; pass --force to overwrite it"):
+        export.run(make_ctx(run_dir, config))
+    assert (run_dir / "export" / "keep.txt").read_text() == "previous export"
+
+    result = export.run(make_ctx(run_dir, config, force=True))
+    assert result.outputs == {"adapter": "adapter", "lineage": "lineage.json"}
+    assert not (run_dir / "export.partial" / "merged").exists()  # adapter_only: no merge at all
+
+
+def test_missing_adapter_is_one_clear_line(tmp_path, tiny_base_dir):
+    run_dir = tmp_path / "run"
+    (run_dir / "train" / "adapter").mkdir(parents=True)
+    with pytest.raises(
+        StageError,
+        match=r"^export: .*adapter_config.json is missing \(the train stage writes it\)$",
+    ):
+        export.run(make_ctx(run_dir, make_config(tiny_base_dir)))
+    with pytest.raises(StageError, match=r"stage input missing: .*train"):
+        export.run(make_ctx(tmp_path / "other", make_config(tiny_base_dir)))
+
+
+def test_export_logs_verification_to_active_mlflow_run(
+    tmp_path, tiny_base_dir, smollm2_tokenizer, mlflow_tracking
+):
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    write_adapter(run_dir, AutoModelForCausalLM.from_pretrained(tiny_base_dir), smollm2_tokenizer, "lora")
+    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as child:
+        result = export.run(make_ctx(run_dir, make_config(tiny_base_dir), mlflow_run_id=child.info.run_id))
+    logged = mlflow.get_run(child.info.run_id).data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id)}
+    assert logged["export.verify_max_abs_error"] == pytest.approx(
+        result.metrics["export.verify_max_abs_error"]
+    )
+    assert {"verification.json", "lineage.json", "model_card"} <= artifacts
+    lineage = json.loads((run_dir / "export.partial" / "lineage.json").read_text())
+    assert lineage["mlflow_run_id"] == child.info.run_id
+    assert lineage["mlflow_parent_run_id"] == parent.info.run_id
