@@ -1,0 +1,295 @@
+"""Judge backends: anything that turns judge chats into judge outputs.
+
+Two backends behind one small interface (:class:`JudgeBackend`):
+
+- :class:`OpenAIJudge` talks to any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM,
+  TGI, llama.cpp server) through the ``openai`` client, which already does retries with exponential
+  backoff (honouring ``Retry-After``) on 408/409/429/5xx and connection errors. We add a
+  concurrency limit and turn the failures a user can act on (bad key, endpoint down, wrong model)
+  into one clear line. The API key is read from the environment variable the config names, held
+  only by the client, and never put into messages, logs, records or MLflow.
+- :class:`LocalJudge` runs a transformers model in-process, either generating a verdict like a
+  remote judge, or ("logits") picking the most likely rating after ``Rating: [[`` — a way to get a
+  rating out of a small local judge that rarely writes the format unprompted.
+
+Backends know nothing of questions or caching (``pipeline.eval.judging`` does that); their
+``identity`` feeds the judgment cache key, so a different judge means fresh judgments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline.stages.base import StageError
+
+if TYPE_CHECKING:
+    from pipeline.config import JudgeConfig, ModelConfig
+
+Chat = list[dict[str, str]]
+
+
+class JudgeBackend(Protocol):
+    """What the judging loop needs from a judge."""
+
+    name: str  # the judge's model name, FastChat's ``judge[0]``
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that makes this judge's outputs what they are (never secrets)."""
+        ...
+
+    def complete(self, chats: list[Chat], samples: int) -> Iterator[tuple[int, list[str]]]:
+        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP
+# --------------------------------------------------------------------------------------------
+class OpenAIJudge:
+    """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        api_key_env: str,
+        base_url: str | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        concurrency: int = 4,
+        retries: int = 5,
+        timeout_s: float = 120.0,
+    ) -> None:
+        import openai
+
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise StageError(
+                f"eval.judge.api_key_env: environment variable {api_key_env} is not set (it must hold the "
+                "judge endpoint's API key)"
+            )
+        self.name = model
+        self.api_key_env = api_key_env
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.concurrency = concurrency
+        self.retries = retries
+        self._client = openai.OpenAI(
+            api_key=api_key, base_url=base_url, max_retries=retries, timeout=timeout_s
+        )
+        self.base_url = str(self._client.base_url).rstrip("/")
+
+    @classmethod
+    def from_config(cls, config: JudgeConfig) -> OpenAIJudge:
+        assert config.model and config.api_key_env  # guaranteed by JudgeConfig's validator
+        return cls(
+            model=config.model,
+            api_key_env=config.api_key_env,
+            base_url=config.base_url,
+            temperature=config.temperature,
+            max_tokens=config.max_new_tokens,
+            concurrency=config.concurrency,
+            retries=config.retries,
+            timeout_s=config.timeout_s,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "backend": "openai",
+            "base_url": self.base_url,
+            "model": self.name,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+
+    def _one(self, chat: Chat) -> str:
+        """One completion; the client retries transient failures, we translate the final ones."""
+        import openai
+
+        try:
+            response = self._client.chat.completions.create(
+                model=self.name, messages=chat, temperature=self.temperature, max_tokens=self.max_tokens
+            )
+        except openai.AuthenticationError:
+            raise StageError(
+                f"judge: authentication failed at {self.base_url} (HTTP 401): check the key in "
+                f"${self.api_key_env}"
+            ) from None
+        except openai.PermissionDeniedError:
+            raise StageError(
+                f"judge: access denied at {self.base_url} (HTTP 403) for model {self.name!r}"
+            ) from None
+        except openai.NotFoundError:
+            raise StageError(
+                f"judge: HTTP 404 from {self.base_url}: check eval.judge.base_url and eval.judge.model "
+                f"({self.name!r})"
+            ) from None
+        except openai.APITimeoutError:
+            raise StageError(
+                f"judge: endpoint timed out after {self.retries} retries: {self.base_url}"
+            ) from None
+        except openai.APIConnectionError:
+            raise StageError(
+                f"judge: endpoint unreachable after {self.retries} retries: {self.base_url}"
+            ) from None
+        except openai.APIStatusError as error:
+            raise StageError(
+                f"judge: HTTP {error.status_code} from {self.base_url} after {self.retries} retries"
+            ) from None
+        if not response.choices:
+            return ""
+        return response.choices[0].message.content or ""
+
+    def complete(self, chats: list[Chat], samples: int) -> Iterator[tuple[int, list[str]]]:
+        if not chats:
+            return
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
+            futures = {pool.submit(self._samples, chat, samples): index for index, chat in enumerate(chats)}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield futures[future], future.result()  # re-raises the first failure
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _samples(self, chat: Chat, samples: int) -> list[str]:
+        return [self._one(chat) for _ in range(samples)]
+
+
+# --------------------------------------------------------------------------------------------
+# local transformers model
+# --------------------------------------------------------------------------------------------
+class LocalJudge:
+    """A judge run in-process with transformers (any chat model ``pipeline.models`` can load)."""
+
+    RATING_PREFIX = "Rating: [["
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        identity: dict[str, Any],
+        scoring: str = "generate",
+        temperature: float = 0.0,
+        max_new_tokens: int = 512,
+        batch_size: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self._identity = identity
+        self.scoring = scoring
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.seed = seed
+
+    @classmethod
+    def from_config(cls, config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> LocalJudge:
+        """Load the configured judge weights (``local_model``, or the base model when unset)."""
+        from pipeline.eval.identity import model_identity
+        from pipeline.models import load_model, load_tokenizer
+
+        model_cfg = config.local_model or base_model
+        model = load_model(model_cfg).eval()
+        tokenizer = load_tokenizer(model_cfg)
+        identity = {
+            "backend": "local",
+            "model": model_identity(model_cfg),
+            "scoring": config.local_scoring,
+            "temperature": config.temperature,
+            "max_new_tokens": config.max_new_tokens,
+            "seed": seed,
+        }
+        return cls(
+            model,
+            tokenizer,
+            name=model_cfg.name_or_path + (f"/{model_cfg.gguf_file}" if model_cfg.gguf_file else ""),
+            identity=identity,
+            scoring=config.local_scoring,
+            temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            seed=seed,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self._identity)
+
+    def render(self, chat: Chat) -> str:
+        """The judge's prompt text through its chat template (system message folded in if the
+        template has no system role)."""
+        try:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except Exception:
+            merged = [{"role": "user", "content": "\n\n".join(m["content"] for m in chat)}]
+            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
+    def complete(self, chats: list[Chat], samples: int) -> Iterator[tuple[int, list[str]]]:
+        from pipeline.eval.generate import generate_batch
+
+        for start in range(0, len(chats), self.batch_size):
+            indices = list(range(start, min(start + self.batch_size, len(chats))))
+            prompts = [self.render(chats[i]) for i in indices]
+            outputs: list[list[str]] = [[] for _ in indices]
+            for sample in range(samples):
+                if self.scoring == "logits":
+                    texts = [f"Rating: [[{self.most_likely_rating(p)}]]" for p in prompts]
+                else:
+                    texts = generate_batch(
+                        self.model,
+                        self.tokenizer,
+                        prompts,
+                        self.temperature,
+                        self.max_new_tokens,
+                        self.seed + start + sample,
+                    )
+                for row, text in enumerate(texts):
+                    outputs[row].append(text)
+            yield from zip(indices, outputs, strict=True)
+
+    def rating_logprobs(self, prompt: str) -> list[float]:
+        """log p("k]]" | prompt + "Rating: [[") for k = 1..10, scored in one batched forward pass."""
+        import torch
+
+        prefix = self.tokenizer(prompt + self.RATING_PREFIX, add_special_tokens=False)["input_ids"]
+        candidates = [self.tokenizer(f"{k}]]", add_special_tokens=False)["input_ids"] for k in range(1, 11)]
+        width = len(prefix) + max(len(c) for c in candidates)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(candidates), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, cand in enumerate(candidates):
+            seq = prefix + cand
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        device = self.model.device
+        with torch.no_grad():
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+        scores = []
+        for row, cand in enumerate(candidates):
+            positions = range(len(prefix) - 1, len(prefix) - 1 + len(cand))
+            scores.append(
+                sum(logprobs[row, pos, tok].item() for pos, tok in zip(positions, cand, strict=True))
+            )
+        return scores
+
+    def most_likely_rating(self, prompt: str) -> int:
+        scores = self.rating_logprobs(prompt)
+        return max(range(10), key=lambda i: scores[i]) + 1
+
+
+def build_judge(config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> JudgeBackend:
+    """The configured judge backend (loads a local judge's weights)."""
+    if config.backend == "openai":
+        return OpenAIJudge.from_config(config)
+    return LocalJudge.from_config(config, base_model, seed=seed)
