@@ -36,7 +36,7 @@ class Job:
     log: Path
 
     def log_text(self) -> str:
-        return self.log.read_text() if self.log.is_file() else ""
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
 
 
 class SlurmCluster:
@@ -109,13 +109,17 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     if missing:
         pytest.skip(f"Slurm is not installed ({', '.join(missing)} not found): {INSTALL_HINT}")
     if os.geteuid() != 0:
-        pytest.skip("the test cluster runs slurmctld/slurmd as SlurmUser=root: run the tests as root (as CI does)")
+        pytest.skip(
+            "the test cluster runs slurmctld/slurmd as SlurmUser=root: run the tests as root (as CI does)"
+        )
     directory = tmp_path_factory.mktemp("slurm-cluster")
     started = subprocess.run(
         ["bash", str(CLUSTER_SH), "start", str(directory)], capture_output=True, text=True, timeout=120
     )
     if started.returncode != 0:
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((directory / "log").glob("*")))
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((directory / "log").glob("*"))
+        )
         pytest.fail(f"test cluster did not start: {started.stderr}\n{logs}")
     cluster = SlurmCluster(directory)
     pids = cluster.pids()

@@ -84,7 +84,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, slurm_clus
         LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     )  # fmt: skip
     model.save_pretrained(root / "model")
@@ -107,7 +108,9 @@ def adapter_tensors(run_dir: Path) -> dict:
 def without_slurm(tiny: Tiny, slurm_cluster: SlurmCluster) -> Path:
     """The same training, no Slurm: `python -m pipeline train` with one torchrun of 2 processes."""
     run_dir = tiny.new_run("local")
-    python_pipeline(slurm_cluster, "train", str(tiny.config), "run.name=local", "train.nproc_per_node=2", cwd=tiny.root)
+    python_pipeline(
+        slurm_cluster, "train", str(tiny.config), "run.name=local", "train.nproc_per_node=2", cwd=tiny.root
+    )
     return run_dir
 
 
@@ -126,7 +129,11 @@ def unbuilt_stages() -> list[str]:
     import inspect
 
     names = ("prepare", "train", "evaluate", "export")
-    return [n for n in names if "StageNotImplemented" in inspect.getsource(importlib.import_module(f"pipeline.stages.{n}").run)]
+    return [
+        n
+        for n in names
+        if "StageNotImplemented" in inspect.getsource(importlib.import_module(f"pipeline.stages.{n}").run)
+    ]
 
 
 def test_pipeline_sh_runs_every_stage(on_slurm):
@@ -135,7 +142,9 @@ def test_pipeline_sh_runs_every_stage(on_slurm):
     missing = unbuilt_stages()
     if missing:
         assert (run_dir / "train" / "DONE").is_file(), log  # prepare and train ran as one job
-        pytest.skip(f"stage(s) {', '.join(missing)} not implemented in this checkout: pipeline.sh stops there")
+        pytest.skip(
+            f"stage(s) {', '.join(missing)} not implemented in this checkout: pipeline.sh stops there"
+        )
     assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 0), log
     assert "0: node 0" in log and "1: node 1" in log  # one torchrun on each of the two nodes
     for stage in ("prepare", "train", "evaluate", "export"):

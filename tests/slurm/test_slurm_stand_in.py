@@ -39,7 +39,9 @@ def toy_env(out: Path, **extra: str) -> dict[str, str]:
 
 
 def submit(cluster: SlurmCluster, out: Path, cwd: Path, *sbatch_args: str, **env: str) -> str:
-    return cluster.sbatch(*sbatch_args, "--gpus-per-node=0", str(TRAIN_SH), str(out), cwd=cwd, env=toy_env(out, **env))
+    return cluster.sbatch(
+        *sbatch_args, "--gpus-per-node=0", str(TRAIN_SH), str(out), cwd=cwd, env=toy_env(out, **env)
+    )
 
 
 def wait_for_progress(out: Path, step: int, timeout: float = 60) -> None:
@@ -55,7 +57,9 @@ def wait_for_progress(out: Path, step: int, timeout: float = 60) -> None:
 
 
 def rank_records(out: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted(out.glob("ranks.*")) for line in path.read_text().splitlines()]
+    return [
+        json.loads(line) for path in sorted(out.glob("ranks.*")) for line in path.read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +67,26 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same stand-in training without Slurm: one standalone torchrun with 2 processes."""
     out = tmp_path_factory.mktemp("toy-reference")
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TOY), str(out)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(TOY),
+            str(out),
+        ],
         env={**os.environ, "TOY_STEPS": STEPS, "TOY_STEP_SECONDS": "0"},
-        check=True, capture_output=True, timeout=120,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     return json.loads((out / "result.json").read_text())
 
 
-def test_two_nodes_rendezvous_and_match_standalone_run(slurm_cluster: SlurmCluster, tmp_path: Path, reference):
+def test_two_nodes_rendezvous_and_match_standalone_run(
+    slurm_cluster: SlurmCluster, tmp_path: Path, reference
+):
     out = tmp_path / "out"
     job = slurm_cluster.wait(submit(slurm_cluster, out, tmp_path, "--job-name=toy"))
     log = job.log_text()
@@ -86,7 +102,9 @@ def test_two_nodes_rendezvous_and_match_standalone_run(slurm_cluster: SlurmClust
     assert json.loads((out / "result.json").read_text()) == reference
 
 
-def test_usr1_checkpoints_requeues_and_resumes_bit_identically(slurm_cluster: SlurmCluster, tmp_path: Path, reference):
+def test_usr1_checkpoints_requeues_and_resumes_bit_identically(
+    slurm_cluster: SlurmCluster, tmp_path: Path, reference
+):
     out = tmp_path / "out"
     job_id = submit(slurm_cluster, out, tmp_path)
     wait_for_progress(out, 5)

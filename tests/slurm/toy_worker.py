@@ -62,9 +62,19 @@ def main() -> int:
         w, start = state["w"], state["step"]
     out.mkdir(parents=True, exist_ok=True)
     with (out / f"ranks.{rank}").open("a") as log:
-        log.write(json.dumps({"rank": rank, "world": world, "host": socket.gethostname(),
-                              "node": os.environ.get("SLURM_NODEID"), "start": start,
-                              "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}) + "\n")
+        log.write(
+            json.dumps(
+                {
+                    "rank": rank,
+                    "world": world,
+                    "host": socket.gethostname(),
+                    "node": os.environ.get("SLURM_NODEID"),
+                    "start": start,
+                    "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                }
+            )
+            + "\n"
+        )
 
     for step in range(start, steps):
         stop = torch.tensor([1.0 if flag["signal"] else 0.0])
