@@ -110,10 +110,18 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identically(
     wait_for_progress(out, 5)
     # Default scancel: every process of the job's steps (not the batch shell) gets SIGUSR1,
     # torchrun included, exactly like `#SBATCH --signal=USR1@300` before the time limit.
+    # A job that depends on the training (as in `pipeline.sh --chain`) must wait through the requeue.
+    after = slurm_cluster.sbatch(
+        f"--dependency=afterok:{job_id}", "--kill-on-invalid-dep=yes", "--gpus-per-node=0", "--nodes=1",
+        f"--output={tmp_path / 'after.out'}", "--wrap", f"test -f {out / 'DONE'} && echo trained",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert slurm_cluster.run("scancel", "--signal=USR1", job_id).returncode == 0
     job = slurm_cluster.wait(job_id)
     log = job.log_text()
     assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 1), log
+    assert slurm_cluster.wait(after).state == "COMPLETED"
+    assert (tmp_path / "after.out").read_text() == "trained\n"
     assert "requeueing job" in log and "(restart 1 of at most 20)" in log  # one log, appended
     starts = {(r["restart"], r["start"]) for r in rank_records(out)}
     resumed_at = max(start for _, start in starts)
@@ -149,3 +157,36 @@ def test_failure_is_not_requeued_and_keeps_its_exit_status(slurm_cluster: SlurmC
     assert (job.state, job.restarts) == ("FAILED", 0) and status in ("1", "143"), log
     assert "toy failure at step 2" in log
     assert f"training failed (exit status {status})" in log and not (out / "DONE").exists()
+
+
+def test_pipeline_chain_submits_dependent_jobs(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """`slurm/pipeline.sh --chain`: prepare (1 node) -> train (all nodes) -> finish (1 node), linked
+    by afterok. Submitted on hold, so only the wiring is checked here (the parts run in
+    test_slurm_pipeline.py and test_dependent_job_waits_through_a_requeue)."""
+    done = slurm_cluster.run(
+        "bash", str(REPO_ROOT / "slurm" / "pipeline.sh"), "--chain", "--hold", "--gpus-per-node=0",
+        "--nodes=2", "--", "cfg.yaml", "run.name=x",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ids = dict(line.split() for line in done.stdout.splitlines())
+    assert list(ids) == ["prepare", "train", "finish"]
+    try:
+        records = {part: slurm_cluster.record(job_id) for part, job_id in ids.items()}
+        assert [records[p]["NumNodes"] for p in ids] == ["1-1", "2-2", "1-1"]  # min-max while pending
+        assert records["prepare"]["Dependency"] == "(null)"
+        assert records["train"]["Dependency"].startswith(f"afterok:{ids['prepare']}")
+        assert records["finish"]["Dependency"].startswith(f"afterok:{ids['train']}")
+        assert records["train"]["Command"] == str(TRAIN_SH)
+        assert records["finish"]["Command"] == str(REPO_ROOT / "slurm" / "pipeline.sh")
+        assert all(records[p]["JobState"] == "PENDING" for p in ids)
+    finally:
+        slurm_cluster.run("scancel", *ids.values())
+
+
+def test_train_sh_without_config_fails_with_usage(slurm_cluster: SlurmCluster, tmp_path: Path):
+    job = slurm_cluster.wait(
+        slurm_cluster.sbatch("--gpus-per-node=0", "--nodes=1", str(TRAIN_SH), cwd=tmp_path)
+    )
+    assert (job.state, job.exit_code) == ("FAILED", "2:0")
+    assert "usage: sbatch [sbatch options] slurm/train.sh CONFIG [key=value ...]" in job.log_text()
