@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.stages.train_dist import (
     PreemptionCallback,
     PreemptionFlag,
+    all_gather,
     barrier,
     last_complete_checkpoint,
     rank,
@@ -55,16 +56,6 @@ def projection_digest(model: Any) -> str | None:
             digest.update(buffer.detach().to("cpu").contiguous().numpy().tobytes())
             found = True
     return digest.hexdigest() if found else None
-
-
-def _all_gather(value: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def _prepare_datasets(dataset_dir: Path, tcfg: Any, completion_only: bool) -> tuple[Any, Any]:
@@ -253,7 +244,7 @@ def train(spec: dict[str, Any]) -> int:
         if is_rank0:
             checkpoint = last_complete_checkpoint(ckpt_dir)
             (work_dir / PREEMPTED).write_text(
-                json.dumps({"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": flag.signal_name})
+                json.dumps({"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name})
             )
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
         barrier()
@@ -261,7 +252,7 @@ def train(spec: dict[str, Any]) -> int:
         return 0
 
     final_eval = trainer.evaluate()
-    digests = _all_gather(projection_digest(trainer.model))
+    digests = all_gather(projection_digest(trainer.model))
     if len(set(digests)) > 1:
         raise TrainingFailed(f"shared projections differ between ranks: {digests}")
 

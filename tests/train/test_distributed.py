@@ -65,13 +65,23 @@ def _run(tmp: Path, name: str, model_dir: Path, train: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("dist")
+def dist_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(dist_dir, tiny_model_dir) -> Path:
+    """The reference: plain DDP (gloo) across two CPU processes."""
+    return _run(dist_dir, "ddp", tiny_model_dir, {"max_steps": STEPS})
+
+
+@pytest.fixture(scope="module")
+def runs(dist_dir, tiny_model_dir, ddp_run) -> dict[str, Path]:
     base = {"max_steps": STEPS}
     return {
-        "ddp": _run(tmp, "ddp", tiny_model_dir, base),
-        "zero2": _run(tmp, "zero2", tiny_model_dir, {**base, "deepspeed": ZERO2}),
-        "zero3": _run(tmp, "zero3", tiny_model_dir, {**base, "deepspeed": ZERO3}),
+        "ddp": ddp_run,
+        "zero2": _run(dist_dir, "zero2", tiny_model_dir, {**base, "deepspeed": ZERO2}),
+        "zero3": _run(dist_dir, "zero3", tiny_model_dir, {**base, "deepspeed": ZERO3}),
     }
 
 
@@ -129,7 +139,7 @@ def _events(history: list[dict]) -> list[tuple[int, int]]:
     return [(e["step"], e["uora/reinit_events"]) for e in history if "uora/reinit_events" in e]
 
 
-def test_preempt_and_resume_is_bit_identical(runs, tmp_path, tiny_model_dir):
+def test_preempt_and_resume_is_bit_identical(ddp_run, tmp_path, tiny_model_dir):
     run_dir = tmp_path / "resume"
     write_prepared(run_dir)
     work = run_dir / "train.partial"
@@ -159,7 +169,7 @@ def test_preempt_and_resume_is_bit_identical(runs, tmp_path, tiny_model_dir):
     # 3) rerun the same command: resumes from the last complete checkpoint and finishes
     assert _launch(run_dir, tiny_model_dir, train) == 0
     assert (work / "DONE").is_file()
-    got, reference = _adapter(work), _adapter(runs["ddp"])
+    got, reference = _adapter(work), _adapter(ddp_run)
     assert sorted(got) == sorted(reference)
     for key in reference:
         assert torch.equal(got[key], reference[key]), key
