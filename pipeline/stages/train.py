@@ -57,8 +57,12 @@ def run(ctx: StageContext) -> StageResult:
     if tcfg.deepspeed and not Path(tcfg.deepspeed).is_file():
         raise StageError(f"train.deepspeed: {tcfg.deepspeed} does not exist")
 
-    config_dump = ctx.config.model_dump(mode="json")
+    # The exact config: what was set (defaults omitted, so it re-validates and reloads as is),
+    # plus the fully resolved one for reading.
+    config_dump = ctx.config.model_dump(mode="json", exclude_unset=True)
     (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
+    resolved = yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False)
+    (work_dir / "config_resolved.yaml").write_text(resolved, encoding="utf-8")
     spec = {
         "work_dir": str(work_dir.resolve()),
         "dataset_dir": str(dataset_dir.resolve()),
@@ -66,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
         "mlflow_run_id": ctx.mlflow_run_id,
         "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
     }
-    if tcfg.deepspeed:
+    if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
     spec_path = work_dir / SPEC
     spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")

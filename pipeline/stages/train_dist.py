@@ -127,12 +127,14 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self, flag: PreemptionFlag) -> None:
         self.flag = flag
         self.stopped_at: int | None = None
+        self.signal_name: str | None = None  # the signal, whichever rank received it
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.flag.agreed():
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
+            self.signal_name = next((name for name in all_gather(self.flag.signal_name) if name), None)
         return control
 
 
@@ -164,6 +166,17 @@ def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (a picklable object), in rank order; ``[value]`` when not distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:

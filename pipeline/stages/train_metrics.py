@@ -7,6 +7,7 @@ code works in-process (where the driver's run is active) and in torchrun workers
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ _SKIP = {"epoch", "total_flos", "step"}
 class MetricsCallback(TrainerCallback):
     """Adds ``tokens_per_second`` to each training log and sends logs to MLflow (rank 0)."""
 
-    def __init__(self, run_id: str | None, tracking_uri: str | None, is_rank0: bool) -> None:
+    def __init__(
+        self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
+    ) -> None:
         self.is_rank0 = is_rank0
+        self.progress_path = progress_path
         self.client = None
         self.run_id = run_id
         if run_id and is_rank0:
@@ -57,13 +61,16 @@ class MetricsCallback(TrainerCallback):
             return
         metrics["step"] = float(state.global_step)
         self.history.append(metrics)
+        if self.progress_path is not None:  # for people (and tests) watching a run from outside
+            staging = self.progress_path.with_suffix(".tmp")
+            staging.write_text(json.dumps({"step": state.global_step, "max_steps": state.max_steps}))
+            staging.replace(self.progress_path)
         if self.client is not None:
             from mlflow.entities import Metric
 
             stamp = int(time.time() * 1000)
             batch = [
-                Metric(key=k.replace("/", "_") if k.startswith("eval/") else k, value=v, timestamp=stamp,
-                       step=state.global_step)
+                Metric(key=k, value=v, timestamp=stamp, step=state.global_step)
                 for k, v in metrics.items()
                 if k != "step"
             ]

@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.stages.train_dist import (
     PreemptionCallback,
     PreemptionFlag,
+    all_gather,
     barrier,
     last_complete_checkpoint,
     rank,
@@ -42,24 +43,19 @@ class TrainingFailed(RuntimeError):
     """A user-facing failure inside the worker: printed as one line, non-zero exit."""
 
 
-def build_peft_config(adapter_cfg: Any) -> Any:
-    """The PEFT config for ``adapter.method``: the spine's ``pipeline.adapters`` when present."""
-    try:
-        from pipeline.adapters import build_peft_config as shared_builder
-    except ImportError:  # the spine's module not merged yet: a minimal mapping of the same fields
-        shared_builder = None
-    if shared_builder is not None:
-        return shared_builder(adapter_cfg, task_type="CAUSAL_LM")
-    from peft import LoraConfig, VeraConfig
+def projection_digest(model: Any) -> str | None:
+    """sha256 over the UORA/VeRA shared projection buffers (None for LoRA). Every rank must hold
+    identical projections (re-initialisation writes them on all ranks); rank 0 compares digests."""
+    import hashlib
 
-    common = {"r": adapter_cfg.r, "target_modules": adapter_cfg.target_modules, "task_type": "CAUSAL_LM"}
-    if adapter_cfg.method == "lora":
-        return LoraConfig(lora_alpha=2 * adapter_cfg.r, **common)
-    if adapter_cfg.method == "vera":
-        return VeraConfig(save_projection=True, **common)
-    import uora
-
-    return uora.UoraConfig(**common)
+    digest = hashlib.sha256()
+    found = False
+    for name, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
+        if any(tag in name for tag in ("uora_A", "uora_B", "vera_A", "vera_B")):
+            digest.update(name.encode())
+            digest.update(buffer.detach().to("cpu").contiguous().numpy().tobytes())
+            found = True
+    return digest.hexdigest() if found else None
 
 
 def _prepare_datasets(dataset_dir: Path, tcfg: Any, completion_only: bool) -> tuple[Any, Any]:
@@ -142,6 +138,7 @@ def train(spec: dict[str, Any]) -> int:
     from trl import SFTConfig, SFTTrainer
 
     import uora  # registers UORA with PEFT
+    from pipeline.adapters import build_peft_config
     from pipeline.config import PipelineConfig
     from pipeline.models import load_tokenizer
     from pipeline.stages.train_metrics import MetricsCallback, plot_loss_curve
@@ -219,12 +216,14 @@ def train(spec: dict[str, Any]) -> int:
 
     # --- model and adapter --------------------------------------------------------------------
     model = _load_model(cfg)
-    model = get_peft_model(model, build_peft_config(cfg.adapter))
+    model = get_peft_model(model, build_peft_config(cfg.adapter, task_type="CAUSAL_LM"))
     if is_rank0:
         model.print_trainable_parameters()
 
     preempt = PreemptionCallback(flag)
-    metrics_cb = MetricsCallback(spec.get("mlflow_run_id"), spec.get("mlflow_tracking_uri"), is_rank0)
+    metrics_cb = MetricsCallback(
+        spec.get("mlflow_run_id"), spec.get("mlflow_tracking_uri"), is_rank0, work_dir / "progress.json"
+    )
     callbacks: list[Any] = [preempt, metrics_cb]
     if cfg.adapter.method == "uora":
         callbacks.insert(0, uora.UoraReinitCallback())
@@ -245,7 +244,7 @@ def train(spec: dict[str, Any]) -> int:
         if is_rank0:
             checkpoint = last_complete_checkpoint(ckpt_dir)
             (work_dir / PREEMPTED).write_text(
-                json.dumps({"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": flag.signal_name})
+                json.dumps({"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name})
             )
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
         barrier()
@@ -253,6 +252,9 @@ def train(spec: dict[str, Any]) -> int:
         return 0
 
     final_eval = trainer.evaluate()
+    digests = all_gather(projection_digest(trainer.model))
+    if len(set(digests)) > 1:
+        raise TrainingFailed(f"shared projections differ between ranks: {digests}")
 
     # --- adapter + tokenizer, verified, then metrics and DONE ---------------------------------
     staging = work_dir / (ADAPTER + ".tmp")
@@ -283,10 +285,12 @@ def train(spec: dict[str, Any]) -> int:
             metrics["eval_loss_initial"] = float(initial)
         if throughput:
             metrics["tokens_per_second"] = sum(throughput) / len(throughput)
-        reinits = [e["uora/reinit_events"] for e in history if "uora/reinit_events" in e]
+        reinits = [e["uora/reinit_events_total"] for e in history if "uora/reinit_events_total" in e]
         if reinits:
             metrics["uora_reinit_events"] = float(max(reinits))
         (work_dir / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if digests[0] is not None:
+            (work_dir / "projection_digests.json").write_text(json.dumps(digests))
         (work_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         plot_loss_curve(history, work_dir / LOSS_PNG)
         (work_dir / DONE).write_text("ok\n")
