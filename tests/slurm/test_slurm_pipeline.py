@@ -139,6 +139,10 @@ def unbuilt_stages() -> list[str]:
 def test_pipeline_sh_runs_every_stage(on_slurm):
     run_dir, job = on_slurm
     log = job.log_text()
+    assert job.log == run_dir.parents[1] / f"uora-pipeline-{job.id}.out"  # <job name>-<id>.out, submit dir
+    assert "0: node 0" in log and "1: node 1" in log  # one torchrun on each of the two nodes
+    # The head address comes from the node list: n1's NodeAddr ("n1" itself resolves nowhere).
+    assert "rendezvous 127.0.0.1:" in log
     missing = unbuilt_stages()
     if missing:
         assert (run_dir / "train" / "DONE").is_file(), log  # prepare and train ran as one job
@@ -146,7 +150,6 @@ def test_pipeline_sh_runs_every_stage(on_slurm):
             f"stage(s) {', '.join(missing)} not implemented in this checkout: pipeline.sh stops there"
         )
     assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 0), log
-    assert "0: node 0" in log and "1: node 1" in log  # one torchrun on each of the two nodes
     for stage in ("prepare", "train", "evaluate", "export"):
         assert (run_dir / stage / "manifest.json").is_file(), f"{stage} did not finish:\n{log}"
     assert (run_dir / "train" / "DONE").is_file()
