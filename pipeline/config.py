@@ -379,6 +379,17 @@ class EvalConfig(StrictModel):
     )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
+    @model_validator(mode="after")
+    def _files_exist(self) -> EvalConfig:
+        # Caught here, before any model loads, rather than after an hour of generation.
+        if self.questions not in ("builtin", "hub") and not Path(self.questions).is_file():
+            raise _issue("questions", "expected builtin, hub or an existing .jsonl file", self.questions)
+        if self.reference_answers and not Path(self.reference_answers).is_file():
+            raise _issue("reference_answers", "file does not exist", self.reference_answers)
+        if self.judge.prompts and not Path(self.judge.prompts).is_file():
+            raise _issue("judge.prompts", "file does not exist", self.judge.prompts)
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # export

@@ -196,11 +196,13 @@ class LocalJudge:
     @classmethod
     def from_config(cls, config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> LocalJudge:
         """Load the configured judge weights (``local_model``, or the base model when unset)."""
+        import torch
+
         from pipeline.eval.identity import model_identity
         from pipeline.models import load_model, load_tokenizer
 
         model_cfg = config.local_model or base_model
-        model = load_model(model_cfg).eval()
+        model = load_model(model_cfg, device_map="auto" if torch.cuda.is_available() else None).eval()
         tokenizer = load_tokenizer(model_cfg)
         identity = {
             "backend": "local",
@@ -258,29 +260,41 @@ class LocalJudge:
             yield from zip(indices, outputs, strict=True)
 
     def rating_logprobs(self, prompt: str) -> list[float]:
-        """log p("k]]" | prompt + "Rating: [[") for k = 1..10, scored in one batched forward pass."""
+        """log p("k]]" | prompt + "Rating: [[") for k = 1..10.
+
+        The prompt is run once; its KV cache is repeated for the ten candidates, which are then
+        scored together in one small batch (right-padded, so padding never precedes a real token).
+        """
         import torch
 
         prefix = self.tokenizer(prompt + self.RATING_PREFIX, add_special_tokens=False)["input_ids"]
         candidates = [self.tokenizer(f"{k}]]", add_special_tokens=False)["input_ids"] for k in range(1, 11)]
-        width = len(prefix) + max(len(c) for c in candidates)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(candidates), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, cand in enumerate(candidates):
-            seq = prefix + cand
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
         device = self.model.device
         with torch.no_grad():
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            first = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            first_logprobs = torch.log_softmax(first.logits[0, -1].float(), dim=-1).cpu()
+            width = max(len(c) for c in candidates) - 1
+            rest_logprobs = None
+            if width > 0:
+                pad = self.tokenizer.pad_token_id or 0
+                ids = torch.full((len(candidates), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(candidates), len(prefix) + width), dtype=torch.long)
+                mask[:, : len(prefix)] = 1
+                for row, cand in enumerate(candidates):
+                    ids[row, : len(cand) - 1] = torch.tensor(cand[:-1])
+                    mask[row, len(prefix) : len(prefix) + len(cand) - 1] = 1
+                cache = first.past_key_values
+                cache.batch_repeat_interleave(len(candidates))
+                rest = self.model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache
+                )
+                rest_logprobs = torch.log_softmax(rest.logits.float(), dim=-1).cpu()
         scores = []
         for row, cand in enumerate(candidates):
-            positions = range(len(prefix) - 1, len(prefix) - 1 + len(cand))
-            scores.append(
-                sum(logprobs[row, pos, tok].item() for pos, tok in zip(positions, cand, strict=True))
-            )
+            score = first_logprobs[cand[0]].item()
+            for position, token in enumerate(cand[1:]):
+                score += rest_logprobs[row, position, token].item()
+            scores.append(score)
         return scores
 
     def most_likely_rating(self, prompt: str) -> int:

@@ -149,31 +149,9 @@ def load_hub_questions(dataset: str, split: str) -> list[Question]:
 
 def _generated_tasks(n: int, seed: int) -> list[dict[str, Any]]:
     """Verifiable tasks from the project's task generator (the one prepare can train on)."""
-    try:
-        from pipeline.builtin_tasks import generate_tasks
-    except ImportError:  # TODO(integration): drop once pipeline.builtin_tasks is merged
-        return _fallback_tasks(n, seed)
+    from pipeline.builtin_tasks import generate_tasks
+
     return generate_tasks(n, seed)
-
-
-def _fallback_tasks(n: int, seed: int) -> list[dict[str, Any]]:
-    """Small arithmetic word problems in ``generate_tasks``' format (used only without it)."""
-    import random
-
-    rng = random.Random(seed)
-    tasks = []
-    for _ in range(n):
-        count, price = rng.randint(3, 12), rng.randint(2, 9)
-        total = count * price
-        tasks.append(
-            {
-                "category": "arithmetic",
-                "instruction": f"One notebook costs {price} dollars. What do {count} notebooks cost?",
-                "output": f"{count} x {price} = {total}. The answer is {total}.",
-                "answer": str(total),
-            }
-        )
-    return tasks
 
 
 def builtin_questions(n_verifiable: int, exclude_instructions: Iterable[str] = ()) -> list[Question]:

@@ -1,13 +1,318 @@
-"""The 'evaluate' stage (not built yet)."""
+"""The 'evaluate' stage: did fine-tuning make the model better?
+
+MT-Bench's recipe (FastChat ``llm_judge``), top to bottom:
+
+1. questions: the built-in set, a local ``question.jsonl`` or the hub dataset (``eval.questions``);
+2. answers: the untouched base model and the tuned model (base + the train stage's adapter,
+   unmerged, or a merged folder) answer every question, turn 2 in the context of turn 1; answers
+   are cached per model identity + question + generation settings, so a rerun resumes;
+3. judgments: single-answer grading 1-10 by an OpenAI-compatible endpoint or a local model, with
+   reference-guided prompts for math/reasoning/coding; cached the same way;
+4. results: ``results.json`` (``models.<base|tuned>.score_overall`` etc., the numbers promote
+   gates on), ``results.md``, ``radar.png``; metrics and artifacts on the stage's MLflow run.
+
+Everything goes to ``ctx.work_dir`` (the driver renames it when this returns), under:
+``answers/<model>.jsonl`` (FastChat answer format), ``judgments/single.jsonl`` (FastChat
+single-judgment format), ``results.json``, ``results.md``, ``radar.png``.
+"""
 
 from __future__ import annotations
 
-from pipeline.stages.base import StageContext, StageNotImplemented, StageResult
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.eval.aggregate import aggregate, flatten_metrics, markdown_table
+from pipeline.eval.generate import GenerationSettings, generate_answers
+from pipeline.eval.identity import folder_digest, model_identity
+from pipeline.eval.judging import build_tasks, run_judging
+from pipeline.eval.prompts import load_prompts
+from pipeline.eval.questions import Question, load_questions
+from pipeline.stages.base import StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
-CONFIG_SECTIONS: tuple[str, ...] = ()
+CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "eval")
+
+log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> StageResult:
-    raise StageNotImplemented(f"stage '{NAME}' is not implemented yet")
+    cfg = ctx.config.eval
+    work = ctx.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    if not ctx.force:
+        reuse_previous_caches(ctx.run_dir / NAME, work)
+
+    # Everything that can be wrong with the inputs fails here, before a model loads.
+    questions = load_questions(cfg, exclude_instructions=training_instructions(ctx.run_dir))
+    prompts = load_prompts(cfg.judge.prompts)
+    http_judge = None
+    if cfg.judge.backend == "openai":
+        from pipeline.judges import OpenAIJudge
+
+        http_judge = OpenAIJudge.from_config(cfg.judge)  # checks that the key's env var is set
+    tuned_path = tuned_model_path(ctx) if "tuned" in cfg.models else None
+    log.info("evaluate: %d questions, models %s", len(questions), ", ".join(cfg.models))
+
+    answers = generate_all(ctx.config, questions, work / "answers", tuned_path)
+
+    judge = http_judge or _local_judge(ctx.config)
+    tasks = build_tasks(questions, answers, prompts, judge.identity(), cfg.judge.samples)
+    judgments = run_judging(judge, tasks, work / "judgments" / "single.jsonl", cfg.judge.samples)
+    del judge
+    gc.collect()
+
+    models = aggregate(questions, answers, judgments)
+    results = {
+        "models": models,
+        "judge": judge_summary(ctx.config),
+        "questions": {
+            "source": cfg.questions,
+            "count": len(questions),
+            "categories": sorted({q.category for q in questions}),
+        },
+    }
+    write_results(work, results)
+    metrics = flatten_metrics(models)  # the driver logs these to this stage's MLflow run
+    log_to_mlflow(work, results)
+    return StageResult(
+        metrics=metrics,
+        outputs={
+            "results": "results.json",
+            "table": "results.md",
+            "radar": "radar.png",
+            "answers": "answers",
+            "judgments": "judgments",
+        },
+        extra={"questions": len(questions), "judge": results["judge"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def training_instructions(run_dir: Path) -> list[str]:
+    """User messages of the prepared training split, to keep generated eval tasks out of it."""
+    dataset_dir = run_dir / "prepare" / "dataset"
+    if not dataset_dir.is_dir():
+        return []
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(dataset_dir))["train"]
+    return [m["content"] for messages in train["messages"] for m in messages if m["role"] == "user"]
+
+
+def reuse_previous_caches(previous: Path, work: Path) -> None:
+    """Start from the answer/judgment caches of the last completed evaluation of this run.
+
+    The driver starts a fresh ``evaluate.partial`` when a config change re-runs the stage; the
+    cache keys decide what is still valid, so e.g. a new judge re-judges without regenerating a
+    single answer. ``--force`` skips this (the partial folder's own caches are still used).
+    """
+    import shutil
+
+    for folder in ("answers", "judgments"):
+        source = previous / folder
+        if not source.is_dir():
+            continue
+        for path in source.glob("*.jsonl"):
+            target = work / folder / path.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+
+
+def tuned_model_path(ctx: StageContext) -> Path:
+    """The tuned model: ``eval.tuned_path`` (adapter or merged folder) or the train stage's adapter."""
+    if ctx.config.eval.tuned_path:
+        path = Path(ctx.config.eval.tuned_path)
+        if not path.is_dir():
+            raise StageError(f"eval.tuned_path: {path} is not a directory")
+        return path
+    path = ctx.input_dir("train") / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise StageError(f"stage input missing: {path}/adapter_config.json (run the 'train' stage first)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# answers
+# --------------------------------------------------------------------------------------------
+def generation_settings(config: PipelineConfig) -> GenerationSettings:
+    cfg = config.eval
+    return GenerationSettings(
+        max_new_tokens=cfg.max_new_tokens,
+        seed=config.run.seed,
+        batch_size=cfg.batch_size,
+        temperatures=dict(cfg.temperatures),
+        default_temperature=cfg.default_temperature,
+    )
+
+
+def _device_map() -> Any:
+    import torch
+
+    return "auto" if torch.cuda.is_available() else None
+
+
+def generate_all(
+    config: PipelineConfig, questions: list[Question], answers_dir: Path, tuned_path: Path | None
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Answers of every configured model (``base`` first, then ``tuned``), cached in ``answers_dir``.
+
+    One base model is loaded: it answers as ``base``, then the adapter is put on top of it for
+    ``tuned`` (a merged ``tuned`` folder is loaded on its own instead).
+    """
+    from pipeline.models import load_model, load_tokenizer
+
+    settings = generation_settings(config)
+    base_identity = model_identity(config.model)
+    answers: dict[str, dict[str, dict[str, Any]]] = {}
+    model = None
+    if "base" in config.eval.models or (tuned_path and is_adapter(tuned_path)):
+        model = load_model(config.model, device_map=_device_map()).eval()
+    if "base" in config.eval.models:
+        answers["base"] = generate_answers(
+            model,
+            load_tokenizer(config.model),
+            questions,
+            settings,
+            model_id="base",
+            model_identity=base_identity,
+            cache_path=answers_dir / "base.jsonl",
+        )
+    if tuned_path is not None:
+        if is_adapter(tuned_path):
+            model = attach_adapter(model, tuned_path)
+            tokenizer = adapter_tokenizer(config, tuned_path)
+            identity = f"{base_identity}+adapter:{folder_digest(tuned_path)}"
+        else:
+            del model
+            gc.collect()
+            merged_cfg = config.model.model_copy(
+                update={"name_or_path": str(tuned_path), "gguf_file": None, "revision": None}
+            )
+            model = load_model(merged_cfg, device_map=_device_map()).eval()
+            tokenizer = load_tokenizer(merged_cfg)
+            identity = f"merged:{folder_digest(tuned_path)}"
+        answers["tuned"] = generate_answers(
+            model,
+            tokenizer,
+            questions,
+            settings,
+            model_id="tuned",
+            model_identity=identity,
+            cache_path=answers_dir / "tuned.jsonl",
+        )
+    del model
+    gc.collect()
+    return answers
+
+
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def attach_adapter(model: Any, adapter_dir: Path) -> Any:
+    """``model`` with the PEFT adapter in ``adapter_dir`` on top, unmerged (as it was trained)."""
+    from peft import PeftModel
+
+    peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "")
+    try:
+        import uora  # noqa: F401  (registers UORA with PEFT)
+    except ImportError:
+        if str(peft_type).upper() == "UORA":
+            raise StageError(
+                f"{adapter_dir}: a UORA adapter needs the 'uora' package (pip install -e .)"
+            ) from None
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+
+
+def adapter_tokenizer(config: PipelineConfig, adapter_dir: Path) -> Any:
+    """The tokenizer saved with the adapter (it carries the chat template used in training), or
+    the base model's when the adapter folder has none."""
+    if not (adapter_dir / "tokenizer_config.json").is_file():
+        from pipeline.models import load_tokenizer
+
+        return load_tokenizer(config.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# judge and results
+# --------------------------------------------------------------------------------------------
+def _local_judge(config: PipelineConfig) -> Any:
+    from pipeline.judges import LocalJudge
+
+    return LocalJudge.from_config(config.eval.judge, config.model, seed=config.run.seed)
+
+
+def judge_summary(config: PipelineConfig) -> dict[str, Any]:
+    """What graded the answers, for the report (no secrets: the key's variable name is not even
+    needed here)."""
+    judge = config.eval.judge
+    summary: dict[str, Any] = {
+        "backend": judge.backend,
+        "prompts": judge.prompts or "builtin",
+        "samples": judge.samples,
+        "temperature": judge.temperature,
+    }
+    if judge.backend == "openai":
+        summary.update({"model": judge.model, "base_url": judge.base_url or "https://api.openai.com/v1"})
+    else:
+        local = judge.local_model or config.model
+        summary.update(
+            {"model": local.name_or_path, "gguf_file": local.gguf_file, "scoring": judge.local_scoring}
+        )
+    return summary
+
+
+def write_results(work: Path, results: dict[str, Any]) -> None:
+    """results.json, results.md and radar.png (each written whole, then renamed into place)."""
+    from pipeline.eval.plots import radar_chart
+
+    tmp = work / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(work / "results.json")
+    judge = results["judge"]
+    header = (
+        f"# Evaluation\n\n{results['questions']['count']} questions "
+        f"({', '.join(results['questions']['categories'])}), judge: {judge['backend']} "
+        f"{judge['model']}, prompts: {judge['prompts']}.\n\n"
+    )
+    (work / "results.md").write_text(header + markdown_table(results["models"]), encoding="utf-8")
+    radar_chart(results["models"], work / "radar.png")
+
+
+def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
+    """Tags and artifacts on the active (evaluate child) run, if there is one; the metrics are
+    ``StageResult.metrics``, which the driver logs to the same run."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    judge = results["judge"]
+    mlflow.set_tags(
+        {
+            "eval.judge_backend": judge["backend"],
+            "eval.judge_model": str(judge["model"]),
+            "eval.questions": str(results["questions"]["source"]),
+            "eval.question_count": str(results["questions"]["count"]),
+        }
+    )
+    for name in ("results.json", "results.md", "radar.png"):
+        mlflow.log_artifact(str(work / name), artifact_path="evaluate")
+    for folder in ("answers", "judgments"):
+        if (work / folder).is_dir():
+            mlflow.log_artifacts(str(work / folder), artifact_path=f"evaluate/{folder}")

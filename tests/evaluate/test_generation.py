@@ -1,0 +1,197 @@
+"""Answer generation: multi-turn context, adapters, batching, and the resumable answer cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.eval.generate import GenerationSettings, generate_answers, generate_batch
+from pipeline.eval.questions import Question
+
+QUESTIONS = [
+    Question(1, "math", ("What is 2 + 3?", "Multiply that by 4.")),
+    Question(2, "writing", ("Name a colour.", "Name another one.")),
+    Question(3, "stem", ("What is H2O?", "And CO2?")),
+]
+GREEDY = GenerationSettings(
+    max_new_tokens=6, seed=0, batch_size=2, temperatures={"math": 0.0, "stem": 0.0, "writing": 0.0}
+)
+
+
+class Recorder:
+    """A generate_fn that records its prompts, answers deterministically, and can be 'killed'."""
+
+    def __init__(self, fail_on_call: int | None = None):
+        self.calls: list[list[str]] = []
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, model, tokenizer, prompts, temperature, max_new_tokens, seed):
+        self.calls.append(list(prompts))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt("killed")
+        return [f"reply#{len(self.calls)}.{i}" for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_turn_two_prompt_contains_turn_one_and_own_answer(tokenizer, tmp_path):
+    recorder = Recorder()
+    settings = GenerationSettings(max_new_tokens=4, seed=0, batch_size=8, temperatures={})
+    records = generate_answers(
+        None,
+        tokenizer,
+        QUESTIONS[:1],
+        settings,
+        model_id="m",
+        model_identity="id",
+        cache_path=tmp_path / "a.jsonl",
+        generate_fn=recorder,
+        progress=False,
+    )
+    (turn1,), (turn2,) = recorder.calls
+    assert turn1.endswith("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    # turn 2 is asked in the same conversation: turn 1's question, the model's own answer, then turn 2
+    assert turn2.endswith(
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\nreply#1.0<|im_end|>\n"
+        "<|im_start|>user\nMultiply that by 4.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert records["1"]["choices"][0]["turns"] == ["reply#1.0", "reply#2.0"]
+
+
+def test_resume_after_interruption_regenerates_nothing_cached(tokenizer, tmp_path):
+    cache = tmp_path / "answers" / "m.jsonl"
+    settings = GenerationSettings(max_new_tokens=4, seed=0, batch_size=1, temperatures={})
+    kwargs = dict(model_id="m", model_identity="id", cache_path=cache, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed while generating question 2's first turn
+        generate_answers(None, tokenizer, QUESTIONS, settings, generate_fn=Recorder(fail_on_call=3), **kwargs)
+    saved = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["question_id"] for r in saved] == [1]
+    with cache.open("a") as handle:
+        handle.write('{"question_id": 2, "choi')  # a line cut off by the kill is ignored
+
+    resumed = Recorder()
+    records = generate_answers(None, tokenizer, QUESTIONS, settings, generate_fn=resumed, **kwargs)
+    asked = "".join(p for call in resumed.calls for p in call)
+    assert len(resumed.calls) == 4 and "What is 2 + 3?" not in asked  # only questions 2 and 3
+    assert records["1"] == saved[0]
+    # the FastChat answer format, one line per question, stale/partial lines gone
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["question_id"] for r in lines] == [1, 2, 3]
+    assert set(lines[0]) >= {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+
+    untouched = Recorder()
+    assert generate_answers(None, tokenizer, QUESTIONS, settings, generate_fn=untouched, **kwargs) == records
+    assert untouched.calls == []
+    # other settings or another model are a different cache key: regenerated
+    changed = Recorder()
+    longer = GenerationSettings(max_new_tokens=5, seed=0, batch_size=1, temperatures={})
+    generate_answers(None, tokenizer, QUESTIONS[:1], longer, generate_fn=changed, **kwargs)
+    assert len(changed.calls) == 2
+    other = Recorder()
+    generate_answers(
+        None, tokenizer, QUESTIONS[:1], settings, generate_fn=other, **{**kwargs, "model_identity": "x"}
+    )
+    assert len(other.calls) == 2
+
+
+def test_questions_are_grouped_by_category_temperature(tokenizer, tmp_path):
+    recorder = Recorder()
+    settings = GenerationSettings(
+        max_new_tokens=4, seed=0, batch_size=8, temperatures={"math": 0.0, "stem": 0.0, "writing": 0.7}
+    )
+    temperatures = []
+
+    def spy(model, tok, prompts, temperature, max_new_tokens, seed):
+        temperatures.append((temperature, len(prompts)))
+        return recorder(model, tok, prompts, temperature, max_new_tokens, seed)
+
+    generate_answers(
+        None,
+        tokenizer,
+        QUESTIONS,
+        settings,
+        model_id="m",
+        model_identity="id",
+        cache_path=tmp_path / "a.jsonl",
+        generate_fn=spy,
+        progress=False,
+    )
+    assert temperatures == [(0.0, 2), (0.0, 2), (0.7, 1), (0.7, 1)]  # math+stem together, writing alone
+
+
+@pytest.mark.slow
+def test_batched_left_padded_generation_equals_one_by_one(smollm2):
+    model, tokenizer = smollm2
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q.turns[0]}], tokenize=False, add_generation_prompt=True
+        )
+        for q in QUESTIONS[:2]
+    ]
+    batched = generate_batch(model, tokenizer, prompts, 0.0, 6, seed=0)
+    single = [generate_batch(model, tokenizer, [p], 0.0, 6, seed=0)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(text, str) and text for text in batched)
+    # sampling is seeded: the same seed gives the same text
+    assert generate_batch(model, tokenizer, prompts[:1], 0.7, 6, seed=3) == generate_batch(
+        model, tokenizer, prompts[:1], 0.7, 6, seed=3
+    )
+
+
+@pytest.mark.slow
+def test_generation_with_and_without_adapter(smollm2_dir, lora_adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.stages.evaluate import attach_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    kwargs = dict(progress=False)
+    base = generate_answers(
+        model,
+        tokenizer,
+        QUESTIONS[:2],
+        GREEDY,
+        model_id="base",
+        model_identity="b",
+        cache_path=tmp_path / "base.jsonl",
+        **kwargs,
+    )
+    tuned_model = attach_adapter(model, lora_adapter)
+    assert isinstance(tuned_model, PeftModel)
+    assert not any(getattr(m, "merged", False) for m in tuned_model.modules())  # unmerged
+    tuned = generate_answers(
+        tuned_model,
+        tokenizer,
+        QUESTIONS[:2],
+        GREEDY,
+        model_id="tuned",
+        model_identity="t",
+        cache_path=tmp_path / "tuned.jsonl",
+        **kwargs,
+    )
+    for qid in ("1", "2"):
+        assert len(base[qid]["choices"][0]["turns"]) == len(tuned[qid]["choices"][0]["turns"]) == 2
+    assert [base[q]["choices"][0]["turns"] for q in ("1", "2")] != [
+        tuned[q]["choices"][0]["turns"] for q in ("1", "2")
+    ]
+    # without the adapter the model answers exactly as the base did
+    with tuned_model.disable_adapter():
+        again = generate_answers(
+            tuned_model,
+            tokenizer,
+            QUESTIONS[:2],
+            GREEDY,
+            model_id="base",
+            model_identity="b2",
+            cache_path=tmp_path / "again.jsonl",
+            **kwargs,
+        )
+    assert [again[q]["choices"] for q in ("1", "2")] == [base[q]["choices"] for q in ("1", "2")]

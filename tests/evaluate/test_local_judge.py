@@ -1,0 +1,57 @@
+"""The local transformers judge on SmolLM2: generated verdicts and logit-scored ratings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.eval.prompts import BUILTIN_PROMPTS, prompt_fields
+from pipeline.eval.ratings import parse_rating
+from pipeline.judges import LocalJudge
+
+pytestmark = pytest.mark.slow
+
+
+def _chat(answer):
+    prompt = BUILTIN_PROMPTS["single-v1"]
+    user = prompt.render(**prompt_fields(("What is the capital of France?",), [answer], None, 1))
+    return [{"role": "system", "content": prompt.system_prompt}, {"role": "user", "content": user}]
+
+
+def _judge(smollm2, scoring, **kwargs):
+    model, tokenizer = smollm2
+    return LocalJudge(
+        model, tokenizer, name="smollm2", identity={"backend": "local"}, scoring=scoring, **kwargs
+    )
+
+
+def test_logits_scoring_gives_the_most_likely_rating(smollm2):
+    judge = _judge(smollm2, "logits", batch_size=2)
+    chats = [_chat("Paris."), _chat("Bananas are yellow.")]
+    results = dict(judge.complete(chats, samples=1))
+    assert sorted(results) == [0, 1]
+    for outputs in results.values():
+        rating = parse_rating(outputs[0])
+        assert outputs[0] == f"Rating: [[{int(rating)}]]" and 1 <= rating <= 10
+
+    # the batched candidate scores equal a plain forward pass over prompt + "Rating: [[7]]"
+    prompt = judge.render(chats[0])
+    scores = judge.rating_logprobs(prompt)
+    model, tokenizer = smollm2
+    prefix = tokenizer(prompt + "Rating: [[", add_special_tokens=False)["input_ids"]
+    cand = tokenizer("7]]", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prefix + cand])).logits[0].float().log_softmax(-1)
+    manual = sum(logits[len(prefix) - 1 + i, tok].item() for i, tok in enumerate(cand))
+    assert scores[6] == pytest.approx(manual, abs=1e-3)
+    assert results[0][0] == f"Rating: [[{max(range(10), key=scores.__getitem__) + 1}]]"
+
+
+def test_generate_scoring_returns_the_judge_text(smollm2):
+    judge = _judge(smollm2, "generate", max_new_tokens=8, batch_size=2)
+    results = dict(judge.complete([_chat("Paris."), _chat("Lyon.")], samples=1))
+    assert sorted(results) == [0, 1]
+    for (text,) in results.values():
+        assert isinstance(text, str) and text  # whatever it says; the parser decides if it is a rating
+        rating = parse_rating(text)
+        assert rating is None or 1 <= rating <= 10

