@@ -8,8 +8,6 @@ promotion decision in ``promotion.*``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
@@ -137,9 +135,11 @@ def eval_tags(metrics: dict[str, float | None]) -> dict[str, str]:
 
 
 def config_digest(config: Any) -> str:
-    """sha256 of the run config as canonical JSON (key order and formatting do not matter)."""
-    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """sha256 of the whole run config in canonical JSON: the same digest the driver tags on the
+    parent run as ``pipeline.config_digest``."""
+    from pipeline.config import digest_of
+
+    return digest_of(config.model_dump(mode="json"))
 
 
 def pip_requirements(*, peft: bool) -> list[str]:

@@ -78,7 +78,7 @@ def make_config(model_dir: Path | str, *, export: dict | None = None, promote: d
     return PipelineConfig(
         run={"name": "export-test"},
         model={"name_or_path": str(model_dir), **model},
-        export=export or {},
+        export={"verify_prompts": 2, **(export or {})},  # 2 prompts keep tiny-model tests quick
         promote=promote or {},
     )
 
