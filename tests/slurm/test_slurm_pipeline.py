@@ -48,6 +48,15 @@ def tiny_config(root: Path, model_dir: Path) -> dict:
             "max_grad_norm": 0.0,
             "omp_num_threads": 1,
         },
+        # The smallest real evaluation: one hand-written and one verifiable question, 4 tokens,
+        # the tiny model as its own judge (rating by logits).
+        "eval": {
+            "questions": "builtin",
+            "question_ids": [2, 1001],
+            "max_new_tokens": 4,
+            "judge": {"backend": "local", "local_scoring": "logits"},
+        },
+        "export": {"verify_prompts": 1, "verify_max_tokens": 16},
     }
 
 
