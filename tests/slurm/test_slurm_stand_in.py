@@ -62,26 +62,17 @@ def rank_records(out: Path) -> list[dict]:
     ]
 
 
+def standalone_result(out: Path, steps: str) -> dict:
+    """The same stand-in training without Slurm: one standalone torchrun with 2 processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "TOY_STEPS": steps, "TOY_STEP_SECONDS": "0"}
+    subprocess.run([*command, str(TOY), str(out)], env=env, check=True, capture_output=True, timeout=120)
+    return json.loads((out / "result.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same stand-in training without Slurm: one standalone torchrun with 2 processes."""
-    out = tmp_path_factory.mktemp("toy-reference")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(TOY),
-            str(out),
-        ],
-        env={**os.environ, "TOY_STEPS": STEPS, "TOY_STEP_SECONDS": "0"},
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return json.loads((out / "result.json").read_text())
+    return standalone_result(tmp_path_factory.mktemp("toy-reference"), STEPS)
 
 
 def test_usr1_checkpoints_requeues_and_resumes_bit_identically(
@@ -117,21 +108,30 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identically(
     assert json.loads((out / "result.json").read_text()) == reference
 
 
-def test_restart_cap_then_resume_by_hand(slurm_cluster: SlurmCluster, tmp_path: Path, reference):
-    out = tmp_path / "out"
-    job_id = submit(slurm_cluster, out, tmp_path, UORA_MAX_RESTARTS="0")
-    wait_for_progress(out, 3)
-    # To the batch shell only (as `--signal=B:USR1@...` would): it passes it on to the workers.
-    assert slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
-    job = slurm_cluster.wait(job_id)
+def test_time_limit_signal_to_batch_shell_restart_cap_then_resume_by_hand(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+):
+    """The production path: Slurm itself signals before the time limit. Here `--signal=B:USR1`
+    (to the batch shell, which passes it on to the workers), a 1-minute limit, and no restarts
+    allowed: the job stops with a checkpoint and says how to resume; resubmitting resumes."""
+    out, steps = tmp_path / "out", "300"
+    job_id = submit(
+        slurm_cluster, out, tmp_path, "--time=1", "--signal=B:USR1@55",
+        UORA_MAX_RESTARTS="0", TOY_STEPS=steps, TOY_STEP_SECONDS="0.2",
+    )  # fmt: skip
+    reference = standalone_result(tmp_path / "reference", steps)
+    job = slurm_cluster.wait(job_id, timeout=120)
     log = job.log_text()
     assert (job.state, job.exit_code, job.restarts) == ("FAILED", "3:0", 0), log
     assert "SIGUSR1: asking the training workers to checkpoint" in log
     assert "resubmit the same command to resume" in log
     assert (out / "checkpoint.pt").is_file() and not (out / "DONE").exists()
     # By hand: the same command again resumes from the checkpoint.
-    job = slurm_cluster.wait(submit(slurm_cluster, out, tmp_path))
+    job_id = submit(slurm_cluster, out, tmp_path, TOY_STEPS=steps, TOY_STEP_SECONDS="0")
+    job = slurm_cluster.wait(job_id)
     assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), job.log_text()
+    starts = sorted({r["start"] for r in rank_records(out)})
+    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < int(steps), starts
     assert json.loads((out / "result.json").read_text()) == reference
 
 
