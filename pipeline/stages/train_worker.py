@@ -123,6 +123,13 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     return len(saved)
 
 
+def _count_int8_layers(model: Any) -> int:
+    """Linear layers whose base weight is bitsandbytes int8 (proves an 8-bit base is 8-bit)."""
+    import bitsandbytes as bnb
+
+    return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+
+
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     flag = PreemptionFlag().install()
@@ -281,6 +288,8 @@ def train(spec: dict[str, Any]) -> int:
             "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
             "adapter_tensors": float(n_tensors),
         }
+        if cfg.model.load_in_8bit:
+            metrics["base_int8_layers"] = float(_count_int8_layers(trainer.model))
         if initial is not None:
             metrics["eval_loss_initial"] = float(initial)
         if throughput:
