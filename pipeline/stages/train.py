@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,9 @@ def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
     def forward(signum: int, _frame: Any) -> None:
         proc.send_signal(signum)  # torchrun passes it on to every worker
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         return proc.wait()
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -133,6 +134,13 @@ def _count_int8_layers(model: Any) -> int:
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     flag = PreemptionFlag().install()
+    try:
+        return _train(spec, flag)
+    finally:
+        flag.uninstall()
+
+
+def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
     work_dir = Path(spec["work_dir"])
     is_rank0 = rank() == 0
     pids = work_dir / "pids"
@@ -255,7 +263,6 @@ def train(spec: dict[str, Any]) -> int:
             )
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
         barrier()
-        flag.uninstall()
         return 0
 
     final_eval = trainer.evaluate()
@@ -288,12 +295,16 @@ def train(spec: dict[str, Any]) -> int:
             "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
             "adapter_tensors": float(n_tensors),
         }
+        metrics["peak_rss_mb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if torch.cuda.is_available():
+            metrics["peak_cuda_memory_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
         if cfg.model.load_in_8bit:
             metrics["base_int8_layers"] = float(_count_int8_layers(trainer.model))
         if initial is not None:
             metrics["eval_loss_initial"] = float(initial)
-        if throughput:
-            metrics["tokens_per_second"] = sum(throughput) / len(throughput)
+        steady = throughput[1:] or throughput  # the first step includes warm-up
+        if steady:
+            metrics["tokens_per_second"] = sum(steady) / len(steady)
         reinits = [e["uora/reinit_events_total"] for e in history if "uora/reinit_events_total" in e]
         if reinits:
             metrics["uora_reinit_events"] = float(max(reinits))
@@ -304,7 +315,6 @@ def train(spec: dict[str, Any]) -> int:
         plot_loss_curve(history, work_dir / LOSS_PNG)
         (work_dir / DONE).write_text("ok\n")
     barrier()
-    flag.uninstall()
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +42,45 @@ def test_missing_prepared_data_is_one_clear_error(tmp_path, tiny_model_dir):
     config = make_config(run_dir, str(tiny_model_dir))
     with pytest.raises(StageError, match=r"stage input missing: .*prepare"):
         train.run(make_ctx(run_dir, config))
+
+
+def test_8bit_base_with_zero3_is_rejected_at_validation(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    zero3 = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "run: {name: x}\nmodel: {name_or_path: some/model, load_in_8bit: true}\n"
+        f"train: {{deepspeed: {zero3}, nproc_per_node: 2}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"model\.load_in_8bit.*ZeRO-3"):
+        load_config(config)
+
+
+def test_no_usable_template_fails_clearly_when_fallback_is_off(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "tmpl"
+    write_prepared(run_dir, n_train=4, n_eval=2)
+    config = make_config(
+        run_dir,
+        str(tiny_model_dir),
+        model={"chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"},
+        train={"template_fallback": "error"},
+    )
+    with pytest.raises(StageError, match=r"^model\.chat_template: no shipped template .*generation"):
+        train.run(make_ctx(run_dir, config))
+    assert not (run_dir / "train.partial" / "DONE").exists()
+
+
+@pytest.mark.slow
+def test_no_usable_template_falls_back_to_completion_only_loss(tmp_path, tiny_model_dir, capfd):
+    run_dir = tmp_path / "fallback"
+    write_prepared(run_dir, n_train=8, n_eval=2)
+    config = make_config(
+        run_dir,
+        str(tiny_model_dir),
+        model={"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"},
+        train={"max_steps": 2},
+    )
+    result = train.run(make_ctx(run_dir, config))
+    assert "falling back to completion-only loss" in capfd.readouterr().err
+    assert result.metrics["global_step"] == 2
