@@ -78,7 +78,8 @@ def run_cell(method: str, layout: str, steps: int, workdir: Path) -> dict[str, f
     script = (
         "import json, sys; from pathlib import Path; from pipeline.config import PipelineConfig;"
         "from pipeline.stages import train; from pipeline.stages.base import StageContext;"
-        f"d = Path({str(run_dir)!r}); c = PipelineConfig.model_validate_json((d / 'config.json').read_text());"
+        f"d = Path({str(run_dir)!r});"
+        "c = PipelineConfig.model_validate_json((d / 'config.json').read_text());"
         "train.run(StageContext(config=c, run_dir=d, work_dir=d / 'train.partial'))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
@@ -120,7 +121,8 @@ def main() -> None:
     for method, layout, m in rows:
         memory = m.get("peak_cuda_memory_mb_rank0", m["peak_rss_mb_rank0"])
         lines.append(
-            f"| {method} | {layout} | {int(m['global_step'])} | {m.get('tokens_per_second', float('nan')):.0f} "
+            f"| {method} | {layout} | {int(m['global_step'])} "
+            f"| {m.get('tokens_per_second', float('nan')):.0f} "
             f"| {memory:.0f} | {m['saved_adapter_params']:,} | {m['wall_s']:.0f} |"
         )
     table = "\n".join(lines)
@@ -129,7 +131,8 @@ def main() -> None:
     RESULTS.write_text(
         "# Training throughput: UORA / LoRA / VeRA on SmolLM2-135M-Instruct\n\n"
         f"`python benchmarks/train_throughput.py --steps {args.steps} --methods {args.methods} "
-        f"--layouts {args.layouts}`, {time.strftime('%Y-%m-%d')}, {device}, {platform.processor() or platform.machine()}, "
+        f"--layouts {args.layouts}`, {time.strftime('%Y-%m-%d')}, {device}, "
+        f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs visible.\n\n"
         "r=64 on all linear layers, batch 4 x 256 tokens max per process, built-in generated tasks; "
         "zero2 = 2 processes (torchrun) with configs/deepspeed/zero2.json. Memory: peak RSS (CPU) or "

@@ -157,7 +157,9 @@ def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
     try:
         return proc.wait()
     finally:

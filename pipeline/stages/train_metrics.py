@@ -43,7 +43,9 @@ class MetricsCallback(TrainerCallback):
             self._last_time = time.perf_counter()
             self._last_tokens = state.num_input_tokens_seen
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
         if not logs:
             return
         metrics = {

@@ -180,7 +180,9 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
             )
         else:
             completion_only = True
-            _log(is_rank0, f"{choice.reason}: falling back to completion-only loss on the last assistant turn")
+            _log(
+                is_rank0, f"{choice.reason}: falling back to completion-only loss on the last assistant turn"
+            )
 
     train_ds, eval_ds = _prepare_datasets(Path(spec["dataset_dir"]), tcfg, completion_only)
 
@@ -259,7 +261,9 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         if is_rank0:
             checkpoint = last_complete_checkpoint(ckpt_dir)
             (work_dir / PREEMPTED).write_text(
-                json.dumps({"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name})
+                json.dumps(
+                    {"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name}
+                )
             )
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
         barrier()

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from train_helpers import make_config, write_prepared
 
 pytestmark = pytest.mark.slow

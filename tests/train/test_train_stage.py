@@ -19,9 +19,7 @@ def test_8bit_base_trains_and_saves(tmp_path, tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     run_dir = tmp_path / "run8"
     write_prepared(run_dir)
-    config = make_config(
-        run_dir, str(tiny_model_dir), model={"load_in_8bit": True}, train={"max_steps": 3}
-    )
+    config = make_config(run_dir, str(tiny_model_dir), model={"load_in_8bit": True}, train={"max_steps": 3})
     result = train.run(make_ctx(run_dir, config))
     work = run_dir / "train.partial"
     assert (work / "DONE").is_file()
