@@ -12,6 +12,7 @@ from its last complete checkpoint (``trainer_state.json`` present).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -49,8 +50,6 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (worker.DONE, worker.PREEMPTED):
-        (work_dir / stale).unlink(missing_ok=True)
     dataset_dir = ctx.input_dir("prepare") / "dataset"
     if tcfg.deepspeed and not Path(tcfg.deepspeed).is_file():
         raise StageError(f"train.deepspeed: {tcfg.deepspeed} does not exist")
@@ -64,6 +63,7 @@ def run(ctx: StageContext) -> StageResult:
     spec = {
         "work_dir": str(work_dir.resolve()),
         "dataset_dir": str(dataset_dir.resolve()),
+        "identity": _identity(config_dump, ctx.input_dir("prepare")),
         "config": config_dump,
         "mlflow_run_id": ctx.mlflow_run_id,
         "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
@@ -71,9 +71,18 @@ def run(ctx: StageContext) -> StageResult:
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
     spec_path = work_dir / SPEC
+    finished = _same_attempt(spec_path, spec["identity"]) and (work_dir / worker.DONE).is_file()
+    if not _same_attempt(spec_path, spec["identity"]):
+        # Checkpoints of another config or other data must not be resumed: start over.
+        shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
+    if not finished:
+        for stale in (worker.DONE, worker.PREEMPTED):
+            (work_dir / stale).unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
-    if tcfg.nproc_per_node == 1 and not tcfg.deepspeed:
+    if finished:  # an earlier attempt trained and saved everything, then stopped before returning
+        code = 0
+    elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed:
         code = _run_in_process(spec)
     else:
         code = _run_torchrun(spec_path, tcfg)
@@ -103,6 +112,22 @@ def run(ctx: StageContext) -> StageResult:
         },
         extra={"adapter_method": ctx.config.adapter.method, "nproc_per_node": tcfg.nproc_per_node},
     )
+
+
+def _identity(config_dump: dict[str, Any], prepare_dir: Path) -> str:
+    """What a checkpoint in the work folder depends on: the config and the prepared data."""
+    digest = hashlib.sha256(json.dumps(config_dump, sort_keys=True).encode())
+    for name in ("manifest.json", "dataset/dataset_dict.json"):
+        if (prepare_dir / name).is_file():
+            digest.update((prepare_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _same_attempt(spec_path: Path, identity: str) -> bool:
+    try:
+        return json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == identity
+    except (OSError, ValueError):
+        return False
 
 
 def _tracking_uri() -> str:

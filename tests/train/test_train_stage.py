@@ -82,3 +82,17 @@ def test_no_usable_template_falls_back_to_completion_only_loss(tmp_path, tiny_mo
     result = train.run(make_ctx(run_dir, config))
     assert "falling back to completion-only loss" in capfd.readouterr().err
     assert result.metrics["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "stale"
+    write_prepared(run_dir, n_train=8, n_eval=2)
+    work = run_dir / "train.partial"
+    stale = work / "checkpoints" / "checkpoint-99"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text("{}")  # would crash the Trainer if resumed
+    (work / "train_spec.json").write_text(json.dumps({"identity": "from-another-config"}))
+    result = train.run(make_ctx(run_dir, make_config(run_dir, str(tiny_model_dir), train={"max_steps": 2})))
+    assert result.metrics["global_step"] == 2
+    assert not stale.exists()
