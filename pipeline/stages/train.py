@@ -32,6 +32,7 @@ INPUTS: tuple[str, ...] = ("prepare",)
 CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
 
 SPEC = "train_spec.json"
+LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker launcher
 
 
 class StagePreempted(StageError):
@@ -82,7 +83,7 @@ def run(ctx: StageContext) -> StageResult:
 
     if finished:  # an earlier attempt trained and saved everything, then stopped before returning
         code = 0
-    elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed:
+    elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed and not os.environ.get(LAUNCHER_ENV):
         code = _run_in_process(spec)
     else:
         code = _run_torchrun(spec_path, tcfg)
@@ -159,7 +160,15 @@ def worker_env(tcfg: Any) -> dict[str, str]:
 
 def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
     """``torchrun`` for one node. SIGUSR1 is added to the signals torchrun forwards to workers
-    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint."""
+    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint.
+
+    With ``$UORA_TRAIN_LAUNCHER`` set (slurm/launch.sh: one torchrun per node of the allocation),
+    that launcher starts the workers instead, with the same worker command.
+    """
+    worker = ["-m", "pipeline.stages.train_worker", str(spec_path)]
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher:
+        return [launcher, *worker]
     return [
         sys.executable,
         "-m",
@@ -168,9 +177,7 @@ def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
         f"--nproc_per_node={tcfg.nproc_per_node}",
         "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         f"--shutdown_timeout={tcfg.preempt_grace_s}",
-        "-m",
-        "pipeline.stages.train_worker",
-        str(spec_path),
+        *worker,
     ]
 
 
