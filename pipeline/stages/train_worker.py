@@ -292,8 +292,8 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         initial = next((e["eval_loss"] for e in history if "eval_loss" in e and e.get("step") == 0), None)
         throughput = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
         metrics = {
-            "train_loss": float(result.training_loss),
-            "eval_loss": float(final_eval["eval_loss"]),
+            "train_loss_mean": float(result.training_loss),
+            "eval_loss_after": float(final_eval["eval_loss"]),
             "global_step": float(trainer.state.global_step),
             "train_tokens": float(trainer.state.num_input_tokens_seen),
             "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
@@ -305,7 +305,7 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         if cfg.model.load_in_8bit:
             metrics["base_int8_layers"] = float(_count_int8_layers(trainer.model))
         if initial is not None:
-            metrics["eval_loss_initial"] = float(initial)
+            metrics["eval_loss_before"] = float(initial)
         steady = throughput[1:] or throughput  # the first step includes warm-up
         if steady:
             metrics["tokens_per_second"] = sum(steady) / len(steady)

@@ -196,7 +196,7 @@ def test_only_rank0_logs_to_the_stage_run(ddp_run, dist_dir):
 
     client = MlflowClient(tracking_uri=_mlflow_uri(dist_dir))
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert steps == list(range(1, STEPS + 1))  # once per step: one process logged, not two
     for key in ("learning_rate", "grad_norm", "tokens_per_second", "uora/reinit_events", "eval_loss"):
         assert client.get_metric_history(run.info.run_id, key), key

@@ -63,7 +63,7 @@ def test_sft_lowers_eval_loss_and_adapter_reloads(prepared, method, smollm2_dir)
     _cli("train", str(prepared), f"adapter.method={method}", f"train.learning_rate={LEARNING_RATES[method]}")
     stage = prepared.parent / "smol" / "train"
     metrics = json.loads((stage / "metrics.json").read_text())
-    assert metrics["eval_loss"] < metrics["eval_loss_initial"], metrics
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"], metrics
     assert (stage / "loss_curve.png").stat().st_size > 0
 
     adapter = stage / "adapter"
