@@ -122,7 +122,7 @@ def main() -> None:
         memory = m.get("peak_cuda_memory_mb_rank0", m["peak_rss_mb_rank0"])
         lines.append(
             f"| {method} | {layout} | {int(m['global_step'])} "
-            f"| {m.get('tokens_per_second', float('nan')):.0f} "
+            f"| {m.get('tokens_per_second_mean', float('nan')):.0f} "
             f"| {memory:.0f} | {m['saved_adapter_params']:,} | {m['wall_s']:.0f} |"
         )
     table = "\n".join(lines)

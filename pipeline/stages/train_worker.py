@@ -308,7 +308,7 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
             metrics["eval_loss_before"] = float(initial)
         steady = throughput[1:] or throughput  # the first step includes warm-up
         if steady:
-            metrics["tokens_per_second"] = sum(steady) / len(steady)
+            metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
         reinits = [e["uora/reinit_events_total"] for e in history if "uora/reinit_events_total" in e]
         if reinits:
             metrics["uora_reinit_events"] = float(max(reinits))
