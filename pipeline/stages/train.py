@@ -12,12 +12,14 @@ from its last complete checkpoint (``trainer_state.json`` present).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,7 @@ INPUTS: tuple[str, ...] = ("prepare",)
 CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
 
 SPEC = "train_spec.json"
-# A multi-node launcher (slurm/launch.sh, set by slurm/train.sh): called as
-# `LAUNCHER -m pipeline.stages.train_worker SPEC`, it starts torchrun on every node itself.
-LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"
+LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker launcher
 
 
 class StagePreempted(StageError):
@@ -51,8 +51,6 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (worker.DONE, worker.PREEMPTED):
-        (work_dir / stale).unlink(missing_ok=True)
     dataset_dir = ctx.input_dir("prepare") / "dataset"
     if tcfg.deepspeed and not Path(tcfg.deepspeed).is_file():
         raise StageError(f"train.deepspeed: {tcfg.deepspeed} does not exist")
@@ -66,6 +64,7 @@ def run(ctx: StageContext) -> StageResult:
     spec = {
         "work_dir": str(work_dir.resolve()),
         "dataset_dir": str(dataset_dir.resolve()),
+        "identity": _identity(config_dump, ctx.input_dir("prepare")),
         "config": config_dump,
         "mlflow_run_id": ctx.mlflow_run_id,
         "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
@@ -73,11 +72,18 @@ def run(ctx: StageContext) -> StageResult:
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
     spec_path = work_dir / SPEC
+    finished = _same_attempt(spec_path, spec["identity"]) and (work_dir / worker.DONE).is_file()
+    if not _same_attempt(spec_path, spec["identity"]):
+        # Checkpoints of another config or other data must not be resumed: start over.
+        shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
+    if not finished:
+        for stale in (worker.DONE, worker.PREEMPTED):
+            (work_dir / stale).unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
-    if os.environ.get(LAUNCHER_ENV):
-        code = _run_torchrun(spec_path, tcfg, launcher=os.environ[LAUNCHER_ENV])
-    elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed:
+    if finished:  # an earlier attempt trained and saved everything, then stopped before returning
+        code = 0
+    elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed and not os.environ.get(LAUNCHER_ENV):
         code = _run_in_process(spec)
     else:
         code = _run_torchrun(spec_path, tcfg)
@@ -109,6 +115,22 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
+def _identity(config_dump: dict[str, Any], prepare_dir: Path) -> str:
+    """What a checkpoint in the work folder depends on: the config and the prepared data."""
+    digest = hashlib.sha256(json.dumps(config_dump, sort_keys=True).encode())
+    for name in ("manifest.json", "dataset/dataset_dict.json"):
+        if (prepare_dir / name).is_file():
+            digest.update((prepare_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _same_attempt(spec_path: Path, identity: str) -> bool:
+    try:
+        return json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == identity
+    except (OSError, ValueError):
+        return False
+
+
 def _tracking_uri() -> str:
     import mlflow
 
@@ -138,7 +160,15 @@ def worker_env(tcfg: Any) -> dict[str, str]:
 
 def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
     """``torchrun`` for one node. SIGUSR1 is added to the signals torchrun forwards to workers
-    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint."""
+    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint.
+
+    With ``$UORA_TRAIN_LAUNCHER`` set (slurm/launch.sh: one torchrun per node of the allocation),
+    that launcher starts the workers instead, with the same worker command.
+    """
+    worker = ["-m", "pipeline.stages.train_worker", str(spec_path)]
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher:
+        return [launcher, *worker]
     return [
         sys.executable,
         "-m",
@@ -147,23 +177,21 @@ def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
         f"--nproc_per_node={tcfg.nproc_per_node}",
         "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         f"--shutdown_timeout={tcfg.preempt_grace_s}",
-        "-m",
-        "pipeline.stages.train_worker",
-        str(spec_path),
+        *worker,
     ]
 
 
-def _run_torchrun(spec_path: Path, tcfg: Any, launcher: str | None = None) -> int:
-    if launcher:
-        command = [launcher, "-m", "pipeline.stages.train_worker", str(spec_path)]
-    else:
-        command = torchrun_command(spec_path, tcfg)
-    proc = subprocess.Popen(command, env=worker_env(tcfg))
+def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
+    proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
 
     def forward(signum: int, _frame: Any) -> None:
         proc.send_signal(signum)  # torchrun passes it on to every worker
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {
+            sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
     try:
         return proc.wait()
     finally:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ class PreemptionFlag:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> PreemptionFlag:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; the caller handles them
         for sig in PREEMPT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -15,9 +15,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-# Trainer log keys -> MLflow metric names (anything else numeric is logged under its own name).
-_RENAMES = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
-_SKIP = {"epoch", "total_flos", "step"}
+# Trainer's end-of-training summary (the stage reports its own) and bookkeeping: not logged per step.
+_SKIP = {
+    "epoch",
+    "total_flos",
+    "step",
+    "train_loss",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "train_tokens_per_second",
+}
 
 
 class MetricsCallback(TrainerCallback):
@@ -43,11 +51,13 @@ class MetricsCallback(TrainerCallback):
             self._last_time = time.perf_counter()
             self._last_tokens = state.num_input_tokens_seen
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
         if not logs:
             return
         metrics = {
-            _RENAMES.get(k, k): float(v)
+            k: float(v)
             for k, v in logs.items()
             if k not in _SKIP and isinstance(v, (int, float)) and math.isfinite(float(v))
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -123,9 +124,23 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     return len(saved)
 
 
+def _count_int8_layers(model: Any) -> int:
+    """Linear layers whose base weight is bitsandbytes int8 (proves an 8-bit base is 8-bit)."""
+    import bitsandbytes as bnb
+
+    return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+
+
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     flag = PreemptionFlag().install()
+    try:
+        return _train(spec, flag)
+    finally:
+        flag.uninstall()
+
+
+def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
     work_dir = Path(spec["work_dir"])
     is_rank0 = rank() == 0
     pids = work_dir / "pids"
@@ -165,7 +180,9 @@ def train(spec: dict[str, Any]) -> int:
             )
         else:
             completion_only = True
-            _log(is_rank0, f"{choice.reason}: falling back to completion-only loss on the last assistant turn")
+            _log(
+                is_rank0, f"{choice.reason}: falling back to completion-only loss on the last assistant turn"
+            )
 
     train_ds, eval_ds = _prepare_datasets(Path(spec["dataset_dir"]), tcfg, completion_only)
 
@@ -244,11 +261,12 @@ def train(spec: dict[str, Any]) -> int:
         if is_rank0:
             checkpoint = last_complete_checkpoint(ckpt_dir)
             (work_dir / PREEMPTED).write_text(
-                json.dumps({"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name})
+                json.dumps(
+                    {"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name}
+                )
             )
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
         barrier()
-        flag.uninstall()
         return 0
 
     final_eval = trainer.evaluate()
@@ -274,17 +292,23 @@ def train(spec: dict[str, Any]) -> int:
         initial = next((e["eval_loss"] for e in history if "eval_loss" in e and e.get("step") == 0), None)
         throughput = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
         metrics = {
-            "train_loss": float(result.training_loss),
-            "eval_loss": float(final_eval["eval_loss"]),
+            "train_loss_mean": float(result.training_loss),
+            "eval_loss_after": float(final_eval["eval_loss"]),
             "global_step": float(trainer.state.global_step),
             "train_tokens": float(trainer.state.num_input_tokens_seen),
             "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
             "adapter_tensors": float(n_tensors),
         }
+        metrics["peak_rss_mb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if torch.cuda.is_available():
+            metrics["peak_cuda_memory_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
+        if cfg.model.load_in_8bit:
+            metrics["base_int8_layers"] = float(_count_int8_layers(trainer.model))
         if initial is not None:
-            metrics["eval_loss_initial"] = float(initial)
-        if throughput:
-            metrics["tokens_per_second"] = sum(throughput) / len(throughput)
+            metrics["eval_loss_before"] = float(initial)
+        steady = throughput[1:] or throughput  # the first step includes warm-up
+        if steady:
+            metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
         reinits = [e["uora/reinit_events_total"] for e in history if "uora/reinit_events_total" in e]
         if reinits:
             metrics["uora_reinit_events"] = float(max(reinits))
@@ -295,7 +319,6 @@ def train(spec: dict[str, Any]) -> int:
         plot_loss_curve(history, work_dir / LOSS_PNG)
         (work_dir / DONE).write_text("ok\n")
     barrier()
-    flag.uninstall()
     return 0
 
 

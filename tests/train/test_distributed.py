@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from train_helpers import make_config, write_prepared
 
 pytestmark = pytest.mark.slow
@@ -36,8 +35,11 @@ UORA = {
 STEPS = 8
 
 
-def _launch(run_dir: Path, model_dir: Path, train: dict, wait: bool = True) -> subprocess.Popen | int:
-    """Run the train stage in a fresh Python process (the 'launcher' of the torchrun workers)."""
+def _launch(
+    run_dir: Path, model_dir: Path, train: dict, wait: bool = True, mlflow_uri: str | None = None
+) -> subprocess.Popen | int:
+    """Run the train stage in a fresh Python process (the 'launcher' of the torchrun workers);
+    with ``mlflow_uri``, inside an active MLflow run as the driver does."""
     config = make_config(run_dir, str(model_dir), adapter=UORA, train={"nproc_per_node": 2, **train})
     (run_dir / "config.json").write_text(config.model_dump_json(exclude_unset=True))
     script = (
@@ -46,19 +48,25 @@ def _launch(run_dir: Path, model_dir: Path, train: dict, wait: bool = True) -> s
         "from pipeline.stages.base import StageContext, StageError;"
         f"run_dir=Path({str(run_dir)!r});"
         "cfg=PipelineConfig.model_validate_json((run_dir/'config.json').read_text());"
-        "ctx=StageContext(config=cfg, run_dir=run_dir, work_dir=run_dir/'train.partial');\n"
-        "try:\n  print('RESULT', json.dumps(train.run(ctx).metrics))\n"
-        "except train.StagePreempted as e:\n  print('PREEMPTED', e); sys.exit(0)\n"
+        "import mlflow, contextlib;"
+        f"uri={mlflow_uri!r}; uri and mlflow.set_tracking_uri(uri);"
+        "exp=uri and mlflow.create_experiment('t', artifact_location=str(run_dir / 'artifacts'));"
+        "active=mlflow.start_run(experiment_id=exp) if uri else contextlib.nullcontext();\n"
+        "with active as r:\n"
+        "  ctx=StageContext(config=cfg, run_dir=run_dir, work_dir=run_dir/'train.partial',"
+        "                   mlflow_run_id=r.info.run_id if r else None)\n"
+        "  try:\n    print('RESULT', json.dumps(train.run(ctx).metrics))\n"
+        "  except train.StagePreempted as e:\n    print('PREEMPTED', e); sys.exit(0)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env)
     return proc.wait(timeout=500) if wait else proc
 
 
-def _run(tmp: Path, name: str, model_dir: Path, train: dict) -> Path:
+def _run(tmp: Path, name: str, model_dir: Path, train: dict, mlflow_uri: str | None = None) -> Path:
     run_dir = tmp / name
     write_prepared(run_dir)
-    assert _launch(run_dir, model_dir, train) == 0
+    assert _launch(run_dir, model_dir, train, mlflow_uri=mlflow_uri) == 0
     work = run_dir / "train.partial"
     assert (work / "DONE").is_file()
     return work
@@ -72,7 +80,11 @@ def dist_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(dist_dir, tiny_model_dir) -> Path:
     """The reference: plain DDP (gloo) across two CPU processes."""
-    return _run(dist_dir, "ddp", tiny_model_dir, {"max_steps": STEPS})
+    return _run(dist_dir, "ddp", tiny_model_dir, {"max_steps": STEPS}, mlflow_uri=_mlflow_uri(dist_dir))
+
+
+def _mlflow_uri(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +189,16 @@ def test_preempt_and_resume_is_bit_identical(ddp_run, tmp_path, tiny_model_dir):
     events = _events(history)
     assert any(step <= first["step"] and n > 0 for step, n in events)
     assert any(step > second["step"] and n > 0 for step, n in events)
+
+
+def test_only_rank0_logs_to_the_stage_run(ddp_run, dist_dir):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(dist_dir))
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == list(range(1, STEPS + 1))  # once per step: one process logged, not two
+    for key in ("learning_rate", "grad_norm", "tokens_per_second", "uora/reinit_events", "eval_loss"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "config.yaml", "metrics.json"} <= artifacts

@@ -32,9 +32,7 @@ def write_prepared(run_dir: Path, n_train: int = 32, n_eval: int = 8) -> Path:
 
     def split(n: int, seed: int) -> Dataset:
         rows = make_messages(n, seed)
-        return Dataset.from_dict(
-            {"messages": rows, "source": ["test"] * n, "answer": [None] * n}
-        )
+        return Dataset.from_dict({"messages": rows, "source": ["test"] * n, "answer": [None] * n})
 
     target = run_dir / "prepare" / "dataset"
     DatasetDict({"train": split(n_train, 0), "eval": split(n_eval, 1)}).save_to_disk(str(target))
