@@ -192,18 +192,15 @@ class LocalJudge:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.seed = seed
+        self._model_config: ModelConfig | None = None
 
     @classmethod
     def from_config(cls, config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> LocalJudge:
-        """Load the configured judge weights (``local_model``, or the base model when unset)."""
-        import torch
-
+        """The configured judge (``local_model``, or the base model when unset); its weights load
+        on first use, so a fully cached evaluation never loads them."""
         from pipeline.eval.identity import model_identity
-        from pipeline.models import load_model, load_tokenizer
 
         model_cfg = config.local_model or base_model
-        model = load_model(model_cfg, device_map="auto" if torch.cuda.is_available() else None).eval()
-        tokenizer = load_tokenizer(model_cfg)
         identity = {
             "backend": "local",
             "model": model_identity(model_cfg),
@@ -212,9 +209,9 @@ class LocalJudge:
             "max_new_tokens": config.max_new_tokens,
             "seed": seed,
         }
-        return cls(
-            model,
-            tokenizer,
+        judge = cls(
+            None,
+            None,
             name=model_cfg.name_or_path + (f"/{model_cfg.gguf_file}" if model_cfg.gguf_file else ""),
             identity=identity,
             scoring=config.local_scoring,
@@ -223,6 +220,19 @@ class LocalJudge:
             batch_size=config.batch_size,
             seed=seed,
         )
+        judge._model_config = model_cfg
+        return judge
+
+    def _load(self) -> None:
+        if self.model is not None:
+            return
+        import torch
+
+        from pipeline.models import load_model, load_tokenizer
+
+        device_map = "auto" if torch.cuda.is_available() else None
+        self.model = load_model(self._model_config, device_map=device_map).eval()
+        self.tokenizer = load_tokenizer(self._model_config)
 
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
@@ -239,6 +249,8 @@ class LocalJudge:
     def complete(self, chats: list[Chat], samples: int) -> Iterator[tuple[int, list[str]]]:
         from pipeline.eval.generate import generate_batch
 
+        if chats:
+            self._load()
         for start in range(0, len(chats), self.batch_size):
             indices = list(range(start, min(start + self.batch_size, len(chats))))
             prompts = [self.render(chats[i]) for i in indices]

@@ -187,11 +187,11 @@ def test_generation_with_and_without_adapter(smollm2_dir, lora_adapter, tmp_path
         again = generate_answers(
             tuned_model,
             tokenizer,
-            QUESTIONS[:2],
+            QUESTIONS[:1],
             GREEDY,
             model_id="base",
             model_identity="b2",
             cache_path=tmp_path / "again.jsonl",
             **kwargs,
         )
-    assert [again[q]["choices"] for q in ("1", "2")] == [base[q]["choices"] for q in ("1", "2")]
+    assert again["1"]["choices"] == base["1"]["choices"]

@@ -92,6 +92,22 @@ def test_stage_end_to_end_http_judge_mlflow_and_resume(smollm2_dir, tmp_path, mo
         again = evaluate.run(ctx)
         assert len(server.requests) == requests_first == 8  # 2 models x 2 questions x 2 turns
 
+        # the driver renames the finished folder; a judge change re-runs the stage in a fresh
+        # .partial: the answers come from the last evaluation, only the judging is redone
+        done = run_dir / "evaluate"
+        ctx.work_dir.rename(done)
+        config3 = config.model_copy(deep=True)
+        config3.eval.judge.samples = 2
+        ctx3 = StageContext(config=config3, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
+        third = evaluate.run(ctx3)
+        assert len(server.requests) == 8 + 16  # re-judged with 2 samples each
+        assert (ctx3.work_dir / "answers" / "tuned.jsonl").read_text() == (
+            done / "answers" / "tuned.jsonl"
+        ).read_text()
+        assert third.metrics["tuned.score_overall"] == 6.0
+        ctx3.work_dir.rename(run_dir / "evaluate.third")
+        done.rename(ctx.work_dir)
+
     work = ctx.work_dir
     results = json.loads((work / "results.json").read_text())
     assert set(results["models"]) == {"base", "tuned"}
