@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -181,7 +182,9 @@ def main() -> None:
             "# Export on SmolLM2-135M-Instruct (CPU)",
             "",
             f"`python benchmarks/export_smollm2.py` — torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads. Adapters have perturbed (not trained) weights.",
+            f"{torch.get_num_threads()} threads, load average at the end "
+            f"{os.getloadavg()[0]:.1f} (the machine was shared: times are upper bounds). "
+            "Adapters have perturbed (not trained) weights.",
             "",
             "## Export stage: wall time and verification",
             "",

@@ -420,7 +420,7 @@ class ExportConfig(StrictModel):
         None,
         gt=0,
         description="Largest allowed |merged - (base + adapter)| logit difference, relative to the "
-        "largest reference logit; default by dtype (float32 1e-4, bfloat16 1e-1, float16 5e-2).",
+        "largest reference logit; default by dtype (float32 1e-4, bfloat16 3e-2, float16 1e-2).",
     )
 
 

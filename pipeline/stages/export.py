@@ -38,11 +38,11 @@ CONFIG_SECTIONS: tuple[str, ...] = ("model", "export")
 
 log = logging.getLogger(__name__)
 
-# Relative tolerance on max |merged - reference| / max |reference| per saved dtype. float32
-# merges differ from the unmerged forward only by summation order (~1e-6 relative); half
-# precision rounds every merged weight to 8 (bf16) or 11 (fp16) mantissa bits (measured on
-# SmolLM2-135M with random LoRA/VeRA updates: float32 ~2e-6, bfloat16 0.03-0.05).
-DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1, "float16": 5e-2}
+# Relative tolerance on max |merged - reference| / max |reference| per saved dtype. Merging and
+# verification run in float32 (half-precision bases are upcast exactly), so the only difference
+# left is the one rounding of each merged weight to the saved dtype. Measured on SmolLM2-135M with
+# random LoRA/UORA/VeRA updates: float32 ~3e-6, bfloat16 ~7e-3, float16 ~1e-3.
+DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 # Fixed verification prompts: varied enough to touch many tokens, short enough to run on CPU.
 VERIFY_PROMPTS: tuple[str, ...] = (
@@ -110,10 +110,10 @@ def run(ctx: StageContext) -> StageResult:
         report = _merge_verify_save(ctx, source, work, lineage)
         metrics.update(
             {
-                "export.verify_max_abs_error": report["max_abs_error"],
-                "export.verify_rel_error": report["rel_error"],
-                "export.verify_top1_agreement": report["top1_agreement"],
-                "export.trainable_params": float(report["trainable_params"]),
+                "verify_max_abs_error": report["max_abs_error"],
+                "verify_rel_error": report["rel_error"],
+                "verify_top1_agreement": report["top1_agreement"],
+                "trainable_params": float(report["trainable_params"]),
             }
         )
         extra["verification"] = report
@@ -148,7 +148,11 @@ def _merge_verify_save(
 
     tokenizer = _load_tokenizer(ctx, source)
     base_cfg = ctx.config.model.model_copy(update={"dtype": dtype_name, "load_in_8bit": False})
-    base = load_model(base_cfg, quantize=False)
+    base = load_model(base_cfg, quantize=False)  # in the dtype we ship: that rounding is real
+    if dtype != torch.float32:
+        # Merge and verify in float32 (an exact upcast), so the shipped weights are rounded once,
+        # at save time, and the check measures that rounding rather than half-precision compute.
+        base = base.float()
     model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
     trainable, total = model.get_nb_trainable_parameters()
     model.eval()
@@ -157,7 +161,7 @@ def _merge_verify_save(
     with model.disable_adapter():  # how far the adapter moves the base: the check's resolution
         adapter_effect = compare_logits(reference, _logits(model, prompts))["rel_error"]
 
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload().to(dtype)
     staging = work / "merged.tmp"
     merged.save_pretrained(staging, max_shard_size=cfg.max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(staging)
@@ -165,7 +169,8 @@ def _merge_verify_save(
     gc.collect()
 
     try:
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, use_safetensors=True).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, use_safetensors=True)
+        reloaded = reloaded.float().eval()
         report = compare_logits(reference, _logits(reloaded, prompts))
         del reloaded
         gc.collect()

@@ -130,7 +130,7 @@ def _promote(
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     (ctx.work_dir / "decision.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return StageResult(
-        metrics={"promote.version": float(version.version), "promote.promoted": float(decision.promote)},
+        metrics={"version": float(version.version), "promoted": float(decision.promote)},
         outputs={"decision": "decision.json"},
         extra=record,
     )
