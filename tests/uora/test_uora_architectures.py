@@ -135,7 +135,7 @@ def test_8bit_base_forward_backward_step_and_reinit(int8_llama, ids):
 def test_8bit_base_with_bf16_trainable_vectors(int8_llama, ids):
     """TRL casts trainable parameters of quantised models to bf16: the projections follow."""
     model = get_peft_model(int8_llama, UoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.to(torch.bfloat16)
     loss = model(input_ids=ids, labels=ids).loss

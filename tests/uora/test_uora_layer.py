@@ -178,3 +178,15 @@ def test_loading_a_checkpoint_without_projections_is_refused(tiny_llama, tmp_pat
     save_file({k: v for k, v in weights.items() if "uora_A" not in k}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="The UORA checkpoint has no 'uora_A' projection"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_half_precision_base_keeps_fp32_projections_with_fp32_vectors(tiny_llama, ids):
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, UoraConfig(r=8, target_modules="all-linear"))  # autocasts d, b to fp32
+    tuner = model.base_model
+    layer = tuner.model.model.layers[0].self_attn.q_proj
+    assert layer.uora_lambda_d["default"].dtype == torch.float32
+    assert tuner.uora_A["default"].dtype == torch.float32
+    a = tuner.uora_A["default"]
+    torch.testing.assert_close(a @ a.T, torch.eye(8), atol=1e-5, rtol=0)
+    assert model(ids).logits.dtype == torch.bfloat16
