@@ -23,6 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 INSTALL_HINT = "apt-get install slurmctld slurmd slurm-client munge (.ci/run installs them)"
+# The daemons live in /usr/sbin, which a non-login PATH may lack.
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 
 
 @dataclass
@@ -47,6 +49,7 @@ class SlurmCluster:
         self.conf = directory / "slurm.conf"
         self.env = {
             **os.environ,
+            "PATH": SBIN_PATH,
             "SLURM_CONF": str(self.conf),
             # Jobs run this checkout's code with this interpreter, whatever is installed.
             "UORA_PYTHON": sys.executable,
@@ -105,7 +108,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
-    missing = [name for name in SLURM_BINARIES if shutil.which(name) is None]
+    missing = [name for name in SLURM_BINARIES if shutil.which(name, path=SBIN_PATH) is None]
     if missing:
         pytest.skip(f"Slurm is not installed ({', '.join(missing)} not found): {INSTALL_HINT}")
     if os.geteuid() != 0:
@@ -114,8 +117,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         )
     directory = tmp_path_factory.mktemp("slurm-cluster")
     started = subprocess.run(
-        ["bash", str(CLUSTER_SH), "start", str(directory)], capture_output=True, text=True, timeout=120
-    )
+        ["bash", str(CLUSTER_SH), "start", str(directory)],
+        env={**os.environ, "PATH": SBIN_PATH}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     if started.returncode != 0:
         logs = "\n".join(
             f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((directory / "log").glob("*"))
@@ -128,8 +132,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         yield cluster
     finally:
         stopped = subprocess.run(
-            ["bash", str(CLUSTER_SH), "stop", str(directory)], capture_output=True, text=True, timeout=120
-        )
+            ["bash", str(CLUSTER_SH), "stop", str(directory)],
+            env={**os.environ, "PATH": SBIN_PATH}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
         survivors = {name: pid for name, pid in pids.items() if _alive(pid)}
         assert stopped.returncode == 0, stopped.stderr
         assert not survivors, f"daemons still running after cluster.sh stop: {survivors}"
