@@ -65,6 +65,7 @@ def run_cell(method: str, layout: str, steps: int, workdir: Path) -> dict[str, f
         "learning_rate": LEARNING_RATES[method],
         "save_steps": 10_000,
         "max_eval_samples": 4,
+        "gradient_checkpointing": False,
     }
     if layout == "zero2":
         train.update(nproc_per_node=2, deepspeed=str(ZERO2))
@@ -106,15 +107,18 @@ def main() -> None:
     parser.add_argument("--layouts", default="1proc,zero2")
     args = parser.parse_args()
 
-    rows = []
+    rows: list[tuple[str, str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
         for layout in args.layouts.split(","):
             for method in args.methods.split(","):
                 print(f"running {method} / {layout} ...", flush=True)
-                m = run_cell(method, layout, args.steps, Path(tmp))
-                m["saved_adapter_params"] = adapter_params(Path(tmp) / f"{method}-{layout}")
-                rows.append((method, layout, m))
+                metrics = run_cell(method, layout, args.steps, Path(tmp))
+                metrics["saved_adapter_params"] = adapter_params(Path(tmp) / f"{method}-{layout}")
+                rows.append((method, layout, metrics))
+                write_results(rows, args)  # after every cell: a long run cut short still reports
 
+
+def write_results(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Namespace) -> None:
     device = "CUDA" if any("peak_cuda_memory_mb_rank0" in m for _, _, m in rows) else "CPU"
     header = "| method | layout | steps | tokens/s | peak mem rank 0 (MB) | saved adapter numbers | wall s |"
     lines = [header, "|---|---|---|---|---|---|---|"]
@@ -122,24 +126,25 @@ def main() -> None:
         memory = m.get("peak_cuda_memory_mb_rank0", m["peak_rss_mb_rank0"])
         lines.append(
             f"| {method} | {layout} | {int(m['global_step'])} "
-            f"| {m.get('tokens_per_second_mean', float('nan')):.0f} "
+            f"| {m.get('tokens_per_second_mean', float('nan')):.1f} "
             f"| {memory:.0f} | {m['saved_adapter_params']:,} | {m['wall_s']:.0f} |"
         )
     table = "\n".join(lines)
-    print(table)
+    print(table, flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         "# Training throughput: UORA / LoRA / VeRA on SmolLM2-135M-Instruct\n\n"
         f"`python benchmarks/train_throughput.py --steps {args.steps} --methods {args.methods} "
         f"--layouts {args.layouts}`, {time.strftime('%Y-%m-%d')}, {device}, "
-        f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs visible.\n\n"
-        "r=64 on all linear layers, batch 4 x 256 tokens max per process, built-in generated tasks; "
-        "zero2 = 2 processes (torchrun) with configs/deepspeed/zero2.json. Memory: peak RSS (CPU) or "
-        "peak allocated CUDA memory of rank 0. Tokens/s: non-padding input tokens, all ranks, excluding "
-        "the first step.\n\n" + table + "\n"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible.\n\n"
+        "r=64 on all linear layers, batch 4 per process (rows of the built-in generated tasks, "
+        "max 256 tokens), no gradient checkpointing (as in configs/smollm2_135m.yaml); zero2 = 2 "
+        "processes (torchrun) with configs/deepspeed/zero2.json. Memory: peak RSS (CPU) or peak "
+        "allocated CUDA memory of rank 0. Tokens/s: non-padding input tokens of all ranks per "
+        "second of training, excluding the first step. wall s: the whole stage, start-up included.\n\n"
+        + table
+        + "\n"
     )
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker
 class StagePreempted(StageError):
     """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning resumes it.
 
-    Not a failure of the run: the driver should exit with status 0 and leave the stage incomplete
-    (no DONE, the work folder kept) so that a requeued job continues.
+    The stage is left incomplete (no DONE, ``.partial`` kept, the PREEMPTED marker in it) so a
+    requeued job continues. After SIGTERM the caller's own SIGTERM handler runs first (the
+    driver's: exit 143, "rerun to resume"); this exception is what remains for SIGUSR1 or a
+    caller without a handler.
     """
 
 
@@ -48,6 +50,8 @@ def run(ctx: StageContext) -> StageResult:
 
     work_dir = ctx.work_dir
     tcfg = ctx.config.train
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +95,11 @@ def run(ctx: StageContext) -> StageResult:
     preempted = work_dir / worker.PREEMPTED
     if preempted.is_file():
         info = json.loads(preempted.read_text())
+        if info.get("signal") == "SIGTERM" and callable(caller_sigterm):
+            # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's:
+            # close the MLflow run as KILLED, keep the .partial folder, exit 143) see the signal
+            # that training intercepted.
+            os.kill(os.getpid(), signal.SIGTERM)
         raise StagePreempted(
             f"training preempted ({info.get('signal')}) at step {info['step']}; checkpoint saved in "
             f"{info['checkpoint']}; rerun the same command to resume"

@@ -133,11 +133,16 @@ def _count_int8_layers(model: Any) -> int:
 
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
+    import datasets
+
+    caching = datasets.is_caching_enabled()
     flag = PreemptionFlag().install()
     try:
         return _train(spec, flag)
-    finally:
+    finally:  # leave an in-process caller (the driver) as we found it
         flag.uninstall()
+        if caching:
+            datasets.enable_caching()
 
 
 def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
