@@ -9,7 +9,8 @@ A step is forward + backward + AdamW step + zero_grad (+ `uora.reinit_step` for 
 timed on its own). "frozen base" has no adapter: the input embeddings require grad so that the
 backward pass through the frozen network still runs, which is the floor every adapter pays.
 Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak resident set size sampled
-every 2 ms during the timed steps, minus the resident size before the adapter was built.
+every 2 ms during the timed steps, minus the resident size of the loaded base (weights paged in)
+before the adapter was built — i.e. adapter + optimizer state + activations + allocator slack.
 All adapters target the same modules (all linear layers except lm_head).
 """
 
@@ -105,6 +106,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     import psutil
 
+    with torch.no_grad():  # page the (memory-mapped) weights in, so the baseline includes them
+        for param in base.parameters():
+            param.sum()
     rss_before = psutil.Process().memory_info().rss
     model = _build(base, CONFIGS[name]).to(device)
     model.train()
@@ -256,6 +260,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    load_start = os.getloadavg()[0]
     for name in tqdm(CONFIGS, desc="adapter_cost"):
         proc = subprocess.run(
             [sys.executable, __file__, "--only", name, *forwarded], capture_output=True, text=True, env=env
@@ -274,7 +279,8 @@ def main() -> None:
         f"--threads {args.threads} --device {args.device}` — median of {args.steps} optimizer steps after "
         f"{args.warmup} warm-up steps; batch {args.batch} × {args.seq} tokens; fp32; all linear layers "
         f"except lm_head adapted; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs.\n\n"
+        f"{os.cpu_count()} CPUs; load average at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f} "
+        f"(other jobs share these CPUs: compare rows with that noise in mind).\n\n"
     )
     text = header + _table(results, args) + "\n"
     print(text)

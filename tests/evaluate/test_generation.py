@@ -195,3 +195,38 @@ def test_generation_with_and_without_adapter(smollm2_dir, lora_adapter, tmp_path
             **kwargs,
         )
     assert again["1"]["choices"] == base["1"]["choices"]
+
+
+@pytest.mark.slow
+def test_uora_adapter_loads_unmerged_through_attach_adapter(smollm2_dir, tmp_path):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import uora
+    from pipeline.stages.evaluate import attach_adapter
+
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 2056, 30]])
+    torch.manual_seed(0)
+    trained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir),
+        uora.UoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    )
+    with torch.no_grad():  # stand-in for training: non-zero scaling vectors, so the adapter matters
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 0.5)
+    trained.eval()
+    trained.save_pretrained(tmp_path / "uora_adapter")
+    with torch.no_grad():
+        expected = trained(ids).logits
+    loaded = attach_adapter(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), tmp_path / "uora_adapter"
+    )
+    assert loaded.peft_config["default"].peft_type == uora.UORA_PEFT_TYPE
+    with torch.no_grad():
+        got = loaded(ids).logits
+        with loaded.disable_adapter():
+            base_logits = loaded(ids).logits
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changes the model

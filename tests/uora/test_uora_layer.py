@@ -190,3 +190,19 @@ def test_half_precision_base_keeps_fp32_projections_with_fp32_vectors(tiny_llama
     a = tuner.uora_A["default"]
     torch.testing.assert_close(a @ a.T, torch.eye(8), atol=1e-5, rtol=0)
     assert model(ids).logits.dtype == torch.bfloat16
+
+
+def test_low_cpu_mem_loading_and_loading_under_a_second_name(tiny_llama, ids, tmp_path):
+    model, _ = _peft(tiny_llama)
+    randomise_vectors(model)
+    with torch.no_grad():
+        model.base_model.uora_A["default"][0].mul_(2.0)  # not what the seed regenerates
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    lazy = PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(lazy(ids).logits, expected)
+    both = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    both.load_adapter(tmp_path, "second")
+    assert torch.equal(both.base_model.uora_A["second"], model.base_model.uora_A["default"])
+    both.set_adapter("second")
+    assert torch.equal(both(ids).logits, expected)
