@@ -409,7 +409,8 @@ class ExportConfig(StrictModel):
     )
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None,
-        description="dtype the base is reloaded in, merged in and saved in; default model.dtype.",
+        description="dtype of the merged weights (the base is loaded in it; merge and check run "
+        "in float32); default model.dtype.",
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
     verify_prompts: int = Field(
@@ -435,7 +436,7 @@ class PromoteConfig(StrictModel):
     holder of the alias by more than ``margin``. ``--force`` moves it regardless (recorded).
     """
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field(
         "uora-pipeline", min_length=1, description="Registered model name in the MLflow registry."
     )
