@@ -8,8 +8,9 @@
 # what slurm/lib.sh exported in the batch shell: MASTER_ADDR, MASTER_PORT, UORA_NPROC_PER_NODE,
 # UORA_PYTHON.
 #
-# Signals. Slurm delivers `--signal=USR1@grace` and `scancel --signal=USR1` to every process of
-# the job step: the node's shell, torchrun and the workers. torchrun's elastic agent does not
+# Signals. `scancel --signal=USR1 JOBID` (which is also how the batch shell passes on the
+# `--signal=B:USR1@grace` warning) and `--signal=USR1@grace` reach every process of the job
+# step: the node's shell, torchrun and the workers. torchrun's elastic agent does not
 # handle SIGUSR1, so its default action would kill the agent (and then the workers) before they
 # can checkpoint. The node shell therefore sets SIGUSR1 to "ignore" before exec'ing torchrun:
 # torchrun inherits the ignore, while the workers install their own handler (which replaces an

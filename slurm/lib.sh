@@ -39,6 +39,7 @@ uora_init() {
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     export UORA_TRAIN_LAUNCHER=$UORA_HOME/slurm/launch.sh
     export PYTHONUNBUFFERED=1
+    uora_note_usr1
     uora_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0} of at most $UORA_MAX_RESTARTS):" \
         "${SLURM_JOB_NUM_NODES:-1} node(s) [$SLURM_JOB_NODELIST] x $UORA_NPROC_PER_NODE process(es)," \
         "rendezvous $MASTER_ADDR:$MASTER_PORT, python $UORA_PYTHON"
@@ -73,26 +74,87 @@ else:
 PY
 }
 
+# The files whose appearance means the workers are done with signals (training finished, or
+# stopped after a checkpoint): <run dir>/train.partial/{DONE,PREEMPTED}, or for a custom
+# UORA_TRAIN_CMD, UORA_DONE_FILE and UORA_PREEMPTED_FILE. Repeating SIGUSR1 stops once one
+# exists: a worker already shutting down (Python has restored default handlers) must not be hit.
+uora_stop_markers() {
+    if [[ -n ${UORA_DONE_FILE:-} ]]; then
+        echo "$UORA_DONE_FILE"
+        if [[ -n ${UORA_PREEMPTED_FILE:-} ]]; then echo "$UORA_PREEMPTED_FILE"; fi
+        return
+    fi
+    "$UORA_PYTHON" - "$@" <<'PY' || true
+import sys
+from pipeline.config import ConfigError, load_config
+try:
+    config = load_config(sys.argv[1], sys.argv[2:])
+except ConfigError:
+    sys.exit(0)
+print(config.run_dir / "train.partial" / "DONE")
+print(config.run_dir / "train.partial" / "PREEMPTED")
+PY
+}
+
+uora_any_file() {
+    local f
+    for f in "$@"; do [[ -f $f ]] && return 0; done
+    return 1
+}
+
+# Alive and not a zombie (an exited child that bash has not reaped yet still answers kill -0).
+uora_running() {
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $state && $state != Z ]]
+}
+
+# Ask every process of the job's steps (not this batch shell) to checkpoint and stop.
+uora_signal_workers() { scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true; }
+
 # Run "$@" in the background and wait for it, with the batch shell staying alive on signals.
 # A plain foreground command would make bash postpone our traps until it exits.
-#   SIGUSR1 to this shell (`--signal=B:USR1@...`, `scancel --batch --signal=USR1`): passed on to
-#           the job's steps (the training workers); the preemption then runs as usual.
+#   SIGUSR1 to this shell (`#SBATCH --signal=B:USR1@...`, `scancel --batch --signal=USR1`):
+#           passed on to the job's steps (the training workers), and repeated every
+#           UORA_RESIGNAL_S seconds (default 5) until training has stopped (a stop marker, see
+#           uora_stop_markers): a warning that arrives while the workers are still starting
+#           (before their handler exists; torchrun and the node shells ignore SIGUSR1) is not
+#           lost. The workers treat repeats as one request.
 #   SIGTERM: logged and otherwise ignored; the workers get their own SIGTERM from Slurm and
 #           checkpoint, and this shell must live to requeue the job afterwards.
 # Sets UORA_RC to the command's exit status (correct under `set -e`).
 uora_run_supervised() {
-    local pid
-    trap 'uora_log "SIGUSR1: asking the training workers to checkpoint"; scancel --signal=USR1 "$SLURM_JOB_ID" || true' USR1
+    local pid tick every=${UORA_RESIGNAL_S:-5} next=0
+    trap 'UORA_PREEMPT_REQUESTED=1; uora_log "SIGUSR1: asking the training workers to checkpoint"' USR1
     trap 'uora_log "SIGTERM: waiting for the training workers to checkpoint"' TERM
+    if [[ -n ${UORA_PREEMPT_REQUESTED:-} ]]; then
+        uora_log "SIGUSR1 arrived before training started: asking the workers to checkpoint at once"
+    fi
     "$@" &
     pid=$!
-    UORA_RC=0
-    while :; do
-        if wait "$pid"; then UORA_RC=0; else UORA_RC=$?; fi
-        # wait returns early (status > 128) when a trapped signal arrives; the child lives on.
-        kill -0 "$pid" 2>/dev/null || break
+    # Poll once a second with `read -t` on a pipe nobody writes (no process per tick); traps run
+    # during the read. `wait` only once the command has exited, so its status is read exactly once.
+    exec {tick}<> <(:)
+    while uora_running "$pid"; do
+        read -r -t 1 -u "$tick" || true
+        if [[ -n ${UORA_PREEMPT_REQUESTED:-} ]] && ((SECONDS >= next)) && uora_running "$pid" &&
+            ! uora_any_file "${UORA_MARKERS[@]}"; then
+            uora_signal_workers
+            next=$((SECONDS + every))
+        fi
     done
-    trap - USR1 TERM
+    exec {tick}<&-
+    if wait "$pid"; then UORA_RC=0; else UORA_RC=$?; fi
+    trap - TERM
+    uora_note_usr1
+}
+
+# Outside training (prepare, evaluate, export, setup) a SIGUSR1 to the batch shell must not kill
+# it (bash's default action): note it and carry on. Training that starts afterwards is asked to
+# checkpoint at once; the other stages resume when rerun. train.sh and pipeline.sh set the same
+# trap as their very first command, so a warning during setup is not lost either.
+uora_note_usr1() {
+    trap 'UORA_PREEMPT_REQUESTED=1; uora_log "SIGUSR1 outside training: noted (training, if it starts, checkpoints at once)"' USR1
 }
 
 # Training: run it, then finish (complete), requeue (stopped without DONE after a checkpoint),
@@ -100,6 +162,7 @@ uora_run_supervised() {
 # The train command always runs: the driver itself skips a train stage that is up to date.
 uora_train() {
     local status restarts
+    mapfile -t UORA_MARKERS < <(uora_stop_markers "$@")
     if [[ -n ${UORA_TRAIN_CMD:-} ]]; then
         uora_run_supervised bash -c "$UORA_TRAIN_CMD" uora-train "$@"
     else

@@ -26,7 +26,8 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=USR1@300
+#SBATCH --signal=B:USR1@300
+trap 'UORA_PREEMPT_REQUESTED=1' USR1  # first: an early preemption warning must not kill this shell
 set -euo pipefail
 
 usage() {

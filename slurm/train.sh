@@ -13,8 +13,9 @@
 #
 # What happens: the batch shell (on the first node) runs `python -m pipeline train CONFIG ...`,
 # whose workers are started on every node by slurm/launch.sh (srun, one torchrun per node).
-# Preemption: Slurm sends SIGUSR1 to the workers 5 minutes before the time limit (and
-# `scancel --signal=USR1 JOBID` does the same at any time); they checkpoint and exit 0 without
+# Preemption: Slurm sends SIGUSR1 to this batch shell 5 minutes before the time limit, which
+# passes it on to the workers (`scancel --signal=USR1 JOBID` reaches the workers directly, at any
+# time); they checkpoint and exit 0 without
 # writing DONE; this script then requeues the job (`scontrol requeue`), at most
 # UORA_MAX_RESTARTS times, and the requeued job resumes from the checkpoint. The log is appended
 # to across restarts: <submit dir>/<job name>-<job id>.out.
@@ -27,7 +28,8 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=USR1@300
+#SBATCH --signal=B:USR1@300
+trap 'UORA_PREEMPT_REQUESTED=1' USR1  # first: an early preemption warning must not kill this shell
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then

@@ -1,10 +1,12 @@
 """slurm/train.sh's mechanics on the real test cluster, with the stand-in worker (toy_worker.py).
 
 What is proven here, independent of the training recipe: one torchrun per node joined by c10d
-rendezvous over two Slurm nodes; SIGUSR1 reaching the workers (not killing torchrun), checkpoint,
-self-requeue, resume, DONE, with a result bit-identical to an uninterrupted run; the log appended
-across restarts; the restart cap; resuming by hand; failures not requeued and their exit status
-kept. tests/slurm/test_slurm_pipeline.py does the same with the real train stage.
+rendezvous over two Slurm nodes; SIGUSR1 to the batch shell (early, while the workers start; and
+Slurm's own time-limit warning) reaching the workers without killing torchrun, checkpoint,
+self-requeue, resume, DONE, with a result bit-identical to an uninterrupted run; a dependent job
+waiting through the requeue; the log appended across restarts; the restart cap; resuming by
+hand; failures not requeued and their exit status kept; `pipeline.sh --chain` wiring.
+tests/slurm/test_slurm_pipeline.py does the same with the real train stage.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def toy_env(out: Path, **extra: str) -> dict[str, str]:
     return {
         "UORA_TRAIN_CMD": f'exec "$UORA_TRAIN_LAUNCHER" {TOY} "$1"',
         "UORA_DONE_FILE": str(out / "DONE"),
+        "UORA_PREEMPTED_FILE": str(out / "PREEMPTED"),
+        "UORA_RESIGNAL_S": "1",  # the stand-in trains for seconds, not hours
         "TOY_STEPS": STEPS,
         "TOY_STEP_SECONDS": "0.1",
         **extra,
@@ -42,18 +46,6 @@ def submit(cluster: SlurmCluster, out: Path, cwd: Path, *sbatch_args: str, **env
     return cluster.sbatch(
         *sbatch_args, "--gpus-per-node=0", str(TRAIN_SH), str(out), cwd=cwd, env=toy_env(out, **env)
     )
-
-
-def wait_for_progress(out: Path, step: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if int((out / "progress").read_text() or 0) >= step:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the stand-in never reached step {step}")
 
 
 def rank_records(out: Path) -> list[dict]:
@@ -75,26 +67,37 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return standalone_result(tmp_path_factory.mktemp("toy-reference"), STEPS)
 
 
-def test_usr1_checkpoints_requeues_and_resumes_bit_identically(
+def wait_until_started(cluster: SlurmCluster, job_id: str, timeout: float = 60) -> None:
+    """Until the batch script has logged its first line (its traps are set by then)."""
+    deadline = time.monotonic() + timeout
+    while f"job {job_id} (restart 0" not in cluster.job(job_id).log_text():
+        assert time.monotonic() < deadline, f"job {job_id} did not start"
+        time.sleep(0.1)
+
+
+def test_early_usr1_checkpoints_requeues_and_resumes_bit_identically(
     slurm_cluster: SlurmCluster, tmp_path: Path, reference
 ):
+    """SIGUSR1 to the batch shell as soon as the job runs, while the workers are still importing
+    torch (no handler yet; torchrun ignores it): the shell repeats it until they stop, so the
+    warning is not lost. Then: checkpoint, self-requeue, resume, DONE, identical result."""
     out = tmp_path / "out"
     job_id = submit(slurm_cluster, out, tmp_path)
-    wait_for_progress(out, 5)
-    # Default scancel: every process of the job's steps (not the batch shell) gets SIGUSR1,
-    # torchrun included, exactly like `#SBATCH --signal=USR1@300` before the time limit.
     # A job that depends on the training (as in `pipeline.sh --chain`) must wait through the requeue.
     after = slurm_cluster.sbatch(
         f"--dependency=afterok:{job_id}", "--kill-on-invalid-dep=yes", "--gpus-per-node=0", "--nodes=1",
         f"--output={tmp_path / 'after.out'}", "--wrap", f"test -f {out / 'DONE'} && echo trained",
         cwd=tmp_path,
     )  # fmt: skip
-    assert slurm_cluster.run("scancel", "--signal=USR1", job_id).returncode == 0
+    wait_until_started(slurm_cluster, job_id)
+    assert not list(out.glob("ranks.*"))  # the workers have not started training yet
+    assert slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
     job = slurm_cluster.wait(job_id)
     log = job.log_text()
     assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", "0:0", 1), log
     assert slurm_cluster.wait(after).state == "COMPLETED"
     assert (tmp_path / "after.out").read_text() == "trained\n"
+    assert "SIGUSR1: asking the training workers to checkpoint" in log
     assert "requeueing job" in log and "(restart 1 of at most 20)" in log  # one log, appended
     assert "0: node 0" in log and "1: node 1" in log  # one torchrun per node, every start
     records = rank_records(out)
@@ -103,7 +106,7 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identically(
     assert {r["node"] for r in records} == {"0", "1"}
     starts = {(r["restart"], r["start"]) for r in records}
     resumed_at = max(start for _, start in starts)
-    assert 5 <= resumed_at < int(STEPS) and starts == {("0", 0), ("1", resumed_at)}, starts
+    assert resumed_at < int(STEPS) and starts == {("0", 0), ("1", resumed_at)}, starts
     assert (out / "DONE").is_file() and not (out / "PREEMPTED").exists()
     assert json.loads((out / "result.json").read_text()) == reference
 
@@ -130,8 +133,10 @@ def test_time_limit_signal_to_batch_shell_restart_cap_then_resume_by_hand(
     job_id = submit(slurm_cluster, out, tmp_path, TOY_STEPS=steps, TOY_STEP_SECONDS="0")
     job = slurm_cluster.wait(job_id)
     assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), job.log_text()
-    starts = sorted({r["start"] for r in rank_records(out)})
-    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < int(steps), starts
+    # Two runs of two ranks; the second started from the checkpoint (step 0 if the warning came
+    # while the workers were still starting up: the repeated signal stopped them at once).
+    records = rank_records(out)
+    assert len(records) == 4 and max(r["start"] for r in records) < int(steps), records
     assert json.loads((out / "result.json").read_text()) == reference
 
 

@@ -37,6 +37,13 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x @ true_w + 0.01 * torch.randn(16, generator=gen, dtype=torch.float64)
 
 
+def quiet_signals() -> None:
+    """Past the stop decision (or the last step) a repeated warning means nothing; ignore it,
+    because during interpreter shutdown Python's own handler is gone and SIGUSR1 would kill us."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main() -> int:
     out = Path(sys.argv[1])
     steps = int(os.environ.get("TOY_STEPS", "30"))
@@ -80,6 +87,7 @@ def main() -> int:
         stop = torch.tensor([1.0 if flag["signal"] else 0.0])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():
+            quiet_signals()
             if is_writer:
                 tmp = out / "checkpoint.pt.tmp"
                 torch.save({"w": w, "step": step}, tmp)
@@ -99,6 +107,7 @@ def main() -> int:
             (out / "progress").write_text(str(step + 1))
         time.sleep(pause)
 
+    quiet_signals()
     dist.barrier()
     if is_writer:
         (out / "PREEMPTED").unlink(missing_ok=True)
