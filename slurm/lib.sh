@@ -6,6 +6,8 @@
 #                        if it exists, else python3 on PATH)
 #   UORA_NPROC_PER_NODE  training processes per node (default: GPUs Slurm gave the node, else 1)
 #   UORA_MAX_RESTARTS    how often the job may requeue itself after a preemption (default 20)
+#   UORA_RESIGNAL_S      while a preemption warning is pending, repeat it to the workers this
+#                        often until they have stopped (default 5)
 #   MASTER_ADDR / MASTER_PORT  rendezvous endpoint (default: first node's address, 20000 +
 #                        job id mod 20000)
 #   UORA_TRAIN_CMD       training command run on the first node (default: `$UORA_PYTHON -m
