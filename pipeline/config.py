@@ -234,8 +234,44 @@ class AdapterConfig(StrictModel):
 # train
 # --------------------------------------------------------------------------------------------
 class TrainConfig(StrictModel):
-    """SFT hyperparameters and distribution (owned by the train stage)."""
+    """SFT hyperparameters and distribution (owned by the train stage).
 
+    Names follow ``transformers.TrainingArguments`` / ``trl.SFTConfig`` so that users can look
+    them up there; only what a run needs to state is exposed. The seed is ``run.seed``.
+    """
+
+    learning_rate: float = Field(4e-3, gt=0, description="Peak LR (UORA/VeRA ~1e-3..1e-2, LoRA ~2e-4).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(4, gt=0, description="Sequences per process per micro-batch.")
+    per_device_eval_batch_size: int = Field(4, gt=0, description="Sequences per process per eval batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_length: int = Field(1024, gt=0, description="Tokens per sequence (longer ones are truncated).")
+    packing: bool = Field(False, description="Pack several conversations into one sequence.")
+    packing_strategy: Literal["bfd", "wrapped"] = Field("bfd", description="bfd: best-fit decreasing.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations (less memory).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up fraction of steps.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
+    assistant_only_loss: bool = Field(
+        True, description="Loss on assistant tokens only (needs a chat template with generation markers)."
+    )
+    template_fallback: Literal["completion_only", "error"] = Field(
+        "completion_only",
+        description="No training template for this model: train on the last assistant turn only, or fail.",
+    )
+    logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm/tokens per second every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Eval every N steps (None: before/after).")
+    max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
+    save_steps: int = Field(200, gt=0, description="Checkpoint every N steps (preemption also checkpoints).")
+    save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU).")
+    fp16: bool = Field(False, description="float16 mixed precision (GPU).")
+    use_cpu: bool | None = Field(None, description="Train on CPU; None: when no CUDA device.")
+    nproc_per_node: int = Field(1, gt=0, description="Processes on this node; > 1 launches torchrun.")
+    omp_num_threads: int | None = Field(None, gt=0, description="Threads per CPU worker; None: cores/procs.")
+    preempt_grace_s: int = Field(300, gt=0, description="Seconds workers get to checkpoint on SIGTERM.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (ZeRO-2/3).")
 
 

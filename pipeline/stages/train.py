@@ -1,13 +1,221 @@
-"""The 'train' stage (not built yet)."""
+"""The 'train' stage: prepared chat data -> a PEFT adapter (UORA, LoRA or VeRA) via TRL's SFTTrainer.
+
+The recipe itself lives in ``train_worker`` (one process of training). This module decides how
+to run it: in this process for one process without DeepSpeed, otherwise under ``torchrun`` with
+``train.nproc_per_node`` workers. It passes the workers the exact config, the dataset path and
+the MLflow child run (only global rank 0 logs), forwards SIGTERM/SIGUSR1 so the workers can
+checkpoint, and turns the outcome into a ``StageResult``.
+
+Resuming needs no flag: ``ctx.work_dir`` survives an interrupted attempt, and the worker resumes
+from its last complete checkpoint (``trainer_state.json`` present).
+"""
 
 from __future__ import annotations
 
-from pipeline.stages.base import StageContext, StageNotImplemented, StageResult
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "train"
 INPUTS: tuple[str, ...] = ("prepare",)
-CONFIG_SECTIONS: tuple[str, ...] = ()
+CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
+
+SPEC = "train_spec.json"
+LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker launcher
+
+
+class StagePreempted(StageError):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning resumes it.
+
+    The stage is left incomplete (no DONE, ``.partial`` kept, the PREEMPTED marker in it) so a
+    requeued job continues. After SIGTERM the caller's own SIGTERM handler runs first (the
+    driver's: exit 143, "rerun to resume"); this exception is what remains for SIGUSR1 or a
+    caller without a handler.
+    """
 
 
 def run(ctx: StageContext) -> StageResult:
-    raise StageNotImplemented(f"stage '{NAME}' is not implemented yet")
+    from pipeline.stages import train_worker as worker
+
+    work_dir = ctx.work_dir
+    tcfg = ctx.config.train
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    if ctx.force and work_dir.exists():
+        shutil.rmtree(work_dir)  # --force: start over instead of resuming
+    work_dir.mkdir(parents=True, exist_ok=True)
+    dataset_dir = ctx.input_dir("prepare") / "dataset"
+    if tcfg.deepspeed and not Path(tcfg.deepspeed).is_file():
+        raise StageError(f"train.deepspeed: {tcfg.deepspeed} does not exist")
+
+    # The exact config: what was set (defaults omitted, so it re-validates and reloads as is),
+    # plus the fully resolved one for reading.
+    config_dump = ctx.config.model_dump(mode="json", exclude_unset=True)
+    (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
+    resolved = yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False)
+    (work_dir / "config_resolved.yaml").write_text(resolved, encoding="utf-8")
+    spec = {
+        "work_dir": str(work_dir.resolve()),
+        "dataset_dir": str(dataset_dir.resolve()),
+        "identity": _identity(config_dump, ctx.input_dir("prepare")),
+        "config": config_dump,
+        "mlflow_run_id": ctx.mlflow_run_id,
+        "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
+    }
+    if tcfg.deepspeed:  # workers may run from another folder
+        spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
+    spec_path = work_dir / SPEC
+    finished = _same_attempt(spec_path, spec["identity"]) and (work_dir / worker.DONE).is_file()
+    if not _same_attempt(spec_path, spec["identity"]):
+        # Checkpoints of another config or other data must not be resumed: start over.
+        shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
+    if not finished:
+        for stale in (worker.DONE, worker.PREEMPTED):
+            (work_dir / stale).unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+
+    if finished:  # an earlier attempt trained and saved everything, then stopped before returning
+        code = 0
+    elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed and not os.environ.get(LAUNCHER_ENV):
+        code = _run_in_process(spec)
+    else:
+        code = _run_torchrun(spec_path, tcfg)
+
+    preempted = work_dir / worker.PREEMPTED
+    if preempted.is_file():
+        info = json.loads(preempted.read_text())
+        if info.get("signal") == "SIGTERM" and callable(caller_sigterm):
+            # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's:
+            # close the MLflow run as KILLED, keep the .partial folder, exit 143) see the signal
+            # that training intercepted.
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise StagePreempted(
+            f"training preempted ({info.get('signal')}) at step {info['step']}; checkpoint saved in "
+            f"{info['checkpoint']}; rerun the same command to resume"
+        )
+    if code != 0 or not (work_dir / worker.DONE).is_file():
+        raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
+
+    metrics = json.loads((work_dir / worker.METRICS).read_text())
+    _log_artifacts(ctx, work_dir)
+    # Checkpoints are for resuming only; the finished stage keeps the adapter, not GBs of state.
+    shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(work_dir / "pids", ignore_errors=True)
+    return StageResult(
+        metrics=metrics,
+        outputs={
+            "adapter": worker.ADAPTER,
+            "config": "config.yaml",
+            "metrics": worker.METRICS,
+            "loss_curve": worker.LOSS_PNG,
+        },
+        extra={"adapter_method": ctx.config.adapter.method, "nproc_per_node": tcfg.nproc_per_node},
+    )
+
+
+def _identity(config_dump: dict[str, Any], prepare_dir: Path) -> str:
+    """What a checkpoint in the work folder depends on: the config and the prepared data."""
+    digest = hashlib.sha256(json.dumps(config_dump, sort_keys=True).encode())
+    for name in ("manifest.json", "dataset/dataset_dict.json"):
+        if (prepare_dir / name).is_file():
+            digest.update((prepare_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _same_attempt(spec_path: Path, identity: str) -> bool:
+    try:
+        return json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == identity
+    except (OSError, ValueError):
+        return False
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _run_in_process(spec: dict[str, Any]) -> int:
+    from pipeline.stages import train_worker as worker
+
+    try:
+        return worker.train(spec)
+    except worker.TrainingFailed as exc:
+        raise StageError(str(exc)) from None
+
+
+def worker_env(tcfg: Any) -> dict[str, str]:
+    """Environment for torchrun workers: our code first on the path, sane CPU threading."""
+    from pipeline.stages.train_dist import cpu_threads
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = str(cpu_threads(tcfg.nproc_per_node, tcfg.omp_num_threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
+    """``torchrun`` for one node. SIGUSR1 is added to the signals torchrun forwards to workers
+    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint.
+
+    With ``$UORA_TRAIN_LAUNCHER`` set (slurm/launch.sh: one torchrun per node of the allocation),
+    that launcher starts the workers instead, with the same worker command.
+    """
+    worker = ["-m", "pipeline.stages.train_worker", str(spec_path)]
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher:
+        return [launcher, *worker]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={tcfg.nproc_per_node}",
+        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown_timeout={tcfg.preempt_grace_s}",
+        *worker,
+    ]
+
+
+def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
+    proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
+
+    def forward(signum: int, _frame: Any) -> None:
+        proc.send_signal(signum)  # torchrun passes it on to every worker
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {
+            sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _log_artifacts(ctx: StageContext, work_dir: Path) -> None:
+    """The loss curve, config and metrics on the train child run (active in this process)."""
+    if not ctx.mlflow_run_id:
+        return
+    import mlflow
+
+    for name in ("loss_curve.png", "config.yaml", "metrics.json"):
+        if (work_dir / name).is_file():
+            mlflow.log_artifact(str(work_dir / name))

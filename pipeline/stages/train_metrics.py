@@ -1,0 +1,114 @@
+"""Training metrics: throughput, MLflow logging from global rank 0 only, and the loss-curve plot.
+
+The worker processes log straight into the train stage's MLflow child run (its id comes from the
+driver), through ``MlflowClient`` rather than the fluent API: no active run is needed, so the same
+code works in-process (where the driver's run is active) and in torchrun workers (where it is not).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+# Trainer's end-of-training summary (the stage reports its own) and bookkeeping: not logged per step.
+_SKIP = {
+    "epoch",
+    "total_flos",
+    "step",
+    "train_loss",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "train_tokens_per_second",
+}
+
+
+class MetricsCallback(TrainerCallback):
+    """Adds ``tokens_per_second`` to each training log and sends logs to MLflow (rank 0)."""
+
+    def __init__(
+        self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
+    ) -> None:
+        self.is_rank0 = is_rank0
+        self.progress_path = progress_path
+        self.client = None
+        self.run_id = run_id
+        if run_id and is_rank0:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._last_time: float | None = None
+        self._last_tokens = 0
+        self.history: list[dict[str, float]] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._last_time is None:  # first step of this process (fresh or resumed)
+            self._last_time = time.perf_counter()
+            self._last_tokens = state.num_input_tokens_seen
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if not logs:
+            return
+        metrics = {
+            k: float(v)
+            for k, v in logs.items()
+            if k not in _SKIP and isinstance(v, (int, float)) and math.isfinite(float(v))
+        }
+        if "loss" in logs and self._last_time is not None:
+            now = time.perf_counter()
+            tokens = state.num_input_tokens_seen - self._last_tokens
+            if now > self._last_time and tokens > 0:
+                metrics["tokens_per_second"] = tokens / (now - self._last_time)
+            self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+        if not self.is_rank0 or not metrics:
+            return
+        metrics["step"] = float(state.global_step)
+        self.history.append(metrics)
+        if self.progress_path is not None:  # for people (and tests) watching a run from outside
+            staging = self.progress_path.with_suffix(".tmp")
+            staging.write_text(json.dumps({"step": state.global_step, "max_steps": state.max_steps}))
+            staging.replace(self.progress_path)
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            stamp = int(time.time() * 1000)
+            batch = [
+                Metric(key=k, value=v, timestamp=stamp, step=state.global_step)
+                for k, v in metrics.items()
+                if k != "step"
+            ]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+
+def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Train and eval loss against optimizer step, as a PNG (matplotlib, Agg backend)."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("SFT loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,82 @@
+"""Process plumbing of the train stage: preemption flag, checkpoint discovery, worker launch."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.stages import train
+from pipeline.stages.train_dist import (
+    PreemptionCallback,
+    PreemptionFlag,
+    cpu_threads,
+    last_complete_checkpoint,
+    remove_incomplete_checkpoints,
+    training_args_for_device,
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_sets_flag_and_callback_stops_with_a_checkpoint(sig):
+    before = signal.getsignal(sig)
+    flag = PreemptionFlag().install()
+    try:
+        callback = PreemptionCallback(flag)
+        control = SimpleNamespace(should_save=False, should_training_stop=False)
+        callback.on_step_end(None, SimpleNamespace(global_step=3), control)
+        assert not control.should_save and callback.stopped_at is None
+        os.kill(os.getpid(), sig)
+        assert flag.requested and flag.signal_name == sig.name
+        callback.on_step_end(None, SimpleNamespace(global_step=4), control)
+        assert control.should_save and control.should_training_stop
+        assert callback.stopped_at == 4 and callback.signal_name == sig.name
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(sig) == before
+
+
+def test_last_complete_checkpoint_ignores_half_written_ones(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert remove_incomplete_checkpoints(tmp_path) == [tmp_path / "checkpoint-15"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-5", "checkpoint-x"]
+
+
+def test_cpu_threads_split_cores_between_workers():
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(1) == cores
+    assert cpu_threads(cores * 4) == 1
+    assert cpu_threads(2, requested=3) == 3
+
+
+def test_gpu_hosts_get_no_cpu_workaround():
+    assert training_args_for_device(use_cpu=False, deepspeed=True) == {}
+    assert training_args_for_device(use_cpu=False, deepspeed=False) == {}
+    assert training_args_for_device(use_cpu=True, deepspeed=False) == {"use_cpu": True}
+
+
+def test_torchrun_forwards_sigusr1_and_slurm_launcher_replaces_it(tmp_path, monkeypatch):
+    tcfg = SimpleNamespace(nproc_per_node=2, preempt_grace_s=120, omp_num_threads=None)
+    monkeypatch.delenv(train.LAUNCHER_ENV, raising=False)
+    command = train.torchrun_command(tmp_path / "spec.json", tcfg)
+    assert "--nproc_per_node=2" in command and "--shutdown_timeout=120" in command
+    assert any(arg.startswith("--signals_to_handle=") and "SIGUSR1" in arg for arg in command)
+    assert command[-3:] == ["-m", "pipeline.stages.train_worker", str(tmp_path / "spec.json")]
+    monkeypatch.setenv(train.LAUNCHER_ENV, "/x/slurm/launch.sh")
+    assert train.torchrun_command(tmp_path / "spec.json", tcfg) == [
+        "/x/slurm/launch.sh",
+        "-m",
+        "pipeline.stages.train_worker",
+        str(tmp_path / "spec.json"),
+    ]
+    env = train.worker_env(tcfg)
+    assert env["OMP_NUM_THREADS"] == str(cpu_threads(2))

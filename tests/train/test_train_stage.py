@@ -1,0 +1,98 @@
+"""The train stage in-process on a tiny model: 8-bit base, outputs, failure messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import make_config, make_ctx, write_prepared
+
+from pipeline.stages import train
+from pipeline.stages.base import StageError
+
+
+@pytest.mark.slow
+def test_8bit_base_trains_and_saves(tmp_path, tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    run_dir = tmp_path / "run8"
+    write_prepared(run_dir)
+    config = make_config(run_dir, str(tiny_model_dir), model={"load_in_8bit": True}, train={"max_steps": 3})
+    result = train.run(make_ctx(run_dir, config))
+    work = run_dir / "train.partial"
+    assert (work / "DONE").is_file()
+    adapter = load_file(work / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(t.numel() > 0 for t in adapter.values())
+    # LoRA B starts at zero: a non-zero B proves optimizer steps reached the adapter
+    assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
+    assert result.metrics["global_step"] == 3
+    assert torch.isfinite(torch.tensor(result.metrics["train_loss_mean"]))
+    # the base really was int8 (bitsandbytes), not silently full precision
+    assert result.metrics["base_int8_layers"] > 0
+    history = json.loads((work / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+
+
+def test_missing_prepared_data_is_one_clear_error(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "nodata"
+    config = make_config(run_dir, str(tiny_model_dir))
+    with pytest.raises(StageError, match=r"stage input missing: .*prepare"):
+        train.run(make_ctx(run_dir, config))
+
+
+def test_8bit_base_with_zero3_is_rejected_at_validation(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    zero3 = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "run: {name: x}\nmodel: {name_or_path: some/model, load_in_8bit: true}\n"
+        f"train: {{deepspeed: {zero3}, nproc_per_node: 2}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"model\.load_in_8bit.*ZeRO-3"):
+        load_config(config)
+
+
+def test_no_usable_template_fails_clearly_when_fallback_is_off(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "tmpl"
+    write_prepared(run_dir, n_train=4, n_eval=2)
+    config = make_config(
+        run_dir,
+        str(tiny_model_dir),
+        model={"chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"},
+        train={"template_fallback": "error"},
+    )
+    with pytest.raises(StageError, match=r"^model\.chat_template: no shipped template .*generation"):
+        train.run(make_ctx(run_dir, config))
+    assert not (run_dir / "train.partial" / "DONE").exists()
+
+
+@pytest.mark.slow
+def test_no_usable_template_falls_back_to_completion_only_loss(tmp_path, tiny_model_dir, capfd):
+    run_dir = tmp_path / "fallback"
+    write_prepared(run_dir, n_train=8, n_eval=2)
+    config = make_config(
+        run_dir,
+        str(tiny_model_dir),
+        model={"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"},
+        train={"max_steps": 2},
+    )
+    result = train.run(make_ctx(run_dir, config))
+    assert "falling back to completion-only loss" in capfd.readouterr().err
+    assert result.metrics["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "stale"
+    write_prepared(run_dir, n_train=8, n_eval=2)
+    work = run_dir / "train.partial"
+    stale = work / "checkpoints" / "checkpoint-99"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text("{}")  # would crash the Trainer if resumed
+    (work / "train_spec.json").write_text(json.dumps({"identity": "from-another-config"}))
+    result = train.run(make_ctx(run_dir, make_config(run_dir, str(tiny_model_dir), train={"max_steps": 2})))
+    assert result.metrics["global_step"] == 2
+    assert not stale.exists()
