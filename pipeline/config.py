@@ -178,14 +178,19 @@ class DataConfig(StrictModel):
 # adapter
 # --------------------------------------------------------------------------------------------
 class ReinitConfig(StrictModel):
-    """UORA's re-initialisation rule (see UORA.md): when a scaling vector's magnitude stays below
-    ``threshold`` for ``patience`` checks, it is interpolated back towards its start by ``alpha``."""
+    """UORA's re-init rule: a rank slot whose |d| stays below threshold gets its projections moved.
 
-    threshold: float = Field(1e-5, ge=0, description="Vector-magnitude threshold.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Interpolation factor.")
-    patience: int = Field(1, ge=1, description="Checks below threshold before re-init.")
-    target: Literal["fixed", "resample"] = Field("fixed", description="Re-init target.")
-    seed: int = Field(0, description="Seed for resampled targets.")
+    Every ``patience`` checks with ``|d[i]| < threshold``, row i of A and column i of B are
+    interpolated towards a target orthogonal pair: ``A ← alpha·A + (1 − alpha)·R`` (see UORA.md).
+    """
+
+    threshold: float = Field(1e-5, ge=0, description="A slot is dead while abs(d[i]) is below this.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Share of the old direction kept per event.")
+    patience: int = Field(1, ge=1, description="Dead checks (one per optimizer step) per re-init event.")
+    target: Literal["fixed", "resample"] = Field(
+        "fixed", description="fixed: one seeded target pair; resample: a fresh target per event."
+    )
+    seed: int = Field(0, description="Seed of the target projections.")
 
 
 class AdapterConfig(StrictModel):
@@ -434,9 +439,9 @@ def _closest_field(model: type[BaseModel] | None, key: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(path: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The section class that a location (without its last element) points into."""
-    model: Any = PipelineConfig
+    model: Any = root or PipelineConfig
     for part in path:
         if isinstance(part, int):
             continue
@@ -461,20 +466,19 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(error: Any) -> list[str]:
+def format_validation_error(error: Any, root: type[BaseModel] | None = None) -> list[str]:
     """pydantic's ValidationError as ``dotted.path: reason (got value)`` lines, one per problem.
 
     Union alternatives produce one error per branch in pydantic; they are collapsed so the user
     sees one line per field.
     """
     lines: list[str] = []
-    seen: set[str] = set()
+    by_path: dict[str, int] = {}  # path -> index in lines, to merge union alternatives
+    reasons: dict[str, list[str]] = {}
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])
         # Drop pydantic's union-branch tags (e.g. 'list[str]', "literal['all-linear']").
         fields = tuple(part for part in loc if isinstance(part, int) or re.fullmatch(r"\w+", str(part)))
-        if len(fields) != len(loc):
-            fields = fields  # a branch-tagged location: keep the field part
         path = ".".join(str(part) for part in fields)
         kind = item["type"]
         if kind == "config_rules":
@@ -483,21 +487,29 @@ def format_validation_error(error: Any) -> list[str]:
                 full = ".".join(p for p in (path, field) if p) if ctx.get("relative") else field
                 lines.append(_line(full, reason, value))
             continue
-        if path in seen:
-            continue
-        seen.add(path)
         if kind == "extra_forbidden":
-            hint = _closest_field(_model_at(fields[:-1]), str(fields[-1]))
-            lines.append(_line(path, f"unknown key{hint}", item["input"]))
+            hint = _closest_field(_model_at(fields[:-1], root), str(fields[-1]))
+            reason, value, has_value = f"unknown key{hint}", item["input"], True
         elif kind == "missing":
-            lines.append(_line(path, "required field is missing", has_value=False))
+            reason, value, has_value = "required field is missing", None, False
         else:
-            message = item["msg"]
-            if message.startswith("Value error, "):
-                message = message.removeprefix("Value error, ")
+            # A section-level rule (a model validator) gets the whole section as its input:
+            # echoing that dict is noise, and it may hold values nobody wants in a log.
+            reason, value, has_value = item["msg"], item["input"], not isinstance(item["input"], dict)
+            if reason.startswith("Value error, "):
+                reason = reason.removeprefix("Value error, ")
             else:  # pydantic's own wording: "Input should be ..." reads better lower-cased here
-                message = message[0].lower() + message[1:]
-            lines.append(_line(path, message, item["input"]))
+                reason = reason[0].lower() + reason[1:]
+        if path in by_path:  # another alternative of a union: "should be a list or 'all-linear'"
+            if reason not in reasons[path]:
+                reasons[path].append(reason)
+                merged = reasons[path][0] + "".join(
+                    " or " + r.removeprefix("input should be ") for r in reasons[path][1:]
+                )
+                lines[by_path[path]] = _line(path, merged, value, has_value=has_value)
+            continue
+        by_path[path], reasons[path] = len(lines), [reason]
+        lines.append(_line(path, reason, value, has_value=has_value))
     return lines
 
 
@@ -669,3 +681,71 @@ def digest_of(value: Any) -> str:
 
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# the reference documentation, generated from the schema (README's tables come from here)
+# --------------------------------------------------------------------------------------------
+SECTION_CLASSES: dict[str, type[BaseModel]] = {
+    name: _section_type(field.annotation)  # type: ignore[misc]
+    for name, field in PipelineConfig.model_fields.items()
+}
+
+
+def _type_name(annotation: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(str(arg) for arg in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " \\| ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "**required**"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(see below)"
+    if isinstance(value, list):
+        value = [item.model_dump(exclude_defaults=True) if isinstance(item, BaseModel) else item
+                 for item in value]  # fmt: skip
+    return f"`{json.dumps(value)}`"
+
+
+def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
+    """Markdown tables (key, type, default, meaning) for the given sections, nested ones included."""
+    blocks: list[str] = []
+
+    def table(title: str, model: type[BaseModel]) -> None:
+        rows = [f"**`{title}`** — {(model.__doc__ or '').strip().splitlines()[0]}", "",
+                "| key | type | default | meaning |", "|---|---|---|---|"]  # fmt: skip
+        nested = []
+        for name, field in model.model_fields.items():
+            description = (field.description or "").replace("|", "\\|")
+            kind, default = _type_name(field.annotation), _default_text(field)
+            rows.append(f"| `{name}` | {kind} | {default} | {description} |")
+            inner = _section_type(field.annotation)
+            if inner is not None:
+                suffix = "[]" if "list" in _type_name(field.annotation) else ""
+                nested.append((f"{title}.{name}{suffix}", inner))
+        blocks.append("\n".join(rows))
+        for inner_title, inner in nested:
+            table(inner_title, inner)
+
+    for name in sections or tuple(SECTION_CLASSES):
+        table(name, SECTION_CLASSES[name])
+    return "\n\n".join(blocks) + "\n"
+
+
+if __name__ == "__main__":  # python -m pipeline.config [SECTION ...]: print the reference
+    import sys
+
+    print(reference_markdown(tuple(sys.argv[1:]) or None), end="")

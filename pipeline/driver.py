@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,6 +33,11 @@ MANIFEST = "manifest.json"
 EXIT_STAGE_FAILED = 1
 EXIT_TRACKING = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (Slurm preemption, ``scancel``): stop like Ctrl-C, record it, exit 143."""
 
 
 @dataclass
@@ -171,8 +178,6 @@ def run_pipeline(
     """Run ``stages`` (default: all, in order) and print a one-screen summary; returns an exit code."""
     from rich.console import Console
 
-    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri
-
     console = console or Console()
     order = stage_registry.STAGE_ORDER
     selected = [name for name in order if name in (stages or order)]
@@ -183,6 +188,41 @@ def run_pipeline(
             print(line, file=sys.stderr)
         return EXIT_STAGE_FAILED
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock, Timeout
+
+    # One driver per run directory: a second one would race on the same .partial folders. The
+    # lock is an OS file lock, so a killed driver (or a requeued Slurm job) never leaves it stale.
+    lock = FileLock(str(config.run_dir / "driver.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"run dir {config.run_dir} is in use by another pipeline process", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    previous = _install_sigterm_handler()
+    try:
+        return _run_locked(config, selected, pipeline, force, config_path, console)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        lock.release()
+
+
+def _install_sigterm_handler() -> Any:
+    """Turn SIGTERM into an exception so the stage's MLflow run is closed as KILLED and the
+    summary still prints; the stage's ``.partial`` folder stays for the resumed run."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
+                config_path: str | None, console: Any) -> int:  # fmt: skip
+    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri
+
     uri = resolve_uri(config)
     try:
         check_reachable(uri)
@@ -191,7 +231,12 @@ def run_pipeline(
         return EXIT_TRACKING
 
     tracker = Tracker(config, config_path)
-    tracker.start()
+    try:
+        tracker.start()
+    except Exception as error:  # a store that answers but refuses (auth, schema, locked db)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"tracking.uri: cannot start the MLflow run on {uri}: {first}", file=sys.stderr)
+        return EXIT_TRACKING
     reports = [StageReport(name) for name in selected]
     code = 0
     for report in reports:
@@ -221,8 +266,13 @@ def run_pipeline(
             print(f"stage '{name}' failed: {error}", file=sys.stderr)
             code = EXIT_STAGE_FAILED
         except KeyboardInterrupt:
-            report.status, report.detail = "failed", "interrupted"
+            report.status, report.detail = "failed", "interrupted (Ctrl-C); rerun to resume"
+            print(f"stage '{name}' interrupted; rerun to resume", file=sys.stderr)
             code = EXIT_INTERRUPTED
+        except Terminated:
+            report.status, report.detail = "failed", "terminated (SIGTERM); rerun to resume"
+            print(f"stage '{name}' terminated by SIGTERM; rerun to resume", file=sys.stderr)
+            code = EXIT_TERMINATED
         except Exception as error:
             traceback.print_exc()
             report.status = "failed"
@@ -238,7 +288,8 @@ def run_pipeline(
     for report in reports:
         if report.status == "pending":
             report.status = "not run"
-    tracker.finish("FINISHED" if code == 0 else "FAILED")
+    stopped = code in (EXIT_INTERRUPTED, EXIT_TERMINATED)
+    tracker.finish("FINISHED" if code == 0 else "KILLED" if stopped else "FAILED")
     print_summary(console, config, reports, uri, tracker.parent_id)
     return code
 

@@ -412,8 +412,11 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     per_source, malformed, formats = load_examples(config)
     counts: Counter = Counter()
     counts["malformed"] = len(malformed)
-    rows_in = {config.data.sources[i].label: len(ex) + sum(m["source"] == config.data.sources[i].label
-               for m in malformed) for i, ex in enumerate(per_source)}  # fmt: skip
+    rows_in: Counter = Counter()
+    for index, examples in enumerate(per_source):
+        rows_in[config.data.sources[index].label] += len(examples)
+    for item in malformed:
+        rows_in[item["source"]] += 1
 
     seen: set[str] = set()
     lengths_by_key: dict[str, int] = {}

@@ -277,3 +277,22 @@ def test_nothing_left_and_eval_too_big(tmp_path, smollm2_dir, tokenizer):
     config = make_config(tmp_path, smollm2_dir, [{"builtin": 10}], eval_size=10)
     with pytest.raises(StageError, match=r"^data\.eval_size: 10 eval rows leave no training rows \(10 rows"):
         prepare.build(config, tokenizer, tmp_path)
+
+
+def test_llama2_chat_template_file(smollm2_dir):
+    """The production configs' template file renders the Llama-2 chat format (loaded through
+    model.chat_template as a path, the way the configs use it)."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_tokenizer
+
+    repo = Path(__file__).resolve().parents[2]
+    template = repo / "configs" / "templates" / "llama2_chat.jinja"
+    tok = load_tokenizer(ModelConfig(name_or_path=str(smollm2_dir), chat_template=str(template)))
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
+                {"role": "assistant", "content": "A2"}]  # fmt: skip
+    bos, eos = tok.bos_token, tok.eos_token
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        f"{bos}[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 {eos}{bos}[INST] U2 [/INST] A2 {eos}"
+    )
+    prepare.check_template(tok)
