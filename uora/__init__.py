@@ -11,7 +11,7 @@ from .callbacks import UoraReinitCallback
 from .config import UoraConfig
 from .layer import Linear, UoraLayer
 from .model import UoraModel
-from .reinit import reinit_step, total_reinit_events
+from .reinit import reinit_step, sync_projections_from_rank0, total_reinit_events
 
 register(UoraConfig, UoraModel)
 
@@ -23,5 +23,6 @@ __all__ = [
     "UoraModel",
     "UoraReinitCallback",
     "reinit_step",
+    "sync_projections_from_rank0",
     "total_reinit_events",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .reinit import reinit_step, total_reinit_events
+from .reinit import reinit_step, sync_projections_from_rank0, total_reinit_events
 
 EVENTS_KEY = "uora/reinit_events"
 TOTAL_KEY = "uora/reinit_events_total"
@@ -42,6 +42,18 @@ class UoraReinitCallback(TrainerCallback):
         callback = cls()
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        # after a resume the checkpoint was loaded before this event, so rank 0's A/B are the saved ones
+        if model is not None:
+            sync_projections_from_rank0(model)
 
     def on_step_end(
         self,

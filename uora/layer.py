@@ -98,6 +98,25 @@ class UoraLayer(BaseTunerLayer):
                 self.uora_lambda_d[adapter_name].fill_(d_initial)
                 self.uora_lambda_b[adapter_name].zero_()
 
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
+        """PEFT's move, except that A and B only change device, never dtype.
+
+        PEFT would cast them to the base layer's dtype (e.g. bf16) right before `get_peft_model`
+        upcasts d and b back to fp32, losing A/B's orthonormality to bf16 rounding for nothing. A and
+        B are instead converted lazily to d's dtype in `_projections`.
+        """
+        shared = {}
+        for attr in ("uora_A", "uora_B"):
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                shared[attr] = container[adapter_name]
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+        for attr, tensor in shared.items():
+            moved = getattr(self, attr)[adapter_name]
+            getattr(self, attr)[adapter_name] = tensor.to(moved.device)
+
     def _projections(
         self, adapter: str, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:

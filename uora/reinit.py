@@ -146,6 +146,26 @@ def reinit_step(model: nn.Module) -> int:
     return sum(reinit_adapter(tuner, name) for name in _trainable_adapters(tuner))
 
 
+def sync_projections_from_rank0(model: nn.Module) -> bool:
+    """Broadcast every UORA adapter's A and B from rank 0 (no-op outside torch.distributed).
+
+    Every rank draws the same projections from the same seed, but the QR runs in the CPU's LAPACK,
+    whose last-bit rounding can differ between CPU types; a one-time broadcast before training makes
+    the ranks bit-identical on heterogeneous nodes too. Collective: call it on every rank (the
+    Trainer callback does so in `on_train_begin`). Returns True when a broadcast happened.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    tuner = find_uora_model(model)
+    for attr in ("uora_A", "uora_B"):
+        container = getattr(tuner, attr)
+        for name in sorted(container.keys()):
+            dist.broadcast(container[name], src=0)
+    return True
+
+
 def total_reinit_events(model: nn.Module) -> int:
     """Layer events since training began, derived from the saved counters (Σ ⌊c/K⌋): exact after a resume."""
     tuner = find_uora_model(model)

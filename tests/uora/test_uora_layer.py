@@ -178,3 +178,31 @@ def test_loading_a_checkpoint_without_projections_is_refused(tiny_llama, tmp_pat
     save_file({k: v for k, v in weights.items() if "uora_A" not in k}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="The UORA checkpoint has no 'uora_A' projection"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_half_precision_base_keeps_fp32_projections_with_fp32_vectors(tiny_llama, ids):
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, UoraConfig(r=8, target_modules="all-linear"))  # autocasts d, b to fp32
+    tuner = model.base_model
+    layer = tuner.model.model.layers[0].self_attn.q_proj
+    assert layer.uora_lambda_d["default"].dtype == torch.float32
+    assert tuner.uora_A["default"].dtype == torch.float32
+    a = tuner.uora_A["default"]
+    torch.testing.assert_close(a @ a.T, torch.eye(8), atol=1e-5, rtol=0)
+    assert model(ids).logits.dtype == torch.bfloat16
+
+
+def test_low_cpu_mem_loading_and_loading_under_a_second_name(tiny_llama, ids, tmp_path):
+    model, _ = _peft(tiny_llama)
+    randomise_vectors(model)
+    with torch.no_grad():
+        model.base_model.uora_A["default"][0].mul_(2.0)  # not what the seed regenerates
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    lazy = PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(lazy(ids).logits, expected)
+    both = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    both.load_adapter(tmp_path, "second")
+    assert torch.equal(both.base_model.uora_A["second"], model.base_model.uora_A["default"])
+    both.set_adapter("second")
+    assert torch.equal(both(ids).logits, expected)

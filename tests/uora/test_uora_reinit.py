@@ -171,3 +171,36 @@ def test_reinit_on_a_merged_adapter_is_refused(tiny_llama):
 def test_reinit_step_needs_a_uora_model(tiny_llama):
     with pytest.raises(ValueError, match="No UORA adapter found"):
         uora.reinit_step(tiny_llama())
+
+
+def test_zero3_partitioned_d_is_gathered_before_the_check(tiny_llama, monkeypatch):
+    """Under ZeRO-3 d is partitioned: the check reads it inside deepspeed.zero.GatheredParameters
+    (deepspeed is imported only then). A stub stands in for deepspeed, which is not installed here."""
+    import contextlib
+    import sys
+    import types
+
+    gathered = []
+
+    @contextlib.contextmanager
+    def gathered_parameters(params, modifier_rank=None):
+        gathered.append((list(params), modifier_rank))
+        yield
+
+    stub = types.ModuleType("deepspeed")
+    stub.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", stub)
+
+    model = _model(tiny_llama)
+    _plant(model, 2, slot=5)
+    assert uora.reinit_step(model) == 1
+    assert gathered == []  # ordinary parameters: no gathering
+    for layer in model.base_model.uora_layers("default"):
+        param = layer.uora_lambda_d["default"]
+        param.ds_id, param.ds_status = id(param), "NOT_AVAILABLE"
+    assert uora.reinit_step(model) == 1
+    ((params, modifier_rank),) = gathered
+    assert modifier_rank is None  # read-only gather: no rank broadcasts modifications
+    assert [id(p) for p in params] == [
+        id(layer.uora_lambda_d["default"]) for layer in model.base_model.uora_layers("default")
+    ]

@@ -44,6 +44,10 @@ def main(out_dir: str) -> None:
     with torch.no_grad():
         model.base_model.uora_layers("default")[2].uora_lambda_d["default"][1] = 0.0
         model.base_model.uora_layers("default")[11].uora_lambda_d["default"][5] = 0.0
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 1:  # as if rank 1's LAPACK rounded differently: the callback's broadcast must undo it
+        with torch.no_grad():
+            model.base_model.uora_A["default"].mul_(1.0 + 1e-6)
     args = TrainingArguments(
         output_dir=out_dir,
         max_steps=4,
@@ -52,13 +56,15 @@ def main(out_dir: str) -> None:
         report_to=[],
         use_cpu=True,
         ddp_backend="gloo",
+        # DDP would otherwise broadcast rank 0's buffers (A, B, counters) at every forward, hiding
+        # whether each rank computes the same re-initialisation on its own
+        ddp_broadcast_buffers=False,
         save_strategy="no",
         seed=0,
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[UoraReinitCallback()])
     trainer.train()
-    rank = int(os.environ.get("RANK", "0"))
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     state["world_size"] = torch.tensor(trainer.args.world_size)
     state["events"] = torch.tensor(total_reinit_events(model))
