@@ -168,6 +168,8 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
     tcfg = cfg.train
     use_cpu = tcfg.use_cpu if tcfg.use_cpu is not None else not torch.cuda.is_available()
     device_kwargs = training_args_for_device(use_cpu, bool(tcfg.deepspeed))
+    if use_cpu and tcfg.omp_num_threads:  # torchrun workers get it as OMP_NUM_THREADS; in-process too
+        torch.set_num_threads(tcfg.omp_num_threads)
     transformers.set_seed(cfg.run.seed)
 
     # --- tokenizer and the chat template the loss mask comes from ---------------------------
