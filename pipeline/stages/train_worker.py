@@ -134,13 +134,15 @@ def _count_int8_layers(model: Any) -> int:
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     import datasets
+    import torch
 
-    caching = datasets.is_caching_enabled()
+    caching, threads = datasets.is_caching_enabled(), torch.get_num_threads()
     flag = PreemptionFlag().install()
     try:
         return _train(spec, flag)
     finally:  # leave an in-process caller (the driver) as we found it
         flag.uninstall()
+        torch.set_num_threads(threads)
         if caching:
             datasets.enable_caching()
 
