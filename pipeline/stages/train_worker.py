@@ -134,13 +134,15 @@ def _count_int8_layers(model: Any) -> int:
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     import datasets
+    import torch
 
-    caching = datasets.is_caching_enabled()
+    caching, threads = datasets.is_caching_enabled(), torch.get_num_threads()
     flag = PreemptionFlag().install()
     try:
         return _train(spec, flag)
     finally:  # leave an in-process caller (the driver) as we found it
         flag.uninstall()
+        torch.set_num_threads(threads)
         if caching:
             datasets.enable_caching()
 
@@ -168,6 +170,8 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
     tcfg = cfg.train
     use_cpu = tcfg.use_cpu if tcfg.use_cpu is not None else not torch.cuda.is_available()
     device_kwargs = training_args_for_device(use_cpu, bool(tcfg.deepspeed))
+    if use_cpu and tcfg.omp_num_threads:  # torchrun workers get it as OMP_NUM_THREADS; in-process too
+        torch.set_num_threads(tcfg.omp_num_threads)
     transformers.set_seed(cfg.run.seed)
 
     # --- tokenizer and the chat template the loss mask comes from ---------------------------

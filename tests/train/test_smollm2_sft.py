@@ -40,7 +40,7 @@ LEARNING_RATES = {"uora": 2e-2, "lora": 2e-3, "vera": 2e-2}
 
 def _cli(*args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, timeout=1800)
     assert done.returncode == 0
 
 

@@ -82,3 +82,11 @@ def test_completion_only_fallback_splits_at_last_assistant_turn():
     ]
     row = to_prompt_completion({"messages": messages})
     assert row == {"prompt": messages[:3], "completion": messages[3:]}
+
+
+def test_the_llama2_configs_template_file_gets_the_marked_llama2_template(tokenizer):
+    from pathlib import Path
+
+    config_template = Path(__file__).resolve().parents[2] / "configs" / "templates" / "llama2_chat.jinja"
+    tokenizer.chat_template = config_template.read_text()
+    assert choose_training_template(tokenizer).source == "llama2"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,49 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir)
     result = train.run(make_ctx(run_dir, make_config(run_dir, str(tiny_model_dir), train={"max_steps": 2})))
     assert result.metrics["global_step"] == 2
     assert not stale.exists()
+
+
+class _Terminated(BaseException):
+    """Stands in for the driver's SIGTERM exception."""
+
+
+@pytest.mark.slow
+def test_in_process_sigterm_checkpoints_then_reaches_the_callers_handler(tmp_path, tiny_model_dir):
+    import signal
+    import threading
+    import time
+
+    run_dir = tmp_path / "term"
+    write_prepared(run_dir, n_train=32, n_eval=2)
+    config = make_config(run_dir, str(tiny_model_dir), train={"max_steps": 12})
+    work = run_dir / "train.partial"
+
+    def send_sigterm_after_first_step() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if json.loads((work / "progress.json").read_text())["step"] >= 1:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def driver_handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, driver_handler)
+    try:
+        threading.Thread(target=send_sigterm_after_first_step, daemon=True).start()
+        with pytest.raises(_Terminated):
+            train.run(make_ctx(run_dir, config))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    marker = json.loads((work / "PREEMPTED").read_text())
+    assert marker["signal"] == "SIGTERM" and 1 <= marker["step"] < 12
+    assert not (work / "DONE").exists()
+
+    result = train.run(make_ctx(run_dir, config))  # the same call resumes and finishes
+    assert result.metrics["global_step"] == 12 and (work / "DONE").is_file()
+    history = json.loads((work / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, 13))
