@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import stages as stage_registry
 from pipeline.config import config_slice, digest_of
-from pipeline.stages.base import StageContext, StageError, StageNotImplemented, StageResult
+from pipeline.stages.base import (
+    StageContext,
+    StageError,
+    StageNotImplemented,
+    StagePreempted,
+    StageResult,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -239,6 +245,7 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
         return EXIT_TRACKING
     reports = [StageReport(name) for name in selected]
     code = 0
+    preempted = False
     for report in reports:
         name = report.name
         if pipeline.disabled(name):
@@ -261,6 +268,12 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
                 message = f"stage '{name}': {message}"
             print(f"{message}; no output was written", file=sys.stderr)
             code = EXIT_STAGE_FAILED
+        except StagePreempted as error:
+            # Preemption is not a failure: progress is saved in <stage>.partial, and exit 0 lets
+            # a batch system requeue the job; the rerun resumes.
+            report.status, report.detail = "preempted", str(error)
+            print(f"stage '{name}' preempted: {error}", file=sys.stderr)
+            preempted = True
         except StageError as error:
             report.status, report.detail = "failed", str(error)
             print(f"stage '{name}' failed: {error}", file=sys.stderr)
@@ -283,13 +296,13 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
         else:
             report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
         report.seconds = time.perf_counter() - began
-        if code:
+        if code or preempted:
             break
     for report in reports:
         if report.status == "pending":
             report.status = "not run"
-    stopped = code in (EXIT_INTERRUPTED, EXIT_TERMINATED)
-    tracker.finish("FINISHED" if code == 0 else "KILLED" if stopped else "FAILED")
+    stopped = preempted or code in (EXIT_INTERRUPTED, EXIT_TERMINATED)
+    tracker.finish("KILLED" if stopped else "FINISHED" if code == 0 else "FAILED")
     print_summary(console, config, reports, uri, tracker.parent_id)
     return code
 
@@ -307,7 +320,7 @@ def print_summary(console: Any, config: PipelineConfig, reports: list[StageRepor
     from pipeline.tracking import ui_command
 
     colours = {"ran": "green", "up to date": "cyan", "disabled": "dim", "failed": "red",
-               "not implemented": "yellow", "not run": "dim"}  # fmt: skip
+               "preempted": "yellow", "not implemented": "yellow", "not run": "dim"}  # fmt: skip
     table = Table(title=f"pipeline run '{config.run.name}'", title_justify="left")
     for column in ("stage", "status", "time", "output / reason", "key metrics"):
         table.add_column(column, overflow="fold")

@@ -196,14 +196,19 @@ class Tracker:
     def stage_run(self, stage: str) -> Iterator[str]:
         """A child run for one stage execution, active for the duration of the block.
 
-        Ends FINISHED on success, FAILED if the block raises, KILLED if it is interrupted (the
-        exception propagates).
+        Ends FINISHED on success, FAILED if the block raises, KILLED if it is interrupted or
+        preempted (the exception propagates).
         """
         import mlflow
+
+        from pipeline.stages.base import StagePreempted
 
         run = mlflow.start_run(run_name=stage, nested=True, tags={"pipeline.stage": stage})
         try:
             yield run.info.run_id
+        except StagePreempted:  # stopped on purpose after saving progress; a rerun resumes
+            mlflow.end_run(status="KILLED")
+            raise
         except Exception:
             mlflow.end_run(status="FAILED")
             raise

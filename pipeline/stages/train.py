@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.stages.base import StageContext, StageError, StageResult
+from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
 
 NAME = "train"
 INPUTS: tuple[str, ...] = ("prepare",)
@@ -33,16 +33,6 @@ CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
 
 SPEC = "train_spec.json"
 LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker launcher
-
-
-class StagePreempted(StageError):
-    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning resumes it.
-
-    The stage is left incomplete (no DONE, ``.partial`` kept, the PREEMPTED marker in it) so a
-    requeued job continues. After SIGTERM the caller's own SIGTERM handler runs first (the
-    driver's: exit 143, "rerun to resume"); this exception is what remains for SIGUSR1 or a
-    caller without a handler.
-    """
 
 
 def run(ctx: StageContext) -> StageResult:

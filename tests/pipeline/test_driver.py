@@ -23,7 +23,7 @@ import pytest
 from pipeline import stages as stage_registry
 from pipeline.config import PipelineConfig
 from pipeline.driver import run_pipeline
-from pipeline.stages.base import StageError, StageNotImplemented, StageResult
+from pipeline.stages.base import StageError, StageNotImplemented, StagePreempted, StageResult
 
 REPO = Path(__file__).resolve().parents[2]
 ORDER = ("prepare", "train", "evaluate", "export", "promote")
@@ -178,6 +178,37 @@ def test_failed_stage_leaves_no_trusted_output_and_resumes(tmp_path, store, fake
     assert (changed.run_dir / "train" / "manifest.json").is_file()
     fakes.behave.pop("train")
     assert go(changed)[0] == 0 and fakes.counts()["evaluate"] == 2
+
+
+def test_preempted_stage_exits_zero_without_completing_and_resumes(tmp_path, store, fakes, capsys):
+    """Preemption (SIGUSR1 under Slurm) is no failure: exit 0 so the job requeues, nothing trusted."""
+    from mlflow.tracking import MlflowClient
+
+    config = make_config(tmp_path, store)
+
+    def preempt_after_checkpoint(ctx):
+        (ctx.work_dir / "checkpoint").write_text("step 2")
+        raise StagePreempted("training preempted (SIGUSR1) at step 2; rerun the same command to resume")
+
+    fakes.behave["train"] = preempt_after_checkpoint
+    code, summary = go(config)
+    assert code == 0
+    assert "stage 'train' preempted: training preempted (SIGUSR1) at step 2" in capsys.readouterr().err
+    assert "preempted" in summary and "not run" in summary
+    assert not (config.run_dir / "train").exists()  # not complete: a rerun must not skip it
+    assert fakes.counts() == {"prepare": 1, "train": 1, "evaluate": 0, "export": 0, "promote": 0}
+    client = MlflowClient(tracking_uri=store)
+    parent_id = json.loads((config.run_dir / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(parent_id).info.status == "KILLED"  # neither FINISHED nor FAILED
+    [child] = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{parent_id}' and tags.`pipeline.stage` = 'train'")  # fmt: skip
+    assert child.info.status == "KILLED"
+
+    resumed_from = []
+    fakes.behave["train"] = lambda ctx: resumed_from.append((ctx.work_dir / "checkpoint").read_text())
+    assert go(config)[0] == 0
+    assert resumed_from == ["step 2"]
+    assert fakes.counts() == {"prepare": 1, "train": 2, "evaluate": 1, "export": 1, "promote": 0}
 
 
 def test_not_implemented_stage_stops_the_run(tmp_path, store, fakes, capsys):
