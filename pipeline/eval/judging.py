@@ -36,6 +36,12 @@ class JudgeTask:
     key: str
 
     @property
+    def labels(self) -> dict[str, Any]:
+        """The fields that say whose answer a judgment grades (a cached verdict may be shared)."""
+        return {"question_id": self.question.question_id, "model": self.model_id, "turn": self.turn,
+                "category": self.question.category}  # fmt: skip
+
+    @property
     def chat(self) -> list[dict[str, str]]:
         return [
             {"role": "system", "content": self.prompt.system_prompt},
@@ -95,19 +101,18 @@ def run_judging(
     from tqdm.auto import tqdm
 
     cached = read_cache(cache_path)
-    todo = [task for task in tasks if task.key not in cached]
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="judgments", disable=not progress)
+    # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
+    # once; the verdict is then reported for every task that shares it, labelled with its model.
+    todo = list({task.key: task for task in tasks if task.key not in cached}.values())
+    bar = tqdm(total=len(todo), desc="judgments", disable=not progress)
     for index, outputs in backend.complete([task.chat for task in todo], samples):
         task = todo[index]
         record = {
-            "question_id": task.question.question_id,
-            "model": task.model_id,
+            **task.labels,
             "judge": [backend.name, task.prompt.name],
             "user_prompt": task.user_prompt,
             "judgment": outputs[0],
-            "turn": task.turn,
             "tstamp": time.time(),
-            "category": task.question.category,
             "judgments": outputs,
             **verdict(outputs),
             "cache_key": task.key,
@@ -116,6 +121,6 @@ def run_judging(
         cached[task.key] = record
         bar.update(1)
     bar.close()
-    records = [cached[task.key] for task in tasks]
+    records = [{**cached[task.key], **task.labels} for task in tasks]
     rewrite_records(cache_path, records)
     return records
