@@ -311,10 +311,11 @@ class JudgeConfig(StrictModel):
     local_model: ModelConfig | None = Field(
         None, description="Local judge weights (like the model section); null = the same as model."
     )
-    local_scoring: Literal["generate", "logits"] = Field(
+    local_scoring: Literal["generate", "logits", "expected"] = Field(
         "generate",
-        description="local judge: generate an explanation and parse [[rating]], or pick the most likely "
-        "rating 1-10 after 'Rating: [[' (works even for small judges that never emit the format).",
+        description="local judge: generate an explanation and parse [[rating]]; 'logits': the most likely "
+        "rating 1-10 after 'Rating: [['; 'expected': the probability-weighted mean rating (both work for "
+        "small judges that never emit the format).",
     )
     prompts: str | None = Field(
         None, description="FastChat judge_prompts.jsonl to use instead of the built-in prompt texts."

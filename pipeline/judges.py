@@ -258,6 +258,8 @@ class LocalJudge:
             for sample in range(samples):
                 if self.scoring == "logits":
                     texts = [f"Rating: [[{self.most_likely_rating(p)}]]" for p in prompts]
+                elif self.scoring == "expected":
+                    texts = [f"Rating: [[{self.expected_rating(p):.2f}]]" for p in prompts]
                 else:
                     texts = generate_batch(
                         self.model,
@@ -312,6 +314,15 @@ class LocalJudge:
     def most_likely_rating(self, prompt: str) -> int:
         scores = self.rating_logprobs(prompt)
         return max(range(10), key=lambda i: scores[i]) + 1
+
+    def expected_rating(self, prompt: str) -> float:
+        """The probability-weighted mean rating over 1..10 (as G-Eval scores): small judges put
+        most mass on one habitual number, so the arg-max barely moves, while the expectation still
+        follows how the judge's belief shifts between answers."""
+        import torch
+
+        probs = torch.tensor(self.rating_logprobs(prompt), dtype=torch.float64).softmax(dim=0)
+        return float((probs * torch.arange(1, 11, dtype=torch.float64)).sum())
 
 
 def build_judge(config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> JudgeBackend:

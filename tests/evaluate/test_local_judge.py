@@ -47,6 +47,19 @@ def test_logits_scoring_gives_the_most_likely_rating(smollm2):
     assert results[0][0] == f"Rating: [[{max(range(10), key=scores.__getitem__) + 1}]]"
 
 
+def test_expected_scoring_is_the_probability_weighted_rating(smollm2):
+    judge = _judge(smollm2, "expected", batch_size=2)
+    chats = [_chat("Paris."), _chat("I do not know, maybe bananas.")]
+    results = dict(judge.complete(chats, samples=1))
+    for index, chat in enumerate(chats):
+        scores = torch.tensor(judge.rating_logprobs(judge.render(chat)), dtype=torch.float64)
+        probs = scores.exp() / scores.exp().sum()  # computed independently of the judge's code
+        expected = sum((k + 1) * p for k, p in enumerate(probs.tolist()))
+        assert results[index] == [f"Rating: [[{expected:.2f}]]"]
+        assert parse_rating(results[index][0]) == pytest.approx(expected, abs=5e-3)
+        assert 1.0 <= expected <= 10.0
+
+
 def test_generate_scoring_returns_the_judge_text(smollm2):
     judge = _judge(smollm2, "generate", max_new_tokens=6, batch_size=2)
     results = dict(judge.complete([_chat("Lyon.")], samples=1))
