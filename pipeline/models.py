@@ -10,6 +10,7 @@ content digest, and later loads (other stages, other ranks, other runs) read tha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -51,6 +52,20 @@ def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_digest(path: Path) -> str:
+    """``file_digest`` of a checkpoint file, computed once per process while the file is unchanged:
+    every stage resolves its model several times (tokenizer, weights, identities), and a GGUF
+    file is ~100 MB. Checkpoints are replaced, not edited in place, so inode, size and mtime
+    identify the content."""
+    stat = path.stat()
+    return _memo_digest(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _memo_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return file_digest(path)
+
+
 def convert_gguf(directory: str, gguf_file: str, cache: Path | None = None) -> Path:
     """Convert ``directory/gguf_file`` to a safetensors + tokenizer folder, once per content digest.
 
@@ -61,7 +76,7 @@ def convert_gguf(directory: str, gguf_file: str, cache: Path | None = None) -> P
     if not source.is_file():
         raise FileNotFoundError(f"model.gguf_file: {source} does not exist")
     cache = cache or cache_root()
-    target = cache / "gguf" / f"{source.stem}-{file_digest(source)[:16]}"
+    target = cache / "gguf" / f"{source.stem}-{checkpoint_digest(source)[:16]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

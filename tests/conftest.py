@@ -20,10 +20,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (MT-Bench files and Alpaca-format instruction sets)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    """../shared/data (MT-Bench files and Alpaca-format instruction sets), or ``$UORA_SHARED_DATA``
+    for checkouts that do not sit next to it (git worktrees)."""
+    for candidate in (SHARED_DATA, Path(os.environ.get("UORA_SHARED_DATA", "/nonexistent"))):
+        if candidate.is_dir():
+            return candidate
+    pytest.skip(f"shared data not found at {SHARED_DATA} (or set UORA_SHARED_DATA)")
 
 
 @pytest.fixture(scope="session")

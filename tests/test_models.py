@@ -31,3 +31,22 @@ def test_smollm2_gguf_converts_once_and_loads(smollm2_dir):
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "5" in answer
+
+
+def test_checkpoint_digest_is_computed_once_per_unchanged_file(tmp_path, monkeypatch):
+    import pipeline.models as models
+
+    checkpoint = tmp_path / "model.gguf"
+    checkpoint.write_bytes(b"weights v1")
+    hashed = []
+    real = models.file_digest
+    monkeypatch.setattr(models, "file_digest", lambda path: hashed.append(path) or real(path))
+    first = models.checkpoint_digest(checkpoint)
+    assert models.checkpoint_digest(checkpoint) == first == real(checkpoint)
+    assert len(hashed) == 1  # the second call did not read the file again
+
+    replacement = tmp_path / "new.gguf"  # checkpoints are replaced, not edited in place
+    replacement.write_bytes(b"weights v2")
+    replacement.replace(checkpoint)
+    assert models.checkpoint_digest(checkpoint) == real(checkpoint) != first
+    assert len(hashed) == 2
