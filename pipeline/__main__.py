@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="run config YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage")
-    parser.add_argument("--only", metavar="STAGE", help="run just this stage")
+    parser.add_argument("--only", metavar="STAGE[,STAGE]", help="run just these stages (comma-separated)")
     parser.add_argument("--force", action="store_true", help="re-run selected stages even if up to date")
     parser.add_argument("--print-config", action="store_true", help="validate: print the resolved config")
     return parser
@@ -48,7 +48,8 @@ def _fail(lines: list[str]) -> int:
 
 def select_stages(command: str, from_stage: str | None, only: str | None) -> list[str]:
     """The stages a command runs, in order; raises ValueError with a one-line reason."""
-    for flag, value in (("--from", from_stage), ("--only", only)):
+    only_stages = [name.strip() for name in only.split(",")] if only is not None else []
+    for flag, value in [("--from", from_stage)] + [("--only", name) for name in only_stages]:
         if value is not None and value not in STAGE_ORDER:
             raise ValueError(f"{flag}: unknown stage {value!r} (stages: {', '.join(STAGE_ORDER)})")
     if from_stage and only:
@@ -58,7 +59,7 @@ def select_stages(command: str, from_stage: str | None, only: str | None) -> lis
             raise ValueError(f"'{command}' runs one stage; use 'run' with --from/--only")
         return [command]
     if only:
-        return [only]
+        return [name for name in STAGE_ORDER if name in only_stages]
     if from_stage:
         return list(STAGE_ORDER[STAGE_ORDER.index(from_stage) :])
     return list(STAGE_ORDER)

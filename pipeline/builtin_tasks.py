@@ -124,9 +124,7 @@ def _string_manipulation(rng: random.Random) -> dict[str, str]:
         return _finish("string", f"Remove every vowel (a, e, i, o, u) from the text '{word}'.", "", without)
     letter = rng.choice(sorted(set(word) - {" "}))
     count = word.count(letter)
-    return _finish(
-        "string", f"How many times does the letter '{letter}' appear in '{word}'?", "", str(count)
-    )
+    return _finish("string", f"How many times does the letter '{letter}' appear in '{word}'?", "", str(count))
 
 
 def _list_manipulation(rng: random.Random) -> dict[str, str]:

@@ -118,6 +118,14 @@ class DataSource(StrictModel):
     name: str | None = Field(None, description="Label stored in the `source` column.")
     samples: int | None = Field(None, gt=0, description="Take exactly this many rows.")
     weight: float | None = Field(None, gt=0, description="Share of the weighted mixture.")
+    eval_samples: int | None = Field(
+        None, gt=0, description="Hold out exactly this many of this source's rows for eval, before "
+        "mixing: a fixed slice (by data.seed) that is never trained on.",
+    )  # fmt: skip
+    answer_from: Literal["field", "last_number"] = Field(
+        "field", description="The row's checkable answer: its `answer` field, or the last number in "
+        "the final assistant message (GSM8K-style solutions).",
+    )  # fmt: skip
 
     @field_validator("path")
     @classmethod
@@ -166,12 +174,27 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(0.05, ge=0, le=0.5, description="Share of rows held out for eval.")
     eval_size: int | None = Field(None, ge=0, description="Exact eval rows; overrides eval_fraction.")
     max_length: int = Field(2048, gt=0, description="Drop examples longer than this many tokens.")
+    seed: int | None = Field(
+        None, description="Seed of sampling and of the train/eval split (None: run.seed). Fix it to "
+        "vary run.seed (training) over identical data.",
+    )  # fmt: skip
     dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
     strict: bool = Field(False, description="Malformed rows are an error instead of dropped.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn when none.")
     cache_dir: str | None = Field(
         None, description="Prepared-data cache (default: ~/.cache/uora-pipeline/prepared)."
     )
+
+    @model_validator(mode="after")
+    def _one_eval_rule(self) -> DataConfig:
+        # Per-source slices and a share of the mixture are two answers to one question; taking
+        # both silently would hold out rows nobody asked for.
+        if any(source.eval_samples is not None for source in self.sources):
+            for key in ("eval_fraction", "eval_size"):
+                if key in self.model_fields_set:
+                    raise _issue(key, "sources set eval_samples: hold out rows per source or by "
+                                 f"{key}, not both", getattr(self, key))  # fmt: skip
+        return self
 
 
 # --------------------------------------------------------------------------------------------

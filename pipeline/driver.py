@@ -89,7 +89,7 @@ class Pipeline:
         sections = tuple(getattr(module, "CONFIG_SECTIONS", ()))
         return {
             "config_digest": digest_of(config_slice(self.config, sections)),
-            "inputs": {up: manifest_digest(self.run_dir / up) for up in getattr(module, "INPUTS", ())},
+            "inputs": {up: manifest_digest(self.run_dir / up) for up in self.inputs(name)},
         }
 
     def up_to_date(self, name: str) -> bool:
@@ -106,13 +106,20 @@ class Pipeline:
             return False
         if any(not (stage_dir / rel).exists() for rel in manifest.get("outputs", {}).values()):
             return False
-        return all(self.up_to_date(up) for up in getattr(self.module(name), "INPUTS", ()))
+        return all(self.up_to_date(up) for up in self.inputs(name))
+
+    def inputs(self, name: str) -> tuple[str, ...]:
+        """The upstream stages ``name`` reads under this config: ``inputs(config)`` when the stage
+        defines it (e.g. evaluate without a tuned model needs no training), else ``INPUTS``."""
+        module = self.module(name)
+        dynamic = getattr(module, "inputs", None)
+        return tuple(dynamic(self.config)) if dynamic is not None else tuple(getattr(module, "INPUTS", ()))
 
     def missing_inputs(self, selected: list[str]) -> list[str]:
         """One line per selected stage whose unselected upstream has no valid output."""
         problems = []
         for name in selected:
-            for up in getattr(self.module(name), "INPUTS", ()):
+            for up in self.inputs(name):
                 if up in selected or self.disabled(up):
                     continue
                 if not self.up_to_date(up):

@@ -4,7 +4,8 @@ A stage is a module in ``pipeline.stages`` that defines:
 
 - ``NAME``: its name, also the name of its folder under the run directory;
 - ``INPUTS``: the upstream stages whose outputs it reads (their manifests' digests become part of
-  this stage's identity, so a changed upstream output re-runs it);
+  this stage's identity, so a changed upstream output re-runs it); optionally
+  ``inputs(config) -> tuple[str, ...]``, the subset actually read under a given config;
 - ``CONFIG_SECTIONS``: the config sections that determine its output (their digest is recorded in
   the manifest; a change re-runs the stage);
 - ``run(ctx: StageContext) -> StageResult``.

@@ -39,6 +39,15 @@ NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
 CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
 
+
+def inputs(config: PipelineConfig) -> tuple[str, ...]:
+    """``INPUTS`` under this config: the base model alone (or a ``tuned_path`` folder) is evaluated
+    without a train stage, e.g. the untrained baseline of a method comparison."""
+    if "tuned" in config.eval.models and not config.eval.tuned_path:
+        return INPUTS
+    return ("prepare",)
+
+
 log = logging.getLogger(__name__)
 
 

@@ -229,6 +229,23 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
     return messages, answer if isinstance(answer, str) else None
 
 
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text``, normalised ("1,000.50" → "1000.5", "72.0" → "72"), or None.
+
+    GSM8K-style solutions end with their result, so this is the row's checkable answer.
+    """
+    found = NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".") or "0"
+    return value
+
+
 def check_turns(messages: list[dict[str, str]]) -> None:
     """Optional system turn first, then user/assistant alternating, ending with the assistant."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
@@ -249,7 +266,7 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Example]], list[dic
     """Per source: the usable examples, the malformed-row reports, and the detected format."""
     from tqdm.auto import tqdm
 
-    data, seed = config.data, config.run.seed
+    data, seed = config.data, data_seed(config)
     per_source: list[list[Example]] = []
     malformed: list[dict[str, Any]] = []
     formats: list[str] = []
@@ -280,6 +297,8 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Example]], list[dic
                 continue
             if data.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": data.system_prompt})
+            if source.answer_from == "last_number":
+                answer = last_number(messages[-1]["content"])
             row_source = label
             if source.builtin is not None and isinstance(record, dict) and record.get("category"):
                 row_source = f"builtin:{record['category']}"
@@ -348,7 +367,7 @@ def mix(per_source: list[list[Example]], config: PipelineConfig, counts: Counter
     """Apply ``samples`` and ``weight`` per source (sampling without replacement, seeded)."""
     import random
 
-    data, seed = config.data, config.run.seed
+    data, seed = config.data, data_seed(config)
     rng = random.Random(seed)
     weighted = [i for i, source in enumerate(data.sources) if source.weight is not None]
     targets: dict[int, int] = {}
@@ -372,11 +391,7 @@ def mix(per_source: list[list[Example]], config: PipelineConfig, counts: Counter
 
 
 def split(examples: list[Example], config: PipelineConfig) -> tuple[list[Example], list[Example]]:
-    """Deterministic split: order by a seeded hash of the content, the first k rows are eval.
-
-    Hash order (rather than shuffled positions) keeps an example's side of the split stable when
-    other rows are added or removed.
-    """
+    """Deterministic split: in seeded hash order (:func:`hash_order`), the first k rows are eval."""
     data, n = config.data, len(examples)
     if data.eval_size is not None:
         k = data.eval_size
@@ -386,9 +401,46 @@ def split(examples: list[Example], config: PipelineConfig) -> tuple[list[Example
             k = max(k, 1)
     if k >= n:
         raise StageError(f"data.eval_size: {k} eval rows leave no training rows ({n} rows after filtering)")
-    seed = config.run.seed
-    ordered = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}\x00{e.key}".encode()).hexdigest())
+    ordered = hash_order(examples, data_seed(config))
     return ordered[k:], ordered[:k]
+
+
+def hash_order(examples: list[Example], seed: int) -> list[Example]:
+    """Examples ordered by a seeded hash of their content.
+
+    Hash order (rather than shuffled positions) keeps an example's side of a split stable when
+    other rows are added or removed.
+    """
+    return sorted(examples, key=lambda e: hashlib.sha256(f"{seed}\x00{e.key}".encode()).hexdigest())
+
+
+def hold_out_per_source(
+    per_source: list[list[Example]], config: PipelineConfig
+) -> tuple[list[list[Example]], list[Example]]:
+    """Each source's ``eval_samples`` slice, taken before mixing, and what is left to train on.
+
+    Taking the slice before ``samples``/``weight`` sampling keeps it fixed when the mixture
+    changes, so methods and mixtures are compared on the same held-out rows.
+    """
+    remaining: list[list[Example]] = []
+    held_out: list[Example] = []
+    for index, (source, examples) in enumerate(zip(config.data.sources, per_source, strict=True)):
+        k = source.eval_samples or 0
+        if k and k >= len(examples):
+            raise StageError(
+                f"data.sources.{index}.eval_samples: {k} eval rows leave no training rows of "
+                f"{source.label} ({len(examples)} rows after filtering)"
+            )
+        ordered = hash_order(examples, data_seed(config))
+        held_out.extend(ordered[:k])
+        kept = {id(example) for example in ordered[k:]}
+        remaining.append([example for example in examples if id(example) in kept])  # source order
+    return remaining, held_out
+
+
+def data_seed(config: PipelineConfig) -> int:
+    """The seed of everything data-related: ``data.seed``, else ``run.seed``."""
+    return config.data.seed if config.data.seed is not None else config.run.seed
 
 
 def percentiles(values: list[int]) -> dict[str, float]:
@@ -442,10 +494,17 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
             else:
                 kept.append(example)
         kept_per_source.append(kept)
+    per_source_eval = any(source.eval_samples for source in config.data.sources)
+    if per_source_eval:
+        kept_per_source, held_out = hold_out_per_source(kept_per_source, config)
     mixed = mix(kept_per_source, config, counts)
     if not mixed:
         raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
-    train, held_out = split(mixed, config)
+    if per_source_eval:
+        train = hash_order(mixed, data_seed(config))  # the same order split() gives
+        mixed = mixed + held_out
+    else:
+        train, held_out = split(mixed, config)
 
     features = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
                          "source": Value("string"), "answer": Value("string")})  # fmt: skip
@@ -477,7 +536,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
         "formats": {config.data.sources[i].label: fmt for i, fmt in enumerate(formats)},
         "digests": {
             "train": digest_rows(train), "eval": digest_rows(held_out),
-            "sources": {s.label: source_digest(s, config.run.seed) for s in config.data.sources},
+            "sources": {s.label: source_digest(s, data_seed(config)) for s in config.data.sources},
         },
         "malformed_examples": malformed[:20],
     }  # fmt: skip
@@ -520,8 +579,8 @@ def cache_key(config: PipelineConfig, tokenizer: Any) -> str:
     from pipeline.config import digest_of
 
     data = config.data.model_dump(mode="json", exclude={"cache_dir"})
-    sources = [source_digest(source, config.run.seed) for source in config.data.sources]
-    return digest_of({"data": data, "sources": sources, "seed": config.run.seed,
+    sources = [source_digest(source, data_seed(config)) for source in config.data.sources]
+    return digest_of({"data": data, "sources": sources, "seed": data_seed(config),
                       "tokenizer": tokenizer_identity(tokenizer), "version": 1})  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ _SKIP = {
 
 
 class MetricsCallback(TrainerCallback):
-    """Adds ``tokens_per_second`` to each training log and sends logs to MLflow (rank 0)."""
+    """Adds ``tokens_per_second`` and ``seconds_per_step`` to each training log and sends logs to
+    MLflow (rank 0). Both cover optimizer steps only: evaluation and checkpointing between logs
+    are not training speed."""
 
     def __init__(
         self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
@@ -44,12 +47,23 @@ class MetricsCallback(TrainerCallback):
             self.client = MlflowClient(tracking_uri=tracking_uri)
         self._last_time: float | None = None
         self._last_tokens = 0
+        self._last_step = 0
+        self._excluded_s = 0.0  # eval/save time since the last log
+        self._paused_at: float | None = None
         self.history: list[dict[str, float]] = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._last_time is None:  # first step of this process (fresh or resumed)
             self._last_time = time.perf_counter()
             self._last_tokens = state.num_input_tokens_seen
+            self._last_step = state.global_step
+        if self._paused_at is not None:
+            self._excluded_s += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Evaluation and saving run after on_step_end and before the next on_step_begin.
+        self._paused_at = time.perf_counter()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
@@ -64,9 +78,20 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs and self._last_time is not None:
             now = time.perf_counter()
             tokens = state.num_input_tokens_seen - self._last_tokens
-            if now > self._last_time and tokens > 0:
-                metrics["tokens_per_second"] = tokens / (now - self._last_time)
-            self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+            elapsed = now - self._last_time - self._excluded_s
+            steps = state.global_step - self._last_step
+            if elapsed > 0 and tokens > 0:
+                metrics["tokens_per_second"] = tokens / elapsed
+            if elapsed > 0 and steps > 0:
+                metrics["seconds_per_step"] = elapsed / steps
+            self._last_time, self._last_tokens, self._last_step = (
+                now,
+                state.num_input_tokens_seen,
+                state.global_step,
+            )
+            self._excluded_s = 0.0
+            if self._paused_at is not None:  # the pause before this log is not in the next interval
+                self._paused_at = now
         if not self.is_rank0 or not metrics:
             return
         metrics["step"] = float(state.global_step)
@@ -90,7 +115,12 @@ class MetricsCallback(TrainerCallback):
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     """Train and eval loss against optimizer step, as a PNG (matplotlib, Agg backend)."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    evals: dict[str, list[tuple[int, float]]] = {}  # "eval" or one curve per eval source
+    for entry in log_history:
+        for key, value in entry.items():
+            found = re.fullmatch(r"eval_(?:(.+)_)?loss", key)
+            if found and "step" in entry:
+                evals.setdefault(found.group(1) or "eval", []).append((entry["step"], value))
     if not train and not evals:
         return None
     import matplotlib
@@ -101,8 +131,8 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    for name, points in sorted(evals.items()):
+        ax.plot(*zip(*points, strict=True), "o-", label=f"{name} loss" if name != "eval" else "eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("SFT loss")

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,8 @@ def projection_digest(model: Any) -> str | None:
 
 
 def _prepare_datasets(dataset_dir: Path, tcfg: Any, completion_only: bool) -> tuple[Any, Any]:
+    """The train split and the eval split; the eval split is a ``{source: rows}`` dict when it holds
+    several sources, so the trainer reports a held-out loss per source (``eval_<source>_loss``)."""
     import datasets
 
     # Mapping a dataset loaded from disk would write cache files into the prepare stage's output.
@@ -72,15 +76,56 @@ def _prepare_datasets(dataset_dir: Path, tcfg: Any, completion_only: bool) -> tu
             raise TrainingFailed(f"{dataset_dir}: split '{split}' missing (have: {sorted(data)})")
         if "messages" not in data[split].column_names:
             raise TrainingFailed(f"{dataset_dir}: split '{split}' has no 'messages' column")
-    train, evals = (data[s].select_columns(["messages"]) for s in ("train", "eval"))
-    if tcfg.max_eval_samples is not None and len(evals) > tcfg.max_eval_samples:
-        evals = evals.select(range(tcfg.max_eval_samples))
-    if completion_only:
-        from pipeline.stages.train_templates import to_prompt_completion
+    train = data["train"].select_columns(["messages"])
+    evals = eval_sets(data["eval"])
 
-        train = train.map(to_prompt_completion, remove_columns=["messages"])
-        evals = evals.map(to_prompt_completion, remove_columns=["messages"])
-    return train, evals
+    def shaped(rows: Any, cap: int | None) -> Any:
+        if cap is not None and len(rows) > cap:
+            rows = rows.select(range(cap))
+        if completion_only:
+            from pipeline.stages.train_templates import to_prompt_completion
+
+            rows = rows.map(to_prompt_completion, remove_columns=["messages"])
+        return rows
+
+    train = shaped(train, None)
+    if isinstance(evals, dict):
+        return train, {name: shaped(rows, tcfg.max_eval_samples) for name, rows in evals.items()}
+    return train, shaped(evals, tcfg.max_eval_samples)
+
+
+def eval_sets(evals: Any) -> Any:
+    """The eval split as one dataset, or as ``{metric-safe source name: rows}`` for several sources."""
+    sources = sorted(set(evals["source"])) if "source" in evals.column_names else []
+    if len(sources) < 2:
+        return evals.select_columns(["messages"])
+    by_name = {}
+    for source in sources:
+        name = metric_name(source)
+        if name in by_name:
+            raise TrainingFailed(f"eval sources {source!r} and another map to the same metric name {name!r}")
+        rows = evals.filter(lambda row, wanted=source: row["source"] == wanted)
+        by_name[name] = rows.select_columns(["messages"])
+    return by_name
+
+
+def metric_name(source: str) -> str:
+    """A source label as a metric-name part (``gsm8k_train_alpaca.json`` → ``gsm8k_train_alpaca_json``)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", source).strip("_") or "source"
+
+
+def eval_losses(metrics: dict[str, Any], names: list[str] | None) -> dict[str, float]:
+    """``{"": overall, name: per-source...}`` from trainer eval metrics (one set or per source).
+
+    With several sources the overall loss is their unweighted mean, so each source counts the
+    same however many rows it holds.
+    """
+    if not names:
+        return {"": float(metrics["eval_loss"])} if "eval_loss" in metrics else {}
+    found = {name: float(metrics[f"eval_{name}_loss"]) for name in names if f"eval_{name}_loss" in metrics}
+    if len(found) != len(names):
+        return {}
+    return {"": sum(found.values()) / len(found), **found}
 
 
 def _load_model(cfg: Any) -> Any:
@@ -122,6 +167,11 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
         if saved.get(key) != want:
             raise TrainingFailed(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
     return len(saved)
+
+
+def trainable_parameters(model: Any) -> int:
+    """Parameters the optimizer updates (ZeRO-3 partitions report their full size via ``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def _count_int8_layers(model: Any) -> int:
@@ -298,15 +348,22 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         staging.rename(work_dir / ADAPTER)
 
         history = trainer.state.log_history
-        initial = next((e["eval_loss"] for e in history if "eval_loss" in e and e.get("step") == 0), None)
+        names = sorted(eval_ds) if isinstance(eval_ds, dict) else None
+        # With several eval sets the trainer logs one history entry per set.
+        at_start = {
+            k: v for e in history if e.get("step") == 0 for k, v in e.items() if k.startswith("eval_")
+        }
+        initial = eval_losses(at_start, names) or None
+        after = eval_losses(final_eval, names)
         throughput = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
         metrics = {
             "train_loss_mean": float(result.training_loss),
-            "eval_loss_after": float(final_eval["eval_loss"]),
+            **{f"eval_loss_after{'.' + k if k else ''}": v for k, v in after.items()},
             "global_step": float(trainer.state.global_step),
             "train_tokens": float(trainer.state.num_input_tokens_seen),
             "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
             "adapter_tensors": float(n_tensors),
+            "trainable_params": float(trainable_parameters(trainer.model)),
         }
         metrics["peak_rss_mb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if torch.cuda.is_available():
@@ -314,10 +371,13 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         if cfg.model.load_in_8bit:
             metrics["base_int8_layers"] = float(_count_int8_layers(trainer.model))
         if initial is not None:
-            metrics["eval_loss_before"] = float(initial)
+            metrics.update({f"eval_loss_before{'.' + k if k else ''}": v for k, v in initial.items()})
         steady = throughput[1:] or throughput  # the first step includes warm-up
         if steady:
             metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
+        step_times = [m["seconds_per_step"] for m in metrics_cb.history if "seconds_per_step" in m]
+        if step_times[1:]:  # the first log covers step 1 alone, warm-up included
+            metrics["seconds_per_step_median"] = statistics.median(step_times[1:])
         reinits = [e["uora/reinit_events_total"] for e in history if "uora/reinit_events_total" in e]
         if reinits:
             metrics["uora_reinit_events"] = float(max(reinits))
