@@ -1,79 +1,90 @@
-"""Trainable-parameter counts reproduce the published table (models built on the meta device)."""
+"""Trainable-parameter counts reproduce the published table: the rows of
+benchmarks/paper_param_counts.py (models built on the meta device), and the script's outputs."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+
 import pytest
-import torch
-from peft import LoraConfig, VeraConfig, get_peft_model
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaModel,
-)
 
-from uora import UoraConfig
-
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from benchmarks import paper_param_counts as ppc
 
 
-def _roberta(large: bool):
-    if large:
-        return RobertaConfig(
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
-        )
-    return RobertaConfig()  # roberta-base shapes
+@pytest.fixture(scope="module")
+def rows() -> list[ppc.Row]:
+    return ppc.count_rows()
 
 
-def _llama(size: str):
-    if size == "7b":
-        return LlamaConfig(
-            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
-        )
-    return LlamaConfig(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+def test_every_published_row_is_reproduced(rows):
+    assert [(r.model, r.method, r.rank, r.counted) for r in rows] == [
+        (s.model, s.method, s.rank, s.published) for s in ppc.ROWS
+    ]
+    assert all(r.match for r in rows)
+
+
+def test_the_table_covers_every_model_and_method():
+    assert {s.model for s in ppc.ROWS} == set(ppc.MODELS)
+    assert {s.method for s in ppc.ROWS} == {"LoRA", "VeRA", "UORA"}
+
+
+def test_uora_counts_equal_vera_counts(rows):
+    """Σ(out + r) for both: the same setting must give the same number whichever method."""
+    by_setting: dict[tuple, set[int]] = {}
+    for r in rows:
+        if r.method in ("VeRA", "UORA"):
+            by_setting.setdefault((r.model, r.rank, r.targets), set()).add(r.counted)
+    assert len(by_setting) >= 6
+    assert all(len(counts) == 1 for counts in by_setting.values())
+
+
+def test_all_linear_shorthand_excludes_lm_head(rows):
+    """PEFT's "all-linear" on Llama must equal the explicit list without lm_head (32000 × 4096 more
+    outputs would add 32,000 + r if lm_head were adapted)."""
+    counts = {
+        r.targets: r.counted for r in rows if (r.model, r.method, r.rank) == ("llama-2-7b", "UORA", 1024)
+    }
+    assert counts == {"all linear but lm_head": 1_589_248, "all-linear": 1_589_248}
+
+
+def test_main_writes_matching_table(tmp_path, capsys):
+    assert ppc.main(["--output-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "paper_param_counts.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(ppc.ROWS)
+    assert written[0] == {
+        "model": "roberta-base",
+        "method": "VeRA",
+        "rank": "1024",
+        "targets": "query+value",
+        "counted": "43008",
+        "published": "43008",
+        "paper": "0.043M",
+        "match": "match",
+    }
+    assert {w["match"] for w in written} == {"match"}
+    md = (tmp_path / "paper_param_counts.md").read_text()
+    assert (
+        "| llama-2-13b | LoRA | 64 | all linear but lm_head | 250,347,520 | 250,347,520 | — | match |" in md
     )
+    assert f"{len(ppc.ROWS)} of {len(ppc.ROWS)} rows match the published numbers." in md
+    assert capsys.readouterr().out == md
 
 
-BUILDERS = {
-    "roberta-base": lambda: RobertaModel(_roberta(False), add_pooling_layer=False),
-    "roberta-large": lambda: RobertaModel(_roberta(True), add_pooling_layer=False),
-    "gpt2-medium": lambda: GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16)),
-    "llama-2-7b": lambda: LlamaForCausalLM(_llama("7b")),
-    "llama-2-13b": lambda: LlamaForCausalLM(_llama("13b")),
-}
+def test_wrong_published_number_is_a_mismatch_and_exit_1(tmp_path):
+    wrong = dataclasses.replace(ppc.ROWS[0], published=43_009)
+    assert ppc.run([wrong, ppc.ROWS[1]], tmp_path) == 1
+    with open(tmp_path / "paper_param_counts.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [(w["counted"], w["published"], w["match"]) for w in written] == [
+        ("43008", "43009", "mismatch"),
+        ("43008", "43008", "match"),
+    ]
+    md = (tmp_path / "paper_param_counts.md").read_text()
+    assert "| 43,008 | 43,009 | 0.043M | **MISMATCH** |" in md
+    assert "1 of 2 rows match the published numbers." in md
 
 
-def _trainable(model_name: str, config) -> int:
-    with torch.device("meta"):  # shapes only: no weights are allocated, adapters included
-        model = get_peft_model(BUILDERS[model_name](), config)
-    return model.get_nb_trainable_parameters()[0]
-
-
-@pytest.mark.parametrize(
-    ("model_name", "targets", "r", "expected"),
-    [
-        ("roberta-base", ["query", "value"], 1024, 43_008),
-        ("roberta-large", ["query", "value"], 256, 61_440),
-        ("gpt2-medium", ["c_attn"], 1024, 98_304),
-        ("llama-2-7b", LLAMA_LINEAR, 1024, 1_589_248),
-        ("llama-2-7b", LLAMA_LINEAR, 256, 1_417_216),
-        ("llama-2-13b", LLAMA_LINEAR, 1024, 2_416_640),
-    ],
-)
-def test_uora_and_vera_counts_match_the_table(model_name, targets, r, expected):
-    assert _trainable(model_name, UoraConfig(r=r, target_modules=targets)) == expected
-    assert _trainable(model_name, VeraConfig(r=r, target_modules=targets)) == expected
-
-
-def test_all_linear_on_llama_excludes_lm_head_and_matches():
-    assert _trainable("llama-2-7b", UoraConfig(r=1024, target_modules="all-linear")) == 1_589_248
-
-
-@pytest.mark.parametrize(
-    ("model_name", "expected"), [("llama-2-7b", 159_907_840), ("llama-2-13b", 250_347_520)]
-)
-def test_lora_r64_counts_match_the_table(model_name, expected):
-    assert _trainable(model_name, LoraConfig(r=64, target_modules=LLAMA_LINEAR)) == expected
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match=r"^unknown model 'gpt-5' \(known: roberta-base, "):
+        ppc.count_trainable(ppc.Spec("gpt-5", "UORA", 8, ("q_proj",), 0))
