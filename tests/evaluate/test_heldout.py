@@ -248,3 +248,19 @@ def test_missing_prepared_dataset_fails_before_generation(tmp_path, monkeypatch)
         StageError, match=r"^eval\.heldout_questions: no prepared dataset at .*prepare/dataset"
     ):
         evaluate.run(ctx)
+
+
+def test_heldout_categories_are_greedy_unless_configured():
+    def settings(**eval_section):
+        config = PipelineConfig.model_validate(
+            {"run": {"name": "x"}, "model": {"name_or_path": "gpt2"}, "eval": eval_section}
+        )
+        return evaluate.generation_settings(config, HELDOUT)
+
+    assert settings().temperature("gsm8k") == 0.0
+    assert settings(default_temperature=0.5).temperature("other") == 0.5
+    assert settings(temperatures={"gsm8k": 0.3}).temperature("gsm8k") == 0.3
+    plain = evaluate.generation_settings(
+        PipelineConfig.model_validate({"run": {"name": "x"}, "model": {"name_or_path": "gpt2"}})
+    )
+    assert plain.temperature("gsm8k") == 0.7  # not a held-out category: the default temperature
