@@ -386,6 +386,24 @@ class EvalConfig(StrictModel):
     categories: list[str] | None = Field(None, description="Evaluate only these categories.")
     question_ids: list[int | str] | None = Field(None, description="Evaluate only these question ids.")
     max_questions: int | None = Field(None, gt=0, description="Evaluate at most this many questions.")
+    heldout_questions: int = Field(
+        0,
+        ge=0,
+        description="Also ask up to this many rows of the prepared eval split (<run_dir>/prepare/dataset) "
+        "that have an 'answer' and one user turn, as one-turn questions 'heldout-<source>-<k>' "
+        "(category = the row's source; a numeric answer also matches the response's last number); in "
+        "split order, "
+        "after the eval.questions selection (categories/question_ids/max_questions do not apply). "
+        "Greedy unless temperatures names the source.",
+    )
+    heldout_sources: list[str] | None = Field(
+        None, min_length=1, description="Held-out questions only from these prepare sources (labels)."
+    )
+    judge_verifiable: bool = Field(
+        True,
+        description="Also send questions whose every turn has an exact answer to the judge; false: "
+        "they count only in exact match (saves judge time).",
+    )
     max_new_tokens: int = Field(1024, gt=0, description="Answer budget per turn.")
     batch_size: int = Field(8, gt=0, description="Questions generated together (left-padded).")
     temperatures: dict[str, float] = Field(
@@ -421,6 +439,10 @@ class EvalConfig(StrictModel):
             raise _issue("reference_answers", "file does not exist", self.reference_answers)
         if self.judge.prompts and not Path(self.judge.prompts).is_file():
             raise _issue("judge.prompts", "file does not exist", self.judge.prompts)
+        if self.heldout_sources and not self.heldout_questions:
+            raise _issue(
+                "heldout_sources", "has no effect unless heldout_questions > 0", self.heldout_sources
+            )
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from decimal import Decimal
 from statistics import fmean
 from typing import Any
 
@@ -29,33 +30,79 @@ def normalise(text: str) -> str:
     return text.strip(" \"'`.!")
 
 
+# A number as a model writes it: optional sign and "$", thousands commas, decimals. The minus must
+# not follow a word or digit character ("pages 10-12" ends with 12, not -12).
+NUMBER = re.compile(r"(?:(?<![\w])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def parse_number(text: str) -> Decimal | None:
+    """``text`` as a number when all of it is one ("1,000", "$12", "-3", "0.5", "10."), else None."""
+    text = text.strip().rstrip(".")
+    if not NUMBER.fullmatch(text):
+        return None
+    return Decimal(text.replace(",", "").replace("$", ""))
+
+
+def last_number(text: str) -> Decimal | None:
+    """The last number written in ``text`` (GSM8K's convention: the final answer comes last)."""
+    found = NUMBER.findall(text)
+    return Decimal(found[-1].replace(",", "").replace("$", "")) if found else None
+
+
 def is_exact_match(response: str, expected: str) -> bool:
-    """The response is the expected answer, or ends with it ("... so the answer is 42.")."""
+    """The response is the expected answer, or ends with it ("... so the answer is 42."); or, for a
+    numeric expected answer, the response's last number equals it ("... she earned $10.00 in
+    total." matches "10"), as GSM8K is scored: the reasoning comes first, the answer last."""
     got, want = normalise(response), normalise(expected)
     if not want:
         return False
-    return got == want or (got.endswith(want) and not got[: -len(want)][-1:].isalnum())
+    if got == want or (got.endswith(want) and not got[: -len(want)][-1:].isalnum()):
+        return True
+    number = parse_number(expected)
+    return number is not None and last_number(response) == number
+
+
+def _verifiable_turns(question: Question, turns: list[str]) -> list[tuple[str, str]]:
+    """(expected, response) for each answered turn of ``question`` that has an expected answer."""
+    return [(e, r) for e, r in zip(question.exact_answer or (), turns, strict=False) if e is not None]
 
 
 def exact_match(questions: Iterable[Question], answers: dict[str, dict[str, Any]]) -> float | None:
     """Share of verifiable answer turns that match their expected answer; None if none is verifiable."""
     hits: list[float] = []
     for q in questions:
-        if not q.exact_answer:
-            continue
-        turns = answers[str(q.question_id)]["choices"][0]["turns"]
-        for expected, response in zip(q.exact_answer, turns, strict=False):
-            if expected is not None:
-                hits.append(1.0 if is_exact_match(response, expected) else 0.0)
+        turns = answers[str(q.question_id)]["choices"][0]["turns"] if q.exact_answer else []
+        hits += [1.0 if is_exact_match(r, e) else 0.0 for e, r in _verifiable_turns(q, turns)]
     return _mean(hits)
+
+
+def exact_match_by_category(
+    questions: Iterable[Question], answers: dict[str, dict[str, Any]]
+) -> dict[str, float | None]:
+    """``exact_match`` per category, for the categories that have verifiable turns (sorted)."""
+    by_category: dict[str, list[Question]] = defaultdict(list)
+    for q in questions:
+        if q.exact_answer and any(a is not None for a in q.exact_answer):
+            by_category[q.category].append(q)
+    return {cat: exact_match(by_category[cat], answers) for cat in sorted(by_category)}
 
 
 def aggregate(
     questions: list[Question],
     answers: dict[str, dict[str, dict[str, Any]]],
     judgments: list[dict[str, Any]],
+    judged_questions: list[Question] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per model: overall/turn-1/turn-2/per-category scores, judge failures, exact match, spread."""
+    """Per model: overall/turn-1/turn-2/per-category scores, judge failures, exact match (overall
+    and per category), spread.
+
+    ``judged_questions`` (default: all) are those sent to the judge: only their categories get a
+    judge-score entry, so questions scored by exact match alone add no empty axis to the report.
+    A model without any judgment gets None scores, not an error.
+    """
+    judged_categories = sorted(
+        {q.category for q in (questions if judged_questions is None else judged_questions)}
+    )
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in judgments:
         by_model[record["model"]].append(record)
@@ -73,26 +120,35 @@ def aggregate(
             "score_overall": _mean([r["score"] for r in graded]),
             "score_turn1": _mean([r["score"] for r in graded if r["turn"] == 1]),
             "score_turn2": _mean([r["score"] for r in graded if r["turn"] == 2]),
-            "categories": {cat: _mean(categories[cat]) for cat in sorted({q.category for q in questions})},
+            "categories": {cat: _mean(categories[cat]) for cat in judged_categories},
             "judge_failures": sum(1 for r in records if r["failed"]),
             "exact_match": exact_match(questions, answers[model_id]),
+            "exact_match_categories": exact_match_by_category(questions, answers[model_id]),
             "judged": len(records),
             "judge_spread_mean": _mean(spreads),
         }
     return results
 
 
+def metric_name(name: str) -> str:
+    """``name`` with every character MLflow refuses in a metric name (it allows letters, digits,
+    ``_ - . / `` and space) replaced by ``_``; categories come from data (source labels)."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
 def flatten_metrics(models: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """``<model>.<name>`` metrics (``<model>.category.<cat>`` per category); None values are left out."""
+    """``<model>.<name>`` metrics (``<model>.category.<cat>`` per judged category,
+    ``<model>.exact_match.<cat>`` per verifiable category); None values are left out."""
     metrics: dict[str, float] = {}
+    nested = {"categories": "category", "exact_match_categories": "exact_match"}
     for model_id, row in models.items():
         for name, value in row.items():
-            if name == "categories":
+            if name in nested:
                 for cat, score in value.items():
                     if score is not None:
-                        metrics[f"{model_id}.category.{cat}"] = float(score)
+                        metrics[metric_name(f"{model_id}.{nested[name]}.{cat}")] = float(score)
             elif value is not None:
-                metrics[f"{model_id}.{name}"] = float(value)
+                metrics[metric_name(f"{model_id}.{name}")] = float(value)
     return metrics
 
 
@@ -115,7 +171,9 @@ def markdown_table(models: dict[str, dict[str, Any]]) -> str:
     }
     for name, label in labels.items():
         lines.append(f"| {label} | " + " | ".join(_fmt(models[m][name]) for m in names) + " |")
-    categories = sorted({cat for m in names for cat in models[m]["categories"]})
-    for cat in categories:
-        lines.append(f"| {cat} | " + " | ".join(_fmt(models[m]["categories"].get(cat)) for m in names) + " |")
+    for key, prefix in (("categories", ""), ("exact_match_categories", "exact match: ")):
+        categories = sorted({cat for m in names for cat in models[m].get(key, {})})
+        for cat in categories:
+            cells = " | ".join(_fmt(models[m].get(key, {}).get(cat)) for m in names)
+            lines.append(f"| {prefix}{cat} | {cells} |")
     return "\n".join(lines) + "\n"

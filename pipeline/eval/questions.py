@@ -257,3 +257,89 @@ def _check_unique(questions: list[Question], source: str) -> None:
         if str(q.question_id) in seen:
             raise StageError(f"{source}: duplicate question_id {q.question_id!r}")
         seen.add(str(q.question_id))
+
+
+# --------------------------------------------------------------------------------------------
+# held-out questions from the prepared eval split
+# --------------------------------------------------------------------------------------------
+HELDOUT_PREFIX = "heldout"
+HELDOUT_COLUMNS = ("messages", "source", "answer")
+
+
+def is_verifiable(question: Question) -> bool:
+    """Every turn has an expected answer: exact match alone scores it (no judge needed)."""
+    answers = question.exact_answer or ()
+    return len(answers) >= len(question.turns) and all(a is not None for a in answers[: len(question.turns)])
+
+
+def heldout_question(row: dict[str, Any], k: int) -> Question | None:
+    """One prepared eval row as a one-turn question, or None when it is not eligible.
+
+    Eligible: a non-empty ``answer`` and exactly one user turn (multi-turn rows have no single
+    checkable answer). A system message is left out on purpose: MT-Bench questions have no system
+    turn, generation asks only user turns, and the answer cache keys on the turns alone, so a
+    held-out question is asked exactly like every other question.
+    """
+    answer = row.get("answer")
+    answer = "" if answer is None else str(answer).strip()
+    messages = row.get("messages") or []
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    if not answer or len(users) != 1 or not str(users[0]).strip():
+        return None
+    replies = [m["content"] for m in messages if m.get("role") == "assistant"]
+    source = str(row["source"])
+    return Question(
+        question_id=f"{HELDOUT_PREFIX}-{source}-{k}",
+        category=source,
+        turns=(str(users[0]),),
+        reference=(str(replies[0]),) if replies else None,
+        exact_answer=(answer,),
+    )
+
+
+def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | None = None) -> list[Question]:
+    """Up to ``limit`` eligible rows of the prepared dataset's ``eval`` split, in split order.
+
+    ``k`` in ``heldout-<source>-<k>`` counts a source's eligible rows from 0, so a row keeps its id
+    when ``limit`` or ``sources`` change (the ids are a prefix of the same sequence).
+    """
+    if limit <= 0:
+        return []
+    if not dataset_dir.is_dir():
+        raise StageError(
+            f"eval.heldout_questions: no prepared dataset at {dataset_dir} (run the 'prepare' stage first)"
+        )
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(dataset_dir))
+    if "eval" not in dataset:
+        raise StageError(f"eval.heldout_questions: {dataset_dir} has no 'eval' split (has {sorted(dataset)})")
+    split = dataset["eval"]
+    missing = [c for c in HELDOUT_COLUMNS if c not in split.column_names]
+    if missing:
+        raise StageError(f"eval.heldout_questions: {dataset_dir} eval split lacks columns {missing}")
+    known = sorted({str(s) for s in split["source"]})
+    if sources:
+        unknown = sorted(set(sources) - set(known))
+        if unknown:
+            raise StageError(f"eval.heldout_sources: unknown {unknown}; the eval split has sources {known}")
+    wanted = set(sources or known)
+    counters: dict[str, int] = {}
+    questions: list[Question] = []
+    for row in split.select_columns(list(HELDOUT_COLUMNS)):
+        source = str(row["source"])
+        if source not in wanted:
+            continue
+        question = heldout_question(row, counters.get(source, 0))
+        if question is None:
+            continue
+        counters[source] = counters.get(source, 0) + 1
+        questions.append(question)
+        if len(questions) == limit:
+            break
+    if not questions:
+        raise StageError(
+            f"eval.heldout_questions: no row of the eval split in {dataset_dir} (sources {sorted(wanted)}) "
+            "has an 'answer' and exactly one user turn"
+        )
+    return questions

@@ -2,7 +2,9 @@
 
 MT-Bench's recipe (FastChat ``llm_judge``), top to bottom:
 
-1. questions: the built-in set, a local ``question.jsonl`` or the hub dataset (``eval.questions``);
+1. questions: the built-in set, a local ``question.jsonl`` or the hub dataset (``eval.questions``),
+   plus optionally held-out rows of the prepared eval split with a checkable answer
+   (``eval.heldout_questions``, e.g. GSM8K: exact match on the final number);
 2. answers: the untouched base model and the tuned model (base + the train stage's adapter,
    unmerged, or a merged folder) answer every question, turn 2 in the context of turn 1; answers
    are cached per model identity + question + generation settings, so a rerun resumes;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +32,12 @@ from pipeline.eval.generate import GenerationSettings, generate_answers
 from pipeline.eval.identity import folder_digest, model_identity
 from pipeline.eval.judging import build_tasks, run_judging
 from pipeline.eval.prompts import load_prompts
-from pipeline.eval.questions import Question, load_questions
+from pipeline.eval.questions import (
+    Question,
+    is_verifiable,
+    load_heldout_questions,
+    load_questions,
+)
 from pipeline.stages.base import StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
@@ -59,7 +67,8 @@ def run(ctx: StageContext) -> StageResult:
         reuse_previous_caches(ctx.run_dir / NAME, work)
 
     # Everything that can be wrong with the inputs fails here, before a model loads.
-    questions = load_questions(cfg, exclude_instructions=training_instructions(ctx.run_dir))
+    selected, heldout = all_questions(ctx)
+    questions = selected + heldout
     prompts = load_prompts(cfg.judge.prompts)
     http_judge = None
     if cfg.judge.backend == "openai":
@@ -67,17 +76,27 @@ def run(ctx: StageContext) -> StageResult:
 
         http_judge = OpenAIJudge.from_config(cfg.judge)  # checks that the key's env var is set
     tuned_path = tuned_model_path(ctx) if "tuned" in cfg.models else None
-    log.info("evaluate: %d questions, models %s", len(questions), ", ".join(cfg.models))
+    # Verifiable questions (every turn has an exact answer) may skip the judge: exact match scores them.
+    judged = questions if cfg.judge_verifiable else [q for q in questions if not is_verifiable(q)]
+    log.info(
+        "evaluate: %d questions (%d held-out, %d to the judge), models %s",
+        len(questions),
+        len(heldout),
+        len(judged),
+        ", ".join(cfg.models),
+    )
 
-    answers = generate_all(ctx.config, questions, work / "answers", tuned_path)
+    answers = generate_all(ctx.config, questions, work / "answers", tuned_path, greedy=heldout)
 
-    judge = http_judge or _local_judge(ctx.config)
-    tasks = build_tasks(questions, answers, prompts, judge.identity(), cfg.judge.samples)
-    judgments = run_judging(judge, tasks, work / "judgments" / "single.jsonl", cfg.judge.samples)
-    del judge
-    gc.collect()
+    judgments: list[dict[str, Any]] = []
+    if judged:
+        judge = http_judge or _local_judge(ctx.config)
+        tasks = build_tasks(judged, answers, prompts, judge.identity(), cfg.judge.samples)
+        judgments = run_judging(judge, tasks, work / "judgments" / "single.jsonl", cfg.judge.samples)
+        del judge
+        gc.collect()
 
-    models = aggregate(questions, answers, judgments)
+    models = aggregate(questions, answers, judgments, judged_questions=judged)
     results = {
         "models": models,
         "judge": judge_summary(ctx.config),
@@ -85,6 +104,9 @@ def run(ctx: StageContext) -> StageResult:
             "source": cfg.questions,
             "count": len(questions),
             "categories": sorted({q.category for q in questions}),
+            "heldout": len(heldout),
+            "heldout_sources": sorted({q.category for q in heldout}),
+            "judged": len(judged),
         },
     }
     write_results(work, results)
@@ -93,11 +115,15 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(
         metrics=metrics,
         outputs={
-            "results": "results.json",
-            "table": "results.md",
-            "radar": "radar.png",
-            "answers": "answers",
-            "judgments": "judgments",
+            name: path
+            for name, path in (
+                ("results", "results.json"),
+                ("table", "results.md"),
+                ("radar", "radar.png"),
+                ("answers", "answers"),
+                ("judgments", "judgments"),
+            )
+            if (work / path).exists()  # no radar/judgments when nothing went to the judge
         },
         extra={"questions": len(questions), "judge": results["judge"]},
     )
@@ -106,6 +132,29 @@ def run(ctx: StageContext) -> StageResult:
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
+def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
+    """``eval.questions`` (selected by categories/question_ids/max_questions) and the held-out rows
+    of the prepared eval split (``eval.heldout_questions``), asked in that order. The held-out ones
+    have their own count and sources: the selection above names ``eval.questions``' ids and
+    categories and does not apply to them."""
+    cfg = ctx.config.eval
+    questions = load_questions(cfg, exclude_instructions=training_instructions(ctx.run_dir))
+    heldout = load_heldout_questions(
+        ctx.run_dir / "prepare" / "dataset", cfg.heldout_questions, cfg.heldout_sources
+    )
+    if heldout and len(heldout) < cfg.heldout_questions:
+        log.warning(
+            "eval.heldout_questions: %d asked for, the eval split has %d eligible rows",
+            cfg.heldout_questions,
+            len(heldout),
+        )
+    taken = {str(q.question_id) for q in questions}
+    clash = [q.question_id for q in heldout if str(q.question_id) in taken]
+    if clash:
+        raise StageError(f"eval.heldout_questions: question ids {clash} already used by eval.questions")
+    return questions, heldout
+
+
 def training_instructions(run_dir: Path) -> list[str]:
     """User messages of the prepared training split, to keep generated eval tasks out of it."""
     dataset_dir = run_dir / "prepare" / "dataset"
@@ -153,13 +202,17 @@ def tuned_model_path(ctx: StageContext) -> Path:
 # --------------------------------------------------------------------------------------------
 # answers
 # --------------------------------------------------------------------------------------------
-def generation_settings(config: PipelineConfig) -> GenerationSettings:
+def generation_settings(config: PipelineConfig, greedy: Iterable[Question] = ()) -> GenerationSettings:
+    """Sampling settings; the categories of ``greedy`` (held-out questions) are decoded greedily
+    unless ``eval.temperatures`` names them: an exact-match accuracy should not depend on sampling
+    luck (MT-Bench, too, answers math and reasoning at temperature 0)."""
     cfg = config.eval
+    temperatures = {q.category: 0.0 for q in greedy} | dict(cfg.temperatures)
     return GenerationSettings(
         max_new_tokens=cfg.max_new_tokens,
         seed=config.run.seed,
         batch_size=cfg.batch_size,
-        temperatures=dict(cfg.temperatures),
+        temperatures=temperatures,
         default_temperature=cfg.default_temperature,
     )
 
@@ -171,7 +224,11 @@ def _device_map() -> Any:
 
 
 def generate_all(
-    config: PipelineConfig, questions: list[Question], answers_dir: Path, tuned_path: Path | None
+    config: PipelineConfig,
+    questions: list[Question],
+    answers_dir: Path,
+    tuned_path: Path | None,
+    greedy: Iterable[Question] = (),
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Answers of every configured model (``base`` first, then ``tuned``), cached in ``answers_dir``.
 
@@ -180,7 +237,7 @@ def generate_all(
     """
     from pipeline.models import load_model, load_tokenizer
 
-    settings = generation_settings(config)
+    settings = generation_settings(config, greedy)
     base_identity = model_identity(config.model)
     answers: dict[str, dict[str, dict[str, Any]]] = {}
     model = None
@@ -301,7 +358,8 @@ def write_results(work: Path, results: dict[str, Any]) -> None:
         f"{judge['model']}, prompts: {judge['prompts']}.\n\n"
     )
     (work / "results.md").write_text(header + markdown_table(results["models"]), encoding="utf-8")
-    radar_chart(results["models"], work / "radar.png")
+    if any(row["categories"] for row in results["models"].values()):  # else nothing was judged
+        radar_chart(results["models"], work / "radar.png")
 
 
 def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
@@ -321,7 +379,8 @@ def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
         }
     )
     for name in ("results.json", "results.md", "radar.png"):
-        mlflow.log_artifact(str(work / name), artifact_path="evaluate")
+        if (work / name).is_file():
+            mlflow.log_artifact(str(work / name), artifact_path="evaluate")
     for folder in ("answers", "judgments"):
         if (work / folder).is_dir():
             mlflow.log_artifacts(str(work / folder), artifact_path=f"evaluate/{folder}")

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
-from pipeline.eval.aggregate import aggregate, flatten_metrics, is_exact_match, markdown_table
+from pipeline.eval.aggregate import (
+    aggregate,
+    exact_match_by_category,
+    flatten_metrics,
+    is_exact_match,
+    markdown_table,
+    parse_number,
+)
 from pipeline.eval.judging import verdict
 from pipeline.eval.questions import Question
 
@@ -100,7 +109,9 @@ def test_all_failed_gives_null_scores_not_zero():
         ("  42.  ", "42", True),
         ("So the answer is 42.", "42", True),
         ("The total is 142", "42", False),
-        ("42 apples", "42", False),
+        # the last-number rule (GSM8K scoring): a numeric answer followed by its unit matches
+        ("42 apples", "42", True),
+        ("42 apples", "forty-two", False),
         ('"HELLO world"', "hello world", True),
         ('{"a": 1}', '{"a": 1}', True),
         ("", "42", False),
@@ -108,3 +119,70 @@ def test_all_failed_gives_null_scores_not_zero():
 )
 def test_exact_match_rule(response, expected, match):
     assert is_exact_match(response, expected) is match
+
+
+@pytest.mark.parametrize(
+    ("response", "expected", "match"),
+    [
+        ("... so she earned $10.", "10", True),
+        ("She earned 10.00 dollars in total.", "10", True),
+        ("The answer is 1,000", "1000", True),
+        ("The answer is 1000.", "1,000", True),
+        ("It costs $12 each", "$12", True),
+        ("The temperature fell to -3 degrees.", "-3", True),
+        ("Half: 0.5", "0.5", True),
+        ("I got 5 then 72", "72", True),
+        ("72 then 5", "72", False),
+        ("72 clips", "27", False),
+        ("She sold 72 clips.", "72.5", False),
+        ("pages 10-12", "-12", False),  # a hyphen between numbers is no minus sign
+        ("pages 10-12", "12", True),
+        ("He has 3 apples", "-3", False),
+        ("no number here", "10", False),
+        ("The code is 1,2,3", "123", False),  # not a thousands separator
+        ("#### 18", "18", True),
+    ],
+)
+def test_numeric_last_number_rule(response, expected, match):
+    assert is_exact_match(response, expected) is match
+
+
+def test_parse_number_accepts_only_whole_numbers():
+    assert [parse_number(t) for t in ("1,000", "$12", "-3", "0.5", " 10. ")] == [
+        Decimal(1000), Decimal(12), Decimal(-3), Decimal("0.5"), Decimal(10)
+    ]  # fmt: skip
+    assert [parse_number(t) for t in ("72 clips", "1,00", "hello", "", "1.2.3")] == [None] * 5
+
+
+def test_exact_match_per_category_flattened_with_safe_metric_names():
+    questions = [
+        Question("heldout-gsm8k-0", "gsm8k", ("q",), exact_answer=("72",)),
+        Question("heldout-gsm8k-1", "gsm8k", ("q",), exact_answer=("10",)),
+        Question("heldout-a:b-0", "a:b (v2)", ("q",), exact_answer=("x",)),
+        Question(3, "writing", ("w",)),
+        Question(4, "math", ("m1", "m2"), exact_answer=(None, "7")),
+    ]
+    answers = {
+        "heldout-gsm8k-0": {"choices": [{"turns": ["so 72 clips"]}]},
+        "heldout-gsm8k-1": {"choices": [{"turns": ["about 11"]}]},
+        "heldout-a:b-0": {"choices": [{"turns": ["X"]}]},
+        "3": {"choices": [{"turns": ["words"]}]},
+        "4": {"choices": [{"turns": ["7", "8"]}]},
+    }
+    assert exact_match_by_category(questions, answers) == {"a:b (v2)": 1.0, "gsm8k": 0.5, "math": 0.0}
+    # nothing was judged: scores are None (not an error), judge categories only for judged questions
+    row = aggregate(questions, {"tuned": answers}, [], judged_questions=[questions[3]])["tuned"]
+    assert row["score_overall"] is None and row["judged"] == 0
+    assert row["categories"] == {"writing": None}
+    assert row["exact_match"] == pytest.approx(0.5)  # 2 of 4 verifiable turns
+    assert row["exact_match_categories"] == {"a:b (v2)": 1.0, "gsm8k": 0.5, "math": 0.0}
+    metrics = flatten_metrics({"tuned": row})
+    assert {k: v for k, v in metrics.items() if ".exact_match" in k} == {
+        "tuned.exact_match": 0.5,
+        "tuned.exact_match.a_b _v2_": 1.0,  # MLflow refuses ":" and "()"
+        "tuned.exact_match.gsm8k": 0.5,
+        "tuned.exact_match.math": 0.0,
+    }
+    assert not any(k.startswith("tuned.category.") for k in metrics)  # writing has no score
+    table = markdown_table({"tuned": row})
+    assert "| exact match: gsm8k | 0.50 |" in table and "| writing | – |" in table

@@ -225,3 +225,66 @@ def test_merged_tuned_folder_answers_like_the_unmerged_adapter(smollm2_dir, tmp_
     from_adapter, from_merged = answers_from(adapter), answers_from(merged_dir)
     assert from_merged["choices"] == from_adapter["choices"]
     assert from_merged["cache_key"] != from_adapter["cache_key"]  # different model identities
+
+
+def test_heldout_questions_end_to_end_exact_match_only_and_cached(tmp_path, monkeypatch):
+    """Prepared GSM8K-style eval rows answered by SmolLM2 (greedy), scored by exact match only
+    (``judge_verifiable: false``), the writing question judged; a rerun regenerates nothing."""
+    import datasets
+    import transformers
+
+    from pipeline.eval.aggregate import is_exact_match
+
+    monkeypatch.setenv("E2E_JUDGE_KEY", KEY)
+    questions_file = tmp_path / "question.jsonl"
+    questions_file.write_text(json.dumps(QUESTIONS[1]) + "\n")
+
+    def row(question, reply, answer, source="gsm8k"):
+        chat = [{"role": "user", "content": question}]
+        chat += [{"role": "assistant", "content": reply}] if reply else []
+        return {"messages": chat, "source": source, "answer": answer}
+
+    rows = [
+        row("What is 2 + 3?", "5", "5"),
+        row("What is 10 + 20?", "30", "30"),
+        row("Hi", None, None, "chat"),
+    ]
+    with FakeOpenAI(_judge_script, api_key=KEY) as server:
+        config = _config(
+            tmp_path,
+            questions_file,
+            server.base_url,
+            models=["base"],
+            heldout_questions=4,
+            judge_verifiable=False,
+        )
+        run_dir = config.run.run_dir
+        datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(rows[2:]), "eval": datasets.Dataset.from_list(rows)}
+        ).save_to_disk(str(run_dir / "prepare" / "dataset"))
+        ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
+        result = evaluate.run(ctx)
+        assert len(server.requests) == 2  # the writing question's two turns, no held-out one
+        sent = json.dumps([r["body"] for r in server.requests])
+        assert "What is 2 + 3?" not in sent and "What is 10 + 20?" not in sent
+
+        monkeypatch.setattr(
+            transformers.GenerationMixin, "generate", lambda *a, **k: pytest.fail("regenerated")
+        )
+        again = evaluate.run(ctx)
+        assert len(server.requests) == 2 and again.metrics == result.metrics
+
+    answers = {
+        a["question_id"]: a
+        for a in map(json.loads, (ctx.work_dir / "answers" / "base.jsonl").read_text().splitlines())
+    }
+    assert list(answers) == [2, "heldout-gsm8k-0", "heldout-gsm8k-1"]
+    assert answers["heldout-gsm8k-0"]["generation"]["temperature"] == 0.0
+    hits = [
+        is_exact_match(answers[f"heldout-gsm8k-{i}"]["choices"][0]["turns"][0], a)
+        for i, a in enumerate(["5", "30"])
+    ]
+    row = json.loads((ctx.work_dir / "results.json").read_text())["models"]["base"]
+    assert row["exact_match_categories"] == {"gsm8k": sum(hits) / 2} and row["exact_match"] == sum(hits) / 2
+    assert row["categories"] == {"writing": 8.0} and row["score_overall"] == 8.0
+    assert result.metrics["base.exact_match.gsm8k"] == sum(hits) / 2
