@@ -132,6 +132,7 @@ class Cell:
     learning_rate: float | None
     seed: int
     evaluate: bool
+    eval_on_start: bool = False  # the loss before step 1 is the base model's: needed once per method
 
     @property
     def name(self) -> str:
@@ -180,7 +181,8 @@ def pipeline_config(ctx: Context, cell: Cell) -> dict[str, Any]:
             for key in ("projection_prng_key", "d_initial", "save_projection"):
                 config.get("adapter", {}).pop(key, None)
         config["adapter"] = {**config.get("adapter", {}), **adapter}
-        config["train"] = {**s["train"], "learning_rate": cell.learning_rate, "max_eval_samples": None}
+        config["train"] = {**s["train"], "learning_rate": cell.learning_rate, "max_eval_samples": None,
+                           "eval_on_start": cell.eval_on_start}  # fmt: skip
     e = s["eval"]
     config["eval"] = {
         "questions": str(ctx.data / "mt_bench" / "question.jsonl"),
@@ -297,12 +299,20 @@ def run_all(ctx: Context, methods: list[str], log: Any) -> tuple[list[dict[str, 
     first_seed = s["seeds"][0]
     sweep: list[dict[str, Any]] = []
     best: dict[str, float] = {}
+    seen: dict[Cell, dict[str, Any]] = {}
+
+    def measured(cell: Cell) -> dict[str, Any]:
+        # A one-rate "sweep" cell is also that method's evaluated seed-0 cell: run and read it once.
+        if cell not in seen:
+            seen[cell] = cell_metrics(execute(ctx, cell, log), cell)
+        return dict(seen[cell])
+
     for method in methods:
         rates = sweep_rates(s, method)
         log(f"{method}: learning rates {', '.join(f'{r:g}' for r in rates)}")
-        for rate in rates:
-            cell = Cell(method, rate, first_seed, evaluate=len(rates) == 1)
-            sweep.append(cell_metrics(execute(ctx, cell, log), cell))
+        for index, rate in enumerate(rates):
+            cell = Cell(method, rate, first_seed, evaluate=len(rates) == 1, eval_on_start=index == 0)
+            sweep.append(measured(cell))
         scored = [row for row in sweep if row["method"] == method]
         best[method] = min(scored, key=lambda row: row["loss_mean"])["learning_rate"]
         for row in scored:
@@ -310,12 +320,13 @@ def run_all(ctx: Context, methods: list[str], log: Any) -> tuple[list[dict[str, 
     rows: list[dict[str, Any]] = []
     baseline = Cell(BASELINE, None, first_seed, evaluate=True)
     log("baseline: the untrained model")
-    rows.append(cell_metrics(execute(ctx, baseline, log), baseline))
+    rows.append(measured(baseline))
     for method in methods:
         seeds = s["seeds"] if method in s["headline"] else [first_seed]
         for seed in seeds:
-            cell = Cell(method, best[method], seed, evaluate=True)
-            rows.append(cell_metrics(execute(ctx, cell, log), cell))
+            on_start = seed == first_seed and best[method] == sweep_rates(s, method)[0]
+            cell = Cell(method, best[method], seed, evaluate=True, eval_on_start=on_start)
+            rows.append(measured(cell))
     fill_baseline_loss(rows)
     return rows, sweep
 

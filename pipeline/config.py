@@ -286,6 +286,7 @@ class TrainConfig(StrictModel):
     )
     logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm/tokens per second every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Eval every N steps (None: before/after).")
+    eval_on_start: bool = Field(True, description="Eval before the first step (the base model's loss).")
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
     save_steps: int = Field(200, gt=0, description="Checkpoint every N steps (preemption also checkpoints).")
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")

@@ -24,7 +24,9 @@ def test_smollm2_gguf_converts_once_and_loads(smollm2_dir):
     model = load_model(config)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, return_dict=True,
+        [{"role": "user", "content": "What is 2+3?"}],
+        add_generation_prompt=True,
+        return_dict=True,
         return_tensors="pt",
     )
     with torch.no_grad():

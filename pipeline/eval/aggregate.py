@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from decimal import Decimal
 from statistics import fmean
 from typing import Any
 
 from pipeline.eval.questions import Question
+from pipeline.numbers import last_number, parse_number
 
 SCORE_FIELDS = ("score_overall", "score_turn1", "score_turn2", "judge_failures", "exact_match")
 
@@ -32,23 +32,6 @@ def normalise(text: str) -> str:
 
 # A number as a model writes it: optional sign and "$", thousands commas, decimals. The minus must
 # not follow a word or digit character ("pages 10-12" ends with 12, not -12).
-NUMBER = re.compile(r"(?:(?<![\w])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def parse_number(text: str) -> Decimal | None:
-    """``text`` as a number when all of it is one ("1,000", "$12", "-3", "0.5", "10."), else None."""
-    text = text.strip().rstrip(".")
-    if not NUMBER.fullmatch(text):
-        return None
-    return Decimal(text.replace(",", "").replace("$", ""))
-
-
-def last_number(text: str) -> Decimal | None:
-    """The last number written in ``text`` (GSM8K's convention: the final answer comes last)."""
-    found = NUMBER.findall(text)
-    return Decimal(found[-1].replace(",", "").replace("$", "")) if found else None
-
-
 def is_exact_match(response: str, expected: str) -> bool:
     """The response is the expected answer, or ends with it ("... so the answer is 42."); or, for a
     numeric expected answer, the response's last number equals it ("... she earned $10.00 in

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.numbers import canonical, last_number
 from pipeline.stages.base import StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
@@ -229,23 +230,6 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
     return messages, answer if isinstance(answer, str) else None
 
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def last_number(text: str) -> str | None:
-    """The last number in ``text``, normalised ("1,000.50" → "1000.5", "72.0" → "72"), or None.
-
-    GSM8K-style solutions end with their result, so this is the row's checkable answer.
-    """
-    found = NUMBER.findall(text)
-    if not found:
-        return None
-    value = found[-1].replace(",", "")
-    if "." in value:
-        value = value.rstrip("0").rstrip(".") or "0"
-    return value
-
-
 def check_turns(messages: list[dict[str, str]]) -> None:
     """Optional system turn first, then user/assistant alternating, ending with the assistant."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
@@ -298,7 +282,8 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Example]], list[dic
             if data.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": data.system_prompt})
             if source.answer_from == "last_number":
-                answer = last_number(messages[-1]["content"])
+                number = last_number(messages[-1]["content"])
+                answer = canonical(number) if number is not None else None
             row_source = label
             if source.builtin is not None and isinstance(record, dict) and record.get("category"):
                 row_source = f"builtin:{record['category']}"

@@ -275,7 +275,7 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         logging_first_step=True,
         eval_strategy="steps" if tcfg.eval_steps else "no",
         eval_steps=tcfg.eval_steps,
-        eval_on_start=resume is None,
+        eval_on_start=tcfg.eval_on_start and resume is None,
         save_strategy="steps",
         save_steps=tcfg.save_steps,
         save_total_limit=tcfg.save_total_limit,

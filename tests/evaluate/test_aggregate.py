@@ -12,10 +12,10 @@ from pipeline.eval.aggregate import (
     flatten_metrics,
     is_exact_match,
     markdown_table,
-    parse_number,
 )
 from pipeline.eval.judging import verdict
 from pipeline.eval.questions import Question
+from pipeline.numbers import canonical, last_number, parse_number
 
 QUESTIONS = [
     Question(1, "math", ("What is 6*7?", "Only the number."), ("42", "42"), ("42", "42")),
@@ -186,3 +186,12 @@ def test_exact_match_per_category_flattened_with_safe_metric_names():
     assert not any(k.startswith("tuned.category.") for k in metrics)  # writing has no score
     table = markdown_table({"tuned": row})
     assert "| exact match: gsm8k | 0.50 |" in table and "| writing | – |" in table
+
+
+def test_last_number_and_its_canonical_spelling():
+    assert last_number("48/2 = 24 clips; 48+24 = 72 clips altogether.") == Decimal(72)
+    assert last_number("pages 10-12") == Decimal(12)  # a range, not minus twelve
+    assert last_number("no digits here") is None
+    assert [canonical(Decimal(t)) for t in ("72.00", "0.50", "-3", "1000", "-0.0")] == [
+        "72", "0.5", "-3", "1000", "0"
+    ]  # fmt: skip

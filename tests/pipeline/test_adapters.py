@@ -34,10 +34,23 @@ def test_vera_all_linear_excludes_lm_head(tiny_llama):
     cfg = AdapterConfig(method="vera", r=8, projection_prng_key=7, d_initial=0.2, dropout=0.05)
     peft_cfg = build_peft_config(cfg)
     assert isinstance(peft_cfg, VeraConfig)
-    assert (peft_cfg.r, peft_cfg.projection_prng_key, peft_cfg.d_initial, peft_cfg.vera_dropout) == (8, 7, 0.2, 0.05)
+    assert (peft_cfg.r, peft_cfg.projection_prng_key, peft_cfg.d_initial, peft_cfg.vera_dropout) == (
+        8,
+        7,
+        0.2,
+        0.05,
+    )
     assert peft_cfg.save_projection is True
     model = get_peft_model(tiny_llama(), peft_cfg)
-    assert _adapted_modules(model) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert _adapted_modules(model) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert "lm_head" not in _adapted_modules(model)
 
 

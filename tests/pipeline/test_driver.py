@@ -168,7 +168,9 @@ def test_failed_stage_leaves_no_trusted_output_and_resumes(tmp_path, store, fake
     assert go(config)[0] == 0
     assert resumed_from == ["step 3"]  # the stable work dir let the stage resume
     assert fakes.counts() == {"prepare": 1, "train": 2, "evaluate": 1, "export": 1, "promote": 0}
-    assert (config.run_dir / "train" / "checkpoint").is_file() and not (config.run_dir / "train.partial").exists()
+    assert (config.run_dir / "train" / "checkpoint").is_file() and not (
+        config.run_dir / "train.partial"
+    ).exists()
 
     # a failing rerun after a config change keeps the old output but does not trust it
     fakes.behave["train"] = lambda ctx: (_ for _ in ()).throw(RuntimeError("boom"))
@@ -233,7 +235,9 @@ def test_one_driver_per_run_dir(tmp_path, store, fakes, capsys):
     config.run_dir.mkdir(parents=True)
     with FileLock(str(config.run_dir / "driver.lock")):
         assert go(config)[0] == 1
-    assert capsys.readouterr().err.strip() == f"run dir {config.run_dir} is in use by another pipeline process"
+    assert (
+        capsys.readouterr().err.strip() == f"run dir {config.run_dir} is in use by another pipeline process"
+    )
     assert sum(fakes.counts().values()) == 0
     assert go(config)[0] == 0  # released with its holder
 
@@ -327,11 +331,13 @@ sys.exit(run_pipeline(load_config(sys.argv[1])))
 @pytest.mark.slow
 def test_sigkill_mid_stage_leaves_no_trusted_output(tmp_path, store):
     config_file = tmp_path / "c.yaml"
-    config_file.write_text(textwrap.dedent(f"""\
+    config_file.write_text(
+        textwrap.dedent(f"""\
         run: {{name: killed, output_dir: {tmp_path / "runs"}}}
         model: {{name_or_path: org/model}}
         tracking: {{uri: "{store}"}}
-    """))
+    """)
+    )
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config_file), str(ready), "slow"],
@@ -362,11 +368,13 @@ def test_sigterm_stops_cleanly_and_marks_the_run_killed(tmp_path, store):
     import mlflow
 
     config_file = tmp_path / "c.yaml"
-    config_file.write_text(textwrap.dedent(f"""\
+    config_file.write_text(
+        textwrap.dedent(f"""\
         run: {{name: termed, output_dir: {tmp_path / "runs"}}}
         model: {{name_or_path: org/model}}
         tracking: {{uri: "{store}", experiment: sigterm}}
-    """))
+    """)
+    )
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config_file), str(ready), "slow"],
@@ -401,12 +409,14 @@ def test_real_prepare_through_the_cli(tmp_path, store, smollm2_dir, capsys):
     from pipeline.__main__ import main
 
     config_file = tmp_path / "c.yaml"
-    config_file.write_text(textwrap.dedent(f"""\
+    config_file.write_text(
+        textwrap.dedent(f"""\
         run: {{name: real, output_dir: {tmp_path / "runs"}}}
         model: {{name_or_path: {smollm2_dir}}}
         data: {{sources: [{{builtin: 60}}], eval_size: 6, cache_dir: {tmp_path / "cache"}}}
         tracking: {{uri: "{store}", experiment: real-prepare}}
-    """))
+    """)
+    )
     assert main(["prepare", str(config_file)]) == 0
     run_dir = tmp_path / "runs" / "real"
     dataset = load_from_disk(str(run_dir / "prepare" / "dataset"))
@@ -421,7 +431,9 @@ def test_real_prepare_through_the_cli(tmp_path, store, smollm2_dir, capsys):
     assert set(inputs) == {"real-train", "real-eval"}
     assert inputs["real-train"].dataset.digest == stats["digests"]["train"][:16]
     assert child.data.metrics["rows_train"] == 54.0
-    assert {"stats.json", "token_lengths.png", "manifest.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"stats.json", "token_lengths.png", "manifest.json"} <= {
+        a.path for a in client.list_artifacts(child.info.run_id)
+    }
     out = capsys.readouterr().out
     assert "prepare: 60 rows in → 54 train + 6 eval" in out
     # the same command again: up to date, nothing rebuilt

@@ -53,7 +53,12 @@ def test_every_format_normalises_to_the_same_messages(tmp_path, smollm2_dir, tok
                                                                       {"from": "gpt", "value": "hi"}]}])  # fmt: skip
     messages = write_jsonl(tmp_path / "msg.jsonl", [{"messages": USER_ASSISTANT, "answer": "hi"}])
     pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Say hi", "completion": "hi"}])
-    for path, fmt in ((alpaca, "alpaca"), (sharegpt, "sharegpt"), (messages, "messages"), (pc, "prompt_completion")):
+    for path, fmt in (
+        (alpaca, "alpaca"),
+        (sharegpt, "sharegpt"),
+        (messages, "messages"),
+        (pc, "prompt_completion"),
+    ):
         for declared in ("auto", fmt):
             config = make_config(tmp_path, smollm2_dir, [{"path": path, "format": declared}], eval_fraction=0.0,
                                  dedupe=False)  # fmt: skip
@@ -69,7 +74,9 @@ def test_every_format_normalises_to_the_same_messages(tmp_path, smollm2_dir, tok
 
 
 def test_file_types_and_alpaca_input(tmp_path, smollm2_dir, tokenizer):
-    rows = [{"instruction": f"Add {i} and 1.", "input": "Show the sum.", "output": str(i + 1)} for i in range(6)]
+    rows = [
+        {"instruction": f"Add {i} and 1.", "input": "Show the sum.", "output": str(i + 1)} for i in range(6)
+    ]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     with (tmp_path / "a.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["instruction", "input", "output"])
@@ -131,16 +138,23 @@ def test_malformed_rows_are_reported_with_row_numbers(tmp_path, smollm2_dir, tok
     strict = make_config(tmp_path, smollm2_dir, [{"path": path, "format": "messages"}], strict=True)
     with pytest.raises(StageError) as info:
         prepare.build(strict, tokenizer, tmp_path)
-    assert str(info.value) == "data.strict: 9 malformed row(s); first: bad.jsonl row 2: last turn must be from the assistant"
+    assert (
+        str(info.value)
+        == "data.strict: 9 malformed row(s); first: bad.jsonl row 2: last turn must be from the assistant"
+    )
 
 
 def test_unreadable_file_and_unknown_format(tmp_path, smollm2_dir, tokenizer, shared_data):
     broken = tmp_path / "broken.json"
     broken.write_text("[{]")
     config = make_config(tmp_path, smollm2_dir, [{"path": str(broken)}])
-    with pytest.raises(StageError, match=r"^data\.sources\.0\.path: cannot read .*broken\.json: JSONDecodeError: "):
+    with pytest.raises(
+        StageError, match=r"^data\.sources\.0\.path: cannot read .*broken\.json: JSONDecodeError: "
+    ):
         prepare.build(config, tokenizer, tmp_path)
-    seeds = shared_data / "instruct" / "self_instruct_seed_tasks.jsonl"  # instruction + instances: not a chat format
+    seeds = (
+        shared_data / "instruct" / "self_instruct_seed_tasks.jsonl"
+    )  # instruction + instances: not a chat format
     config = make_config(tmp_path, smollm2_dir, [{"path": str(seeds)}])
     with pytest.raises(StageError) as info:
         prepare.build(config, tokenizer, tmp_path)
@@ -171,7 +185,9 @@ def test_shared_data_mix_dedupe_length_filter(tmp_path, smollm2_dir, tokenizer, 
     assert stats["token_length"]["max"] <= 300 and stats["token_length"]["p50"] > 0
     assert (out / "token_lengths.png").stat().st_size > 1000
     dataset = load(out)
-    built = [row for split in ("train", "eval") for row in dataset[split] if row["source"].startswith("builtin:")]
+    built = [
+        row for split in ("train", "eval") for row in dataset[split] if row["source"].startswith("builtin:")
+    ]
     assert len(built) == 30 and all(row["answer"] for row in built)
     assert all(row["answer"] is None for row in dataset["train"] if row["source"] == "gsm8k")
 
@@ -239,7 +255,9 @@ def test_hub_source_via_load_dataset(tmp_path, smollm2_dir, tokenizer, monkeypat
         calls.append((name, config, split, revision))
         if name == "missing/set":
             raise FileNotFoundError("Dataset 'missing/set' doesn't exist on the Hub or cannot be accessed.")
-        return datasets.Dataset.from_list([{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)])
+        return datasets.Dataset.from_list(
+            [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     config = make_config(tmp_path, smollm2_dir, [{"hub": "yahma/alpaca-cleaned", "split": "train", "revision": "r1",
@@ -261,7 +279,9 @@ def test_chat_template_is_checked(tmp_path, smollm2_dir, tokenizer):
     original = tokenizer.chat_template
     try:
         tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}\n{% endfor %}"  # drops the content
-        with pytest.raises(StageError, match=r"^model\.chat_template: the rendered template drops message content"):
+        with pytest.raises(
+            StageError, match=r"^model\.chat_template: the rendered template drops message content"
+        ):
             prepare.build(config, tokenizer, tmp_path)
         tokenizer.chat_template = None
         with pytest.raises(StageError, match=r"^model\.chat_template: the tokenizer has no chat template"):
@@ -272,7 +292,10 @@ def test_chat_template_is_checked(tmp_path, smollm2_dir, tokenizer):
 
 def test_nothing_left_and_eval_too_big(tmp_path, smollm2_dir, tokenizer):
     config = make_config(tmp_path, smollm2_dir, [{"builtin": 10}], max_length=5)
-    with pytest.raises(StageError, match=r"^data: no examples left after filtering \(dropped: \{'malformed': 0, 'too_long': 10\}\)"):
+    with pytest.raises(
+        StageError,
+        match=r"^data: no examples left after filtering \(dropped: \{'malformed': 0, 'too_long': 10\}\)",
+    ):
         prepare.build(config, tokenizer, tmp_path)
     config = make_config(tmp_path, smollm2_dir, [{"builtin": 10}], eval_size=10)
     with pytest.raises(StageError, match=r"^data\.eval_size: 10 eval rows leave no training rows \(10 rows"):
@@ -296,3 +319,63 @@ def test_llama2_chat_template_file(smollm2_dir):
         f"{bos}[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 {eos}{bos}[INST] U2 [/INST] A2 {eos}"
     )
     prepare.check_template(tok)
+
+
+def test_per_source_held_out_slices_are_fixed_and_never_trained_on(
+    tmp_path, smollm2_dir, tokenizer, shared_data
+):
+    gsm8k = str(shared_data / "instruct" / "gsm8k_train_alpaca.json")
+    roleplay = str(shared_data / "instruct" / "gpteacher_roleplay.json")
+
+    def build(name: str, run_seed: int, gsm8k_samples: int) -> tuple[dict, object]:
+        sources = [{"path": gsm8k, "name": "gsm8k", "samples": gsm8k_samples, "eval_samples": 5,
+                    "answer_from": "last_number"},
+                   {"path": roleplay, "name": "roleplay", "samples": 30, "eval_samples": 3}]  # fmt: skip
+        config = make_config(tmp_path, smollm2_dir, sources, max_length=400, seed=7)
+        config = config.model_copy(update={"run": config.run.model_copy(update={"seed": run_seed})})
+        out = tmp_path / name
+        out.mkdir()
+        return prepare.build(config, tokenizer, out), load(out)
+
+    stats, data = build("a", run_seed=1, gsm8k_samples=40)
+    assert stats["rows_out"]["eval"] == 8 and stats["rows_out"]["train"] == 70
+    assert sorted(data["eval"]["source"]) == ["gsm8k"] * 5 + ["roleplay"] * 3
+    key = lambda row: json.dumps(row["messages"])  # noqa: E731
+    assert not {key(r) for r in data["eval"]} & {key(r) for r in data["train"]}
+    # GSM8K solutions end with their result: the checkable answer is that number, canonical.
+    rows = [r for split in ("train", "eval") for r in data[split] if r["source"] == "gsm8k"]
+    assert all(r["answer"] == str(int(r["answer"])) for r in rows)
+    import re
+
+    for row in rows:  # e.g. "... the river was 15-10=5 feet deep." -> "5"
+        assert re.findall(r"\d[\d,]*", row["messages"][-1]["content"])[-1].replace(",", "") == row["answer"]
+    assert all(r["answer"] is None for r in data["train"] if r["source"] == "roleplay")
+    # Another training seed (data.seed fixed) or another mixture: the same held-out rows.
+    _, reseeded = build("b", run_seed=2, gsm8k_samples=40)
+    _, remixed = build("c", run_seed=1, gsm8k_samples=80)
+    assert reseeded["eval"]["messages"] == data["eval"]["messages"]
+    assert reseeded["train"]["messages"] == data["train"]["messages"]
+    assert remixed["eval"]["messages"] == data["eval"]["messages"]
+
+
+def test_per_source_eval_errors(tmp_path, smollm2_dir, tokenizer):
+    from pipeline.config import ConfigError, load_config
+
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(4)])
+    config = make_config(tmp_path, smollm2_dir, [{"path": rows, "eval_samples": 4}])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StageError) as error:
+        prepare.build(config, tokenizer, out)
+    assert (
+        str(error.value)
+        == "data.sources.0.eval_samples: 4 eval rows leave no training rows of d.jsonl (4 rows after filtering)"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run: {{name: t}}\nmodel: {{name_or_path: {smollm2_dir}}}\n"
+                    f"data: {{eval_fraction: 0.1, sources: [{{path: {rows}, eval_samples: 1}}]}}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    assert bad.value.lines == [
+        "data.eval_fraction: sources set eval_samples: hold out rows per source or by eval_fraction, not both (got 0.1)"
+    ]

@@ -1,4 +1,3 @@
-# ruff: noqa: E501  (expected messages are compared verbatim)
 """The tracking-store probe that runs before any stage: fast, one line, no MLflow import needed."""
 
 from __future__ import annotations
@@ -60,5 +59,8 @@ def test_default_uri_and_ui_command(tmp_path):
     config = PipelineConfig.model_validate({"run": {"name": "x", "output_dir": str(tmp_path)},
                                             "model": {"name_or_path": "org/m"}})  # fmt: skip
     assert resolve_uri(config) == f"sqlite:///{tmp_path / 'x' / 'mlflow.db'}"
-    assert ui_command(resolve_uri(config)) == f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'x' / 'mlflow.db'}"
+    assert (
+        ui_command(resolve_uri(config))
+        == f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'x' / 'mlflow.db'}"
+    )
     assert ui_command("https://mlflow.example.org") == "open https://mlflow.example.org in a browser"

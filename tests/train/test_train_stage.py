@@ -167,3 +167,54 @@ def test_packing_puts_several_conversations_in_one_sequence(tmp_path, tiny_model
     # steps (tokens counted unpacked: packed batches carry no attention mask, and SmolLM2's pad
     # token is its <|im_end|>, so the trainer's non-padding count skips those in packed batches)
     assert steps[True] >= math.ceil(tokens[False] / (256 * 2))
+
+
+def test_eval_loss_per_source_and_step_timing(tmp_path, tiny_model_dir):
+    """An eval split with two sources gives one held-out loss per source (their mean is the
+    overall loss), before and after training; step time and trainable parameters are reported."""
+    from datasets import Dataset, DatasetDict
+    from train_helpers import make_messages
+
+    run_dir = tmp_path / "run"
+    rows = make_messages(12, 1)
+    evals = Dataset.from_dict({"messages": rows, "source": ["gsm8k"] * 8 + ["role play.json"] * 4,
+                               "answer": [None] * 12})  # fmt: skip
+    train_rows = make_messages(16, 0)
+    train_set = Dataset.from_dict({"messages": train_rows, "source": ["x"] * 16, "answer": [None] * 16})
+    DatasetDict({"train": train_set, "eval": evals}).save_to_disk(str(run_dir / "prepare" / "dataset"))
+    config = make_config(run_dir, str(tiny_model_dir), train={"max_steps": 4, "max_eval_samples": 3})
+    metrics = train.run(make_ctx(run_dir, config)).metrics
+    for when in ("before", "after"):
+        per_source = [metrics[f"eval_loss_{when}.gsm8k"], metrics[f"eval_loss_{when}.role_play_json"]]
+        assert all(math.isfinite(v) for v in per_source) and per_source[0] != per_source[1]
+        assert metrics[f"eval_loss_{when}"] == pytest.approx(sum(per_source) / 2)
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    # LoRA r=4 on q_proj and v_proj of 2 layers (hidden 32, 2 KV heads of 8): A 4x32 each, B 32x4 / 16x4.
+    assert metrics["trainable_params"] == 2 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4)
+    assert metrics["seconds_per_step_median"] > 0
+    history = json.loads((run_dir / "train.partial" / "log_history.json").read_text())
+    evaluated = [e for e in history if "eval_gsm8k_loss" in e]
+    assert [e["step"] for e in evaluated] == [0, 4]  # before the first step and at the end
+    assert all("seconds_per_step" not in e for e in evaluated)
+
+
+def test_step_time_leaves_out_evaluation(monkeypatch):
+    """seconds_per_step covers optimizer steps: time spent evaluating between steps is excluded."""
+    from types import SimpleNamespace
+
+    from pipeline.stages import train_metrics
+
+    # perf_counter at: step 1 begins, step 1 ends, step 2 begins (after a 10 s eval), step 2 ends, log
+    clock = iter([0.0, 1.0, 11.0, 12.0, 12.5])
+    monkeypatch.setattr(train_metrics.time, "perf_counter", lambda: next(clock))
+    callback = train_metrics.MetricsCallback(None, None, is_rank0=True)
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    callback.on_step_begin(None, state, None)
+    state.global_step, state.num_input_tokens_seen = 1, 100
+    callback.on_step_end(None, state, None)
+    callback.on_step_begin(None, state, None)
+    state.global_step, state.num_input_tokens_seen = 2, 200
+    callback.on_step_end(None, state, None)
+    callback.on_log(None, state, None, logs={"loss": 1.0})
+    assert callback.history[-1]["seconds_per_step"] == pytest.approx((12.5 - 10.0) / 2)
+    assert callback.history[-1]["tokens_per_second"] == pytest.approx(200 / 2.5)

@@ -1,0 +1,32 @@
+"""Numbers written in text, for answers checked by value: GSM8K-style solutions put the result
+last, so the last number is the answer ("... she earned $10.00." → 10). Shared by prepare (the
+checkable answer of a training/eval row) and evaluate (matching a response against it)."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+# An optional sign (a minus not glued to a word: "pages 10-12" ends with 12), an optional "$",
+# thousands commas ("1,000", but not "1,2,3"), decimals.
+NUMBER = re.compile(r"(?:(?<![\w])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def parse_number(text: str) -> Decimal | None:
+    """``text`` as a number when all of it is one ("1,000", "$12", "-3", "0.5", "10."), else None."""
+    text = text.strip().rstrip(".")
+    if not NUMBER.fullmatch(text):
+        return None
+    return Decimal(text.replace(",", "").replace("$", ""))
+
+
+def last_number(text: str) -> Decimal | None:
+    """The last number written in ``text`` (GSM8K's convention: the final answer comes last)."""
+    found = NUMBER.findall(text)
+    return Decimal(found[-1].replace(",", "").replace("$", "")) if found else None
+
+
+def canonical(number: Decimal) -> str:
+    """The shortest plain spelling: 72.00 → "72", 0.50 → "0.5", -3 → "-3" (never "7.2E+1")."""
+    text = format(number.normalize(), "f")
+    return "0" if text in ("-0", "") else text

@@ -1,0 +1,113 @@
+"""benchmarks/compare_methods.py end to end on a tiny model (--quick), so the script cannot rot:
+every method runs through the pipeline's own prepare/train/evaluate, the tables and the plot are
+written, a rerun resumes instead of retraining, and bad settings fail in one line."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare_methods as cm
+
+pytestmark = pytest.mark.slow
+
+# The headline methods (one per family, and the three the issue's goals compare): seven cells
+# would take minutes even on a tiny model, as every cell is a full pipeline run in its own process.
+METHODS = ["lora_r8", "vera_r1024", "uora_r64"]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, tiny_model_dir, shared_data):
+    """One --quick comparison on the tiny model, with a README whose results section it rewrites."""
+    root = tmp_path_factory.mktemp("compare")
+    readme = root / "README.md"
+    readme.write_text(f"# x\n\n{cm.README_START}\nold results\n{cm.README_END}\n\nafter\n")
+    argv = ["--quick", "--methods", ",".join(METHODS), "--model", str(tiny_model_dir),
+            "--data-dir", str(shared_data), "--work", str(root / "work"), "--out", str(root / "out"),
+            "--readme", str(readme)]  # fmt: skip
+    assert cm.main(argv) == 0
+    return root, argv
+
+
+def test_every_method_is_measured(quick_run):
+    root, _ = quick_run
+    rows = read_csv(root / "out" / "compare_methods_quick.csv")
+    assert [row["method"] for row in rows] == ["baseline", *METHODS]
+    by = {row["method"]: row for row in rows}
+    params = {name: int(float(by[name]["trainable_params"])) for name in METHODS}
+    # Tiny Llama, 2 layers, all linear layers: (in, out) of q, k, v, o, gate, up, down.
+    shapes = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]
+    assert params["lora_r8"] == 2 * sum(8 * (i + o) for i, o in shapes)  # A: r x in, B: out x r
+    assert params["uora_r64"] == 2 * sum(64 + o for _, o in shapes)  # d: r, b: out
+    assert params["vera_r1024"] == 2 * sum(1024 + o for _, o in shapes)
+    assert by["baseline"]["trainable_params"] == "0"
+    for name in METHODS:
+        row = by[name]
+        for key in ("loss_roleplay", "loss_gsm8k", "loss_mean", "train_s", "peak_rss_mb", "adapter_mb"):
+            assert math.isfinite(float(row[key])) and float(row[key]) > 0, (name, key)
+        assert float(row["loss_mean"]) == pytest.approx(
+            (float(row["loss_roleplay"]) + float(row["loss_gsm8k"])) / 2
+        )
+        assert 0.0 <= float(row["gsm8k_em"]) <= 1.0
+        assert 1.0 <= float(row["mt_bench"]) <= 10.0
+    assert float(by["uora_r64"]["reinit_events"]) >= 0 and by["lora_r8"]["reinit_events"] == ""
+    # The untrained baseline: evaluated on its own, its loss is the adapters' loss before step 1.
+    assert math.isfinite(float(by["baseline"]["loss_mean"])) and by["baseline"]["mt_bench"]
+    assert float(by["baseline"]["loss_mean_init_spread"]) < 1e-4  # every adapter starts at ΔW = 0
+
+
+def test_tables_plot_and_readme(quick_run):
+    root, _ = quick_run
+    out = root / "out"
+    sweep = read_csv(out / "compare_methods_quick_sweep.csv")
+    assert [row["method"] for row in sweep] == METHODS and all(row["chosen"] == "True" for row in sweep)
+    report = (out / "compare_methods_quick.md").read_text()
+    assert "| uora_r64 |" in report and "## Learning-rate sweep" in report
+    assert "small-judge score" in report and "UORA r=64 held-out loss within 2% of LoRA r=8's" in report
+    assert "step time, UORA r=64 / VeRA r=1024:" in report
+    assert (out / "compare_methods_quick.png").stat().st_size > 10_000
+    readme = (root / "README.md").read_text()
+    assert "old results" not in readme and readme.endswith(f"{cm.README_END}\n\nafter\n")
+    assert (
+        "| baseline |" in readme
+        and "![quality vs trainable parameters](out/compare_methods_quick.png)" in readme
+    )
+
+
+def test_a_rerun_resumes_without_retraining(quick_run, capsys):
+    root, argv = quick_run
+    rate = cm.sweep_rates(cm.load_settings(cm.SETTINGS, quick=True), "uora_r64")[0]
+    adapter = (
+        root / "work" / "runs" / f"uora_r64-lr{rate:g}-s0" / "train" / "adapter" / "adapter_model.safetensors"
+    )
+    before = adapter.stat().st_mtime_ns
+    assert cm.main(argv) == 0
+    assert adapter.stat().st_mtime_ns == before
+    printed = capsys.readouterr().out
+    assert printed.count("(skipped)") == 1 + len(METHODS)  # every cell, each once
+    assert "UORA r=64 held-out loss" in printed  # and the results are reported again
+
+
+def test_bad_settings_fail_in_one_line(tmp_path, capsys):
+    settings = tmp_path / "s.yaml"
+    text = cm.SETTINGS.read_text().replace("headline: [lora_r8, vera_r1024, uora_r64]", "headline: [lora_r9]")
+    settings.write_text(text)
+    assert cm.main(["--settings", str(settings)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"compare_methods: {settings}: headline: ['lora_r9'] are not among methods\n"
+    )
+    assert cm.main(["--methods", "dora_r8"]) == 2
+    assert "--methods: unknown ['dora_r8']" in capsys.readouterr().err
+    assert cm.main(["--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"compare_methods: data_dir: {tmp_path}/instruct/gpteacher_roleplay.json not found"
+    )
