@@ -40,51 +40,45 @@ def smollm2_dir() -> Path:
     return convert_gguf(spec.submodule_search_locations[0], SMOLLM2_GGUF)
 
 
+# The tiny Llama every test model starts from: 2 layers, hidden 32, 4 heads over 2 KV heads.
+TINY_LLAMA = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def build_tiny_llama(seed: int = 0, **overrides):
+    """A tiny random Llama causal LM, deterministic per seed; ``overrides`` go to LlamaConfig."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+
+
 @pytest.fixture
 def tiny_llama():
-    """A factory for a tiny random Llama causal LM (deterministic per seed)."""
-
-    def build(seed: int = 0, **overrides):
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        settings = dict(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-        settings.update(overrides)
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(**settings)).eval()
-
-    return build
+    """A factory for a tiny random Llama causal LM (see :func:`build_tiny_llama`)."""
+    return build_tiny_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A tiny random Llama (2 layers, hidden 32) with SmolLM2's tokenizer, saved as a folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama with SmolLM2's tokenizer (and vocabulary), saved as a folder."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    model = build_tiny_llama(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     folder = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(folder, safe_serialization=True)

@@ -285,3 +285,9 @@ def test_section_level_rule_does_not_echo_the_section():
     with pytest.raises(ValidationError) as info:
         Eval.model_validate({"judge": {"backend": "openai"}})
     assert format_validation_error(info.value) == ["judge: api_key_env is required when backend is 'openai'"]
+
+
+def test_only_takes_several_stages_in_pipeline_order():
+    assert select_stages("run", None, "evaluate,prepare,train") == ["prepare", "train", "evaluate"]
+    with pytest.raises(ValueError, match=r"--only: unknown stage 'eval' \(stages:"):
+        select_stages("run", None, "prepare,eval")

@@ -439,3 +439,26 @@ def test_real_prepare_through_the_cli(tmp_path, store, smollm2_dir, capsys):
     # the same command again: up to date, nothing rebuilt
     assert main(["prepare", str(config_file)]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_evaluating_the_base_model_alone_needs_no_training(tmp_path):
+    """evaluate reads the train stage only when it scores the tuned model from it."""
+    from pipeline.driver import Pipeline
+
+    (tmp_path / "m").mkdir()
+
+    def pipeline(**eval_section) -> Pipeline:
+        return Pipeline(PipelineConfig.model_validate({
+            "run": {"name": "r", "output_dir": str(tmp_path)}, "model": {"name_or_path": str(tmp_path / "m")},
+            "eval": eval_section,
+        }))  # fmt: skip
+
+    assert pipeline(models=["base"]).inputs("evaluate") == ("prepare",)
+    assert pipeline(models=["base", "tuned"]).inputs("evaluate") == ("prepare", "train")
+    assert pipeline(tuned_path=str(tmp_path / "m")).inputs("evaluate") == ("prepare",)
+    assert pipeline().inputs("export") == ("train",)  # stages without inputs(config): INPUTS
+    assert pipeline(models=["base"]).missing_inputs(["prepare", "evaluate"]) == []
+    assert pipeline(models=["tuned"]).missing_inputs(["prepare", "evaluate"]) == [
+        f"stage 'evaluate' needs up-to-date output of 'train' in {tmp_path / 'r'}; run it first "
+        "(python -m pipeline run CONFIG --from train)"
+    ]
