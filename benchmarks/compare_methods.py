@@ -92,7 +92,7 @@ def load_settings(path: Path, quick: bool) -> dict[str, Any]:
     for key in required:
         if key not in settings:
             raise BenchmarkError(f"{path}: '{key}' is missing")
-    unknown = sorted(set(settings) - set(required) - {"goals", "sweep"})
+    unknown = sorted(set(settings) - set(required) - {"goals", "sweep", "ablations"})
     if unknown:
         raise BenchmarkError(f"{path}: unknown setting(s) {unknown}")
     for name, method in settings["methods"].items():
@@ -105,6 +105,14 @@ def load_settings(path: Path, quick: bool) -> dict[str, Any]:
         raise BenchmarkError(f"{path}: headline: {missing} are not among methods")
     if not settings["seeds"]:
         raise BenchmarkError(f"{path}: seeds must list at least one seed")
+    for method, variants in (settings.get("ablations") or {}).items():
+        if method not in settings["methods"]:
+            raise BenchmarkError(f"{path}: ablations: {method!r} is not among methods")
+        for name, adapter in variants.items():
+            if not isinstance(adapter, dict) or not str(name).replace("_", "").isalnum():
+                raise BenchmarkError(f"{path}: ablations.{method}.{name}: expected a name (letters, "
+                                     "digits, _) and a mapping of adapter settings")  # fmt: skip
+    settings["ablations"] = settings.get("ablations") or {}
     settings.setdefault("sweep", True)
     settings.setdefault("goals", {})
     return settings
@@ -133,12 +141,14 @@ class Cell:
     seed: int
     evaluate: bool
     eval_on_start: bool = False  # the loss before step 1 is the base model's: needed once per method
+    variant: str = ""  # an ablation: the name of adapter settings that override the method's
 
     @property
     def name(self) -> str:
         if self.method == BASELINE:
             return BASELINE
-        return f"{self.method}-lr{self.learning_rate:g}-s{self.seed}"
+        suffix = f"-{self.variant}" if self.variant else ""
+        return f"{self.method}{suffix}-lr{self.learning_rate:g}-s{self.seed}"
 
     @property
     def stages(self) -> list[str]:
@@ -172,6 +182,8 @@ def pipeline_config(ctx: Context, cell: Cell) -> dict[str, Any]:
                       "strict": False}  # fmt: skip
     if cell.method != BASELINE:
         adapter = copy.deepcopy(s["methods"][cell.method]["adapter"])
+        if cell.variant:
+            adapter = deep_merge(adapter, s["ablations"][cell.method][cell.variant])
         if adapter["method"] in ("uora", "vera"):
             adapter.setdefault("projection_prng_key", cell.seed)  # a seed draws new projections too
         if adapter["method"] != "uora":
@@ -258,6 +270,20 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def start_eval_seconds(run_dir: Path) -> float:
+    """Seconds the trainer spent on the loss evaluation before step 1 (inside its train runtime,
+    and done by only one cell per method): left out so train times compare."""
+    path = run_dir / "train" / "log_history.json"
+    history = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    return sum(
+        float(value)
+        for entry in history
+        if entry.get("step") == 0
+        for key, value in entry.items()
+        if key.startswith("eval_") and key.endswith("_runtime")
+    )
+
+
 def cell_metrics(run_dir: Path, cell: Cell) -> dict[str, Any]:
     """The numbers of one finished run, read from its stage outputs."""
     row: dict[str, Any] = {"method": cell.method, "learning_rate": cell.learning_rate, "seed": cell.seed}
@@ -269,7 +295,7 @@ def cell_metrics(run_dir: Path, cell: Cell) -> dict[str, Any]:
             adapter_mb=adapter.stat().st_size / 2**20,
             loss_mean=train["eval_loss_after"],
             loss_before=train.get("eval_loss_before"),
-            train_s=train["train_runtime_s"],
+            train_s=train["train_runtime_s"] - start_eval_seconds(run_dir),
             s_per_step=train.get("seconds_per_step_median"),
             peak_rss_mb=train["peak_rss_mb_rank0"],
             reinit_events=train.get("uora_reinit_events", 0.0 if "uora" in cell.method else None),
@@ -294,7 +320,8 @@ def sweep_rates(settings: dict[str, Any], method: str) -> list[float]:
 
 
 def run_all(ctx: Context, methods: list[str], log: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Sweep, pick, evaluate, repeat seeds; returns (rows of evaluated cells, sweep rows)."""
+    """Sweep, pick, evaluate, repeat seeds; returns (rows of evaluated cells, sweep rows, each
+    marked ``chosen`` or not)."""
     s = ctx.settings
     first_seed = s["seeds"][0]
     sweep: list[dict[str, Any]] = []
@@ -327,15 +354,38 @@ def run_all(ctx: Context, methods: list[str], log: Any) -> tuple[list[dict[str, 
             on_start = seed == first_seed and best[method] == sweep_rates(s, method)[0]
             cell = Cell(method, best[method], seed, evaluate=True, eval_on_start=on_start)
             rows.append(measured(cell))
-    fill_baseline_loss(rows)
+    fill_baseline_loss(rows[0], list(seen.values()))
     return rows, sweep
 
 
-def fill_baseline_loss(rows: list[dict[str, Any]]) -> None:
-    """The baseline's held-out loss: the trained runs' loss before step 1 (ΔW = 0 at init for
-    every method, so these agree up to float noise; their spread is kept as a check)."""
-    trained = [row for row in rows if row["method"] != BASELINE and row.get("loss_before") is not None]
-    baseline = next(row for row in rows if row["method"] == BASELINE)
+def run_ablations(ctx: Context, methods: list[str], best: dict[str, float], log: Any) -> list[dict[str, Any]]:
+    """Variants of a method's adapter settings (d_initial, init, re-init rule) at its chosen
+    learning rate and first seed, trained and scored by held-out loss like the sweep; the plain
+    method's row comes first, for comparison."""
+    s = ctx.settings
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        variants = s["ablations"].get(method) or {}
+        if not variants:
+            continue
+        log(f"{method}: ablations {', '.join(variants)}")
+        plain = Cell(method, best[method], s["seeds"][0], evaluate=True,
+                     eval_on_start=best[method] == sweep_rates(s, method)[0])  # fmt: skip
+        rows.append({**cell_metrics(ctx.work / "runs" / plain.name, plain), "variant": "as configured"})
+        for variant in variants:
+            cell = Cell(method, best[method], s["seeds"][0], evaluate=False, variant=variant)
+            row = cell_metrics(execute(ctx, cell, log), cell)
+            rows.append(
+                {**row, "variant": variant, "settings": json.dumps(variants[variant], sort_keys=True)}
+            )
+    return rows
+
+
+def fill_baseline_loss(baseline: dict[str, Any], measured: list[dict[str, Any]]) -> None:
+    """The baseline's held-out loss: the loss before step 1 of the runs that evaluated it (one
+    per method; ΔW = 0 at init for every method, so these agree up to float noise, and their
+    spread is kept as a check)."""
+    trained = [row for row in measured if row["method"] != BASELINE and row.get("loss_before") is not None]
     if not trained:
         return
     for key in ["loss_mean"] + [f"loss_{label}" for label in SOURCES]:
@@ -445,6 +495,23 @@ def results_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ablation_section(rows: list[dict[str, Any]]) -> str:
+    """What else was tried for a method, at its chosen rate and first seed (held-out loss)."""
+    if not rows:
+        return ""
+    lines = [
+        "\n## Ablations (chosen learning rate, first seed)\n",
+        "| method | variant | adapter settings | loss mean | loss roleplay | loss gsm8k | re-inits |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['variant']} | {row.get('settings', '–')} | {row['loss_mean']:.4f} | "
+            f"{row['loss_roleplay']:.4f} | {row['loss_gsm8k']:.4f} | {_cell(row, 'reinit_events', '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def sweep_table(sweep: list[dict[str, Any]]) -> str:
     lines = [
         "| method | learning rate | loss mean | loss roleplay | loss gsm8k | chosen |",
@@ -528,8 +595,8 @@ def describe(ctx: Context, quick: bool) -> str:
         f"(max {d['max_length']} tokens), {d['eval_rows']} held-out rows per source (data seed {d['seed']}); "
         f"{t['max_steps']} steps × batch {batch}, {t['lr_scheduler_type']} schedule; seeds {s['seeds']} for "
         f"{', '.join(s['headline'])}, seed {s['seeds'][0]} for the others. Mean ± std over seeds where there "
-        "are several. Step time: median seconds per optimizer step (first logging interval excluded); peak "
-        "RSS: the training process."
+        "are several. s/step: median seconds per optimizer step (first logging interval excluded); train s: "
+        "the trainer's runtime without the loss evaluation before step 1; peak RSS: the training process."
     )
 
 
@@ -574,6 +641,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
 
     rows, sweep = run_all(ctx, methods, log)
+    best = {row["method"]: row["learning_rate"] for row in sweep if row.get("chosen")}
+    ablations = run_ablations(ctx, methods, best, log)
     summary = summarise(rows)
     goals = check_goals(summary, settings["goals"])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -581,9 +650,11 @@ def _main(args: argparse.Namespace) -> int:
     (args.out / f"{name}.csv").write_text(to_csv(rows), encoding="utf-8")
     (args.out / f"{name}_summary.csv").write_text(to_csv(summary), encoding="utf-8")
     (args.out / f"{name}_sweep.csv").write_text(to_csv(sweep), encoding="utf-8")
+    if ablations:
+        (args.out / f"{name}_ablations.csv").write_text(to_csv(ablations), encoding="utf-8")
     plot(summary, args.out / f"{name}.png")
     header = describe(ctx, args.quick) + f" Total wall time {(time.perf_counter() - started) / 60:.0f} min."
-    report = markdown(summary, sweep, goals, header, f"{name}.png")
+    report = markdown(summary, sweep, goals, header, f"{name}.png") + ablation_section(ablations)
     (args.out / f"{name}.md").write_text(report, encoding="utf-8")
     print(results_table(summary))
     for line in goals:

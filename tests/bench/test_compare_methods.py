@@ -27,10 +27,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, tiny_model_dir, shared_data):
     """One --quick comparison on the tiny model, with a README whose results section it rewrites."""
+    import yaml
+
     root = tmp_path_factory.mktemp("compare")
+    settings = yaml.safe_load(cm.SETTINGS.read_text())
+    settings["quick"]["ablations"] = {"uora_r64": {"d_initial_1": {"d_initial": 1.0}}}
+    (root / "settings.yaml").write_text(yaml.safe_dump(settings))
     readme = root / "README.md"
     readme.write_text(f"# x\n\n{cm.README_START}\nold results\n{cm.README_END}\n\nafter\n")
-    argv = ["--quick", "--methods", ",".join(METHODS), "--model", str(tiny_model_dir),
+    argv = ["--quick", "--settings", str(root / "settings.yaml"), "--methods", ",".join(METHODS),
+            "--model", str(tiny_model_dir),
             "--data-dir", str(shared_data), "--work", str(root / "work"), "--out", str(root / "out"),
             "--readme", str(readme)]  # fmt: skip
     assert cm.main(argv) == 0
@@ -92,7 +98,7 @@ def test_a_rerun_resumes_without_retraining(quick_run, capsys):
     assert cm.main(argv) == 0
     assert adapter.stat().st_mtime_ns == before
     printed = capsys.readouterr().out
-    assert printed.count("(skipped)") == 1 + len(METHODS)  # every cell, each once
+    assert printed.count("(skipped)") == 1 + len(METHODS) + 1  # every cell once, and the ablation
     assert "UORA r=64 held-out loss" in printed  # and the results are reported again
 
 
@@ -111,3 +117,27 @@ def test_bad_settings_fail_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(
         f"compare_methods: data_dir: {tmp_path}/instruct/gpteacher_roleplay.json not found"
     )
+
+
+def test_ablations_change_only_their_adapter_setting(quick_run):
+    root, _ = quick_run
+    rows = read_csv(root / "out" / "compare_methods_quick_ablations.csv")
+    assert [(row["method"], row["variant"]) for row in rows] == [
+        ("uora_r64", "as configured"),
+        ("uora_r64", "d_initial_1"),
+    ]
+    plain, variant = rows
+    assert (
+        variant["learning_rate"] == plain["learning_rate"]
+        and variant["trainable_params"] == plain["trainable_params"]
+    )
+    assert variant["loss_mean"] != plain["loss_mean"]  # a 10x larger d moves the model differently
+    import yaml
+
+    config = yaml.safe_load(
+        (
+            root / "work" / "configs" / f"uora_r64-d_initial_1-lr{float(plain['learning_rate']):g}-s0.yaml"
+        ).read_text()
+    )
+    assert config["adapter"]["d_initial"] == 1.0 and config["adapter"]["r"] == 64
+    assert "## Ablations" in (root / "out" / "compare_methods_quick.md").read_text()
