@@ -92,7 +92,7 @@ def load_settings(path: Path, quick: bool) -> dict[str, Any]:
     for key in required:
         if key not in settings:
             raise BenchmarkError(f"{path}: '{key}' is missing")
-    unknown = sorted(set(settings) - set(required) - {"goals", "sweep", "ablations"})
+    unknown = sorted(set(settings) - set(required) - {"goals", "sweep", "sweep_extend", "ablations"})
     if unknown:
         raise BenchmarkError(f"{path}: unknown setting(s) {unknown}")
     for name, method in settings["methods"].items():
@@ -114,6 +114,7 @@ def load_settings(path: Path, quick: bool) -> dict[str, Any]:
                                      "digits, _) and a mapping of adapter settings")  # fmt: skip
     settings["ablations"] = settings.get("ablations") or {}
     settings.setdefault("sweep", True)
+    settings.setdefault("sweep_extend", 0)
     settings.setdefault("goals", {})
     return settings
 
@@ -319,6 +320,18 @@ def sweep_rates(settings: dict[str, Any], method: str) -> list[float]:
     return rates if settings["sweep"] else [rates[len(rates) // 2]]
 
 
+def extended_rate(scored: list[dict[str, Any]], factor: float = 3.0) -> float | None:
+    """The next rate past the edge of the grid when the best rate sits on that edge, else None: a
+    sweep whose optimum is its largest (smallest) rate has not found the optimum."""
+    rates = sorted(row["learning_rate"] for row in scored)
+    best = min(scored, key=lambda row: row["loss_mean"])["learning_rate"]
+    if best == rates[-1]:
+        return float(f"{best * factor:.3g}")
+    if best == rates[0]:
+        return float(f"{best / factor:.3g}")
+    return None
+
+
 def run_all(ctx: Context, methods: list[str], log: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Sweep, pick, evaluate, repeat seeds; returns (rows of evaluated cells, sweep rows, each
     marked ``chosen`` or not)."""
@@ -341,6 +354,14 @@ def run_all(ctx: Context, methods: list[str], log: Any) -> tuple[list[dict[str, 
             cell = Cell(method, rate, first_seed, evaluate=len(rates) == 1, eval_on_start=index == 0)
             sweep.append(measured(cell))
         scored = [row for row in sweep if row["method"] == method]
+        for _ in range(s["sweep_extend"] if len(rates) > 1 else 0):
+            rate = extended_rate(scored)
+            if rate is None:
+                break
+            log(f"{method}: the best rate is at the edge of the grid; trying {rate:g}")
+            row = measured(Cell(method, rate, first_seed, evaluate=False))
+            sweep.append({**row, "extended": True})
+            scored.append(sweep[-1])
         best[method] = min(scored, key=lambda row: row["loss_mean"])["learning_rate"]
         for row in scored:
             row["chosen"] = row["learning_rate"] == best[method]
@@ -521,7 +542,7 @@ def sweep_table(sweep: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['method']} | {row['learning_rate']:g} | {row['loss_mean']:.4f} | "
             f"{row.get('loss_roleplay') or float('nan'):.4f} | {row.get('loss_gsm8k') or float('nan'):.4f} | "
-            f"{'✓' if row.get('chosen') else ''} |"
+            f"{'✓' if row.get('chosen') else ''}{' (extended)' if row.get('extended') else ''} |"
         )
     return "\n".join(lines) + "\n"
 
