@@ -554,26 +554,27 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"lora": "#4C72B0", "vera": "#DD8452", "uora": "#55A868"}
+    markers = {"lora": "s", "vera": "^", "uora": "o"}  # family by shape, rank by colour
+    methods = [e for e in summary if e["method"] != BASELINE and e.get("trainable_params")]
+    colours = {e["method"]: plt.get_cmap("tab10")(index) for index, e in enumerate(methods)}
     base = next((e for e in summary if e["method"] == BASELINE), None)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, key, label in ((axes[0], "loss_mean", "held-out loss (mean of sources; lower is better)"),
                              (axes[1], "gsm8k_em", "GSM8K exact match (held-out)")):  # fmt: skip
-        for e in summary:
-            if e["method"] == BASELINE or e.get(key) is None or not e.get("trainable_params"):
+        for e in methods:
+            if e.get(key) is None:
                 continue
-            family = e["method"].split("_")[0]
-            axis.errorbar(e["trainable_params"], e[key], yerr=e.get(f"{key}_std") or 0, fmt="o", capsize=4,
-                          color=colours.get(family, "grey"), label=e["method"])  # fmt: skip
-            axis.annotate(e["method"], (e["trainable_params"], e[key]), textcoords="offset points",
-                          xytext=(5, 5), fontsize=8)  # fmt: skip
+            seeds = f"{e['seeds']} seed{'s' * (e['seeds'] > 1)}"
+            axis.errorbar(e["trainable_params"], e[key], yerr=e.get(f"{key}_std") or 0, capsize=4,
+                          fmt=markers.get(e["method"].split("_")[0], "o"), markersize=7, alpha=0.85,
+                          color=colours[e["method"]], label=f"{e['method']} ({seeds})")  # fmt: skip
         if base and base.get(key) is not None:
             axis.axhline(base[key], color="grey", linestyle="--", label="no training")
         axis.set_xscale("log")
         axis.set_xlabel("trainable parameters (log scale)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -600,6 +601,15 @@ def update_readme(readme: Path, section: str) -> None:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     readme.write_text(f"{head}{README_START}\n{section}{README_END}{tail}", encoding="utf-8")
+
+
+def stage_minutes(work: Path) -> float:
+    """Minutes the cells' stages took, from their manifests: the benchmark's cost, however many
+    invocations it took to finish (a resumed cell counts its last attempt)."""
+    seconds = 0.0
+    for manifest in (work / "runs").glob("*/*/manifest.json"):
+        seconds += float(json.loads(manifest.read_text(encoding="utf-8")).get("duration_s", 0.0))
+    return seconds / 60
 
 
 def describe(ctx: Context, quick: bool) -> str:
@@ -674,7 +684,10 @@ def _main(args: argparse.Namespace) -> int:
     if ablations:
         (args.out / f"{name}_ablations.csv").write_text(to_csv(ablations), encoding="utf-8")
     plot(summary, args.out / f"{name}.png")
-    header = describe(ctx, args.quick) + f" Total wall time {(time.perf_counter() - started) / 60:.0f} min."
+    header = (
+        describe(ctx, args.quick)
+        + f" Stage time of all cells: {stage_minutes(work):.0f} min (resumed runs included)."
+    )
     report = markdown(summary, sweep, goals, header, f"{name}.png") + ablation_section(ablations)
     (args.out / f"{name}.md").write_text(report, encoding="utf-8")
     print(results_table(summary))

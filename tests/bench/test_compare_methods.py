@@ -141,3 +141,12 @@ def test_ablations_change_only_their_adapter_setting(quick_run):
     )
     assert config["adapter"]["d_initial"] == 1.0 and config["adapter"]["r"] == 64
     assert "## Ablations" in (root / "out" / "compare_methods_quick.md").read_text()
+
+
+def test_a_sweep_is_extended_only_past_the_edge_holding_the_best_rate():
+    def rows(*pairs):
+        return [{"learning_rate": rate, "loss_mean": loss} for rate, loss in pairs]
+
+    assert cm.extended_rate(rows((1e-3, 2.0), (3e-3, 1.9))) == 0.009  # best is the largest: go up
+    assert cm.extended_rate(rows((1e-3, 1.8), (3e-3, 1.9), (1e-2, 2.5))) == pytest.approx(3.33e-4)
+    assert cm.extended_rate(rows((1e-3, 2.0), (3e-3, 1.7), (1e-2, 1.9))) is None  # bracketed
