@@ -31,7 +31,9 @@ def quick_run(tmp_path_factory, tiny_model_dir, shared_data):
 
     root = tmp_path_factory.mktemp("compare")
     settings = yaml.safe_load(cm.SETTINGS.read_text())
-    settings["quick"]["ablations"] = {"uora_r64": {"d_initial_1": {"d_initial": 1.0}}}
+    # One ablation instead of the default three; the quick section must not switch it off.
+    settings["ablations"] = {"uora_r64": {"d_initial_1": {"d_initial": 1.0}}}
+    settings["quick"].pop("ablations")
     (root / "settings.yaml").write_text(yaml.safe_dump(settings))
     readme = root / "README.md"
     readme.write_text(f"# x\n\n{cm.README_START}\nold results\n{cm.README_END}\n\nafter\n")
