@@ -169,11 +169,6 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     return len(saved)
 
 
-def trainable_parameters(model: Any) -> int:
-    """Parameters the optimizer updates (ZeRO-3 partitions report their full size via ``ds_numel``)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-
-
 def _count_int8_layers(model: Any) -> int:
     """Linear layers whose base weight is bitsandbytes int8 (proves an 8-bit base is 8-bit)."""
     import bitsandbytes as bnb
@@ -363,7 +358,7 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
             "train_tokens": float(trainer.state.num_input_tokens_seen),
             "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
             "adapter_tensors": float(n_tensors),
-            "trainable_params": float(trainable_parameters(trainer.model)),
+            "trainable_params": float(trainer.model.get_nb_trainable_parameters()[0]),
         }
         metrics["peak_rss_mb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if torch.cuda.is_available():
