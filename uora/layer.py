@@ -81,14 +81,14 @@ class UoraLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         dropout = nn.Dropout(p=config.uora_dropout) if config.uora_dropout > 0.0 else nn.Identity()
         self.uora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
-        self.uora_lambda_b[adapter_name] = nn.Parameter(torch.zeros(self.out_features), requires_grad=True)
-        self.uora_lambda_d[adapter_name] = nn.Parameter(
-            torch.full((r,), float(config.d_initial)), requires_grad=True
-        )
+        if config.init_weights:  # d = d_initial, b = 0: ΔW = 0
+            lambda_b, lambda_d = torch.zeros(self.out_features), torch.full((r,), float(config.d_initial))
+        else:  # as PEFT's VeRA: b = 1, d ~ N(0, 1) from torch's global generator, a non-zero ΔW for tests
+            lambda_b, lambda_d = torch.ones(self.out_features), torch.randn(r)
+        self.uora_lambda_b[adapter_name] = nn.Parameter(lambda_b, requires_grad=True)
+        self.uora_lambda_d[adapter_name] = nn.Parameter(lambda_d, requires_grad=True)
         self.uora_A = uora_A
         self.uora_B = uora_B
-        if config.init_weights:
-            self.reset_uora_parameters(adapter_name, d_initial=config.d_initial)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
