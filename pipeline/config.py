@@ -208,10 +208,10 @@ class ReinitConfig(StrictModel):
     """
 
     threshold: float = Field(1e-5, ge=0, description="A slot is dead while abs(d[i]) is below this.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Share of the old direction kept per event.")
+    alpha: float = Field(0.5, ge=0, lt=1, description="Share of the old direction kept per event, in [0, 1).")
     patience: int = Field(1, ge=1, description="Dead checks (one per optimizer step) per re-init event.")
     target: Literal["fixed", "resample"] = Field(
-        "fixed", description="fixed: one seeded target pair; resample: a fresh target per event."
+        "fixed", description="fixed: one seeded target pair; resample: a fresh pair per check with events."
     )
     seed: int = Field(0, description="Seed of the target projections.")
 
@@ -227,7 +227,8 @@ class AdapterConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
     # uora / vera
-    projection_prng_key: int = Field(0, description="Seed of the frozen shared projections (uora, vera).")
+    projection_prng_key: int = Field(0, ge=-(2**63), lt=2**64, description="Seed of the frozen shared "
+                                     "projections (uora, vera; torch.Generator's range).")  # fmt: skip
     d_initial: float = Field(0.1, description="Initial value of the scaling vector d (uora, vera).")
     save_projection: bool = Field(True, description="Store projections in the checkpoint (uora, vera).")
     projection_init: Literal["orthogonal", "kaiming"] = Field(
@@ -290,7 +291,7 @@ class TrainConfig(StrictModel):
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
     save_steps: int = Field(200, gt=0, description="Checkpoint every N steps (preemption also checkpoints).")
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
-    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU).")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU, or CPU with torch's bf16).")
     fp16: bool = Field(False, description="float16 mixed precision (GPU).")
     use_cpu: bool | None = Field(None, description="Train on CPU; None: when no CUDA device.")
     nproc_per_node: int = Field(1, gt=0, description="Processes on this node; > 1 launches torchrun.")

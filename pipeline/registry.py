@@ -92,19 +92,12 @@ def _rule(
 
 
 def flatten_results(results: dict[str, Any]) -> dict[str, float | None]:
-    """Evaluate's ``results.json`` → ``{"tuned.score_overall": 7.1, "tuned.categories.writing":
-    ..., "tuned.exact_match": None}``: the names the gate and the version tags use."""
-    flat: dict[str, float | None] = {}
+    """Evaluate's ``results.json`` → ``{"tuned.score_overall": 7.1, "tuned.category.writing": ...,
+    "tuned.exact_match": None}``: the names evaluate logs to MLflow (one flattening,
+    ``flatten_metrics``), kept with their None values so the gate can say a score is null."""
+    from pipeline.eval.aggregate import flatten_metrics
 
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        elif node is None or (isinstance(node, (int, float)) and not isinstance(node, bool)):
-            flat[prefix] = None if node is None else float(node)
-
-    walk("", results.get("models", {}))
-    return flat
+    return flatten_metrics(results.get("models", {}), keep_none=True)
 
 
 def current_holder(client: Any, name: str, alias: str) -> Any | None:

@@ -27,13 +27,16 @@ class UoraConfig(PeftConfig):
     trainable vectors d (r) and b (out) per layer. A and B start as Haar-random semi-orthogonal
     matrices and are moved by re-initialisation during training whenever a slot of some layer's d
     stays below ``reinit_threshold`` (see ``uora.reinit``); that is why the projections are always
-    saved with the adapter.
+    saved with the adapter. They stay float32 in memory and on disk whatever the model is cast to
+    (see ``uora.projections``).
 
     Args:
         r: number of rank slots (rows of A / columns of B); must be > 0.
         target_modules: module names, a regex, or ``"all-linear"``.
         projection_prng_key: seed of the ``torch.Generator`` that draws A and B.
         d_initial: initial value of every entry of d (b starts at zero, so ΔW = 0 at init).
+        init_weights: False gives VeRA's test initialisation instead: b = 1 and d ~ N(0, 1) drawn from
+            torch's global generator, so ΔW ≠ 0 from the start.
         uora_dropout: dropout on the adapter input.
         fan_in_fan_out: True for layers storing (in, out) weights (GPT-2 ``Conv1D``; set automatically).
         bias: ``"none"``, ``"all"`` or ``"uora_only"`` (which biases are trained and saved).
@@ -45,7 +48,8 @@ class UoraConfig(PeftConfig):
         reinit_threshold: τ — a slot of a layer is dead while ``|d[i]| < τ``; must be ≥ 0.
         reinit_alpha: α — interpolation factor toward the target; must lie in [0, 1).
         reinit_patience: K — an event fires when a slot's dead-counter reaches a positive multiple of K.
-        reinit_target: ``"fixed"`` (one target pair from ``reinit_seed``) or ``"resample"``.
+        reinit_target: ``"fixed"`` (one target pair from ``reinit_seed``) or ``"resample"`` (one fresh
+            pair per check that has events, shared by all of that check's events).
         reinit_seed: seed of the re-initialisation targets.
     """
 
@@ -63,7 +67,8 @@ class UoraConfig(PeftConfig):
         default=None, metadata={"help": "Extra modules to train and save, e.g. a classifier head."}
     )
     init_weights: bool = field(
-        default=True, metadata={"help": "Initialise d and b (d = d_initial, b = 0). Leave True."}
+        default=True,
+        metadata={"help": "True: d = d_initial, b = 0 (ΔW = 0). False: b = 1, d ~ N(0, 1) as VeRA (tests)."},
     )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to adapt."}
@@ -84,7 +89,7 @@ class UoraConfig(PeftConfig):
     )
     reinit_target: Literal["fixed", "resample"] = field(
         default="fixed",
-        metadata={"help": "'fixed' target pair, or 'resample' a fresh pair per check with events."},
+        metadata={"help": "'fixed' target pair, or 'resample': one fresh pair per check that has events."},
     )
     reinit_seed: int = field(default=0, metadata={"help": "Seed of the re-initialisation targets."})
 

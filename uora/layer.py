@@ -1,8 +1,9 @@
 """The UORA layer: per-layer trainable vectors d and b around a frozen (possibly quantised) linear layer.
 
 Shared state (the projections A and B of each adapter) lives on the tuner (`UoraModel`); every layer
-holds a reference to the same `BufferDict`s, so writing A or B once (re-initialisation, loading, a
-dtype change) is seen by all layers.
+holds a reference to the same `ProjectionDict`s, so writing A or B once (re-initialisation, loading) is
+seen by all layers. The projections stay float32; a layer whose vectors d and b are in another dtype
+computes with the dict's cached copy in that dtype (see `uora.projections`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
 
 from .config import UoraConfig
+from .projections import ProjectionDict
 
 
 class UoraLayer(BaseTunerLayer):
@@ -36,9 +37,9 @@ class UoraLayer(BaseTunerLayer):
         self.uora_dropout = nn.ModuleDict({})
         self.uora_lambda_b = nn.ParameterDict({})
         self.uora_lambda_d = nn.ParameterDict({})
-        # references to the tuner's shared BufferDicts (set in update_layer)
-        self.uora_A: BufferDict | None = None
-        self.uora_B: BufferDict | None = None
+        # references to the tuner's shared ProjectionDicts (set in update_layer)
+        self.uora_A: ProjectionDict | None = None
+        self.uora_B: ProjectionDict | None = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
 
@@ -52,8 +53,8 @@ class UoraLayer(BaseTunerLayer):
     def update_layer(
         self,
         adapter_name: str,
-        uora_A: BufferDict,
-        uora_B: BufferDict,
+        uora_A: ProjectionDict,
+        uora_B: ProjectionDict,
         r: int,
         config: UoraConfig,
         inference_mode: bool = False,
@@ -80,14 +81,14 @@ class UoraLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         dropout = nn.Dropout(p=config.uora_dropout) if config.uora_dropout > 0.0 else nn.Identity()
         self.uora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
-        self.uora_lambda_b[adapter_name] = nn.Parameter(torch.zeros(self.out_features), requires_grad=True)
-        self.uora_lambda_d[adapter_name] = nn.Parameter(
-            torch.full((r,), float(config.d_initial)), requires_grad=True
-        )
+        if config.init_weights:  # d = d_initial, b = 0: ΔW = 0
+            lambda_b, lambda_d = torch.zeros(self.out_features), torch.full((r,), float(config.d_initial))
+        else:  # as PEFT's VeRA: b = 1, d ~ N(0, 1) from torch's global generator, a non-zero ΔW for tests
+            lambda_b, lambda_d = torch.ones(self.out_features), torch.randn(r)
+        self.uora_lambda_b[adapter_name] = nn.Parameter(lambda_b, requires_grad=True)
+        self.uora_lambda_d[adapter_name] = nn.Parameter(lambda_d, requires_grad=True)
         self.uora_A = uora_A
         self.uora_B = uora_B
-        if config.init_weights:
-            self.reset_uora_parameters(adapter_name, d_initial=config.d_initial)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -103,9 +104,8 @@ class UoraLayer(BaseTunerLayer):
     ) -> None:
         """PEFT's move, except that A and B only change device, never dtype.
 
-        PEFT would cast them to the base layer's dtype (e.g. bf16) right before `get_peft_model`
-        upcasts d and b back to fp32, losing A/B's orthonormality to bf16 rounding for nothing. A and
-        B are instead converted lazily to d's dtype in `_projections`.
+        PEFT would cast them to the base layer's dtype (e.g. bf16), rounding the float32 masters; a
+        layer in another dtype computes with the shared dict's copy instead (`_projections`).
         """
         shared = {}
         for attr in ("uora_A", "uora_B"):
@@ -122,21 +122,13 @@ class UoraLayer(BaseTunerLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sliced (A[:, :in], B[:out, :]) in `dtype` on `device`.
 
-        The projections follow the dtype of the trainable vectors: when d is cast (TRL casts trainable
-        parameters of quantised models to bf16; PEFT upcasts half adapters to fp32), the shared buffers
-        are converted once, in place in the shared dict, instead of being copied in every forward.
+        The float32 masters themselves when `dtype` is float32 on their device; otherwise the shared
+        dict's cached copy (made once per change of A/B for every layer, never written in place), so
+        the masters are never rounded however d and b are cast.
         """
-        proj_a, proj_b = self.uora_A[adapter], self.uora_B[adapter]
-        if proj_a.dtype != dtype:
-            proj_a = proj_a.to(dtype)
-            self.uora_A[adapter] = proj_a
-        if proj_b.dtype != dtype:
-            proj_b = proj_b.to(dtype)
-            self.uora_B[adapter] = proj_b
-        return (
-            proj_a[:, : self.in_features].to(device),
-            proj_b[: self.out_features, :].to(device),
-        )
+        proj_a = self.uora_A.compute(adapter, dtype, device)
+        proj_b = self.uora_B.compute(adapter, dtype, device)
+        return proj_a[:, : self.in_features], proj_b[: self.out_features, :]
 
 
 class Linear(nn.Module, UoraLayer):
@@ -145,8 +137,8 @@ class Linear(nn.Module, UoraLayer):
     def __init__(
         self,
         base_layer: nn.Module,
-        uora_A: BufferDict,
-        uora_B: BufferDict,
+        uora_A: ProjectionDict,
+        uora_B: ProjectionDict,
         adapter_name: str,
         config: UoraConfig,
         r: int = 0,
@@ -161,18 +153,16 @@ class Linear(nn.Module, UoraLayer):
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """ΔW = (b ⊙ B[:out]) (d ⊙ A[:, :in]), in the base weight's layout (transposed for Conv1D)."""
+        """ΔW = (b ⊙ B[:out]) (d ⊙ A[:, :in]) in float32, in the base weight's layout (transposed for Conv1D).
+
+        Float32 from the float32 masters whatever d's dtype, so a merge rounds ΔW once, into the
+        weight's dtype, instead of multiplying already-rounded factors (a one-off out × in matmul).
+        """
         lambda_d = self.uora_lambda_d[adapter]
         lambda_b = self.uora_lambda_b[adapter]
-        dtype = lambda_d.dtype
-        # half-precision matmuls are slow (or missing) on CPU: compute in fp32 there and cast back
-        cast_to_fp32 = lambda_d.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        compute_dtype = torch.float32 if cast_to_fp32 else dtype
-        proj_a, proj_b = self._projections(adapter, dtype, lambda_d.device)
-        delta = (lambda_b.to(compute_dtype).unsqueeze(-1) * proj_b.to(compute_dtype)) @ (
-            lambda_d.to(compute_dtype).unsqueeze(-1) * proj_a.to(compute_dtype)
-        )
-        return transpose(delta, self.fan_in_fan_out).to(dtype)
+        proj_a, proj_b = self._projections(adapter, torch.float32, lambda_d.device)
+        delta = (lambda_b.float().unsqueeze(-1) * proj_b) @ (lambda_d.float().unsqueeze(-1) * proj_a)
+        return transpose(delta, self.fan_in_fan_out)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add ΔW of the active (or given) adapters into the base weight (free inference afterwards)."""

@@ -4,7 +4,9 @@ Differences from PEFT's VeRA, on purpose:
 - each adapter owns its projections `uora_A[name]`/`uora_B[name]`, drawn from its own config (seed,
   rank, init, target sizes) and created in `inject_adapter`, so `add_adapter` of a second UORA adapter
   never overwrites or reuses the first one's;
-- projections are always saved (re-initialisation changes them);
+- projections are always saved (re-initialisation changes them), and always float32: they live in a
+  `ProjectionDict`, which whole-model casts move but never round (layers in bf16 compute with a cached
+  copy), so a bf16 run saves and re-initialises exactly what a float32 run would;
 - the re-initialisation state lives next to them as persistent buffers (`uora_reinit_counts[name]`:
   one int32 dead-counter per layer and slot; `uora_reinit_draws[name]`: how many target pairs the
   `resample` mode has drawn). It is therefore part of the adapter state dict: `save_pretrained`,
@@ -36,6 +38,7 @@ from ._registry import UORA_PREFIX
 from .config import UoraConfig
 from .init import derived_seed, init_projection_pair
 from .layer import Linear, UoraLayer
+from .projections import ProjectionDict
 
 _SHARED_ATTRS = ("uora_A", "uora_B")
 _STATE_ATTRS = ("uora_reinit_counts", "uora_reinit_draws")
@@ -66,7 +69,10 @@ class UoraModel(BaseTuner):
 
     # ------------------------------------------------------------------ shared state
     def _ensure_shared_containers(self) -> None:
-        for attr in (*_SHARED_ATTRS, *_STATE_ATTRS):
+        for attr in _SHARED_ATTRS:  # float32 masters, whatever the model is cast to
+            if attr not in self._modules:
+                setattr(self, attr, ProjectionDict())
+        for attr in _STATE_ATTRS:
             if attr not in self._modules:
                 setattr(self, attr, BufferDict({}, persistent=True))
 
@@ -236,8 +242,8 @@ class UoraModel(BaseTuner):
     @staticmethod
     def _create_new_module(
         uora_config: UoraConfig,
-        uora_A: BufferDict,
-        uora_B: BufferDict,
+        uora_A: ProjectionDict,
+        uora_B: ProjectionDict,
         adapter_name: str,
         target: nn.Module,
         **kwargs: Any,

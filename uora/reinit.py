@@ -22,16 +22,20 @@ d, b and the optimizer state are never touched.
 **State.** Counters (`uora_reinit_counts[adapter]`, int32, layers × r) and the number of resample
 draws (`uora_reinit_draws[adapter]`) are persistent buffers of the tuner, saved in the adapter state
 dict next to A and B; the fixed target is a pure function of `reinit_seed` and is regenerated (and
-cached) on demand. A resumed Trainer run therefore continues bit-identically with nothing but
-PEFT's own checkpoint loading.
+cached) on demand. A resumed Trainer run therefore continues bit-identically with nothing but PEFT's
+own checkpoint loading. A, B and the targets are float32 whatever dtype the model trains in (see
+`uora.projections`), so every interpolation is computed and stored in float32.
 
 **Cost.** Per adapter and check: one `torch.stack` of the d vectors, a few element-wise ops on a
 (layers × r) tensor on the device, and a single host synchronisation (the event count) — no per-slot
 or per-layer `.item()`. A and B are only written when something fired.
 
 **Distributed.** d is identical on every rank after the gradient all-reduce, so every rank computes
-the same counters and writes the same A/B. Under DeepSpeed ZeRO-3 the d parameters are partitioned;
-they are gathered (read-only) with `deepspeed.zero.GatheredParameters` first.
+the same counters and writes the same A/B: after the one broadcast at train start
+(`sync_projections_from_rank0`) the ranks stay identical without any further communication, which
+is why DDP's per-step buffer broadcast is switched off (`ddp_broadcast_buffers=False`). Under
+DeepSpeed ZeRO-3 the d parameters are partitioned; they are gathered (read-only) with
+`deepspeed.zero.GatheredParameters` first.
 """
 
 from __future__ import annotations
@@ -127,12 +131,13 @@ def reinit_adapter(tuner: UoraModel, adapter_name: str) -> int:
     if config.reinit_target == "resample":
         draws.add_(1)
 
+    # A, B (float32 masters, see uora.projections) and the targets are float32: so is every step here
     moved = per_slot > 0
     keep = torch.pow(float(config.reinit_alpha), per_slot.float())  # α^{n_i}; α^0 = 1 (also for α = 0)
-    new_a = keep[:, None] * proj_a.float() + (1.0 - keep)[:, None] * target_a
-    new_b = keep[None, :] * proj_b.float() + (1.0 - keep)[None, :] * target_b
-    proj_a.copy_(torch.where(moved[:, None], new_a.to(proj_a.dtype), proj_a))
-    proj_b.copy_(torch.where(moved[None, :], new_b.to(proj_b.dtype), proj_b))
+    new_a = keep[:, None] * proj_a + (1.0 - keep)[:, None] * target_a
+    new_b = keep[None, :] * proj_b + (1.0 - keep)[None, :] * target_b
+    proj_a.copy_(torch.where(moved[:, None], new_a, proj_a))
+    proj_b.copy_(torch.where(moved[None, :], new_b, proj_b))
     return events
 
 
@@ -163,6 +168,7 @@ def sync_projections_from_rank0(model: nn.Module) -> bool:
         container = getattr(tuner, attr)
         for name in sorted(container.keys()):
             dist.broadcast(container[name], src=0)
+        container.drop_copies()  # a collective's in-place write need not move the version counter
     return True
 
 

@@ -119,19 +119,18 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
-def flatten_metrics(models: dict[str, dict[str, Any]]) -> dict[str, float]:
+def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) -> dict[str, float | None]:
     """``<model>.<name>`` metrics (``<model>.category.<cat>`` per judged category,
-    ``<model>.exact_match.<cat>`` per verifiable category); None values are left out."""
-    metrics: dict[str, float] = {}
+    ``<model>.exact_match.<cat>`` per verifiable category): the one naming of MLflow's metrics, the
+    promote gate and the version tags. None values are left out unless ``keep_none``."""
+    metrics: dict[str, float | None] = {}
     nested = {"categories": "category", "exact_match_categories": "exact_match"}
     for model_id, row in models.items():
         for name, value in row.items():
-            if name in nested:
-                for cat, score in value.items():
-                    if score is not None:
-                        metrics[metric_name(f"{model_id}.{nested[name]}.{cat}")] = float(score)
-            elif value is not None:
-                metrics[metric_name(f"{model_id}.{name}")] = float(value)
+            for cat, number in value.items() if name in nested else [(None, value)]:
+                key = f"{model_id}.{name}" if cat is None else f"{model_id}.{nested[name]}.{cat}"
+                if number is not None or keep_none:
+                    metrics[metric_name(key)] = None if number is None else float(number)
     return metrics
 
 

@@ -14,6 +14,13 @@ Read top to bottom, this is the whole recipe:
    temporary folder to ``merged/``. A failed check raises ``StageError`` and leaves no
    ``merged/`` folder behind.
 
+The card holds only what export itself depends on (the train stage's adapter, the model and export
+settings): no evaluation scores. Export does not depend on evaluate, on purpose: re-judging (a new
+judge, more questions) would otherwise invalidate a multi-GB merged model that did not change, and
+a card quoting ``evaluate/results.json`` went stale whenever evaluate re-ran alone. The scores live
+where they are always current: evaluate's MLflow run, and the registered version's ``eval.*`` tags,
+written by promote, which depends on evaluate.
+
 Outputs (in ``<run_dir>/export/``): ``merged/`` (unless ``export.mode: adapter_only``),
 ``adapter/``, ``verification.json`` and ``lineage.json`` (data and adapter digests, read by
 ``promote``).
@@ -29,7 +36,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.registry import flatten_results
 from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "export"
@@ -120,7 +126,7 @@ def run(ctx: StageContext) -> StageResult:
         outputs.update({"merged": "merged", "verification": "verification.json"})
 
     (work / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
-    _log_to_mlflow(metrics, work)
+    _log_artifacts(work)
     return StageResult(metrics=metrics, outputs=outputs, extra=extra)
 
 
@@ -303,11 +309,12 @@ def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any
         f"(relative {report['rel_error']:.3g}, tolerance {report['tolerance']:g}), top-1 agreement "
         f"{report['top1_agreement']:.4f}.",
     ]
-    scores = _eval_scores(ctx.run_dir)
-    if scores:
-        lines += ["", "## Evaluation", "", "| Metric | Value |", "|---|---|"]
-        lines += [f"| {name} | {value:.4g} |" for name, value in sorted(scores.items())]
     lines += [
+        "",
+        "## Evaluation",
+        "",
+        "Scores are recorded in MLflow, not here (a card would go stale when evaluation re-runs): the",
+        "evaluate run of the parent run above, and the registered model version's `eval.*` tags.",
         "",
         "## Use",
         "",
@@ -319,18 +326,6 @@ def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any
         "",
     ]
     return "\n".join(lines)
-
-
-def _eval_scores(run_dir: Path) -> dict[str, float]:
-    """Evaluate's headline scores if that stage has run (the card is still useful without)."""
-    path = run_dir / "evaluate" / "results.json"
-    if not path.is_file():
-        return {}
-    try:
-        flat = flatten_results(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {k: v for k, v in flat.items() if v is not None and ".categories." not in k}
 
 
 def data_digests(run_dir: Path) -> dict[str, str]:
@@ -385,13 +380,13 @@ def _parent_run_id(run_id: str | None) -> str | None:
         return None
 
 
-def _log_to_mlflow(metrics: dict[str, float], work: Path) -> None:
+def _log_artifacts(work: Path) -> None:
+    """Verification, lineage and model card on the active run; the metrics are the StageResult's,
+    which the driver logs (logging them here too recorded every metric twice)."""
     import mlflow
 
     if mlflow.active_run() is None:
         return
-    if metrics:
-        mlflow.log_metrics(metrics)
     for name in ("verification.json", "lineage.json"):
         if (work / name).is_file():
             mlflow.log_artifact(str(work / name))

@@ -49,7 +49,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.promote
     metrics = _read_results(ctx.input_dir("evaluate") / "results.json")
     if cfg.gate_metric not in metrics:
-        available = ", ".join(sorted(k for k in metrics if ".categories." not in k)) or "none"
+        available = ", ".join(sorted(k for k in metrics if ".category." not in k)) or "none"
         raise StageError(
             f"promote.gate_metric: {cfg.gate_metric!r} is not in the evaluate results "
             f"(available: {available})"

@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> StageResult:
     spec = {
         "work_dir": str(work_dir.resolve()),
         "dataset_dir": str(dataset_dir.resolve()),
-        "identity": _identity(config_dump, ctx.input_dir("prepare")),
+        "identity": _identity(ctx.config, ctx.input_dir("prepare")),
         "config": config_dump,
         "mlflow_run_id": ctx.mlflow_run_id,
         "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
@@ -114,9 +114,13 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-def _identity(config_dump: dict[str, Any], prepare_dir: Path) -> str:
-    """What a checkpoint in the work folder depends on: the config and the prepared data."""
-    digest = hashlib.sha256(json.dumps(config_dump, sort_keys=True).encode())
+def _identity(config: Any, prepare_dir: Path) -> str:
+    """What a checkpoint in the work folder depends on: the config slice training reads (the one the
+    driver's identity uses) and the prepared data. Nothing else: editing an eval-only setting of a
+    preempted run must resume its checkpoints, not delete hours of training."""
+    from pipeline.config import config_slice, digest_of
+
+    digest = hashlib.sha256(digest_of(config_slice(config, CONFIG_SECTIONS)).encode())
     for name in ("manifest.json", "dataset/dataset_dict.json"):
         if (prepare_dir / name).is_file():
             digest.update((prepare_dir / name).read_bytes())

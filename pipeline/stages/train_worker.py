@@ -51,12 +51,14 @@ def projection_digest(model: Any) -> str | None:
     identical projections (re-initialisation writes them on all ranks); rank 0 compares digests."""
     import hashlib
 
+    import torch
+
     digest = hashlib.sha256()
     found = False
     for name, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
         if any(tag in name for tag in ("uora_A", "uora_B", "vera_A", "vera_B")):
             digest.update(name.encode())
-            digest.update(buffer.detach().to("cpu").contiguous().numpy().tobytes())
+            digest.update(buffer.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
             found = True
     return digest.hexdigest() if found else None
 

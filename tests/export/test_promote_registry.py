@@ -61,10 +61,15 @@ def test_gate_rule():
 
 
 def test_flatten_results_and_pip_requirements():
-    flat = registry.flatten_results(
-        {"models": {"tuned": {"score_overall": 7, "categories": {"math": 5.5}, "exact_match": None}}}
-    )
-    assert flat == {"tuned.score_overall": 7.0, "tuned.categories.math": 5.5, "tuned.exact_match": None}
+    from pipeline.eval.aggregate import flatten_metrics
+
+    models = {"tuned": {"score_overall": 7, "categories": {"math": 5.5, "writing": None}, "exact_match": None,
+                        "exact_match_categories": {"gsm8k": 0.5}}}  # fmt: skip
+    flat = registry.flatten_results({"models": models})
+    assert flat == {"tuned.score_overall": 7.0, "tuned.category.math": 5.5, "tuned.category.writing": None,
+                    "tuned.exact_match": None, "tuned.exact_match.gsm8k": 0.5}  # fmt: skip
+    # the gate's names are evaluate's MLflow metric names: one flattening, None kept for the gate
+    assert {k: v for k, v in flat.items() if v is not None} == flatten_metrics(models)
     requirements = registry.pip_requirements(peft=True)
     names = [r.split("==")[0] for r in requirements]
     assert names[:2] == ["transformers", "torch"] and "peft" in names

@@ -1,4 +1,5 @@
-"""2-process CPU training (torchrun): DDP, ZeRO-2 and ZeRO-3 agree; preemption resumes exactly.
+"""2-process CPU training (torchrun): DDP, ZeRO-2 and ZeRO-3 agree; ZeRO-2 in bf16 keeps float32
+projections; preemption resumes exactly.
 
 All runs use a tiny random Llama with SmolLM2's tokenizer and a UORA adapter whose re-init
 threshold (0.5) sits above d_initial (0.1), so re-initialisation fires on every step: the runs
@@ -94,6 +95,9 @@ def runs(dist_dir, tiny_model_dir, ddp_run) -> dict[str, Path]:
         "ddp": ddp_run,
         "zero2": _run(dist_dir, "zero2", tiny_model_dir, {**base, "deepspeed": ZERO2}),
         "zero3": _run(dist_dir, "zero3", tiny_model_dir, {**base, "deepspeed": ZERO3}),
+        "zero2_bf16": _run(
+            dist_dir, "zero2_bf16", tiny_model_dir, {**base, "deepspeed": ZERO2, "bf16": True}
+        ),
     }
 
 
@@ -122,8 +126,25 @@ def test_both_ranks_processed_data_and_projections_agree(runs):
     # a global batch is 2 ranks x 2 rows: twice the tokens of one rank's batches
     ddp = json.loads((runs["ddp"] / "metrics.json").read_text())["train_tokens"]
     assert ddp > 0
-    for name in ("zero2", "zero3"):
+    for name in ("zero2", "zero3", "zero2_bf16"):
         assert json.loads((runs[name] / "metrics.json").read_text())["train_tokens"] == ddp
+
+
+def test_bf16_zero2_keeps_float32_projections_of_the_float32_run(runs):
+    """DeepSpeed's bf16 engine casts every parameter (d, b) to bf16, on CPU too; the projections
+    stay float32 and, with every slot re-initialised at every step, bit-equal to the float32 run's
+    and to the float32 interpolation. Both ranks hold them (digests above), with DDP-style buffer
+    broadcasting off."""
+    from train_helpers import forced_projections
+
+    got, fp32 = _adapter(runs["zero2_bf16"]), _adapter(runs["ddp"])
+    assert got["base_model.model.model.layers.0.self_attn.q_proj.uora_lambda_d"].dtype == torch.bfloat16
+    metrics = json.loads((runs["zero2_bf16"] / "metrics.json").read_text())
+    assert metrics["uora_reinit_events"] == STEPS * 6 * 8  # every slot of the 6 layers, every step
+    want = forced_projections(got["base_model.uora_A"].shape, got["base_model.uora_B"].shape, 6, STEPS)
+    for key, expected in zip(("base_model.uora_A", "base_model.uora_B"), want, strict=True):
+        assert got[key].dtype == torch.float32 and torch.equal(got[key], fp32[key]), key
+        torch.testing.assert_close(got[key], expected, rtol=0, atol=1e-6, msg=key)
 
 
 def _wait_for(path: Path, timeout: float = 300) -> None:

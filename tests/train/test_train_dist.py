@@ -58,10 +58,13 @@ def test_cpu_threads_split_cores_between_workers():
     assert cpu_threads(2, requested=3) == 3
 
 
-def test_gpu_hosts_get_no_cpu_workaround():
-    assert training_args_for_device(use_cpu=False, deepspeed=True) == {}
-    assert training_args_for_device(use_cpu=False, deepspeed=False) == {}
-    assert training_args_for_device(use_cpu=True, deepspeed=False) == {"use_cpu": True}
+def test_gpu_hosts_get_no_cpu_workaround_and_ddp_never_broadcasts_buffers():
+    """DDP's per-step buffer broadcast is off on every host (the ranks' projections agree without it:
+    test_distributed checks both ranks' A/B after training)."""
+    off = {"ddp_broadcast_buffers": False}
+    assert training_args_for_device(use_cpu=False, deepspeed=True) == off
+    assert training_args_for_device(use_cpu=False, deepspeed=False) == off
+    assert training_args_for_device(use_cpu=True, deepspeed=False) == {**off, "use_cpu": True}
 
 
 def test_torchrun_forwards_sigusr1_and_slurm_launcher_replaces_it(tmp_path, monkeypatch):

@@ -100,6 +100,90 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir)
     assert not stale.exists()
 
 
+# |d| starts at 0.1, below the threshold: every slot of the 6 adapted layers has an event every step
+UORA_FORCED = {"method": "uora", "r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+               "reinit": {"threshold": 0.5}}  # fmt: skip
+
+
+def _signal_after_first_step(work: Path, sig: int) -> None:
+    """From a thread: send ``sig`` to this process once training has logged a step."""
+    import threading
+    import time
+
+    def wait_and_send() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if json.loads((work / "progress.json").read_text())["step"] >= 1:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.02)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=wait_and_send, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_eval_only_edit_of_a_preempted_run_resumes_its_checkpoint(tmp_path, tiny_model_dir, capfd):
+    """Preempt, change eval.max_new_tokens, rerun: training resumes from the saved checkpoint (it
+    used to start over, deleting the checkpoints) and ends with the adapter of an uninterrupted run."""
+    import signal
+
+    from pipeline.stages.base import StagePreempted
+
+    sections = {"adapter": UORA_FORCED, "train": {"max_steps": 8, "eval_on_start": False}}
+    reference_dir = tmp_path / "uninterrupted"
+    write_prepared(reference_dir, n_train=32, n_eval=2)
+    train.run(make_ctx(reference_dir, make_config(reference_dir, str(tiny_model_dir), **sections)))
+
+    run_dir = tmp_path / "preempted"
+    write_prepared(run_dir, n_train=32, n_eval=2)
+    work = run_dir / "train.partial"
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # a late signal must not end pytest
+    try:
+        _signal_after_first_step(work, signal.SIGUSR1)
+        with pytest.raises(StagePreempted):
+            train.run(make_ctx(run_dir, make_config(run_dir, str(tiny_model_dir), **sections)))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    step = json.loads((work / "PREEMPTED").read_text())["step"]
+    assert 1 <= step < 8 and (work / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
+
+    capfd.readouterr()
+    edited = make_config(run_dir, str(tiny_model_dir), eval={"max_new_tokens": 7}, **sections)
+    result = train.run(make_ctx(run_dir, edited))
+    assert f"resuming from {work / 'checkpoints' / f'checkpoint-{step}'}" in capfd.readouterr().err
+    assert result.metrics["global_step"] == 8
+    got = load_file(work / "adapter" / "adapter_model.safetensors")
+    want = load_file(reference_dir / "train.partial" / "adapter" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=1e-6, msg=key)
+    assert result.metrics["uora_reinit_events"] == 8 * 6 * 8  # A/B moved at every step, resumed or not
+
+
+@pytest.mark.slow
+def test_bf16_training_keeps_float32_projections(tmp_path, tiny_model_dir):
+    """`train.bf16: true` on a bf16 base, on CPU (torch's bf16 autocast), with an event on every slot
+    at every step: the saved A and B are float32 and hold the float32 interpolation exactly."""
+    from safetensors import safe_open
+    from train_helpers import forced_projections
+
+    run_dir = tmp_path / "bf16"
+    write_prepared(run_dir, n_train=16, n_eval=2)
+    config = make_config(run_dir, str(tiny_model_dir), model={"dtype": "bfloat16"}, adapter=UORA_FORCED,
+                         train={"max_steps": 3, "bf16": True, "eval_on_start": False})  # fmt: skip
+    result = train.run(make_ctx(run_dir, config))
+    assert result.metrics["uora_reinit_events"] == 3 * 6 * 8
+    with safe_open(str(run_dir / "train.partial" / "adapter" / "adapter_model.safetensors"), "pt") as saved:
+        a, b = saved.get_tensor("base_model.uora_A"), saved.get_tensor("base_model.uora_B")
+    want_a, want_b = forced_projections(a.shape, b.shape, layers=6, steps=3)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(a, want_a, rtol=0, atol=1e-6)  # bf16 rounding would be ~1e-3
+    torch.testing.assert_close(b, want_b, rtol=0, atol=1e-6)
+
+
 class _Terminated(BaseException):
     """Stands in for the driver's SIGTERM exception."""
 

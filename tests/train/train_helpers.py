@@ -64,3 +64,18 @@ def make_config(run_dir: Path, model_path: str, **sections: dict[str, Any]) -> P
 
 def make_ctx(run_dir: Path, config: PipelineConfig, **kwargs: Any) -> StageContext:
     return StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "train.partial", **kwargs)
+
+
+def forced_projections(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layers: int, steps: int,
+                       alpha: float = 0.5) -> tuple[Any, Any]:  # fmt: skip
+    """UORA's (A, B) after ``steps`` checks in which every slot of all ``layers`` layers had an event
+    (threshold above every |d|, patience 1, fixed target, seeds 0), interpolated in float64."""
+    from uora.init import derived_seed, init_projection_pair
+
+    (r, n_in), n_out = a_shape, b_shape[0]
+    a, b = (t.double() for t in init_projection_pair(r, n_in, n_out, 0))
+    target_a, target_b = (t.double() for t in init_projection_pair(r, n_in, n_out, derived_seed(0, 0)))
+    keep = alpha**layers
+    for _ in range(steps):
+        a, b = keep * a + (1 - keep) * target_a, keep * b + (1 - keep) * target_b
+    return a.float(), b.float()

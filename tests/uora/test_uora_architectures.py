@@ -138,14 +138,25 @@ def test_8bit_base_forward_backward_step_and_reinit(int8_llama, ids):
 
 
 def test_8bit_base_with_bf16_trainable_vectors(int8_llama, ids):
-    """TRL casts trainable parameters of quantised models to bf16: the projections follow."""
+    """TRL casts trainable parameters of quantised models to bf16: A/B stay float32, the layers
+    compute with one shared bf16 copy of them."""
     model = get_peft_model(int8_llama, UoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    tuner = model.base_model
+    masters = {attr: getattr(tuner, attr)["default"].clone() for attr in ("uora_A", "uora_B")}
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.to(torch.bfloat16)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert model.base_model.uora_A["default"].dtype == torch.bfloat16
+    for attr, before in masters.items():
+        after = getattr(tuner, attr)["default"]
+        assert after.dtype == torch.float32 and torch.equal(after, before), attr
+    layer = tuner.model.model.layers[0].self_attn.q_proj
+    proj_a, proj_b = layer._projections("default", torch.bfloat16, ids.device)
+    assert torch.equal(proj_a, masters["uora_A"][:, : layer.in_features].to(torch.bfloat16))
+    assert torch.equal(proj_b, masters["uora_B"][: layer.out_features].to(torch.bfloat16))
+    other = tuner.model.model.layers[1].self_attn.v_proj
+    assert other._projections("default", torch.bfloat16, ids.device)[0].data_ptr() == proj_a.data_ptr()
     assert all(
         p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad
     )
