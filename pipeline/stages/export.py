@@ -386,9 +386,10 @@ def _parent_run_id(run_id: str | None) -> str | None:
 
 
 def _log_to_mlflow(metrics: dict[str, float], work: Path) -> None:
-    import mlflow
+    from pipeline.tracking import active_mlflow
 
-    if mlflow.active_run() is None:
+    mlflow = active_mlflow()
+    if mlflow is None:
         return
     if metrics:
         mlflow.log_metrics(metrics)
