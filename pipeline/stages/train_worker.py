@@ -48,15 +48,18 @@ class TrainingFailed(RuntimeError):
 
 def projection_digest(model: Any) -> str | None:
     """sha256 over the UORA/VeRA shared projection buffers (None for LoRA). Every rank must hold
-    identical projections (re-initialisation writes them on all ranks); rank 0 compares digests."""
+    identical projections (re-initialisation writes them on all ranks); rank 0 compares digests.
+    Hashed as raw bytes: numpy has no bfloat16."""
     import hashlib
+
+    import torch
 
     digest = hashlib.sha256()
     found = False
     for name, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
         if any(tag in name for tag in ("uora_A", "uora_B", "vera_A", "vera_B")):
             digest.update(name.encode())
-            digest.update(buffer.detach().to("cpu").contiguous().numpy().tobytes())
+            digest.update(buffer.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
             found = True
     return digest.hexdigest() if found else None
 
