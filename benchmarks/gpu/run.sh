@@ -25,8 +25,9 @@ kit() {
         export KIT_SITE="$KIT_WORK/site"
         rm -rf "$KIT_SITE"
         echo "== installing $(ls .whl/*.whl 2>/dev/null | wc -l) wheels from .whl/ into $KIT_SITE"
-        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$KIT_SITE" \
-            .whl/*.whl || echo "error: the wheel install failed (was .whl carried? see above); going on"
+        timeout 180 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target "$KIT_SITE" .whl/*.whl \
+            || echo "error: the wheel install failed (was .whl carried? see above); going on"
         export PYTHONPATH="$KIT_SITE:$PWD"
     fi
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
