@@ -20,6 +20,8 @@ kit() {
     if [[ "${1:-}" == "--rehearse" ]]; then
         python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        # Tiny shapes: one thread is faster than several, by far on a shared, busy machine.
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     else
         python=${PYTHON:-python3}
         export KIT_SITE="$KIT_WORK/site"

@@ -41,7 +41,7 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
-def test_pipeline_loads_models_with_sdpa(gpu_model_dir):
+def test_pipeline_loads_models_with_sdpa(device, gpu_model_dir):
     from pipeline.config import ModelConfig
     from pipeline.models import load_model
 
