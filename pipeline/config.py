@@ -530,6 +530,8 @@ _URI_PATTERN = r"^(sqlite:///|postgresql(\+\w+)?://|mysql(\+\w+)?://|https?://|f
 class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
 
+    enabled: bool = Field(True, description="Record the run in MLflow; false: no lineage, no promote, "
+                          "and MLflow need not be installed (e.g. a GPU node without it).")  # fmt: skip
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
     experiment: str = Field("uora-pipeline", description="MLflow experiment name.")
 
@@ -613,6 +615,8 @@ def cross_section_issues(config: PipelineConfig) -> list[tuple[str, str, Any]]:
                     "full-precision base",
                     True,
                 ))  # fmt: skip
+    if config.promote.enabled and not config.tracking.enabled:
+        issues.append(("promote.enabled", "promote registers in MLflow: needs tracking.enabled: true", True))
     for index, source in enumerate(config.data.sources):
         if source.hub is not None and source.format == "auto" and source.hub.endswith(LOCAL_SUFFIXES):
             issues.append((f"data.sources.{index}.hub", "looks like a file name; use path:", source.hub))

@@ -238,7 +238,8 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
 
     uri = resolve_uri(config)
     try:
-        check_reachable(uri)
+        if config.tracking.enabled:
+            check_reachable(uri)
     except TrackingUnavailable as error:
         print(str(error), file=sys.stderr)
         return EXIT_TRACKING
@@ -339,6 +340,9 @@ def print_summary(console: Any, config: PipelineConfig, reports: list[StageRepor
                       f"{report.seconds:.1f}s" if report.seconds else "", report.detail, metrics)  # fmt: skip
     console.print(table)
     console.print(f"run dir:  {config.run_dir}")
+    if not config.tracking.enabled:
+        console.print("MLflow:   off (tracking.enabled: false)")
+        return
     if parent_id:
         console.print(f"MLflow:   experiment '{config.tracking.experiment}', parent run {parent_id}")
     console.print(f"open UI:  {ui_command(uri)}")

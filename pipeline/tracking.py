@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -105,6 +106,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def active_mlflow() -> Any:
+    """``mlflow`` while a run is active, else None; a process that never imported mlflow has no
+    active run, so with tracking off the stages log nothing and need no mlflow installed."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
+
+
 def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
     """The experiment's id, created with artifacts next to a sqlite store (not in ./mlruns)."""
     experiment = mlflow.get_experiment_by_name(name)
@@ -123,12 +131,15 @@ class Tracker:
         self.config = config
         self.config_path = config_path
         self.uri = resolve_uri(config)
+        self.enabled = config.tracking.enabled
         self.parent_id: str | None = None
         self.resumed = False
 
     # -- parent run ---------------------------------------------------------------------------
-    def start(self) -> str:
+    def start(self) -> str | None:
         """Start (or resume, for the same run dir and config) the parent run and log lineage."""
+        if not self.enabled:
+            return None
         import mlflow
 
         from pipeline.config import digest_of, flatten, to_yaml
@@ -184,6 +195,8 @@ class Tracker:
         return record["run_id"]
 
     def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+        if not self.enabled:
+            return
         import mlflow
 
         if tags:
@@ -193,12 +206,16 @@ class Tracker:
 
     # -- child runs ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def stage_run(self, stage: str) -> Iterator[str]:
-        """A child run for one stage execution, active for the duration of the block.
+    def stage_run(self, stage: str) -> Iterator[str | None]:
+        """A child run for one stage execution, active for the duration of the block (None with
+        tracking off).
 
         Ends FINISHED on success, FAILED if the block raises, KILLED if it is interrupted or
         preempted (the exception propagates).
         """
+        if not self.enabled:
+            yield None
+            return
         import mlflow
 
         from pipeline.stages.base import StagePreempted
@@ -220,6 +237,8 @@ class Tracker:
     def log_stage_result(self, stage: str, metrics: dict[str, float], manifest_path: Path) -> None:
         """In the active child run: the stage's metrics and manifest; on the parent: its metrics
         prefixed with the stage name, so one run page shows the whole pipeline."""
+        if not self.enabled:
+            return
         import mlflow
 
         clean = {key: float(value) for key, value in metrics.items() if _is_number(value)}

@@ -365,9 +365,10 @@ def write_results(work: Path, results: dict[str, Any]) -> None:
 def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
     """Tags and artifacts on the active (evaluate child) run, if there is one; the metrics are
     ``StageResult.metrics``, which the driver logs to the same run."""
-    import mlflow
+    from pipeline.tracking import active_mlflow
 
-    if mlflow.active_run() is None:
+    mlflow = active_mlflow()
+    if mlflow is None:
         return
     judge = results["judge"]
     mlflow.set_tags(

@@ -383,9 +383,10 @@ def _parent_run_id(run_id: str | None) -> str | None:
 def _log_artifacts(work: Path) -> None:
     """Verification, lineage and model card on the active run; the metrics are the StageResult's,
     which the driver logs (logging them here too recorded every metric twice)."""
-    import mlflow
+    from pipeline.tracking import active_mlflow
 
-    if mlflow.active_run() is None:
+    mlflow = active_mlflow()
+    if mlflow is None:
         return
     for name in ("verification.json", "lineage.json"):
         if (work / name).is_file():

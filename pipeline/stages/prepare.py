@@ -637,13 +637,12 @@ def report(stats: dict[str, Any], work_dir: Path, hit: bool) -> None:
 
 def log_to_mlflow(ctx: StageContext, stats: dict[str, Any]) -> None:
     """stats.json, the length plot and the datasets (with digests) on the active child run."""
-    import mlflow
+    from pipeline.tracking import active_mlflow, log_dataset
 
-    if mlflow.active_run() is None:
+    mlflow = active_mlflow()
+    if mlflow is None:
         return
     from datasets import load_from_disk
-
-    from pipeline.tracking import log_dataset
 
     for name in ("stats.json", "token_lengths.png", "malformed.jsonl"):
         if (ctx.work_dir / name).is_file():

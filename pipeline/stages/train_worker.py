@@ -48,7 +48,8 @@ class TrainingFailed(RuntimeError):
 
 def projection_digest(model: Any) -> str | None:
     """sha256 over the UORA/VeRA shared projection buffers (None for LoRA). Every rank must hold
-    identical projections (re-initialisation writes them on all ranks); rank 0 compares digests."""
+    identical projections (re-initialisation writes them on all ranks); rank 0 compares digests.
+    Hashed as raw bytes: numpy has no bfloat16."""
     import hashlib
 
     import torch

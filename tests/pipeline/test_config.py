@@ -102,6 +102,8 @@ MALFORMED = {
     "tracking uri scheme": ("", ["tracking.uri=ftp://host/x"],
                             "tracking.uri: unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, "
                             "mysql://, file:) (got 'ftp://host/x')"),
+    "promote without tracking": ("", ["promote.enabled=true", "tracking.enabled=false"],
+                                 "promote.enabled: promote registers in MLflow: needs tracking.enabled: true (got True)"),
     "model package missing": ("", ["model.name_or_path=pkg://no_such_weights_pkg"],
                               "model.name_or_path: Python package is not installed (got 'pkg://no_such_weights_pkg')"),
     "gguf file missing": ("", ["model.gguf_file=nope.gguf"],

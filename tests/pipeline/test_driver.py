@@ -258,6 +258,18 @@ def test_unreachable_tracking_store_fails_before_any_stage(tmp_path, fakes, caps
     assert sum(fakes.counts().values()) == 0
 
 
+def test_tracking_off_needs_no_mlflow(tmp_path, fakes, monkeypatch):
+    """tracking.enabled: false runs every stage with MLflow unimportable (a GPU node without it)."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` now raises ImportError
+    config = make_config(tmp_path, "http://127.0.0.1:9", tracking={"enabled": False})  # never contacted
+    code, out = go(config)
+    assert code == 0
+    assert fakes.counts() == {"prepare": 1, "train": 1, "evaluate": 1, "export": 1, "promote": 0}
+    assert [ctx.mlflow_run_id for calls in fakes.calls.values() for ctx in calls] == [None] * 4
+    assert not (config.run_dir / "mlflow_run.json").exists()
+    assert "MLflow:   off (tracking.enabled: false)" in out and "open UI" not in out
+
+
 def test_mlflow_parent_child_runs_params_inputs(tmp_path, store, fakes):
     import mlflow
     from datasets import Dataset

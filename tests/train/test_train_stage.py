@@ -302,3 +302,20 @@ def test_step_time_leaves_out_evaluation(monkeypatch):
     callback.on_log(None, state, None, logs={"loss": 1.0})
     assert callback.history[-1]["seconds_per_step"] == pytest.approx((12.5 - 10.0) / 2)
     assert callback.history[-1]["tokens_per_second"] == pytest.approx(200 / 2.5)
+
+
+def test_projection_digest_hashes_bf16_projections(tiny_llama):
+    """The ranks' projection digests must work whatever the buffers' dtype: TRL casts an 8-bit
+    base's adapter to bf16, and numpy has no bfloat16 (this raised TypeError)."""
+    from peft import get_peft_model
+
+    import uora
+    from pipeline.stages.train_worker import projection_digest
+
+    model = get_peft_model(tiny_llama(), uora.UoraConfig(r=4, target_modules=["q_proj"])).to(torch.bfloat16)
+    buffers = [b for n, b in model.named_buffers() if "uora_A" in n]
+    assert buffers and buffers[0].dtype == torch.bfloat16
+    digest = projection_digest(model)
+    assert digest is not None and len(digest) == 64
+    buffers[0].view(-1)[0] += 1
+    assert projection_digest(model) != digest
