@@ -172,6 +172,9 @@ def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
     launcher = os.environ.get(LAUNCHER_ENV)
     if launcher:
         return [launcher, *worker]
+    # torchrun learnt --shutdown_timeout after torch 2.11 (which rejects it: the GPU kit found this);
+    # older ones give workers their fixed 30 s to checkpoint.
+    grace = [f"--shutdown_timeout={tcfg.preempt_grace_s}"] if _torchrun_knows("--shutdown_timeout") else []
     return [
         sys.executable,
         "-m",
@@ -179,9 +182,16 @@ def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
         "--standalone",
         f"--nproc_per_node={tcfg.nproc_per_node}",
         "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        f"--shutdown_timeout={tcfg.preempt_grace_s}",
+        *grace,
         *worker,
     ]
+
+
+def _torchrun_knows(option: str) -> bool:
+    """Whether this torch's torchrun accepts ``option`` (its options change between releases)."""
+    from torch.distributed.run import get_args_parser
+
+    return any(option in action.option_strings for action in get_args_parser()._actions)
 
 
 def _run_torchrun(spec_path: Path, tcfg: Any) -> int:

@@ -72,6 +72,13 @@ def test_torchrun_forwards_sigusr1_and_slurm_launcher_replaces_it(tmp_path, monk
     monkeypatch.delenv(train.LAUNCHER_ENV, raising=False)
     command = train.torchrun_command(tmp_path / "spec.json", tcfg)
     assert "--nproc_per_node=2" in command and "--shutdown_timeout=120" in command
+    # a torchrun that does not know --shutdown_timeout (torch 2.11) must not be given it
+    monkeypatch.setattr(train, "_torchrun_knows", lambda option: False)
+    assert not any(
+        arg.startswith("--shutdown_timeout") for arg in train.torchrun_command(tmp_path / "s", tcfg)
+    )
+    monkeypatch.undo()
+    monkeypatch.delenv(train.LAUNCHER_ENV, raising=False)
     assert any(arg.startswith("--signals_to_handle=") and "SIGUSR1" in arg for arg in command)
     assert command[-3:] == ["-m", "pipeline.stages.train_worker", str(tmp_path / "spec.json")]
     monkeypatch.setenv(train.LAUNCHER_ENV, "/x/slurm/launch.sh")
