@@ -310,17 +310,18 @@ def _slug(name: str) -> str:
 
 
 def _git_commit() -> str | None:
+    """HEAD, marked when the tree differs from it (a device tool may copy a tree onto an older .git)."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+        return run.stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None  # the GPU host gets the tree without .git
+    return f"{head}, with uncommitted changes" if dirty else head
 
 
 def _smi_summary(text: str) -> str | None:
