@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from pipeline.stages import STAGE_ORDER
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 COMMANDS = ("run", *STAGE_ORDER, "validate", "plan")
 EXIT_CONFIG = 2
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_pipeline(config, stages=stages, force=args.force, config_path=args.config)
 
 
-def run_plan(config: object, args: argparse.Namespace, warn_only: bool = False) -> int:
+def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool = False) -> int:
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
     import json
 
@@ -114,10 +118,11 @@ def run_plan(config: object, args: argparse.Namespace, warn_only: bool = False) 
 
     gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
     try:
-        result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,  # type: ignore[arg-type]
+        result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
                       model_config_path=args.model_config)  # fmt: skip
     except PlanError as error:
-        return _fail([f"warning: plan skipped: {error}" if warn_only else str(error)]) * (not warn_only)
+        code = _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
+        return 0 if warn_only else code
     if not warn_only:
         print(json.dumps(result, indent=2)) if args.json else print_table(result)
     if not result["fits"]:

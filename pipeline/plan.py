@@ -1,28 +1,26 @@
 """Pre-flight plan (``python -m pipeline plan``): will this config fit these GPUs, and how long will it take?
 
-Why our own model: DeepSpeed's estimators count full fine-tuning's model states, accelerate's only
-inference weights; a PEFT run is a frozen (maybe 8-bit) base, a small adapter, activations and the
-LM head. Everything comes from shapes: the model is built on the meta device from its config (no
-weights), the adapter applied with PEFT to count trainable parameters exactly. Memory is in GiB
-(2^30 bytes, the unit of ``--gpu-memory``), per GPU, every part counted as live at once (the peak
-is at the start of the backward pass). Per token of a micro-batch (T = batch × max_length), with
-e = 2 bytes under bf16/fp16 (else the base dtype's) and a = 2 under bf16/fp16 (else 4, PEFT keeps
-adapters fp32), each layer saves (measured on HF Llama with SDPA, pinned by tests/pipeline/test_plan.py):
+DeepSpeed's estimators count full fine-tuning's model states, accelerate's only inference weights; a
+PEFT run is a frozen (maybe 8-bit) base, a small adapter, activations and the LM head. All from shapes:
+the model is built on the meta device from its config, the adapter applied with PEFT (exact counts).
+Memory is GiB (2^30 bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's start).
+Per token and layer autograd saves (measured on HF Llama + SDPA, pinned by tests/pipeline/test_plan.py;
+e = 2 bytes under bf16/fp16, else the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
 
-  2·(4h + 4)                 two RMSNorms: their fp32 input and rsqrt
-  e·(2h + 2kv) + 4·heads     SDPA's q, k, v, output, logsumexp (no s² term); kv = h when padded (k/v repeated)
-  e·s                        the padding mask, made per layer by SDPA (padded batches, i.e. no packing)
-  3e·i                       SwiGLU: gate, silu(gate), up
-  adapter, per module        LoRA a·(in + r) (q/k/v and gate/up share one input when nothing casts it);
-                             UORA/VeRA a·(r + out); dropout adds its mask (and LoRA's dropped input)
+  2·(4h + 4)              two RMSNorms: fp32 input and rsqrt
+  4e·h + 4·heads + e·s    SDPA: q, k, v, output, logsumexp, no s² term (a padding/packing mask makes
+                          transformers repeat GQA's k/v to h and SDPA build the mask per layer)
+  3e·i                    SwiGLU: gate, silu(gate), up
+  adapter, per module     LoRA a·(in + r) (q/k/v and gate/up share an input nothing casts);
+                          UORA/VeRA a·(r + out); dropout adds its mask (and LoRA's dropped input)
 
-Korthikanti et al. 2022 ("Reducing Activation Recomputation") adapted: no dropout in the base,
-SwiGLU instead of GeLU, RMSNorm's fp32 upcast, flash/memory-efficient attention without the s² term.
-Gradient checkpointing keeps e·h per layer plus one layer recomputed. Logits: TRL's fused LM head
-never builds T × vocab; it projects tiles of min(T, 4096) tokens × min(vocab, 32768) (one tile on
-CUDA; ~8.5 fp32 tiles at once in its CPU fallback, measured) plus the hidden states' fp32 gradient
-and the copy it saves. Time: model FLOPs per token 4·N (forward + input gradients of the frozen
-linear weights N) + 6·Σ r·(in + out) over adapted layers + 12·layers·h·s (attention, PaLM's count).
+plus, under autocast (bf16/fp16 without DeepSpeed), 16-bit copies of the adapter matrices, 2·Σ r·(in +
+out) bytes. That is Korthikanti et al. 2022 ("Reducing Activation Recomputation") adapted to SwiGLU,
+RMSNorm, no dropout and flash/memory-efficient attention. Checkpointing keeps e·h per layer + one layer
+recomputed. Logits: TRL's fused LM head never builds tokens × vocab: tiles of min(tokens, 4096) ×
+min(vocab, 32768), one on CUDA, ~8.5 fp32 at once in its CPU fallback (measured), plus the hidden
+states' copy and fp32 gradient. Time: FLOPs per token 4·N (forward + input gradients of the frozen
+linear weights) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's count), at an MFU.
 """
 
 from __future__ import annotations
@@ -43,6 +41,9 @@ PEAK_TFLOPS = {"h200": (989.0, 66.9), "h100": (989.0, 66.9), "a100": (312.0, 19.
 GPU_RUNTIME_GIB = 1.0  # CUDA context, cuBLAS and NCCL workspaces
 CPU_RUNTIME_GIB = 0.6  # RSS after importing torch, transformers, TRL, PEFT, datasets, MLflow (measured 0.60)
 FRAGMENTATION = 0.10  # allocator slack on top of everything else
+# CPU only: glibc keeps activation memory freed during the backward in its heap, so RSS exceeds the
+# live bytes (an isolated decoder step: +47 % of activations with UORA, +87 % with LoRA r=16).
+CPU_HEAP_RETENTION = 0.5
 CPU_LOGIT_TILES = 8.5  # fp32 tiles alive at once in TRL's CPU fallback (measured 8.34-8.48)
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob / trl.trainer.utils (pinned by a test)
 SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
@@ -124,12 +125,10 @@ def zero_stage(path: str | None) -> int:
 
 
 def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
-    """Bytes per trainable parameter for weight, gradient and AdamW states, per GPU.
-
-    Without DeepSpeed PEFT keeps adapters fp32: 4 + 4 + 8, replicated. DeepSpeed with bf16/fp16
-    keeps a 16-bit weight (2) plus the 18 bytes its estimator itemises (16-bit and fp32 gradient,
-    fp32 master, two moments); fp32: 4 + 12. ZeRO-1 shards the optimizer part, 2 the gradients too,
-    3 everything."""
+    """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps
+    adapters fp32: 4 + 4 + 8. DeepSpeed with bf16/fp16: a 16-bit weight (2) + the 18 bytes its
+    estimator itemises (16-bit and fp32 gradient, fp32 master, two moments); fp32: 4 + 12. ZeRO-1
+    shards the optimizer part, 2 the gradients too, 3 everything."""
     if not deepspeed:
         return 16.0
     weight, rest, grads = (2, 18, 6) if mixed else (4, 12, 4)
@@ -152,10 +151,9 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
     text = hf_config.get_text_config()
     hidden, heads = text.hidden_size, text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
     lm_head = model.get_output_embeddings()
     eight_bit, dtype_bytes = config.model.load_in_8bit, 2 if config.model.dtype != "float32" else 4
-    frozen = weights = matmul = largest = 0
+    weights = matmul = largest = 0
     adapted: list[tuple[str, int, int]] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
@@ -165,7 +163,6 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
         seen.update(id(p) for p in own)
         largest = max(largest, sum(p.numel() for p in own))
         for param in own:
-            frozen += param.numel()
             quantized = eight_bit and isinstance(module, nn.Linear) and module is not lm_head
             if quantized and param is module.weight:  # int8 plus bitsandbytes' fp32 scale per output row
                 weights += param.numel() + 4 * module.out_features
@@ -175,8 +172,8 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
     buffers = sum(b.numel() for b in model.buffers()) * 4  # UORA/VeRA's shared projections stay fp32
     return {"total": total, "trainable": trainable, "frozen_bytes": weights, "largest_layer": largest,
             "buffer_bytes": buffers, "matmul_params": matmul, "adapted": adapted,
+            "adapter_matrices": sum(config.adapter.r * (fan_in + fan_out) for _, fan_in, fan_out in adapted),
             "layers": text.num_hidden_layers, "hidden": hidden, "heads": heads,
-            "kv": (getattr(text, "num_key_value_heads", None) or heads) * head_dim,
             "intermediate": getattr(text, "intermediate_size", None) or 4 * hidden,
             "vocab": text.vocab_size}  # fmt: skip
 
@@ -184,10 +181,10 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
 def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointing: bool) -> float:
     """Bytes autograd keeps per token of a micro-batch (see the module docstring for the formula)."""
     adapter, e, a = config.adapter, act_bytes(config), 2 if mixed(config) else 4
-    h, i, layers, padded = shape["hidden"], shape["intermediate"], shape["layers"], not config.train.packing
-    layer = 2 * (4 * h + 4) + e * (2 * h + 2 * (h if padded else shape["kv"])) + 4 * shape["heads"]
-    layer += 3 * e * i + (e * seq_len(config) if padded else 0)
+    h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
+    layer = 2 * (4 * h + 4) + 4 * e * h + 4 * shape["heads"] + e * seq_len(config) + 3 * e * i
     shared = adapter.dropout == 0 and e == a == 4  # no cast, no dropout: modules read the same tensor
+    weight = 2 if mixed(config) and config.train.deepspeed else 4  # adapter weights: fp32 but under DeepSpeed
     inputs: set[tuple[str, str]] = set()
     adapters = 0.0
     for name, fan_in, fan_out in shape["adapted"]:
@@ -195,7 +192,7 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
         if adapter.method == "lora":
             adapters += a * adapter.r
             if adapter.dropout:
-                adapters += 2 * a * fan_in  # the dropped input and the mask
+                adapters += (a + weight) * fan_in  # the dropped input; the mask, in the adapter's dtype
             elif not shared or (leaf != "o_proj" and (parent, SHARED_INPUT.get(leaf, leaf)) not in inputs):
                 adapters += a * fan_in  # o_proj's shared input is SDPA's output, counted above
                 inputs.add((parent, SHARED_INPUT.get(leaf, leaf)))
@@ -240,9 +237,12 @@ def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int
     states = shape["trainable"] * state_bytes(stage, world, mixed(config), bool(tcfg.deepspeed))
     gc = tcfg.gradient_checkpointing if checkpointing is None else checkpointing
     activations = batch * seq_len(config) * activation_bytes(config, shape, gc)
+    if mixed(config) and not tcfg.deepspeed:  # autocast saves a 16-bit copy of each adapter matrix it uses
+        activations += 2 * shape["adapter_matrices"] / (shape["layers"] if gc else 1)
     logits = logits_bytes(config, shape, batch, device)
     rest = weights + shape["buffer_bytes"] + states + activations + logits
     overhead = (GPU_RUNTIME_GIB if device == "cuda" else CPU_RUNTIME_GIB) * GIB + FRAGMENTATION * rest
+    overhead += CPU_HEAP_RETENTION * activations if device == "cpu" else 0
     parts = {"weights_gb": weights + shape["buffer_bytes"], "adapter_states_gb": states,
              "activations_gb": activations, "logits_gb": logits, "overhead_gb": overhead}  # fmt: skip
     parts["total_gb"] = sum(parts.values())
@@ -340,7 +340,7 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
     peak = PEAK_TFLOPS[key][0 if act_bytes(config) == 2 else 1] * 1e12
     s = seq_len(config)
     flops = 4 * shape["matmul_params"] + 12 * shape["layers"] * shape["hidden"] * s
-    flops += 6 * sum(config.adapter.r * (fan_in + fan_out) for _, fan_in, fan_out in shape["adapted"])
+    flops += 6 * shape["adapter_matrices"]
     tokens_per_s = world * mfu * peak / flops
     tokens, tokens_source = train_tokens(config, world)
     stage = zero_stage(config.train.deepspeed)
@@ -351,9 +351,10 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
         "world_size": world,
         "sequence_length": s,
         "zero_stage": stage,
-        "activations_gb_by_checkpointing": {"on": other[True], "off": other[False]},
+        "activations_gb_by_checkpointing": {"on": round(other[True], 3), "off": round(other[False], 3)},
         "adapter_states": f"{per_param:.2f} bytes per trainable parameter (weight, gradient, AdamW)",
-        "overhead": f"{runtime} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack",
+        "overhead": f"{runtime} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack"
+        + (f" + {CPU_HEAP_RETENTION:.0%} of activations kept by glibc's heap" if device == "cpu" else ""),
         "mfu": mfu,
         "mfu_source": mfu_source,
         "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}{', detected' if gpu_name else ', assumed'})",
@@ -387,16 +388,12 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="per GPU (GiB)")
-    table.add_column("part")
-    table.add_column("GiB", justify="right")
+    table = Table("per GPU", "GiB")
     for key, value in result["per_gpu"].items():
         table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")
-    console = Console()
-    console.print(table)
     hours = result["hours_estimate"]
-    console.print(f"parameters {result['total_params']:,}, trainable {result['trainable_params']:,}")
-    console.print(f"{verdict(result)}\n~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
-                  f"{'unknown' if hours is None else f'{hours:.2f}'} hours")  # fmt: skip
-    for key, value in result["assumptions"].items():
-        console.print(f"  {key}: {value}", highlight=False)
+    lines = [f"{result['total_params']:,} parameters, {result['trainable_params']:,} trainable", table,
+             verdict(result), f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
+             f"{'unknown' if hours is None else f'{hours:.2f}'} hours"]  # fmt: skip
+    lines += [f"  {key}: {value}" for key, value in result["assumptions"].items()]
+    Console().print(*lines, sep="\n", highlight=False)
