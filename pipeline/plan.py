@@ -168,7 +168,8 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
                 weights += param.numel() + 4 * module.out_features
             else:  # an 8-bit base's other parameters are upcast to fp32 (prepare_model_for_kbit_training)
                 weights += param.numel() * (4 if eight_bit else dtype_bytes)
-            matmul += param.numel() if isinstance(module, nn.Linear) and param is module.weight else 0
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:  # a tied lm_head too
+            matmul += module.weight.numel()
     buffers = sum(b.numel() for b in model.buffers()) * 4  # UORA/VeRA's shared projections stay fp32
     return {"total": total, "trainable": trainable, "frozen_bytes": weights, "largest_layer": largest,
             "buffer_bytes": buffers, "matmul_params": matmul, "adapted": adapted,

@@ -79,6 +79,19 @@ def test_llama2_7b_hand_checked(llama_json):
                                       "overhead_gb", "total_gb", "capacity_gb"}  # fmt: skip
 
 
+def test_flops_per_token_count_every_matmul(llama_json, tmp_path):
+    """4 x the frozen linear weights (lm_head included, also when tied to the embeddings) + 6 x the
+    adapter's r x (in + out) + 12 x layers x hidden x length."""
+    linear = LLAMA2_7B_PARAMS - 32000 * 4096 - (2 * 32 + 1) * 4096  # no embeddings, no norms
+    expected = 4 * linear + 6 * LORA_R64_ALL_LINEAR + 12 * 32 * 4096 * 1024
+    assert llama_plan(llama_json)["assumptions"]["flops_per_token"] == expected
+    tied = tmp_path / "tied.json"
+    tied.write_text(json.dumps({**LLAMA2_7B, "tie_word_embeddings": True}))
+    result = llama_plan(tied)
+    assert result["assumptions"]["flops_per_token"] == expected
+    assert result["total_params"] - result["trainable_params"] == LLAMA2_7B_PARAMS - 32000 * 4096
+
+
 def test_llama2_7b_int8_weights(llama_json):
     """8-bit: every linear layer but lm_head int8 + one fp32 scale per output row (bitsandbytes' SCB);
     embeddings, lm_head and norms fp32 (prepare_model_for_kbit_training upcasts them). That is
