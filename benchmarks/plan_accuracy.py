@@ -3,17 +3,18 @@
     python benchmarks/plan_accuracy.py [--steps 3] [--only-deepspeed] [--gpu OUT.json]
 
 Part 1, CPU: the real train stage on SmolLM2-135M-Instruct (float32, the CPU default's model) in a
-fresh process per setting; its peak RSS (`peak_rss_mb_rank0`, rank 0's ru_maxrss) against the
-plan's total with `device="cpu"`: the GPU model with the CPU-specific parts (the runtime allowance
-is the measured RSS of the imported libraries instead of a CUDA context; the fused LM head's CPU
-fallback holds ~8.5 fp32 tiles instead of one). Each batch mixes rows longer than the setting's
-max_length (truncated to it) with short rows, so a batch reaches max_length with padding, as in SFT.
-Target: within ±25 %.
+fresh process per setting; its peak RSS (`peak_rss_mb_rank0`, ru_maxrss) against the plan's total
+with `device="cpu"`: the GPU model with the CPU-specific parts (a 0.6 GiB runtime, the measured RSS
+of the imported libraries, instead of a CUDA context; the fused LM head's CPU fallback holds ~8.5
+fp32 tiles instead of one). Each setting runs twice: with glibc returning freed memory to the
+system (MALLOC_MMAP_THRESHOLD_=65536: every block of 64 KiB or more is mmapped and unmapped when
+freed, so RSS follows the bytes in use, as torch.cuda.max_memory_allocated does on a GPU), and with
+glibc's defaults, whose heap keeps freed blocks (RSS above the bytes in use by a workload-dependent
+amount). Three rows in four are longer than max_length (truncated to it), one is short, so batches
+reach max_length with padding. Target: within ±25 %.
 
-Part 2, CPU: where RSS and live memory part: one decoder step (SmolLM2's shape, no LM head) in a
-fresh process, its RSS growth with glibc's defaults and with MALLOC_MMAP_THRESHOLD_=65536 (every
-large block mmapped and returned when freed, so RSS follows the live bytes), against the plan's
-activations. The difference is the CPU-only heap retention the plan adds on CPU.
+Part 2, CPU: the same split for one decoder step (SmolLM2's shape, no LM head) against the plan's
+activation bytes alone.
 
 Part 3, no training: model states of the Llama-2-7B shape against DeepSpeed's estimators
 (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`, no offload).
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,8 +59,9 @@ SETTINGS = [
 
 
 def write_dataset(run_dir: Path, rows: int = 64) -> None:
-    """The prepare stage's output: half long rows (several GSM8K solutions in one answer, far
-    beyond any max_length here), half short ones (the built-in tasks)."""
+    """The prepare stage's output: three rows in four long (several GSM8K solutions in one answer, far
+    beyond any max_length here, so truncated to it), one short (a built-in task): nearly every batch
+    reaches max_length and is padded, as in SFT."""
     from datasets import Dataset, DatasetDict
 
     from pipeline.builtin_tasks import generate_tasks
@@ -68,12 +71,12 @@ def write_dataset(run_dir: Path, rows: int = 64) -> None:
         [{"role": "user", "content": gsm8k[i]["instruction"]},
          {"role": "assistant", "content": "\n\n".join(r["output"] for r in gsm8k[i : i + 12])}]
         for i in range(0, 12 * rows, 12)
-    ][: rows // 2]  # fmt: skip
+    ]  # fmt: skip
     short_rows = [
         [{"role": "user", "content": t["instruction"]}, {"role": "assistant", "content": t["output"]}]
-        for t in generate_tasks(rows // 2 + 4, seed=0)
+        for t in generate_tasks(rows // 4 + 4, seed=0)
     ]
-    train = [row for pair in zip(long_rows, short_rows, strict=False) for row in pair]
+    train = [row for i in range(rows // 4) for row in (*long_rows[3 * i : 3 * i + 3], short_rows[i])]
 
     def dataset(messages: list) -> Dataset:
         return Dataset.from_dict({"messages": messages, "source": ["mix"] * len(messages),
@@ -97,9 +100,10 @@ def cpu_config(method: str, r: int, batch: int, length: int, gc: bool, steps: in
     }  # fmt: skip
 
 
-def measure_cpu(settings: dict, out: Path) -> float:
+def measure_cpu(settings: dict, out: Path, malloc: dict[str, str]) -> float:
     """Peak RSS (GiB) of the train stage for these settings, in a fresh process."""
     run_dir = out / settings["run"]["name"]
+    shutil.rmtree(run_dir, ignore_errors=True)
     write_dataset(run_dir)
     (run_dir / "config.json").write_text(json.dumps(settings))
     script = (
@@ -109,16 +113,20 @@ def measure_cpu(settings: dict, out: Path) -> float:
         "c = PipelineConfig.model_validate_json((d / 'config.json').read_text());"
         "train.run(StageContext(config=c, run_dir=d, work_dir=d / 'train.partial'))"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **malloc}
     subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads((run_dir / "train.partial" / "metrics.json").read_text())
     return metrics["peak_rss_mb_rank0"] / 1024
 
 
+RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: mmap every block >= 64 KiB, unmap it when freed
+
+
 def cpu_part(steps: int) -> list[str]:
     lines = ["| method | r | batch | max_length | checkpointing | predicted GiB (weights + states + "
-             "activations + logits + overhead) | measured peak RSS GiB | error |",
-             "|---|---:|---:|---:|---|---|---:|---:|"]  # fmt: skip
+             "activations + logits + overhead) | peak RSS GiB, freed memory returned | error | "
+             "peak RSS GiB, glibc defaults | error |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
         for method, r, batch, length, gc in SETTINGS:
             settings = cpu_config(method, r, batch, length, gc, steps, Path(tmp))
@@ -126,12 +134,12 @@ def cpu_part(steps: int) -> list[str]:
             keys = ("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb", "overhead_gb")
             parts = " + ".join(f"{predicted[key]:.2f}" for key in keys)
             print(f"running {settings['run']['name']} ...", flush=True)
-            measured = measure_cpu(settings, Path(tmp))
-            error = predicted["total_gb"] / measured - 1
-            lines.append(
-                f"| {method} | {r} | {batch} | {length} | {'on' if gc else 'off'} | "
-                f"{predicted['total_gb']:.2f} ({parts}) | {measured:.2f} | {error:+.1%} |"
-            )
+            cells = []
+            for malloc in (RETURN_FREED, {}):
+                measured = measure_cpu(settings, Path(tmp), malloc)
+                cells.append(f"{measured:.2f} | {predicted['total_gb'] / measured - 1:+.1%}")
+            lines.append(f"| {method} | {r} | {batch} | {length} | {'on' if gc else 'off'} | "
+                         f"{predicted['total_gb']:.2f} ({parts}) | {cells[0]} | {cells[1]} |")  # fmt: skip
             print(lines[-1], flush=True)
     return lines
 
@@ -222,14 +230,14 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
 
 
 def heap_part() -> list[str]:
-    lines = ["| method | r | batch | max_length | plan: activations GiB | RSS growth, glibc defaults | "
-             "RSS growth, MALLOC_MMAP_THRESHOLD_=65536 |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| method | r | batch | max_length | plan: activations GiB | RSS growth, freed memory returned "
+             "| RSS growth, glibc defaults |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for method, r, batch, length, _ in SETTINGS[:2]:
         settings = cpu_config(method, r, batch, length, False, 1, Path("/tmp"))
         config = PipelineConfig.model_validate(settings)
         predicted = plan(config, gpu_memory=1e6, device="cpu")["per_gpu"]["activations_gb"]
         grown = []
-        for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
+        for env in (RETURN_FREED, {}):
             env = {**os.environ, "PYTHONPATH": str(REPO), **env}
             command = [sys.executable, "-c", STEP, json.dumps(settings)]
             done = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
@@ -315,20 +323,22 @@ def main() -> None:
         "## CPU: SmolLM2-135M train stage, predicted vs measured peak RSS",
         "",
         f"The real train stage (TRL SFTTrainer, float32, one process), {args.steps} optimizer steps per "
-        "setting, rows longer than max_length mixed with short ones. Predicted: `plan(config, device='cpu')` "
-        "in GiB: the GPU model with a CPU runtime of 0.6 GiB instead of a CUDA context, TRL's CPU fallback "
-        "for the LM head (~8.5 fp32 tiles) and glibc's heap retention (50 % of activations, next table). "
-        "Error: predicted / measured − 1.",
+        "setting, three rows in four longer than max_length (truncated to it), one short. Predicted: "
+        "`plan(config, device='cpu')` in GiB: the GPU model with a CPU runtime of 0.6 GiB (the RSS of "
+        "the imported libraries) instead of a CUDA context and TRL's CPU fallback for the LM head (~8.5 "
+        "fp32 tiles at once instead of one). Measured twice: with glibc returning freed memory "
+        "(MALLOC_MMAP_THRESHOLD_=65536, so RSS follows the bytes in use, like "
+        "torch.cuda.max_memory_allocated on a GPU; the plan's target), and with glibc's defaults, "
+        "whose heap keeps memory the backward frees: RSS above the bytes in use by an amount that "
+        "depends on the allocation history (it grows over steps), which no shape-based plan can "
+        "predict. Error: predicted / measured − 1.",
         "",
         *cpu,
         "",
-        "## CPU: live memory against RSS (one decoder step, no LM head)",
+        "## CPU: one decoder step, the activation formula alone",
         "",
-        "RSS growth of one forward + backward of SmolLM2's decoder in a fresh process. With "
-        "MALLOC_MMAP_THRESHOLD_=65536 every large block is mmapped and returned when freed, so RSS follows "
-        "the live bytes: the plan's activation formula matches it. With glibc's defaults the heap keeps "
-        "memory that the backward frees (its mmap threshold grows to the sizes it sees), hence the CPU "
-        "plan's retention allowance.",
+        "RSS growth of one forward + backward of SmolLM2's decoder (random weights, no LM head) in a "
+        "fresh process, against the plan's activation bytes.",
         "",
         *heap,
         "",

@@ -41,9 +41,6 @@ PEAK_TFLOPS = {"h200": (989.0, 66.9), "h100": (989.0, 66.9), "a100": (312.0, 19.
 GPU_RUNTIME_GIB = 1.0  # CUDA context, cuBLAS and NCCL workspaces
 CPU_RUNTIME_GIB = 0.6  # RSS after importing torch, transformers, TRL, PEFT, datasets, MLflow (measured 0.60)
 FRAGMENTATION = 0.10  # allocator slack on top of everything else
-# CPU only: glibc keeps activation memory freed during the backward in its heap, so RSS exceeds the
-# live bytes (an isolated decoder step: +47 % of activations with UORA, +87 % with LoRA r=16).
-CPU_HEAP_RETENTION = 0.5
 CPU_LOGIT_TILES = 8.5  # fp32 tiles alive at once in TRL's CPU fallback (measured 8.34-8.48)
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob / trl.trainer.utils (pinned by a test)
 SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
@@ -243,7 +240,6 @@ def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int
     logits = logits_bytes(config, shape, batch, device)
     rest = weights + shape["buffer_bytes"] + states + activations + logits
     overhead = (GPU_RUNTIME_GIB if device == "cuda" else CPU_RUNTIME_GIB) * GIB + FRAGMENTATION * rest
-    overhead += CPU_HEAP_RETENTION * activations if device == "cpu" else 0
     parts = {"weights_gb": weights + shape["buffer_bytes"], "adapter_states_gb": states,
              "activations_gb": activations, "logits_gb": logits, "overhead_gb": overhead}  # fmt: skip
     parts["total_gb"] = sum(parts.values())
@@ -354,8 +350,7 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
         "zero_stage": stage,
         "activations_gb_by_checkpointing": {"on": round(other[True], 3), "off": round(other[False], 3)},
         "adapter_states": f"{per_param:.2f} bytes per trainable parameter (weight, gradient, AdamW)",
-        "overhead": f"{runtime} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack"
-        + (f" + {CPU_HEAP_RETENTION:.0%} of activations kept by glibc's heap" if device == "cpu" else ""),
+        "overhead": f"{runtime} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack",
         "mfu": mfu,
         "mfu_source": mfu_source,
         "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}{', detected' if gpu_name else ', assumed'})",
