@@ -272,7 +272,10 @@ def mfu_from_results(method: str, base: str, r: int, results: Path | None = None
             elif header and len(cells) == len(header) and not set(line) <= set("|-: "):
                 row = dict(zip(header, cells, strict=True))
                 if row["method"].lower() == method and row["base"].lower() == base:
-                    mfu = float(row["MFU %"]) / 100
+                    try:
+                        mfu = float(row["MFU %"]) / 100
+                    except ValueError:  # a failed cell ("—")
+                        continue
                     found.append((row["r"] != str(r), mfu, f"{path.name}: {line.strip()}"))
     if not found:
         return None

@@ -220,6 +220,7 @@ GPU_TABLE = """# GPU benchmark
 | method | r | base | seq len | batch | tokens/s | MFU % | peak GPU GiB |
 |---|---:|---|---:|---:|---:|---:|---:|
 | uora | 1024 | bf16 | 1024 | 8 | 9000 | 39.0 | 30.1 |
+| vera | 1024 | bf16 | 1024 | — | — | — | out of memory |
 | uora | 64 | bf16 | 1024 | 8 | 9500 | 41.3 | 29.0 |
 | uora | 64 | int8 | 1024 | 8 | 4000 | 17.5 | 20.0 |
 | lora | 64 | bf16 | 1024 | 8 | 9100 | 40.0 | 33.0 |
