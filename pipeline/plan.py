@@ -336,7 +336,7 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
     measured = mfu_from_results(config.adapter.method, base, config.adapter.r)
     mfu, mfu_source = measured or (DEFAULT_MFU, "assumed (no matching row in benchmarks/results/gpu_*.md)")
     source_name = measured[1].split(":")[0] if measured else ""
-    key = next((k for k in PEAK_TFLOPS if k in (gpu_name + source_name).lower()), "h100")
+    key = next((k for name in (gpu_name, source_name) for k in PEAK_TFLOPS if k in name.lower()), "h100")
     peak = PEAK_TFLOPS[key][0 if act_bytes(config) == 2 else 1] * 1e12
     s = seq_len(config)
     flops = 4 * shape["matmul_params"] + 12 * shape["layers"] * shape["hidden"] * s
