@@ -354,7 +354,7 @@ def main() -> None:
         "largest layer, gathered) the 18 only. The plan uses the same itemisation for the parameters "
         "that train; for ZeRO-3 it also shards the 16-bit weights (2 bytes/GPUs), which the "
         "estimator's no-offload branch leaves out (its offload branch counts them) — hence plan / "
-        "DeepSpeed = 20/18 there. The last row of each block is why a PEFT run cannot use the "
+        "DeepSpeed ≈ 20/18 there. The last row of each block is why a PEFT run cannot use the "
         "estimator directly: fed the whole model it charges 18 bytes of optimizer state to every "
         "frozen parameter.",
         "",
