@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script: use this checkout's uora, not 
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from peft import LoraConfig, PeftConfig, VeraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftConfig, VeraConfig  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
@@ -44,6 +44,7 @@ from transformers import (  # noqa: E402
     RobertaModel,
 )
 
+from pipeline.plan import peft_on_meta  # noqa: E402
 from uora import UoraConfig  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -149,8 +150,8 @@ def count_trainable(spec: Spec) -> int:
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r} (known: {', '.join(METHODS)})")
     targets = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
-    with torch.device("meta"):  # base weights and adapter weights alike stay unallocated
-        model = get_peft_model(MODELS[spec.model](), METHODS[spec.method](spec.rank, targets))
+    # The same meta-device build as `python -m pipeline plan`: base and adapter weights stay unallocated.
+    model = peft_on_meta(MODELS[spec.model], METHODS[spec.method](spec.rank, targets))
     return model.get_nb_trainable_parameters()[0]
 
 

@@ -1,8 +1,10 @@
-"""Command line: ``python -m pipeline run|prepare|train|evaluate|export|promote|validate CONFIG ...``.
+"""Command line: ``python -m pipeline run|prepare|train|evaluate|export|promote|validate|plan CONFIG ...``.
 
 Every command validates the config first, before anything heavy is imported, so a typo costs a
-fraction of a second rather than a model load. Exit codes: 0 success, 1 a stage failed (or is not
-built yet), 2 the config or command line is invalid (one line per problem, no traceback).
+fraction of a second rather than a model load. Exit codes: 0 success, 1 a stage failed (``plan``:
+the config will not fit), 2 the config or command line is invalid (one line per problem, no traceback).
+``validate`` stays torch-free unless it is told the hardware (``--gpus-per-node``): then it also
+runs the plan and warns when the config will not fit.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from pipeline.stages import STAGE_ORDER
 
-COMMANDS = ("run", *STAGE_ORDER, "validate")
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+COMMANDS = ("run", *STAGE_ORDER, "validate", "plan")
 EXIT_CONFIG = 2
 
 
@@ -37,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", metavar="STAGE[,STAGE]", help="run just these stages (comma-separated)")
     parser.add_argument("--force", action="store_true", help="re-run selected stages even if up to date")
     parser.add_argument("--print-config", action="store_true", help="validate: print the resolved config")
+    parser.add_argument("--nodes", type=int, default=1, help="plan: nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, help="plan: GPUs per node (default 1); validate: plan")
+    parser.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan: GPU memory (default: read)")
+    parser.add_argument("--model-config", metavar="PATH", help="plan: the model's config.json (no download)")
+    parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
     return parser
 
 
@@ -90,11 +101,33 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(config), end="")
         elapsed = time.perf_counter() - started
         print(f"{args.config}: valid (run dir {config.run_dir}, validated in {elapsed:.2f} s)")
-        return 0
+        return 0 if args.gpus_per_node is None else run_plan(config, args, warn_only=True)
+    if args.command == "plan":
+        return run_plan(config, args)
 
     from pipeline.driver import run_pipeline
 
     return run_pipeline(config, stages=stages, force=args.force, config_path=args.config)
+
+
+def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool = False) -> int:
+    """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
+    import json
+
+    from pipeline.plan import PlanError, plan, print_table, verdict
+
+    gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
+    try:
+        result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
+                      model_config_path=args.model_config)  # fmt: skip
+    except PlanError as error:
+        code = _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
+        return 0 if warn_only else code
+    if not warn_only:
+        print(json.dumps(result, indent=2)) if args.json else print_table(result)
+    if not result["fits"]:
+        print(("warning: " if warn_only else "") + verdict(result), file=sys.stderr)
+    return 0 if warn_only or result["fits"] else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@
 #                        OVERRIDES as "$@". For custom recipes (and the Slurm tests' stand-in).
 #   UORA_DONE_FILE       with UORA_TRAIN_CMD: the file that says training finished
 #   UORA_PREEMPTED_FILE  with UORA_TRAIN_CMD: the file that says it stopped after a checkpoint
+#   UORA_SKIP_PLAN       set (e.g. 1): train without the pre-flight plan (see uora_plan)
+#   UORA_GPU_MEMORY      GiB per GPU for the plan (default: read from the first node's GPU)
 
 uora_log() { echo "[uora-slurm $(date '+%F %T')] $*" >&2; }
 
@@ -159,11 +161,38 @@ uora_note_usr1() {
     trap 'UORA_PREEMPT_REQUESTED=1; uora_log "SIGUSR1 outside training: noted (training, if it starts, checkpoints at once)"' USR1
 }
 
+# Pre-flight: `python -m pipeline plan` for this allocation (nodes x processes per node, one GPU
+# each). "Will not fit" stops the job before any training, with the plan's reason; a plan that
+# cannot run (e.g. the model's config.json is not available offline yet) is logged and training
+# goes ahead. Skipped for CPU allocations (no GPUs on the node) and when UORA_SKIP_PLAN is set.
+uora_plan() {
+    local rc=0 memory=()
+    if [[ -n ${UORA_SKIP_PLAN:-} ]]; then
+        uora_log "plan skipped (UORA_SKIP_PLAN=$UORA_SKIP_PLAN)"
+        return 0
+    fi
+    if ((${SLURM_GPUS_ON_NODE:-0} == 0)); then
+        uora_log "plan skipped: no GPUs in this allocation (CPU nodes)"
+        return 0
+    fi
+    if [[ -n ${UORA_GPU_MEMORY:-} ]]; then memory=(--gpu-memory "$UORA_GPU_MEMORY"); fi
+    "$UORA_PYTHON" -m pipeline plan "$@" --nodes "${SLURM_JOB_NUM_NODES:-1}" \
+        --gpus-per-node "$UORA_NPROC_PER_NODE" "${memory[@]}" || rc=$?
+    if ((rc == 1)); then
+        uora_log "the plan says this will not fit (see above): not training. Change the config or the" \
+            "allocation, or set UORA_SKIP_PLAN=1 to train anyway."
+        exit 1
+    elif ((rc != 0)); then
+        uora_log "the plan could not run (exit status $rc, see above): training anyway"
+    fi
+}
+
 # Training: run it, then finish (complete), requeue (stopped without DONE after a checkpoint),
 # or fail. Exits the shell on requeue and failure; returns 0 when training is complete.
 # The train command always runs: the driver itself skips a train stage that is up to date.
 uora_train() {
     local status restarts
+    uora_plan "$@"
     mapfile -t UORA_MARKERS < <(uora_stop_markers "$@")
     if [[ -n ${UORA_TRAIN_CMD:-} ]]; then
         uora_run_supervised bash -c "$UORA_TRAIN_CMD" uora-train "$@"

@@ -11,8 +11,10 @@
 # default partition. Environment (see slurm/lib.sh for all): UORA_NPROC_PER_NODE (default: the
 # GPUs Slurm gave each node, else 1), UORA_MAX_RESTARTS (20), UORA_PYTHON, UORA_HOME.
 #
-# What happens: the batch shell (on the first node) runs `python -m pipeline train CONFIG ...`,
-# whose workers are started on every node by slurm/launch.sh (srun, one torchrun per node).
+# What happens: the batch shell (on the first node) first runs `python -m pipeline plan CONFIG ...`
+# for the allocation and stops with the plan's reason when the config will not fit its GPUs
+# (UORA_SKIP_PLAN=1 skips it; CPU allocations are not planned); then it runs `python -m pipeline
+# train CONFIG ...`, whose workers are started on every node by slurm/launch.sh (srun, one torchrun per node).
 # Preemption: Slurm sends SIGUSR1 to this batch shell 5 minutes before the time limit, which
 # passes it on to the workers (`scancel --signal=USR1 JOBID` reaches the workers directly, at any
 # time); they checkpoint and exit 0 without

@@ -176,7 +176,7 @@ def test_config_file_problems(tmp_path, capsys):
          "--from: unknown stage 'training' (stages: prepare, train, evaluate, export, promote)"),
         (["run", "C", "--only", "eval"], "--only: unknown stage 'eval' (stages: prepare, train, evaluate, export, promote)"),
         (["run", "C", "--from", "train", "--only", "export"], "--from and --only cannot be combined"),
-        (["fly", "C"], "unknown command 'fly' (commands: run, prepare, train, evaluate, export, promote, validate)"),
+        (["fly", "C"], "unknown command 'fly' (commands: run, prepare, train, evaluate, export, promote, validate, plan)"),
         (["train", "C", "--only", "export"], "'train' runs one stage; use 'run' with --from/--only"),
     ],
 )  # fmt: skip

@@ -149,6 +149,7 @@ def test_failure_is_not_requeued_and_keeps_its_exit_status(slurm_cluster: SlurmC
     assert (job.state, job.restarts) == ("FAILED", 0) and status in ("1", "143"), log
     assert "toy failure at step 2" in log
     assert f"training failed (exit status {status})" in log and not (out / "DONE").exists()
+    assert "plan skipped: no GPUs in this allocation (CPU nodes)" in log  # the pre-flight plan is GPU-only
 
 
 def test_pipeline_chain_submits_dependent_jobs(slurm_cluster: SlurmCluster, tmp_path: Path):

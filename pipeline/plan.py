@@ -1,0 +1,398 @@
+"""Pre-flight plan (``python -m pipeline plan``): will this config fit these GPUs, and how long will it take?
+
+DeepSpeed's estimators count full fine-tuning's model states, accelerate's only inference weights; a
+PEFT run is a frozen (maybe 8-bit) base, a small adapter, activations and the LM head. All from shapes:
+the model is built on the meta device from its config, the adapter applied with PEFT (exact counts).
+Memory is GiB (2^30 bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's start).
+Per token and layer autograd saves (measured on HF Llama + SDPA, pinned by tests/pipeline/test_plan.py;
+e = 2 bytes under bf16/fp16, else the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
+
+  2·(4h + 4)              two RMSNorms: fp32 input and rsqrt
+  4e·h + 4·heads + e·s    SDPA: q, k, v, output, logsumexp, no s² term (a padding/packing mask makes
+                          transformers repeat GQA's k/v to h and SDPA build the mask per layer)
+  3e·i                    SwiGLU: gate, silu(gate), up
+  adapter, per module     LoRA a·(in + r) (q/k/v and gate/up share an input nothing casts);
+                          UORA/VeRA a·(r + out); dropout adds its mask (and LoRA's dropped input)
+
+plus, under autocast (bf16/fp16 without DeepSpeed), 16-bit copies of the adapter matrices, 2·Σ r·(in +
+out) bytes. That is Korthikanti et al. 2022 ("Reducing Activation Recomputation") adapted to SwiGLU,
+RMSNorm, no dropout and flash/memory-efficient attention. Checkpointing keeps e·h per layer + one layer
+recomputed. Logits: TRL's fused LM head never builds tokens × vocab: tiles of min(tokens, 4096) ×
+min(vocab, 32768), one on CUDA, ~8.5 fp32 at once in its CPU fallback (measured), plus the hidden
+states' copy and fp32 gradient. Time: FLOPs per token 4·N (forward + input gradients of the frozen
+linear weights) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's count), at an MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig, PipelineConfig
+
+GIB = 2**30
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+DEFAULT_MFU = 0.35
+# Dense peak TFLOP/s, (bf16/fp16, fp32 without TF32), NVIDIA datasheets (SXM); unknown GPUs count as H100.
+PEAK_TFLOPS = {"h200": (989.0, 66.9), "h100": (989.0, 66.9), "a100": (312.0, 19.5)}
+GPU_RUNTIME_GIB = 1.0  # CUDA context, cuBLAS and NCCL workspaces
+CPU_RUNTIME_GIB = 0.6  # RSS after importing torch, transformers, TRL, PEFT, datasets, MLflow (measured 0.60)
+FRAGMENTATION = 0.10  # allocator slack on top of everything else
+CPU_LOGIT_TILES = 8.5  # fp32 tiles alive at once in TRL's CPU fallback (measured 8.34-8.48)
+TOKEN_TILE, VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob / trl.trainer.utils (pinned by a test)
+SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+MFU_HEADER = ("method", "r", "base", "seq len", "batch", "tokens/s", "MFU %", "peak GPU GiB")
+
+
+class PlanError(Exception):
+    """Input the plan cannot work with: one line for the user, exit 2."""
+
+
+def model_config(model: ModelConfig, override: str | None = None) -> Any:
+    """The transformers config: ``--model-config``, the local folder, the GGUF header or the HF cache."""
+    from transformers import AutoConfig
+
+    if override:
+        file = Path(override) / "config.json" if Path(override).is_dir() else Path(override)
+        if not file.is_file():
+            raise PlanError(f"--model-config: {override} does not exist")
+    else:
+        from pipeline.models import resolve_package_dir
+
+        location = resolve_package_dir(model.name_or_path)
+        if model.gguf_file:
+            return gguf_config(Path(location) / model.gguf_file)
+        file = Path(location) / "config.json"
+        if not Path(location).is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(location, "config.json", revision=model.revision)
+            except ValueError:  # not a valid repo id either
+                cached = None
+            if not isinstance(cached, str):
+                raise PlanError(
+                    f"model.name_or_path: no config.json for {location!r} offline (not a local folder, not "
+                    "in the Hugging Face cache); pass --model-config path/to/config.json"
+                )
+            file = Path(cached)
+    try:
+        return AutoConfig.from_pretrained(str(file), trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise PlanError(f"{file}: not a usable model config ({str(error).splitlines()[0]})") from None
+
+
+def gguf_config(path: Path) -> Any:
+    """A config from a GGUF file's metadata only (transformers' own key mapping); no tensor is read."""
+    import gguf
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in GGUF_CONFIG_MAPPING:
+        raise PlanError(f"model.gguf_file: architecture {arch!r} is not one transformers reads from GGUF")
+    mapping = GGUF_CONFIG_MAPPING[arch]
+    values = {mapping[key[len(arch) + 1 :]]: field.contents() for key, field in reader.fields.items()
+              if key.startswith(arch + ".") and mapping.get(key[len(arch) + 1 :])}  # fmt: skip
+    values.setdefault("vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))
+    values["tie_word_embeddings"] = all(tensor.name != "output.weight" for tensor in reader.tensors)
+    return AutoConfig.for_model(arch, **values)
+
+
+def peft_on_meta(build: Any, peft_config: Any) -> Any:
+    """``get_peft_model(build(), peft_config)`` on the meta device: shapes and exact counts, no memory."""
+    import torch
+    from peft import get_peft_model
+
+    import uora  # noqa: F401  (registers UORA with PEFT)
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations, met inside PEFT
+        return get_peft_model(build(), peft_config)
+
+
+def zero_stage(path: str | None) -> int:
+    if not path:
+        return 0
+    return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
+def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
+    """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps
+    adapters fp32: 4 + 4 + 8. DeepSpeed with bf16/fp16: a 16-bit weight (2) + the 18 bytes its
+    estimator itemises (16-bit and fp32 gradient, fp32 master, two moments); fp32: 4 + 12. ZeRO-1
+    shards the optimizer part, 2 the gradients too, 3 everything."""
+    if not deepspeed:
+        return 16.0
+    weight, rest, grads = (2, 18, 6) if mixed else (4, 12, 4)
+    return {0: weight + rest, 1: weight + grads + (rest - grads) / world,
+            2: weight + rest / world}.get(stage, (weight + rest) / world)  # fmt: skip
+
+
+def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
+    """Everything the plan needs from the model, counted once on the meta device."""
+    from torch import nn
+
+    from pipeline.adapters import build_peft_config
+
+    def build() -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.model.trust_remote_code)
+
+    model = peft_on_meta(build, build_peft_config(config.adapter))
+    trainable, total = model.get_nb_trainable_parameters()
+    text = hf_config.get_text_config()
+    hidden, heads = text.hidden_size, text.num_attention_heads
+    lm_head = model.get_output_embeddings()
+    eight_bit, dtype_bytes = config.model.load_in_8bit, 2 if config.model.dtype != "float32" else 4
+    weights = matmul = largest = 0
+    adapted: list[tuple[str, int, int]] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Linear):
+            adapted.append((name, module.base_layer.in_features, module.base_layer.out_features))
+        own = [p for p in module.parameters(recurse=False) if not p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        largest = max(largest, sum(p.numel() for p in own))
+        for param in own:
+            quantized = eight_bit and isinstance(module, nn.Linear) and module is not lm_head
+            if quantized and param is module.weight:  # int8 plus bitsandbytes' fp32 scale per output row
+                weights += param.numel() + 4 * module.out_features
+            else:  # an 8-bit base's other parameters are upcast to fp32 (prepare_model_for_kbit_training)
+                weights += param.numel() * (4 if eight_bit else dtype_bytes)
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:  # a tied lm_head too
+            matmul += module.weight.numel()
+    buffers = sum(b.numel() for b in model.buffers()) * 4  # UORA/VeRA's shared projections stay fp32
+    return {"total": total, "trainable": trainable, "frozen_bytes": weights, "largest_layer": largest,
+            "buffer_bytes": buffers, "matmul_params": matmul, "adapted": adapted,
+            "adapter_matrices": sum(config.adapter.r * (fan_in + fan_out) for _, fan_in, fan_out in adapted),
+            "layers": text.num_hidden_layers, "hidden": hidden, "heads": heads,
+            "intermediate": getattr(text, "intermediate_size", None) or 4 * hidden,
+            "vocab": text.vocab_size}  # fmt: skip
+
+
+def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointing: bool) -> float:
+    """Bytes autograd keeps per token of a micro-batch (see the module docstring for the formula)."""
+    adapter, e, a = config.adapter, act_bytes(config), 2 if mixed(config) else 4
+    h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
+    layer = 2 * (4 * h + 4) + 4 * e * h + 4 * shape["heads"] + e * seq_len(config) + 3 * e * i
+    shared = adapter.dropout == 0 and e == a == 4  # no cast, no dropout: modules read the same tensor
+    weight = 2 if mixed(config) and config.train.deepspeed else 4  # adapter weights: fp32 but under DeepSpeed
+    inputs: set[tuple[str, str]] = set()
+    adapters = 0.0
+    for name, fan_in, fan_out in shape["adapted"]:
+        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        if adapter.method == "lora":
+            adapters += a * adapter.r
+            if adapter.dropout:
+                adapters += (a + weight) * fan_in  # the dropped input; the mask, in the adapter's dtype
+            elif not shared or (leaf != "o_proj" and (parent, SHARED_INPUT.get(leaf, leaf)) not in inputs):
+                adapters += a * fan_in  # o_proj's shared input is SDPA's output, counted above
+                inputs.add((parent, SHARED_INPUT.get(leaf, leaf)))
+        else:
+            adapters += a * (adapter.r + fan_out) + (e * fan_in if adapter.dropout else 0)
+    final_norm = 4 * h + 4
+    if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
+        return layers * e * h + layer + adapters / max(layers, 1) + final_norm
+    return layers * layer + adapters + final_norm
+
+
+def seq_len(config: PipelineConfig) -> int:
+    """The longest sequence: train.max_length truncates, data.max_length drops longer rows."""
+    return min(config.train.max_length, config.data.max_length)
+
+
+def mixed(config: PipelineConfig) -> bool:
+    return config.train.bf16 or config.train.fp16
+
+
+def act_bytes(config: PipelineConfig) -> int:
+    """Bytes per activation element: 16-bit under bf16/fp16 or a 16-bit base (an 8-bit one runs in fp32)."""
+    if mixed(config):
+        return 2
+    return 4 if config.model.load_in_8bit or config.model.dtype == "float32" else 2
+
+
+def logits_bytes(config: PipelineConfig, shape: dict[str, Any], batch: int, device: str) -> float:
+    tokens = batch * (seq_len(config) - 1)
+    tile = min(tokens, TOKEN_TILE) * min(shape["vocab"], VOCAB_TILE)
+    tiles = CPU_LOGIT_TILES * tile * 4 if device == "cpu" else tile * act_bytes(config)
+    return tiles + tokens * shape["hidden"] * (4 + act_bytes(config))
+
+
+def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int, device: str = "cuda",
+           checkpointing: bool | None = None) -> dict[str, float]:  # fmt: skip
+    """Per-GPU memory in GiB for one per-device batch size."""
+    tcfg = config.train
+    stage, weights = zero_stage(tcfg.deepspeed), shape["frozen_bytes"]
+    if stage == 3:  # partitioned, plus the gathered layer and the prefetched one in 16 bits
+        weights = weights / world + 4 * shape["largest_layer"]
+    states = shape["trainable"] * state_bytes(stage, world, mixed(config), bool(tcfg.deepspeed))
+    gc = tcfg.gradient_checkpointing if checkpointing is None else checkpointing
+    activations = batch * seq_len(config) * activation_bytes(config, shape, gc)
+    if mixed(config) and not tcfg.deepspeed:  # autocast saves a 16-bit copy of each adapter matrix it uses
+        activations += 2 * shape["adapter_matrices"] / (shape["layers"] if gc else 1)
+    logits = logits_bytes(config, shape, batch, device)
+    rest = weights + shape["buffer_bytes"] + states + activations + logits
+    overhead = (GPU_RUNTIME_GIB if device == "cuda" else CPU_RUNTIME_GIB) * GIB + FRAGMENTATION * rest
+    parts = {"weights_gb": weights + shape["buffer_bytes"], "adapter_states_gb": states,
+             "activations_gb": activations, "logits_gb": logits, "overhead_gb": overhead}  # fmt: skip
+    parts["total_gb"] = sum(parts.values())
+    return {key: value / GIB for key, value in parts.items()}
+
+
+def max_batch(config: PipelineConfig, shape: dict[str, Any], world: int, capacity: float, device: str) -> int:
+    """The largest per-device batch whose total fits ``capacity`` GiB (0: not even one sequence)."""
+    fits = lambda batch: memory(config, shape, world, batch, device)["total_gb"] <= capacity  # noqa: E731
+    low, high = 0, 1
+    while fits(high) and high < 1 << 20:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def mfu_from_results(method: str, base: str, r: int, results: Path | None = None) -> tuple[float, str] | None:
+    """MFU from ``benchmarks/results/gpu_*.md`` rows of this method and base dtype (same rank preferred)."""
+    found = []
+    for path in sorted((results or RESULTS_DIR).glob("gpu_*.md")):
+        header: list[str] | None = None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if not line.lstrip().startswith("|"):
+                header = None
+            elif set(MFU_HEADER) <= set(cells):
+                header = cells
+            elif header and len(cells) == len(header) and not set(line) <= set("|-: "):
+                row = dict(zip(header, cells, strict=True))
+                if row["method"].lower() == method and row["base"].lower() == base:
+                    try:
+                        mfu = float(row["MFU %"]) / 100
+                    except ValueError:  # a failed cell ("—")
+                        continue
+                    found.append((row["r"] != str(r), mfu, f"{path.name}: {line.strip()}"))
+    if not found:
+        return None
+    _, mfu, source = min(found, key=lambda item: item[0])
+    return mfu, source
+
+
+def train_tokens(config: PipelineConfig, world: int) -> tuple[float | None, str]:
+    """Tokens the configured steps or epochs process, and where the number comes from."""
+    tcfg, s = config.train, seq_len(config)
+    stats_path = config.run_dir / "prepare" / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    per_row = min(stats["token_length"]["mean"], s) if stats else s
+    where = (
+        f"mean row {per_row:.0f} tokens ({stats_path})" if stats else f"{s} tokens per row (no prepare stats)"
+    )
+    if tcfg.max_steps > 0:
+        rows = tcfg.max_steps * tcfg.gradient_accumulation_steps * tcfg.per_device_train_batch_size * world
+        return rows * per_row, f"{tcfg.max_steps} steps × {rows // tcfg.max_steps} rows, {where}"
+    data, counts = config.data, [source.samples or source.builtin for source in config.data.sources]
+    if stats:
+        rows = stats["rows_out"]["train"]
+    elif all(counts) and data.eval_size is None:  # every source says how many rows it gives
+        rows, where = round(sum(counts) * (1 - data.eval_fraction)), f"rows from data.sources, {where}"
+    else:
+        return None, "unknown: epochs need the row count (run `python -m pipeline prepare CONFIG` first)"
+    return (
+        rows * tcfg.num_train_epochs * per_row,
+        f"{tcfg.num_train_epochs:g} epoch(s) × {rows} rows, {where}",
+    )
+
+
+def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_memory: float | None = None,
+         model_config_path: str | None = None, device: str = "cuda") -> dict[str, Any]:  # fmt: skip
+    """The plan as a JSON-ready dict; raises PlanError for input it cannot work with."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise PlanError(
+            f"--nodes {nodes} --gpus-per-node {gpus_per_node}: the plan sizes GPU memory; give at least "
+            "one node and one GPU per node (CPU allocations are not planned)"
+        )
+    if "max_length" not in config.train.model_fields_set:
+        raise PlanError("train.max_length: not set in the config; the plan sizes activations by it (set it)")
+    capacity, gpu_name = gpu_memory, ""
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_name = torch.cuda.get_device_name(0)
+            capacity = capacity or torch.cuda.get_device_properties(0).total_memory / GIB
+    if capacity is None:
+        raise PlanError("no GPU here to read its memory size from: pass --gpu-memory GiB (an H100 80GB: 79)")
+    world = nodes * gpus_per_node
+    shape = analyse(config, model_config(config.model, model_config_path))
+    batch = config.train.per_device_train_batch_size
+    per_gpu = {**memory(config, shape, world, batch, device), "capacity_gb": capacity}
+    other = {gc: memory(config, shape, world, batch, device, gc)["activations_gb"] for gc in (True, False)}
+    base = "int8" if config.model.load_in_8bit else "bf16"
+    measured = mfu_from_results(config.adapter.method, base, config.adapter.r)
+    mfu, mfu_source = measured or (DEFAULT_MFU, "assumed (no matching row in benchmarks/results/gpu_*.md)")
+    source_name = measured[1].split(":")[0] if measured else ""
+    key = next((k for name in (gpu_name, source_name) for k in PEAK_TFLOPS if k in name.lower()), "h100")
+    peak = PEAK_TFLOPS[key][0 if act_bytes(config) == 2 else 1] * 1e12
+    s = seq_len(config)
+    flops = 4 * shape["matmul_params"] + 12 * shape["layers"] * shape["hidden"] * s
+    flops += 6 * shape["adapter_matrices"]
+    tokens_per_s = world * mfu * peak / flops
+    tokens, tokens_source = train_tokens(config, world)
+    stage = zero_stage(config.train.deepspeed)
+    per_param = state_bytes(stage, world, mixed(config), bool(config.train.deepspeed))
+    runtime = GPU_RUNTIME_GIB if device == "cuda" else CPU_RUNTIME_GIB
+    assumptions = {
+        "units": "GiB (2^30 bytes), per GPU, all parts live at once",
+        "world_size": world,
+        "sequence_length": s,
+        "zero_stage": stage,
+        "activations_gb_by_checkpointing": {"on": round(other[True], 3), "off": round(other[False], 3)},
+        "adapter_states": f"{per_param:.2f} bytes per trainable parameter (weight, gradient, AdamW)",
+        "overhead": f"{runtime} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack",
+        "mfu": mfu,
+        "mfu_source": mfu_source,
+        "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}{', detected' if gpu_name else ', assumed'})",
+        "flops_per_token": flops,
+        "tokens": tokens_source,
+    }  # fmt: skip
+    return {
+        "total_params": shape["total"],
+        "trainable_params": shape["trainable"],
+        "per_gpu": per_gpu,
+        "fits": per_gpu["total_gb"] <= capacity,
+        "max_per_device_batch": max_batch(config, shape, world, capacity, device),
+        "tokens_per_second_estimate": tokens_per_s,
+        "hours_estimate": tokens / tokens_per_s / 3600 if tokens is not None else None,
+        "assumptions": assumptions,
+    }
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """One line: fits or not, and why."""
+    gpu, batch = result["per_gpu"], result["max_per_device_batch"]
+    need = f"{gpu['total_gb']:.1f} GiB per GPU of {gpu['capacity_gb']:.1f}"
+    if result["fits"]:
+        return f"fits: {need}; largest per-device batch that fits: {batch}"
+    largest = max(("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb"), key=gpu.__getitem__)
+    hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
+    return f"will not fit: needs {need} (largest part: {largest[:-3]} {gpu[largest]:.1f} GiB); {hint}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("per GPU", "GiB")
+    for key, value in result["per_gpu"].items():
+        table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")
+    hours = result["hours_estimate"]
+    lines = [f"{result['total_params']:,} parameters, {result['trainable_params']:,} trainable", table,
+             verdict(result), f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
+             f"{'unknown' if hours is None else f'{hours:.2f}'} hours"]  # fmt: skip
+    lines += [f"  {key}: {value}" for key, value in result["assumptions"].items()]
+    Console().print(*lines, sep="\n", highlight=False)
