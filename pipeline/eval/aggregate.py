@@ -186,16 +186,6 @@ def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
     }
 
 
-CI_FIELDS = (
-    "score_overall",
-    "score_turn1",
-    "score_turn2",
-    "categories",
-    "exact_match",
-    "exact_match_categories",
-)
-
-
 def with_intervals(
     models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
@@ -210,7 +200,7 @@ def with_intervals(
                 out[model][f"{name}_ci95"] = {
                     c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value
                 }
-            elif name in CI_FIELDS:
+            elif name in _FIELDS:
                 out[model][f"{name}_ci95"] = interval(units(rows, model, name) or {})
         words = [w for r in rows if r["judged"] for w in r["models"][model]["words"]]
         out[model]["mean_answer_words"] = _mean(words)
@@ -253,8 +243,10 @@ def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any
     """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates over the judged
     turns (with intervals); ``failures`` turns without a readable verdict in either order."""
     outcomes = _pair_units(rows)
-    summary: dict[str, Any] = {"turns": sum(v is not None for t in outcomes.values() for v in t)}
-    summary["failures"] = failures
+    summary: dict[str, Any] = {
+        "turns": sum(v is not None for t in outcomes.values() for v in t),
+        "failures": failures,
+    }
     if not summary["turns"]:
         return None
     for name, value in (("win", 1), ("tie", 0), ("loss", -1)):

@@ -7,7 +7,9 @@ question difficulty cancels out and a small, consistent improvement is detectabl
 overlapping unpaired intervals would say nothing. Seeded: the same data gives the same interval.
 
 ``Units`` map a question key to that question's per-turn values (``None`` where a turn has no
-value, e.g. a failed judgment or a turn without an expected answer).
+value, e.g. a failed judgment or a turn without an expected answer). Fewer than ``MIN_QUESTIONS``
+questions get no interval: the bootstrap of one question is a point, and below six not even a
+unanimous result would be significant (a two-sided sign test needs 6 to reach p < 0.05).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 RESAMPLES = 10_000
 SEED = 0
+MIN_QUESTIONS = 6
 Units = dict[str, list[float | None]]
 
 
@@ -45,9 +48,9 @@ def _present(values: list[float | None]) -> list[float]:
 
 
 def interval(units: Units, seed: int = SEED) -> list[float] | None:
-    """95% interval of the mean over every value, resampling questions; None without values."""
+    """95% interval of the mean over every value, resampling questions; None for too few questions."""
     rows = [_present(v) for v in units.values() if _present(v)]
-    if not rows:
+    if len(rows) < MIN_QUESTIONS:
         return None
     sums, counts = _sums(rows)
     return _bounds(_means(sums, counts, resample_indices(len(rows), seed)))
@@ -63,8 +66,8 @@ def compare(
     """``candidate - reference`` with a 95% interval.
 
     Paired: over the questions both have, on the turns both have, with one resample of questions
-    for both. Unpaired (no shared questions): each side resampled on its own. None when a side
-    has nothing to compare.
+    for both. Unpaired (no shared questions): each side resampled on its own. None when there are
+    too few questions to compare.
     """
     if paired:
         pairs = [
@@ -73,7 +76,7 @@ def compare(
             if key in reference
         ]
         pairs = [p for p in pairs if p]
-        if not pairs:
+        if len(pairs) < MIN_QUESTIONS:
             return None
         ref_sums, counts = _sums([[r for r, _ in p] for p in pairs])
         cand_sums, _ = _sums([[c for _, c in p] for p in pairs])
@@ -82,7 +85,7 @@ def compare(
         diff, n = cand_sums.sum() / counts.sum() - ref_sums.sum() / counts.sum(), len(pairs)
     else:
         sides = [[_present(v) for v in units.values() if _present(v)] for units in (reference, candidate)]
-        if not all(sides):
+        if min(map(len, sides)) < MIN_QUESTIONS:
             return None
         (ref_sums, ref_counts), (cand_sums, cand_counts) = _sums(sides[0]), _sums(sides[1])
         diffs = _means(cand_sums, cand_counts, resample_indices(len(sides[1]), seed + 1)) - _means(

@@ -234,7 +234,7 @@ def gate_interval(
         champion = _units(champion_rows, metric) or {}
         found = compare(champion, candidate or {})
         if found is None:
-            note = f"no questions shared with champion version {holder.version}: unpaired intervals"
+            note = f"too few questions shared with champion version {holder.version}: unpaired intervals"
             found = compare(champion, candidate or {}, paired=False)
     if note:
         log.warning("promote: %s", note)

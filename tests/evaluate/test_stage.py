@@ -119,15 +119,12 @@ def test_stage_end_to_end_http_judge_mlflow_and_resume(smollm2_dir, tmp_path, mo
     assert results["judge"]["model"] == "judge-model" and results["judge"]["backend"] == "openai"
     assert result.metrics["tuned.score_overall"] == 6.0 and result.metrics["base.category.math"] == 4.0
     assert again.metrics == result.metrics
-    assert set(result.outputs) == {
-        *("results", "table", "radar", "answers", "judgments", "per_question", "comparisons_plot")
-    }
+    assert set(result.outputs) == {*("results", "table", "radar", "answers", "judgments", "per_question")}
     assert (work / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = (work / "results.md").read_text()  # two questions (4 and 8): resamples of 4, 6 or 8
-    assert "| score (overall) | 6.00 [4.00, 8.00] | 6.00 [4.00, 8.00] |" in report
-    assert "- score_overall: +0.000 [+0.000, +0.000], n=2: no detectable difference" in report
-    assert results["models"]["tuned"]["score_overall_ci95"] == [4.0, 8.0]
-    assert results["comparisons"]["tuned-base"]["categories.math"]["n"] == 1
+    assert "| score (overall) | 6.00 | 6.00 |" in (work / "results.md").read_text()
+    # two questions are too few for an interval or a verdict (see tests/evaluate/test_stats.py)
+    assert results["models"]["tuned"]["score_overall_ci95"] is None
+    assert results["comparisons"] == {"tuned-base": {}}
 
     base = [json.loads(line) for line in (work / "answers" / "base.jsonl").read_text().splitlines()]
     tuned = [json.loads(line) for line in (work / "answers" / "tuned.jsonl").read_text().splitlines()]
@@ -323,7 +320,6 @@ def test_pairwise_judging_end_to_end_position_bias_is_a_tie(smollm2_dir, tmp_pat
         results["pairwise"]["tuned-base"]["tie_rate"] == 1.0
         and results["pairwise"]["tuned-base"]["turns"] == 4
     )
-    assert results["comparisons"]["tuned-base"]["pairwise"]["verdict"] == "no detectable difference"
     assert results["models"]["tuned"]["score_overall"] is None  # no single grading asked for
     assert results["judge"]["mode"] == "pairwise"
     pairs = [
@@ -336,11 +332,9 @@ def test_pairwise_judging_end_to_end_position_bias_is_a_tie(smollm2_dir, tmp_pat
     assert [r["pairwise"] for r in rows] == [[0, 0], [0, 0]]
     report = (ctx.work_dir / "results.md").read_text()
     assert (
-        "Pairwise judge, tuned vs base (4 turns judged in both orders, 0 failed): win 0.00 [0.00, 0.00]"
+        "Pairwise judge, tuned vs base (4 turns judged in both orders, 0 failed): win 0.00, tie 1.00"
         in report
     )
-    assert "- pairwise: +0.000 [+0.000, +0.000], n=2: no detectable difference" in report
-    assert (ctx.work_dir / "comparisons.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "evaluate: tuned model merged in memory (logits match the adapter to" in caplog.text
 
 

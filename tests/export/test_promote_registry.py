@@ -92,10 +92,10 @@ def test_ci_gate_rule():
     assert not decide_ci([-0.05, 0.01]).promote  # at -margin is not above it
     assert cleared.as_tags()["promotion.gate"] == "ci" and cleared.as_dict()["interval"]["n"] == 200
     noted = decide_ci(
-        [-0.04, 0.06], paired=False, note="no questions shared with champion version 1: unpaired"
+        [-0.04, 0.06], paired=False, note="too few questions shared with champion version 1: unpaired"
     )
     assert noted.reason.startswith(
-        "no questions shared with champion version 1: unpaired; tuned.exact_match: "
+        "too few questions shared with champion version 1: unpaired; tuned.exact_match: "
     )
     assert "over 200 (unpaired) questions" in noted.reason
     # the threshold and a missing value still refuse; no interval at all: the point rule's answer
@@ -344,7 +344,7 @@ def test_ci_gate_pairs_with_the_champion_and_records_the_interval(
 
     # 4. No question in common with the champion: said in one line, unpaired intervals.
     unshared = attempt("r4", champion_hits, keys=[f"other{i}" for i in range(40)])
-    note = "no questions shared with champion version 3: unpaired intervals"
+    note = "too few questions shared with champion version 3: unpaired intervals"
     assert unshared["interval"]["note"] == note and not unshared["interval"]["paired"]
     assert unshared["reason"].startswith(note + "; tuned.exact_match: candidate - champion (version 3) = ")
     assert note in capsys.readouterr().out
