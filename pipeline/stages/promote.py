@@ -216,7 +216,7 @@ def gate_interval(
     if holder is None:
         base = _units(rows, f"base.{name}") if model != "base" else None
         found = compare(base, candidate) if base and candidate else None
-        return found and {**found, "against": "base (no champion yet)", "paired": True}
+        return found and {**found, "against": "base (no champion yet)", "paired": True, "note": None}
     against, note = f"champion (version {holder.version})", None
     champion_rows = _champion_rows(holder)
     if champion_rows is None:
