@@ -138,9 +138,7 @@ def main() -> None:
         f"{load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end. Model "
         f"{config.model.name_or_path} ({config.model.dtype}); adapter: {adapter}. Greedy, built-in task "
         f"prompts, exactly {args.new_tokens} new tokens each; per batch size {args.repeats} repetitions "
-        "of all three models, alternating, median shown.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        "of all three models, alternating, median shown.\n\n" + "\n".join(rows) + "\n"
     )
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)

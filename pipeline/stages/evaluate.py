@@ -334,7 +334,7 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
 def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[Any, bool]:
     """The adapter merged into the (already loaded) base weights, when the merged logits match the
     unmerged adapter's on export's fixed prompts within export's tolerance for the dtype; else the
-    unmerged model. Unmerged UORA generation costs a multiple of the base's (a projection per
+    unmerged model. Unmerged UORA generation costs more than the base's (extra operations per
     layer and token), merged costs exactly the base's. An 8-bit base stays unmerged: merging into
     int8 weights discards most of a low-rank update (see the export stage)."""
     from pipeline.stages.export import DEFAULT_TOLERANCE, _logits, _verification_inputs, compare_logits
