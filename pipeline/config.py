@@ -345,6 +345,11 @@ class JudgeConfig(StrictModel):
     prompts: str | None = Field(
         None, description="FastChat judge_prompts.jsonl to use instead of the built-in prompt texts."
     )
+    mode: Literal["single", "pairwise", "both"] = Field(
+        "single",
+        description="single: grade each answer 1-10; pairwise: compare tuned with base answer by answer, "
+        "in both orders (a verdict that flips with the order is a tie); both.",
+    )
     samples: int = Field(1, ge=1, description="Judge samples per answer; the median is the score.")
     temperature: float = Field(0.0, ge=0.0, description="Judge sampling temperature (0 = greedy).")
     max_new_tokens: int = Field(512, gt=0, description="Judge output budget (explanation + rating).")
@@ -407,6 +412,12 @@ class EvalConfig(StrictModel):
         "they count only in exact match (saves judge time).",
     )
     max_new_tokens: int = Field(1024, gt=0, description="Answer budget per turn.")
+    verifiable_max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Answer budget for questions whose every turn has an exact answer (None: "
+        "max_new_tokens); short answers make hundreds of held-out questions affordable.",
+    )
     batch_size: int = Field(8, gt=0, description="Questions generated together (left-padded).")
     temperatures: dict[str, float] = Field(
         default_factory=lambda: dict(MT_BENCH_TEMPERATURES),
@@ -441,6 +452,10 @@ class EvalConfig(StrictModel):
             raise _issue("reference_answers", "file does not exist", self.reference_answers)
         if self.judge.prompts and not Path(self.judge.prompts).is_file():
             raise _issue("judge.prompts", "file does not exist", self.judge.prompts)
+        if self.judge.mode != "single" and not {"base", "tuned"} <= set(self.models):
+            raise _issue(
+                "judge.mode", "pairwise judging compares tuned with base: models needs both", self.judge.mode
+            )
         if self.heldout_sources and not self.heldout_questions:
             raise _issue(
                 "heldout_sources", "has no effect unless heldout_questions > 0", self.heldout_sources
@@ -490,7 +505,8 @@ class PromoteConfig(StrictModel):
 
     The alias moves only when the gate passes: ``gate_metric`` (a flattened evaluate metric such
     as ``tuned.score_overall``) is at or above ``threshold`` and not worse than the current
-    holder of the alias by more than ``margin``. ``--force`` moves it regardless (recorded).
+    holder of the alias by more than ``margin`` (``gate: ci``: the lower bound of the paired 95%
+    interval of candidate - champion is above ``-margin``). ``--force`` moves it regardless.
     """
 
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
@@ -508,6 +524,12 @@ class PromoteConfig(StrictModel):
     alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
     gate_metric: str = Field(
         "tuned.score_overall", description="Evaluate metric the gate reads ('<model>.<name>')."
+    )
+    gate: Literal["point", "ci"] = Field(
+        "ci",
+        description="ci: promote only when the 95% interval of (candidate - champion) on gate_metric, paired "
+        "over shared questions, has its lower bound above -margin (no champion yet: candidate - base); "
+        "point: compare the two values alone.",
     )
     threshold: float | None = Field(None, description="Minimum gate_metric value; None: no floor.")
     margin: float = Field(

@@ -10,7 +10,9 @@ Two backends behind one small interface (:class:`JudgeBackend`):
   only by the client, and never put into messages, logs, records or MLflow.
 - :class:`LocalJudge` runs a transformers model in-process, either generating a verdict like a
   remote judge, or ("logits") picking the most likely rating after ``Rating: [[`` — a way to get a
-  rating out of a small local judge that rarely writes the format unprompted.
+  rating out of a small local judge that rarely writes the format unprompted. Pairwise, both
+  "logits" and "expected" pick the most likely of ``A``/``B``/``C`` after ``Verdict: [[`` (there
+  is no mean of a choice), and write the three probabilities into the judgment text.
 
 Backends know nothing of questions or caching (``pipeline.eval.judging`` does that); their
 ``identity`` feeds the judgment cache key, so a different judge means fresh judgments.
@@ -40,8 +42,11 @@ class JudgeBackend(Protocol):
         """Everything that makes this judge's outputs what they are (never secrets)."""
         ...
 
-    def complete(self, chats: list[Chat], samples: int) -> Iterator[tuple[int, list[str]]]:
-        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order."""
+    def complete(
+        self, chats: list[Chat], samples: int, pairwise: bool = False
+    ) -> Iterator[tuple[int, list[str]]]:
+        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order;
+        ``pairwise``: the chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating."""
         ...
 
 
@@ -143,7 +148,9 @@ class OpenAIJudge:
             return ""
         return response.choices[0].message.content or ""
 
-    def complete(self, chats: list[Chat], samples: int) -> Iterator[tuple[int, list[str]]]:
+    def complete(
+        self, chats: list[Chat], samples: int, pairwise: bool = False
+    ) -> Iterator[tuple[int, list[str]]]:
         if not chats:
             return
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
@@ -169,6 +176,7 @@ class LocalJudge:
     """A judge run in-process with transformers (any chat model ``pipeline.models`` can load)."""
 
     RATING_PREFIX = "Rating: [["
+    VERDICT_PREFIX = "Verdict: [["
 
     def __init__(
         self,
@@ -246,7 +254,9 @@ class LocalJudge:
             merged = [{"role": "user", "content": "\n\n".join(m["content"] for m in chat)}]
             return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
-    def complete(self, chats: list[Chat], samples: int) -> Iterator[tuple[int, list[str]]]:
+    def complete(
+        self, chats: list[Chat], samples: int, pairwise: bool = False
+    ) -> Iterator[tuple[int, list[str]]]:
         from pipeline.eval.generate import generate_batch
 
         if chats:
@@ -256,7 +266,9 @@ class LocalJudge:
             prompts = [self.render(chats[i]) for i in indices]
             outputs: list[list[str]] = [[] for _ in indices]
             for sample in range(samples):
-                if self.scoring == "logits":
+                if pairwise and self.scoring != "generate":
+                    texts = [self.pair_verdict(p) for p in prompts]
+                elif self.scoring == "logits":
                     texts = [f"Rating: [[{self.most_likely_rating(p)}]]" for p in prompts]
                 elif self.scoring == "expected":
                     texts = [f"Rating: [[{self.expected_rating(p):.2f}]]" for p in prompts]
@@ -274,15 +286,29 @@ class LocalJudge:
             yield from zip(indices, outputs, strict=True)
 
     def rating_logprobs(self, prompt: str) -> list[float]:
-        """log p("k]]" | prompt + "Rating: [[") for k = 1..10.
+        """log p("k]]" | prompt + "Rating: [[") for k = 1..10."""
+        return self.choice_logprobs(prompt, self.RATING_PREFIX, [f"{k}]]" for k in range(1, 11)])
 
-        The prompt is run once; its KV cache is repeated for the ten candidates, which are then
+    def pair_verdict(self, prompt: str) -> str:
+        """``[[A]]``, ``[[B]]`` or ``[[C]]``, whichever is most likely after ``Verdict: [[``."""
+        import torch
+
+        probs = torch.tensor(
+            self.choice_logprobs(prompt, self.VERDICT_PREFIX, ["A]]", "B]]", "C]]"])
+        ).softmax(0)
+        p_a, p_b, p_c = probs.tolist()
+        return f"[[{'ABC'[int(probs.argmax())]}]] (p A {p_a:.3f}, B {p_b:.3f}, C {p_c:.3f})"
+
+    def choice_logprobs(self, prompt: str, prefix_text: str, choices: list[str]) -> list[float]:
+        """log p(choice | prompt + prefix_text) for each choice.
+
+        The prompt is run once; its KV cache is repeated for the candidates, which are then
         scored together in one small batch (right-padded, so padding never precedes a real token).
         """
         import torch
 
-        prefix = self.tokenizer(prompt + self.RATING_PREFIX, add_special_tokens=False)["input_ids"]
-        candidates = [self.tokenizer(f"{k}]]", add_special_tokens=False)["input_ids"] for k in range(1, 11)]
+        prefix = self.tokenizer(prompt + prefix_text, add_special_tokens=False)["input_ids"]
+        candidates = [self.tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
         device = self.model.device
         with torch.no_grad():
             first = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True)

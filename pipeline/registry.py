@@ -2,8 +2,9 @@
 
 The gate is a pure function (``gate``) so its rule can be read and tested without MLflow; the
 rest are thin wrappers over ``mlflow.MlflowClient`` that keep registry conventions in one place:
-evaluation scores live in version tags ``eval.<metric>``, lineage in ``lineage.*``, and the
-promotion decision in ``promotion.*``.
+evaluation scores live in version tags ``eval.<metric>``, lineage in ``lineage.*``, the
+per-question results' artifact URI in ``evaluation.per_question``, and the promotion decision in
+``promotion.*``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from importlib import metadata
 from typing import Any
 
 EVAL_TAG = "eval."
+PER_QUESTION_TAG = "evaluation.per_question"
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,15 @@ class GateDecision:
     value: float | None
     champion_version: str | None
     champion_value: float | None
+    gate: str = "point"
+    interval: dict[str, Any] | None = None  # the ci gate's: diff, ci95, n, against, paired, note
 
     def as_tags(self) -> dict[str, str]:
         return {
             "promotion.decision": "promoted" if self.promote else "refused",
             "promotion.reason": self.reason,
             "promotion.forced": str(self.forced).lower(),
+            "promotion.gate": self.gate,
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -47,17 +52,47 @@ def gate(
     champion_version: str | None,
     champion_value: float | None,
     force: bool = False,
+    mode: str = "point",
+    interval: dict[str, Any] | None = None,
 ) -> GateDecision:
     """The promotion rule: ``value`` (higher is better) must be present, at or above
     ``threshold`` when one is set, and not below the current champion's value by more than
     ``margin``. A champion without a recorded value cannot be compared, so it is kept.
+    ``mode="ci"``: instead of the two values, the ``interval`` of (candidate - champion), or of
+    (candidate - base) before there is a champion, must have its lower bound above ``-margin``.
     ``force`` promotes regardless and says what the gate would have decided."""
     passed, reason = _rule(metric, value, threshold, margin, champion_version, champion_value)
+    if mode == "ci":
+        passed, reason = _ci_rule(metric, value, threshold, margin, interval, (passed, reason))
     if force:
         verdict = "passed" if passed else "failed"
         reason = f"forced with --force (gate {verdict}: {reason})"
         passed = True
-    return GateDecision(passed, reason, force, metric, value, champion_version, champion_value)
+    return GateDecision(
+        passed, reason, force, metric, value, champion_version, champion_value, mode, interval
+    )
+
+
+def _ci_rule(
+    metric: str,
+    value: float | None,
+    threshold: float | None,
+    margin: float,
+    interval: dict[str, Any] | None,
+    point: tuple[bool, str],
+) -> tuple[bool, str]:
+    if value is None or (threshold is not None and value < threshold) or interval is None:
+        return point  # nothing to compare with: the point rule's answer (and reason)
+    low, high = interval["ci95"]
+    kind = "shared" if interval["paired"] else "(unpaired)"
+    text = (
+        f"{metric}: candidate - {interval['against']} = {interval['diff']:+.4g}, 95% interval "
+        f"[{low:+.4g}, {high:+.4g}] over {interval['n']} {kind} questions; its lower bound is "
+    )
+    text = (f"{interval['note']}; " if interval.get("note") else "") + text
+    if low > -margin:
+        return True, text + f"above -margin ({-margin or 0.0:g})"
+    return False, text + f"not above -margin ({-margin or 0.0:g})"
 
 
 def _rule(

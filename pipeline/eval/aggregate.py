@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from statistics import fmean
 from typing import Any
 
+from pipeline.eval.generate import digest
 from pipeline.eval.questions import Question
+from pipeline.eval.stats import Units, compare, interval, verdict
 from pipeline.numbers import last_number, parse_number
 
 SCORE_FIELDS = ("score_overall", "score_turn1", "score_turn2", "judge_failures", "exact_match")
@@ -113,6 +115,147 @@ def aggregate(
     return results
 
 
+# --------------------------------------------------------------------------------------------
+# per-question results: what intervals, comparisons and the promote gate are computed from
+# --------------------------------------------------------------------------------------------
+def question_key(question: Question) -> str:
+    """The question's content (turns and expected answers), not its id: held-out ids count rows
+    of one run's eval split, so only content says that two runs asked the same question."""
+    return digest([list(question.turns), list(question.exact_answer or ())])[:16]
+
+
+def per_question(
+    questions: list[Question],
+    answers: dict[str, dict[str, dict[str, Any]]],
+    judgments: list[dict[str, Any]],
+    pair_outcomes: dict[tuple[str, int], int | None] | None = None,
+    judged_questions: list[Question] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per question: per model and turn the judge score, exact-match hit (1/0) and answer
+    length in words (None where there is none); the pairwise outcome per turn (+1 tuned won in
+    both orders, -1 base did, 0 a tie or a verdict that flipped with the order)."""
+    scores = {
+        (r["model"], str(r["question_id"]), r["turn"]): r["score"] for r in judgments if not r["failed"]
+    }
+    judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}
+    rows = []
+    for q in questions:
+        qid, turns = str(q.question_id), range(1, len(q.turns) + 1)
+        expected = list(q.exact_answer or ()) + [None] * len(q.turns)
+        row: dict[str, Any] = {
+            "question_id": q.question_id,
+            "key": question_key(q),
+            "category": q.category,
+            "judged": qid in judged,
+            "models": {},
+        }
+        for model, records in answers.items():
+            said = records[qid]["choices"][0]["turns"]
+            row["models"][model] = {
+                "score": [scores.get((model, qid, t)) for t in turns],
+                "exact": [
+                    None if want is None else float(is_exact_match(got, want))
+                    for got, want in zip(said, expected, strict=False)
+                ],
+                "words": [len(text.split()) for text in said],
+            }
+        if pair_outcomes:
+            row["pairwise"] = [pair_outcomes.get((qid, t)) for t in turns]
+        rows.append(row)
+    return rows
+
+
+# metric name (without "<model>.") -> (per-question field, turn index or None for all turns)
+_FIELDS = {"score_overall": ("score", None), "score_turn1": ("score", 0), "score_turn2": ("score", 1),
+           "categories": ("score", None), "category": ("score", None), "exact_match": ("exact", None),
+           "exact_match_categories": ("exact", None)}  # fmt: skip
+
+
+def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
+    """Per-question values behind ``<model>.<metric>`` (``score_overall``, ``categories.<c>``,
+    ``exact_match``, ``exact_match_categories.<c>``; also ``category.<c>``/``exact_match.<c>``),
+    or None for a metric that is not a mean over questions."""
+    name, _, category = metric.partition(".")
+    if name not in _FIELDS or (name in ("categories", "category", "exact_match_categories") and not category):
+        return None
+    field, turn = _FIELDS[name]
+    return {
+        row["key"]: [v if turn in (None, i) else None for i, v in enumerate(row["models"][model][field])]
+        for row in rows
+        if model in row["models"] and category in ("", row["category"])
+    }
+
+
+def with_intervals(
+    models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``models`` with ``<metric>_ci95`` after each score and exact-match rate (a dict of intervals
+    after a dict of categories) and the judged answers' mean length in words."""
+    out: dict[str, dict[str, Any]] = {}
+    for model, row in models.items():
+        out[model] = {}
+        for name, value in row.items():
+            out[model][name] = value
+            if name in ("categories", "exact_match_categories"):
+                out[model][f"{name}_ci95"] = {
+                    c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value
+                }
+            elif name in _FIELDS:
+                out[model][f"{name}_ci95"] = interval(units(rows, model, name) or {})
+        words = [w for r in rows if r["judged"] for w in r["models"][model]["words"]]
+        out[model]["mean_answer_words"] = _mean(words)
+    return out
+
+
+def _pair_units(rows: list[dict[str, Any]]) -> Units:
+    """Per question with a pairwise verdict: +1/0/-1 per turn (None where there is none)."""
+    return {r["key"]: r["pairwise"] for r in rows if any(v is not None for v in r.get("pairwise", ()))}
+
+
+def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"tuned-base": {metric: {diff, ci95, n, verdict}}}``, paired over the same questions, for
+    every score and exact-match rate both have (and the pairwise preference, if judged)."""
+    if not {"base", "tuned"} <= set(models):
+        return {}
+    names = [
+        *("score_overall", "score_turn1", "score_turn2"),
+        *(f"categories.{c}" for c in models["tuned"]["categories"]),
+        "exact_match",
+        *(f"exact_match_categories.{c}" for c in models["tuned"]["exact_match_categories"]),
+    ]
+    found = {
+        name: compare(units(rows, "base", name) or {}, units(rows, "tuned", name) or {}) for name in names
+    }
+    outcomes = _pair_units(rows)
+    ci95 = interval(outcomes)
+    if ci95 is not None:  # mean of +1/0/-1 per judged turn: win rate - loss rate
+        values = [v for turns in outcomes.values() for v in turns if v is not None]
+        found["pairwise"] = {
+            "diff": _mean(values),
+            "ci95": ci95,
+            "n": len(outcomes),
+            "verdict": verdict(ci95),
+        }
+    return {"tuned-base": {name: c for name, c in found.items() if c is not None}}
+
+
+def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any] | None:
+    """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates over the judged
+    turns (with intervals); ``failures`` turns without a readable verdict in either order."""
+    outcomes = _pair_units(rows)
+    summary: dict[str, Any] = {
+        "turns": sum(v is not None for t in outcomes.values() for v in t),
+        "failures": failures,
+    }
+    if not summary["turns"]:
+        return None
+    for name, value in (("win", 1), ("tie", 0), ("loss", -1)):
+        hits = {k: [None if v is None else float(v == value) for v in turns] for k, turns in outcomes.items()}
+        summary[f"{name}_rate"] = _mean([h for turns in hits.values() for h in turns if h is not None])
+        summary[f"{name}_rate_ci95"] = interval(hits)
+    return {"tuned-base": summary}
+
+
 def metric_name(name: str) -> str:
     """``name`` with every character MLflow refuses in a metric name (it allows letters, digits,
     ``_ - . / `` and space) replaced by ``_``; categories come from data (source labels)."""
@@ -122,26 +265,27 @@ def metric_name(name: str) -> str:
 def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) -> dict[str, float | None]:
     """``<model>.<name>`` metrics (``<model>.category.<cat>`` per judged category,
     ``<model>.exact_match.<cat>`` per verifiable category): the one naming of MLflow's metrics, the
-    promote gate and the version tags. None values are left out unless ``keep_none``."""
+    promote gate and the version tags. Intervals are left out; so are None values unless ``keep_none``."""
     metrics: dict[str, float | None] = {}
     nested = {"categories": "category", "exact_match_categories": "exact_match"}
     for model_id, row in models.items():
         for name, value in row.items():
             for cat, number in value.items() if name in nested else [(None, value)]:
                 key = f"{model_id}.{name}" if cat is None else f"{model_id}.{nested[name]}.{cat}"
-                if number is not None or keep_none:
+                if isinstance(number, (int, float)) or (number is None and keep_none):
                     metrics[metric_name(key)] = None if number is None else float(number)
     return metrics
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, ci95: list[float] | None = None) -> str:
     if value is None:
         return "–"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    text = f"{value:.2f}" if isinstance(value, float) else str(value)
+    return text + (f" [{ci95[0]:.2f}, {ci95[1]:.2f}]" if ci95 else "")
 
 
 def markdown_table(models: dict[str, dict[str, Any]]) -> str:
-    """Models side by side: the headline numbers, then one row per category."""
+    """Models side by side: the headline numbers with their 95% intervals, then one row per category."""
     names = list(models)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     labels = {
@@ -150,12 +294,36 @@ def markdown_table(models: dict[str, dict[str, Any]]) -> str:
         "score_turn2": "score (turn 2)",
         "exact_match": "exact match",
         "judge_failures": "judge failures",
+        "mean_answer_words": "mean answer length (words, judged questions)",
     }
     for name, label in labels.items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(models[m][name]) for m in names) + " |")
+        cells = " | ".join(_fmt(models[m].get(name), models[m].get(f"{name}_ci95")) for m in names)
+        lines.append(f"| {label} | {cells} |")
     for key, prefix in (("categories", ""), ("exact_match_categories", "exact match: ")):
         categories = sorted({cat for m in names for cat in models[m].get(key, {})})
         for cat in categories:
-            cells = " | ".join(_fmt(models[m].get(key, {}).get(cat)) for m in names)
+            cells = " | ".join(
+                _fmt(models[m].get(key, {}).get(cat), models[m].get(f"{key}_ci95", {}).get(cat))
+                for m in names
+            )
             lines.append(f"| {prefix}{cat} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def verdict_lines(comparisons: dict[str, Any], pairwise: dict[str, Any] | None) -> str:
+    """The report's last section: pairwise rates, then one line per paired comparison."""
+    lines = []
+    for pair, row in (pairwise or {}).items():
+        rates = ", ".join(
+            f"{name} {_fmt(row[f'{name}_rate'], row[f'{name}_rate_ci95'])}" for name in ("win", "tie", "loss")
+        )
+        lines.append(
+            f"Pairwise judge, {pair.replace('-', ' vs ')} ({row['turns']} turns judged in both orders, "
+            f"{row['failures']} failed): {rates}.\n"
+        )
+    for pair, metrics in comparisons.items():
+        lines.append(f"## Verdicts: {pair.replace('-', ' − ')}, paired over the same questions\n")
+        for name, c in metrics.items():
+            low, high = c["ci95"]
+            lines.append(f"- {name}: {c['diff']:+.3f} [{low:+.3f}, {high:+.3f}], n={c['n']}: {c['verdict']}")
+    return "\n".join(lines) + ("\n" if lines else "")

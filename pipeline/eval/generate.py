@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.questions import Question
+from pipeline.eval.questions import Question, is_verifiable
 
 # (model, tokenizer, prompts, temperature, max_new_tokens, seed) -> one answer per prompt
 GenerateFn = Callable[[Any, Any, list[str], float, int, int], list[str]]
@@ -36,9 +36,15 @@ class GenerationSettings:
     batch_size: int = 8
     temperatures: dict[str, float] = field(default_factory=dict)
     default_temperature: float = 0.7
+    verifiable_max_new_tokens: int | None = None  # short answers expected: a smaller budget
 
     def temperature(self, category: str) -> float:
         return self.temperatures.get(category, self.default_temperature)
+
+    def max_tokens(self, question: Question) -> int:
+        if self.verifiable_max_new_tokens and is_verifiable(question):
+            return self.verifiable_max_new_tokens
+        return self.max_new_tokens
 
 
 def digest(payload: Any) -> str:
@@ -94,7 +100,7 @@ def answer_key(model_identity: str, question: Question, settings: GenerationSett
             "model": model_identity,
             "turns": list(question.turns),
             "temperature": settings.temperature(question.category),
-            "max_new_tokens": settings.max_new_tokens,
+            "max_new_tokens": settings.max_tokens(question),
             "seed": settings.seed,
         }
     )
@@ -151,12 +157,12 @@ def generate_answers(
     results = {qid: cached[key] for qid, key in keys.items() if key in cached}
     pending = [q for q in questions if str(q.question_id) not in results]
 
-    # One temperature per generate() call: group by it, keep question order inside a group.
-    groups: dict[float, list[Question]] = {}
+    # One temperature and budget per generate() call: group by them, keep question order in a group.
+    groups: dict[tuple[float, int], list[Question]] = {}
     for q in pending:
-        groups.setdefault(settings.temperature(q.category), []).append(q)
+        groups.setdefault((settings.temperature(q.category), settings.max_tokens(q)), []).append(q)
     bar = tqdm(total=len(questions), initial=len(results), desc=f"answers [{model_id}]", disable=not progress)
-    for temperature, group in groups.items():
+    for (temperature, max_new_tokens), group in groups.items():
         for start in range(0, len(group), settings.batch_size):
             chunk = group[start : start + settings.batch_size]
             # A seed per chunk from its question ids: reruns of a chunk sample the same tokens.
@@ -167,9 +173,7 @@ def generate_answers(
                 prompts = [
                     render_prompt(tokenizer, messages_for_turn(chunk[i], answers[i], turn)) for i in rows
                 ]
-                outputs = generate_fn(
-                    model, tokenizer, prompts, temperature, settings.max_new_tokens, seed + turn
-                )
+                outputs = generate_fn(model, tokenizer, prompts, temperature, max_new_tokens, seed + turn)
                 for i, text in zip(rows, outputs, strict=True):
                     answers[i].append(text)
             for q, turns in zip(chunk, answers, strict=True):
@@ -181,7 +185,7 @@ def generate_answers(
                     "choices": [{"index": 0, "turns": turns}],
                     "tstamp": time.time(),
                     "category": q.category,
-                    "generation": {"temperature": temperature, "max_new_tokens": settings.max_new_tokens},
+                    "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens},
                     "cache_key": key,
                 }
                 append_record(cache_path, record)

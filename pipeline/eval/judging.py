@@ -1,26 +1,32 @@
-"""Single-answer grading: build the judge chats, run a backend, parse and cache the verdicts.
+"""Judging: build the judge chats, run a backend, parse and cache the verdicts.
 
-One judgment grades one answer turn of one model. Records are FastChat's single-judgment format
-(``question_id``, ``model``, ``judge: [judge model, prompt name]``, ``user_prompt``, ``judgment``,
-``score``, ``turn``, ``tstamp``) with a few additions: every sample's text and rating, the median
-and spread over samples, ``failed`` for verdicts without a readable rating (``score`` is then null,
-never a number), and the ``cache_key``. The key covers the judge's identity, the prompt texts and
-the rendered prompt (which contains the answer), so a changed answer or judge is re-judged and
-nothing else is.
+Single-answer grading: one judgment grades one answer turn of one model. Pairwise (FastChat's
+pairwise-baseline mode): one judgment compares the tuned and the base answer to one turn, once in
+each order (``model`` is ``"tuned|base"`` when tuned is assistant A); a verdict that flips with the
+order counts as a tie, so a judge that always prefers one position finds no difference at all.
+
+Records are FastChat's single-judgment format (``question_id``, ``model``, ``judge: [judge model,
+prompt name]``, ``user_prompt``, ``judgment``, ``score``, ``turn``, ``tstamp``) with a few
+additions: every sample's text and rating, the median and spread over samples, ``failed`` for
+verdicts without a readable rating (``score`` is then null, never a number), and the
+``cache_key``; pairwise records have ``winner`` (``A``, ``B``, ``tie``) instead of ``score``. The
+key covers the judge's identity, the prompt texts and the rendered prompt (which contains the
+answers), so a changed answer or judge is re-judged and nothing else is.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.eval.generate import append_record, digest, read_cache, rewrite_records
-from pipeline.eval.prompts import JudgePrompt, prompt_fields, prompt_name
+from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
 from pipeline.eval.questions import Question
-from pipeline.eval.ratings import parse_rating
+from pipeline.eval.ratings import parse_rating, parse_winner
 from pipeline.judges import JudgeBackend
 
 
@@ -49,6 +55,21 @@ class JudgeTask:
         ]
 
 
+def _task(
+    question: Question,
+    model_id: str,
+    turn: int,
+    prompt: JudgePrompt,
+    fields: dict[str, str],
+    identity: Any,
+    samples: int,
+) -> JudgeTask:
+    user_prompt = prompt.render(**fields)
+    payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
+               "user_prompt": user_prompt, "samples": samples}  # fmt: skip
+    return JudgeTask(question, model_id, turn, prompt, user_prompt, digest(payload))
+
+
 def build_tasks(
     questions: list[Question],
     answers: dict[str, dict[str, dict[str, Any]]],
@@ -60,19 +81,31 @@ def build_tasks(
     tasks = []
     for model_id, records in answers.items():
         for q in questions:
-            turns_answered = records[str(q.question_id)]["choices"][0]["turns"]
+            said = records[str(q.question_id)]["choices"][0]["turns"]
             for turn in range(1, len(q.turns) + 1):
                 prompt = prompts[prompt_name(q.category, turn, q.reference is not None)]
-                user_prompt = prompt.render(**prompt_fields(q.turns, turns_answered, q.reference, turn))
-                key = digest(
-                    {
-                        "judge": judge_identity,
-                        "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
-                        "user_prompt": user_prompt,
-                        "samples": samples,
-                    }
-                )
-                tasks.append(JudgeTask(q, model_id, turn, prompt, user_prompt, key))
+                fields = prompt_fields(q.turns, said, q.reference, turn)
+                tasks.append(_task(q, model_id, turn, prompt, fields, judge_identity, samples))
+    return tasks
+
+
+def build_pair_tasks(
+    questions: list[Question],
+    answers: dict[str, dict[str, dict[str, Any]]],
+    prompts: dict[str, JudgePrompt],
+    judge_identity: dict[str, Any],
+    samples: int,
+    pair: tuple[str, str] = ("tuned", "base"),
+) -> list[JudgeTask]:
+    """Pairwise tasks: every turn of every question, ``pair`` as assistants A/B and swapped."""
+    tasks = []
+    for q in questions:
+        said = {model: answers[model][str(q.question_id)]["choices"][0]["turns"] for model in pair}
+        for turn in range(1, len(q.turns) + 1):
+            prompt = prompts[prompt_name(q.category, turn, q.reference is not None, pairwise=True)]
+            for a, b in (pair, pair[::-1]):
+                fields = pair_fields(q.turns, said[a], said[b], q.reference, turn)
+                tasks.append(_task(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
     return tasks
 
 
@@ -89,23 +122,51 @@ def verdict(outputs: list[str]) -> dict[str, Any]:
     }
 
 
+def pair_verdict(outputs: list[str]) -> dict[str, Any]:
+    """The most common readable winner over samples (``A``, ``B`` or ``tie``), FastChat-style."""
+    winners = [parse_winner(text) for text in outputs]
+    valid = [w for w in winners if w is not None]
+    return {"winner": Counter(valid).most_common(1)[0][0] if valid else None, "winners": winners,
+            "failed": not valid, "failed_samples": len(winners) - len(valid)}  # fmt: skip
+
+
+def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], int | None], int]:
+    """Per (question id, turn): +1 when the first model of the pair wins in both orders, -1 when
+    the second does, 0 otherwise (tie, or a verdict that flips with the order: FastChat's
+    "inconsistent"); None when either order has no readable verdict. Also the number of those."""
+    orders: dict[tuple[str, int], list[str | None]] = defaultdict(list)
+    first = {}
+    for r in records:
+        a, b = r["model"].split("|")
+        first.setdefault((str(r["question_id"]), r["turn"]), a)
+        orders[(str(r["question_id"]), r["turn"])].append({"A": a, "B": b, "tie": "tie"}.get(r["winner"]))
+    outcomes: dict[tuple[str, int], int | None] = {}
+    for key, winners in orders.items():
+        same = winners[0] if len(set(winners)) == 1 else "tie"
+        outcomes[key] = None if None in winners else 0 if same == "tie" else (1 if same == first[key] else -1)
+    return outcomes, sum(v is None for v in outcomes.values())
+
+
 def run_judging(
     backend: JudgeBackend,
     tasks: list[JudgeTask],
     cache_path: Path,
     samples: int = 1,
     progress: bool = True,
+    pairwise: bool = False,
 ) -> list[dict[str, Any]]:
     """Judgment records for ``tasks`` (same order): cached ones reused, the rest judged and appended
-    to ``cache_path`` as each completes, so an interrupted run loses nothing already judged."""
+    to ``cache_path`` as each completes, so an interrupted run loses nothing already judged.
+    ``pairwise``: the tasks compare two answers (``build_pair_tasks``)."""
     from tqdm.auto import tqdm
 
     cached = read_cache(cache_path)
     # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
     # once; the verdict is then reported for every task that shares it, labelled with its model.
     todo = list({task.key: task for task in tasks if task.key not in cached}.values())
-    bar = tqdm(total=len(todo), desc="judgments", disable=not progress)
-    for index, outputs in backend.complete([task.chat for task in todo], samples):
+    bar = tqdm(total=len(todo), desc="pairwise judgments" if pairwise else "judgments", disable=not progress)
+    read = pair_verdict if pairwise else verdict
+    for index, outputs in backend.complete([task.chat for task in todo], samples, pairwise=pairwise):
         task = todo[index]
         record = {
             **task.labels,
@@ -114,7 +175,7 @@ def run_judging(
             "judgment": outputs[0],
             "tstamp": time.time(),
             "judgments": outputs,
-            **verdict(outputs),
+            **read(outputs),
             "cache_key": task.key,
         }
         append_record(cache_path, record)

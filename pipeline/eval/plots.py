@@ -1,4 +1,5 @@
-"""The per-category picture: one radar chart with every evaluated model overlaid."""
+"""The pictures: per-category scores (radar, with 95% intervals as radial error bars) and the
+paired tuned-base differences with their intervals (one row per metric, zero marked)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,7 @@ def radar_chart(
     Categories a model has no score for are drawn at 0 and marked in the legend, so a gap is visible
     instead of silently closing the polygon.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     categories = sorted({cat for row in models.values() for cat in row["categories"]})
     if not categories:
         raise ValueError("radar chart: no categories to draw")
@@ -34,14 +31,54 @@ def radar_chart(
         overall = row.get("score_overall")
         if overall is not None:
             label += f" — overall {overall:.2f}"
-        axes.plot([*angles, angles[0]], [*points, points[0]], linewidth=2, label=label)
+        (line,) = axes.plot([*angles, angles[0]], [*points, points[0]], linewidth=2, label=label)
         axes.fill([*angles, angles[0]], [*points, points[0]], alpha=0.15)
+        for angle, interval in zip(angles, map(row.get("categories_ci95", {}).get, categories), strict=True):
+            if interval:
+                axes.plot([angle, angle], interval, color=line.get_color(), linewidth=4, alpha=0.5)
     axes.set_xticks(angles)
     axes.set_xticklabels(categories)
     axes.set_ylim(0, 10)
     axes.set_yticks([2, 4, 6, 8, 10])
     axes.set_title(title, pad=20)
     axes.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize="small")
+    return _save(plt, figure, path)
+
+
+def comparison_chart(comparisons: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Each metric's tuned - base difference as a dot with its paired 95% interval as a bar; judge
+    scores (1-10 scale) and rates (exact match, pairwise preference) in separate panels."""
+    plt = _pyplot()
+    is_rate = [name.startswith(("exact_match", "pairwise")) for name in comparisons]
+    panels = [
+        [n for n, rate in zip(comparisons, is_rate, strict=True) if rate == kind] for kind in (False, True)
+    ]
+    panels = [names[::-1] for names in panels if names]
+    heights = [len(names) for names in panels]
+    figure, axes_list = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.35 * sum(heights)),
+                                     height_ratios=heights, squeeze=False)  # fmt: skip
+    for axes, names in zip(axes_list[:, 0], panels, strict=True):
+        for row, name in enumerate(names):
+            c = comparisons[name]
+            color = {"better": "tab:green", "worse": "tab:red"}.get(c["verdict"], "tab:gray")
+            errors = [[max(0.0, c["diff"] - c["ci95"][0])], [max(0.0, c["ci95"][1] - c["diff"])]]
+            axes.errorbar(c["diff"], row, xerr=errors, fmt="o", color=color, capsize=3)
+        axes.axvline(0, color="black", linewidth=0.8)
+        axes.set_yticks(range(len(names)), names)
+    axes_list[-1, 0].set_xlabel("tuned − base (paired, 95% bootstrap interval)")
+    return _save(plt, figure, path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, figure: Any, path: Path) -> Path:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100, bbox_inches="tight")

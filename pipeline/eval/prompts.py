@@ -1,8 +1,10 @@
-"""Judge prompts for single-answer grading, in FastChat's ``judge_prompts.jsonl`` format.
+"""Judge prompts, in FastChat's ``judge_prompts.jsonl`` format.
 
 MT-Bench grades each answer 1-10 with one of four prompts: a general one, a reference-guided one
 for math/reasoning/coding (the judge sees a reference answer), and a multi-turn variant of each
-that shows the whole conversation and grades the second answer. The texts below are the project's
+that shows the whole conversation and grades the second answer. Pairwise judging has the same
+four shapes showing two assistants' answers (``pair-v2``, ``pair-math-v1`` and their multi-turn
+variants) and asks for ``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie). The texts below are the project's
 own; a user may load FastChat's (or their own) from a ``judge_prompts.jsonl`` instead — the
 placeholders are the same, so either file works with either source of questions.
 """
@@ -20,6 +22,7 @@ REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
 GENERAL, REFERENCE = "single-v1", "single-math-v1"
 GENERAL_MULTI, REFERENCE_MULTI = "single-v1-multi-turn", "single-math-v1-multi-turn"
 PROMPT_NAMES = (GENERAL, REFERENCE, GENERAL_MULTI, REFERENCE_MULTI)
+PAIR_NAMES = ("pair-v2", "pair-math-v1", "pair-v2-multi-turn", "pair-math-v1-multi-turn")
 
 
 @dataclass(frozen=True)
@@ -104,45 +107,81 @@ BUILTIN_PROMPTS: dict[str, JudgePrompt] = {
 }
 
 
-def load_prompt_file(path: Path) -> dict[str, JudgePrompt]:
-    """The four single-grading prompts from a FastChat ``judge_prompts.jsonl`` (pairwise ones are
-    ignored); a missing one is an error naming the file."""
+_PAIR_RULE = (
+    "Neither the order of the answers, nor their length, nor the assistants' names may influence you. "
+    'After a brief explanation, give your verdict in exactly this format: "[[A]]" if assistant A is '
+    'better, "[[B]]" if assistant B is better, "[[C]]" for a tie.'
+)
+_PAIR_JUDGE = "You are a fair and careful judge comparing two AI assistants' answers to the same user "
+_SECOND = "questions; compare only the answers to the SECOND question. "
+_GENERAL_RULE = "Weigh helpfulness, relevance, accuracy, depth, creativity and level of detail. "
+_REFERENCE_RULE = (
+    "Judge correctness first and helpfulness second: compare both answers with the reference answer and "
+    "point out their mistakes. "
+)
+_ANSWER = "\n\n[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]"
+_PAIR_ANSWERS = _ANSWER + _ANSWER.replace("A'", "B'").replace("answer_a", "answer_b")
+_PAIR_CONVERSATION = "\n\n\n".join(
+    _CONVERSATION.replace("Assistant A", f"Assistant {side}").replace("{answer_", f"{{answer_{side.lower()}_")
+    for side in "AB"
+)
+_QUESTION = "[User Question]\n{question}"
+_REFERENCE_BLOCK = "\n\n[The Start of Reference Answer]\n{ref_answer_1}\n[The End of Reference Answer]"
+BUILTIN_PAIR_PROMPTS: dict[str, JudgePrompt] = {
+    name: JudgePrompt(name, _PAIR_JUDGE + system + _PAIR_RULE, template, "[[A]]")
+    for name, system, template in (
+        ("pair-v2", "question. " + _GENERAL_RULE, _QUESTION + _PAIR_ANSWERS),
+        ("pair-math-v1", "question. " + _REFERENCE_RULE, _QUESTION + _REFERENCE_BLOCK + _PAIR_ANSWERS),
+        ("pair-v2-multi-turn", _SECOND + _GENERAL_RULE, _PAIR_CONVERSATION),
+        ("pair-math-v1-multi-turn", _SECOND + _REFERENCE_RULE, _REFERENCE_CONVERSATION + _PAIR_CONVERSATION),
+    )
+}
+
+
+def load_prompt_file(path: Path, names: tuple[str, ...] = PROMPT_NAMES) -> dict[str, JudgePrompt]:
+    """The prompts ``names`` (default: the four single-grading ones) from a FastChat
+    ``judge_prompts.jsonl`` (other records are ignored); a missing one is an error naming the file."""
     from pipeline.eval.questions import read_jsonl
 
     prompts: dict[str, JudgePrompt] = {}
     for where, record in read_jsonl(path, "eval.judge.prompts"):
-        if not isinstance(record, dict) or record.get("name") not in PROMPT_NAMES:
+        if not isinstance(record, dict) or record.get("name") not in names:
             continue
         try:
             prompts[record["name"]] = JudgePrompt(
                 name=record["name"],
                 system_prompt=record["system_prompt"],
                 prompt_template=record["prompt_template"],
-                output_format=record.get("output_format", "[[rating]]"),
+                output_format=record.get("output_format", "[[A]]" if names == PAIR_NAMES else "[[rating]]"),
             )
         except KeyError as error:
             raise StageError(f"{where}: judge prompt record lacks {error}") from None
-    missing = [name for name in PROMPT_NAMES if name not in prompts]
+    missing = [name for name in names if name not in prompts]
     if missing:
-        raise StageError(f"eval.judge.prompts: {path} lacks the single-grading prompts {missing}")
+        kind = "pairwise" if names == PAIR_NAMES else "single-grading"
+        raise StageError(f"eval.judge.prompts: {path} lacks the {kind} prompts {missing}")
     return prompts
 
 
-def load_prompts(path: str | None) -> dict[str, JudgePrompt]:
-    """The configured prompt set: the built-in texts, or a FastChat-format file."""
-    return dict(BUILTIN_PROMPTS) if path is None else load_prompt_file(Path(path))
+def load_prompts(path: str | None, mode: str = "single") -> dict[str, JudgePrompt]:
+    """The prompts judge mode ``mode`` needs: the built-in texts, or a FastChat-format file."""
+    prompts: dict[str, JudgePrompt] = {}
+    for names, builtin, wanted in ((PROMPT_NAMES, BUILTIN_PROMPTS, mode != "pairwise"),
+                                   (PAIR_NAMES, BUILTIN_PAIR_PROMPTS, mode != "single")):  # fmt: skip
+        if wanted:
+            prompts.update(builtin if path is None else load_prompt_file(Path(path), names))
+    return prompts
 
 
-def prompt_name(category: str, turn: int, has_reference: bool) -> str:
+def prompt_name(category: str, turn: int, has_reference: bool, pairwise: bool = False) -> str:
     """Which of the four prompts grades this answer (``turn`` is 1-based).
 
     Reference-guided exactly for math, reasoning and coding, as MT-Bench does; when such a question
     has no reference answer the general prompt is the only honest choice.
     """
     guided = category in REFERENCE_CATEGORIES and has_reference
-    if turn == 1:
-        return REFERENCE if guided else GENERAL
-    return REFERENCE_MULTI if guided else GENERAL_MULTI
+    names = PAIR_NAMES if pairwise else PROMPT_NAMES
+    return names[(2 if turn > 1 else 0) + guided]
 
 
 def prompt_fields(
@@ -161,3 +200,19 @@ def prompt_fields(
         "ref_answer_1": ref[0],
         "ref_answer_2": ref[1],
     }
+
+
+def pair_fields(
+    turns: tuple[str, ...],
+    answers_a: list[str],
+    answers_b: list[str],
+    reference: tuple[str, ...] | None,
+    turn: int,
+) -> dict[str, str]:
+    """``prompt_fields`` for two assistants: ``answer`` becomes ``answer_a``/``answer_b``,
+    ``answer_1`` becomes ``answer_a_1``/``answer_b_1`` (FastChat's pairwise placeholders)."""
+    fields: dict[str, str] = {}
+    for side, answers in (("a", answers_a), ("b", answers_b)):
+        for key, value in prompt_fields(turns, answers, reference, turn).items():
+            fields[key.replace("answer", f"answer_{side}", 1) if key.startswith("answer") else key] = value
+    return fields

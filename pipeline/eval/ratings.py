@@ -1,4 +1,4 @@
-"""Reading the judge's verdict: the ``[[rating]]`` it was told to write, or nothing.
+"""Reading the judge's verdict: the ``[[rating]]`` (or pairwise ``[[A]]``) it was told to write, or nothing.
 
 A judgment without a readable rating is recorded as a failure and never turned into a score:
 guessing would bias the averages toward whatever the guess favours.
@@ -39,3 +39,13 @@ def parse_rating(text: str) -> float | None:
         return None
     value = float(matches[-1].group(1))
     return value if MIN_RATING <= value <= MAX_RATING else None
+
+
+_WINNER = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_winner(text: str) -> str | None:
+    """A pairwise verdict: ``"A"``, ``"B"`` or ``"tie"`` (``[[C]]``) from the last ``[[A]]``/``[[B]]``/
+    ``[[C]]`` in the output (FastChat's format; the last one, as for ratings), else None."""
+    matches = _WINNER.findall(text or "")
+    return None if not matches else {"A": "A", "B": "B", "C": "tie"}[matches[-1]]

@@ -5,17 +5,21 @@ MT-Bench's recipe (FastChat ``llm_judge``), top to bottom:
 1. questions: the built-in set, a local ``question.jsonl`` or the hub dataset (``eval.questions``),
    plus optionally held-out rows of the prepared eval split with a checkable answer
    (``eval.heldout_questions``, e.g. GSM8K: exact match on the final number);
-2. answers: the untouched base model and the tuned model (base + the train stage's adapter,
-   unmerged, or a merged folder) answer every question, turn 2 in the context of turn 1; answers
+2. answers: the untouched base model and the tuned model (base + the train stage's adapter, merged
+   in memory after checking its logits against the unmerged adapter, so it answers at the base's
+   speed; or a merged folder) answer every question, turn 2 in the context of turn 1; answers
    are cached per model identity + question + generation settings, so a rerun resumes;
-3. judgments: single-answer grading 1-10 by an OpenAI-compatible endpoint or a local model, with
+3. judgments (``eval.judge.mode``): single-answer grading 1-10 and/or pairwise tuned-vs-base
+   verdicts in both orders, by an OpenAI-compatible endpoint or a local model, with
    reference-guided prompts for math/reasoning/coding; cached the same way;
-4. results: ``results.json`` (``models.<base|tuned>.score_overall`` etc., the numbers promote
-   gates on), ``results.md``, ``radar.png``; metrics and artifacts on the stage's MLflow run.
+4. results: ``results.json`` (``models.<base|tuned>.score_overall`` etc. with 95% bootstrap
+   intervals, paired tuned-base ``comparisons``, ``pairwise`` win/tie/loss rates),
+   ``per_question.jsonl`` (what the intervals and promote's gate are computed from),
+   ``results.md``, ``radar.png``, ``comparisons.png``; metrics and artifacts on the MLflow run.
 
 Everything goes to ``ctx.work_dir`` (the driver renames it when this returns), under:
 ``answers/<model>.jsonl`` (FastChat answer format), ``judgments/single.jsonl`` (FastChat
-single-judgment format), ``results.json``, ``results.md``, ``radar.png``.
+single-judgment format), ``judgments/pairwise.jsonl`` and the results files.
 """
 
 from __future__ import annotations
@@ -27,10 +31,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.eval.aggregate import aggregate, flatten_metrics, markdown_table
+from pipeline.eval.aggregate import (
+    aggregate,
+    comparisons,
+    flatten_metrics,
+    markdown_table,
+    metric_name,
+    pairwise_summary,
+    per_question,
+    verdict_lines,
+    with_intervals,
+)
 from pipeline.eval.generate import GenerationSettings, generate_answers
 from pipeline.eval.identity import folder_digest, model_identity
-from pipeline.eval.judging import build_tasks, run_judging
+from pipeline.eval.judging import build_pair_tasks, build_tasks, pair_outcomes, run_judging
 from pipeline.eval.prompts import load_prompts
 from pipeline.eval.questions import (
     Question,
@@ -69,7 +83,7 @@ def run(ctx: StageContext) -> StageResult:
     # Everything that can be wrong with the inputs fails here, before a model loads.
     selected, heldout = all_questions(ctx)
     questions = selected + heldout
-    prompts = load_prompts(cfg.judge.prompts)
+    prompts = load_prompts(cfg.judge.prompts, cfg.judge.mode)
     http_judge = None
     if cfg.judge.backend == "openai":
         from pipeline.judges import OpenAIJudge
@@ -89,16 +103,26 @@ def run(ctx: StageContext) -> StageResult:
     answers = generate_all(ctx.config, questions, work / "answers", tuned_path, greedy=heldout)
 
     judgments: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
+    samples = cfg.judge.samples
     if judged:
         judge = http_judge or _local_judge(ctx.config)
-        tasks = build_tasks(judged, answers, prompts, judge.identity(), cfg.judge.samples)
-        judgments = run_judging(judge, tasks, work / "judgments" / "single.jsonl", cfg.judge.samples)
+        if cfg.judge.mode != "pairwise":
+            tasks = build_tasks(judged, answers, prompts, judge.identity(), samples)
+            judgments = run_judging(judge, tasks, work / "judgments" / "single.jsonl", samples)
+        if cfg.judge.mode != "single":
+            tasks = build_pair_tasks(judged, answers, prompts, judge.identity(), samples)
+            pairs = run_judging(judge, tasks, work / "judgments" / "pairwise.jsonl", samples, pairwise=True)
         del judge
         gc.collect()
 
+    outcomes, pair_failures = pair_outcomes(pairs)
+    rows = per_question(questions, answers, judgments, outcomes, judged_questions=judged)
     models = aggregate(questions, answers, judgments, judged_questions=judged)
     results = {
-        "models": models,
+        "models": with_intervals(models, rows),
+        "comparisons": comparisons(models, rows),
+        "pairwise": pairwise_summary(rows, pair_failures),
         "judge": judge_summary(ctx.config),
         "questions": {
             "source": cfg.questions,
@@ -109,8 +133,12 @@ def run(ctx: StageContext) -> StageResult:
             "judged": len(judged),
         },
     }
-    write_results(work, results)
-    metrics = flatten_metrics(models)  # the driver logs these to this stage's MLflow run
+    write_results(work, results, rows)
+    metrics = flatten_metrics(results["models"])  # the driver logs these to this stage's MLflow run
+    for name, found in results["comparisons"].get("tuned-base", {}).items():
+        prefix = metric_name(f"tuned-base.{name}")
+        metrics |= {f"{prefix}.diff": found["diff"], f"{prefix}.ci95_low": found["ci95"][0],
+                    f"{prefix}.ci95_high": found["ci95"][1]}  # fmt: skip
     log_to_mlflow(work, results)
     return StageResult(
         metrics=metrics,
@@ -120,6 +148,8 @@ def run(ctx: StageContext) -> StageResult:
                 ("results", "results.json"),
                 ("table", "results.md"),
                 ("radar", "radar.png"),
+                ("per_question", "per_question.jsonl"),
+                ("comparisons_plot", "comparisons.png"),
                 ("answers", "answers"),
                 ("judgments", "judgments"),
             )
@@ -214,6 +244,7 @@ def generation_settings(config: PipelineConfig, greedy: Iterable[Question] = ())
         batch_size=cfg.batch_size,
         temperatures=temperatures,
         default_temperature=cfg.default_temperature,
+        verifiable_max_new_tokens=cfg.verifiable_max_new_tokens,
     )
 
 
@@ -232,8 +263,8 @@ def generate_all(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Answers of every configured model (``base`` first, then ``tuned``), cached in ``answers_dir``.
 
-    One base model is loaded: it answers as ``base``, then the adapter is put on top of it for
-    ``tuned`` (a merged ``tuned`` folder is loaded on its own instead).
+    One base model is loaded: it answers as ``base``, then the adapter is put on top of it and
+    merged for ``tuned`` (a merged ``tuned`` folder is loaded on its own instead).
     """
     from pipeline.models import load_model, load_tokenizer
 
@@ -255,9 +286,9 @@ def generate_all(
         )
     if tuned_path is not None:
         if is_adapter(tuned_path):
-            model = attach_adapter(model, tuned_path)
             tokenizer = adapter_tokenizer(config, tuned_path)
-            identity = f"{base_identity}+adapter:{folder_digest(tuned_path)}"
+            model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
+            identity = f"{base_identity}+adapter:{folder_digest(tuned_path)}" + ("+merged" if merged else "")
         else:
             del model
             gc.collect()
@@ -300,6 +331,31 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
 
 
+def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[Any, bool]:
+    """The adapter merged into the (already loaded) base weights, when the merged logits match the
+    unmerged adapter's on export's fixed prompts within export's tolerance for the dtype; else the
+    unmerged model. Unmerged UORA generation costs more than the base's (extra operations per
+    layer and token), merged costs exactly the base's. An 8-bit base stays unmerged: merging into
+    int8 weights discards most of a low-rank update (see the export stage)."""
+    from pipeline.stages.export import DEFAULT_TOLERANCE, _logits, _verification_inputs, compare_logits
+
+    if config.model.load_in_8bit:
+        log.info("evaluate: 8-bit base; the tuned model answers unmerged (no merge into int8 weights)")
+        return model, False
+    inputs = _verification_inputs(tokenizer, 4, 96)
+    reference = _logits(model, inputs)
+    model.merge_adapter()
+    report = compare_logits(reference, _logits(model, inputs))
+    tolerance = DEFAULT_TOLERANCE[config.model.dtype]
+    if report["rel_error"] > tolerance:
+        model.unmerge_adapter()
+        log.warning("evaluate: merged logits differ by %.3g (> %g); the tuned model answers unmerged",
+                    report["rel_error"], tolerance)  # fmt: skip
+        return model, False
+    log.info("evaluate: tuned model merged in memory (logits match the adapter to %.2g)", report["rel_error"])
+    return model.unload(), True
+
+
 def adapter_tokenizer(config: PipelineConfig, adapter_dir: Path) -> Any:
     """The tokenizer saved with the adapter (it carries the chat template used in training), or
     the base model's when the adapter folder has none."""
@@ -331,6 +387,7 @@ def judge_summary(config: PipelineConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "backend": judge.backend,
         "prompts": judge.prompts or "builtin",
+        "mode": judge.mode,
         "samples": judge.samples,
         "temperature": judge.temperature,
     }
@@ -344,22 +401,30 @@ def judge_summary(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def write_results(work: Path, results: dict[str, Any]) -> None:
-    """results.json, results.md and radar.png (each written whole, then renamed into place)."""
-    from pipeline.eval.plots import radar_chart
+def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """results.json, per_question.jsonl, results.md and the plots (each written whole, then renamed)."""
+    from pipeline.eval.plots import comparison_chart, radar_chart
 
-    tmp = work / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(work / "results.json")
+    for name, text in (
+        ("results.json", json.dumps(results, indent=2) + "\n"),
+        ("per_question.jsonl", "".join(json.dumps(row) + "\n" for row in rows)),
+    ):
+        (work / f"{name}.tmp").write_text(text, encoding="utf-8")
+        (work / f"{name}.tmp").replace(work / name)
     judge = results["judge"]
     header = (
         f"# Evaluation\n\n{results['questions']['count']} questions "
         f"({', '.join(results['questions']['categories'])}), judge: {judge['backend']} "
         f"{judge['model']}, prompts: {judge['prompts']}.\n\n"
     )
-    (work / "results.md").write_text(header + markdown_table(results["models"]), encoding="utf-8")
+    table = (
+        markdown_table(results["models"]) + "\n" + verdict_lines(results["comparisons"], results["pairwise"])
+    )
+    (work / "results.md").write_text(header + table, encoding="utf-8")
     if any(row["categories"] for row in results["models"].values()):  # else nothing was judged
         radar_chart(results["models"], work / "radar.png")
+    if results["comparisons"].get("tuned-base"):
+        comparison_chart(results["comparisons"]["tuned-base"], work / "comparisons.png")
 
 
 def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
@@ -379,7 +444,7 @@ def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
             "eval.question_count": str(results["questions"]["count"]),
         }
     )
-    for name in ("results.json", "results.md", "radar.png"):
+    for name in ("results.json", "results.md", "per_question.jsonl", "radar.png", "comparisons.png"):
         if (work / name).is_file():
             mlflow.log_artifact(str(work / name), artifact_path="evaluate")
     for folder in ("answers", "judgments"):

@@ -10,9 +10,13 @@ Read top to bottom:
    tagged with the evaluation scores (``eval.*``) and lineage (``lineage.*``: parent run, data
    digests, config digest, adapter digest);
 4. gate: move ``promote.alias`` (``champion``) to the new version only when ``gate_metric`` is at
-   or above ``threshold`` and not worse than the current champion by more than ``margin``;
-   ``--force`` overrides. The decision and its reason are printed, tagged on the version and the
-   run, and written to ``decision.json``.
+   or above ``threshold`` and not worse than the current champion by more than ``margin``: with
+   ``promote.gate: ci`` (the default) the lower bound of the 95% interval of (candidate -
+   champion), paired over the questions both were asked (per-question results are stored with
+   every version), must be above ``-margin``; before there is a champion, of (candidate - base)
+   from this run's evaluation. ``--force`` overrides. The decision, its reason (quoting the
+   interval) and the interval are printed, tagged on the version and the run, and written to
+   ``decision.json``.
 
 ``mlflow.transformers.load_model("models:/NAME@champion")`` then loads the promoted model.
 """
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.registry import (
+    PER_QUESTION_TAG,
     config_digest,
     current_holder,
     eval_tags,
@@ -54,6 +59,13 @@ def run(ctx: StageContext) -> StageResult:
             f"promote.gate_metric: {cfg.gate_metric!r} is not in the evaluate results "
             f"(available: {available})"
         )
+    rows = _read_rows(ctx.input_dir("evaluate") / "per_question.jsonl", required=cfg.gate == "ci")
+    if cfg.gate == "ci" and _units(rows, cfg.gate_metric) is None:
+        raise StageError(
+            f"promote.gate_metric: {cfg.gate_metric!r} is not a mean over questions, which the ci gate needs "
+            "(score_overall, score_turn1/2, category.<c>, exact_match, exact_match.<c>); "
+            "or set promote.gate: point"
+        )
     export_dir = ctx.input_dir("export")
     lineage = _read_json(export_dir / "lineage.json", "the export stage writes it")
     for kind in cfg.log:
@@ -65,14 +77,18 @@ def run(ctx: StageContext) -> StageResult:
     if active is None:  # run outside the driver: open (or reopen) the stage's own run
         mlflow.start_run(run_id=ctx.mlflow_run_id, run_name=None if ctx.mlflow_run_id else NAME)
     try:
-        return _promote(ctx, metrics, lineage, export_dir)
+        return _promote(ctx, metrics, lineage, export_dir, rows)
     finally:
         if active is None:
             mlflow.end_run()
 
 
 def _promote(
-    ctx: StageContext, metrics: dict[str, float | None], lineage: dict[str, Any], export_dir: Path
+    ctx: StageContext,
+    metrics: dict[str, float | None],
+    lineage: dict[str, Any],
+    export_dir: Path,
+    rows: list[dict[str, Any]] | None,
 ) -> StageResult:
     import mlflow
 
@@ -95,17 +111,25 @@ def _promote(
         "lineage.artifact": cfg.register_from,
         **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
     }
+    if rows is not None:  # the next candidate's gate pairs its questions with these
+        mlflow.log_artifact(str(ctx.input_dir("evaluate") / "per_question.jsonl"), artifact_path="evaluation")
+        tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
+    holder = current_holder(client, cfg.registered_model, cfg.alias)
     version = mlflow.register_model(logged[cfg.register_from], cfg.registered_model, tags=tags)
 
-    holder = current_holder(client, cfg.registered_model, cfg.alias)
+    champion_value = recorded_value(holder, cfg.gate_metric)
     decision = gate(
         metric=cfg.gate_metric,
         value=metrics.get(cfg.gate_metric),
         threshold=cfg.threshold,
         margin=cfg.margin,
         champion_version=holder.version if holder is not None else None,
-        champion_value=recorded_value(holder, cfg.gate_metric),
+        champion_value=champion_value,
         force=ctx.force,
+        mode=cfg.gate,
+        interval=gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics)
+        if cfg.gate == "ci"
+        else None,
     )
     if decision.promote:
         client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
@@ -172,6 +196,88 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str
             **extra,
         )
     return info.model_uri
+
+
+def gate_interval(
+    rows: list[dict[str, Any]],
+    metric: str,
+    holder: Any | None,
+    champion_value: float | None,
+    metrics: dict[str, float | None],
+) -> dict[str, Any] | None:
+    """The ci gate's evidence: candidate - champion on ``metric``, paired over the questions both
+    were asked (matched by content); unpaired when they share none; the candidate's own interval
+    minus the champion's recorded value when the champion has no per-question results; candidate -
+    base from this run's rows before there is a champion. None when there is nothing to compare."""
+    from pipeline.eval.stats import compare, interval, verdict
+
+    candidate = _units(rows, metric)
+    model, _, name = metric.partition(".")
+    if holder is None:
+        base = _units(rows, f"base.{name}") if model != "base" else None
+        found = compare(base, candidate) if base and candidate else None
+        return found and {**found, "against": "base (no champion yet)", "paired": True, "note": None}
+    against, note = f"champion (version {holder.version})", None
+    champion_rows = _champion_rows(holder)
+    if champion_rows is None:
+        own, value = interval(candidate or {}), metrics.get(metric)
+        if own is None or champion_value is None or value is None:
+            return None
+        note = (
+            f"champion version {holder.version} has no per-question results (registered before they were "
+            f"stored): the candidate's own interval minus the champion's recorded {metric}"
+        )
+        ci95 = [round(bound - champion_value, 4) for bound in own]
+        found = {"diff": round(value - champion_value, 4), "ci95": ci95, "n": len(candidate or {}),
+                 "verdict": verdict(ci95)}  # fmt: skip
+    else:
+        champion = _units(champion_rows, metric) or {}
+        found = compare(champion, candidate or {})
+        if found is None:
+            note = f"too few questions shared with champion version {holder.version}: unpaired intervals"
+            found = compare(champion, candidate or {}, paired=False)
+    if note:
+        log.warning("promote: %s", note)
+    return found and {**found, "against": against, "paired": note is None, "note": note}
+
+
+def _units(rows: list[dict[str, Any]] | None, metric: str) -> Any:
+    from pipeline.eval.aggregate import units
+
+    model, _, name = metric.partition(".")
+    return None if rows is None else units(rows, model, name)
+
+
+def _champion_rows(holder: Any) -> list[dict[str, Any]] | None:
+    """The champion's stored per-question results, or None (registered before they were stored,
+    or the artifact is gone)."""
+    import tempfile
+
+    import mlflow
+
+    uri = (holder.tags or {}).get(PER_QUESTION_TAG)
+    if not uri:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        except Exception as error:  # a deleted run or artifact store: compare as if it had none
+            log.warning("promote: cannot read the champion's per-question results at %s: %s", uri, error)
+            return None
+        return _read_rows(Path(path), required=True)
+
+
+def _read_rows(path: Path, required: bool) -> list[dict[str, Any]] | None:
+    if not path.is_file():
+        if required:
+            raise StageError(
+                f"promote: {path} is missing (re-run evaluate, which writes it, or set promote.gate: point)"
+            )
+        return None
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError as error:
+        raise StageError(f"promote: {path} is not valid JSON lines: {error}") from error
 
 
 def _read_results(path: Path) -> dict[str, float | None]:

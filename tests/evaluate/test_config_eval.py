@@ -51,3 +51,34 @@ def test_missing_files_fail_at_validation(tmp_path):
         "eval.judge.prompts: file does not exist (got 'nope.jsonl')"
     ]
     assert _errors({"models": []})[0].startswith("eval.models:")
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        (
+            "eval.judge.mode=pairs",
+            "eval.judge.mode: input should be 'single', 'pairwise' or 'both' (got 'pairs')",
+        ),
+        ("eval.judge.samples=0", "eval.judge.samples: input should be greater than or equal to 1 (got 0)"),
+        ("promote.gate=bayes", "promote.gate: input should be 'point' or 'ci' (got 'bayes')"),
+        (
+            "eval.verifiable_max_new_tokens=0",
+            "eval.verifiable_max_new_tokens: input should be greater than 0 (got 0)",
+        ),
+    ],
+)
+def test_bad_judge_and_gate_settings_fail_validate_in_one_line(override, line, capsys):
+    from pipeline.__main__ import main
+
+    assert main(["validate", "configs/smollm2_135m.yaml", override]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_pairwise_judging_needs_both_models(capsys):
+    from pipeline.__main__ import main
+
+    assert main(["validate", "configs/smollm2_135m.yaml", "eval.models=[tuned]"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "eval.judge.mode: pairwise judging compares tuned with base: models needs both (got 'both')"
+    ]

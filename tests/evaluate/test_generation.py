@@ -227,3 +227,37 @@ def test_uora_adapter_loads_unmerged_through_attach_adapter(smollm2_dir, tmp_pat
             base_logits = loaded(ids).logits
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changes the model
+
+
+def test_verifiable_questions_get_their_own_short_budget(tokenizer, tmp_path):
+    budgets = []
+
+    def record_budget(model, tokenizer, prompts, temperature, max_new_tokens, seed):
+        budgets.append((len(prompts), max_new_tokens))
+        return ["x"] * len(prompts)
+
+    questions = [
+        Question("v1", "builtin:list", ("Sort 3, 1.",), exact_answer=("1, 3",)),
+        Question(2, "writing", ("Name a colour.",)),
+        Question("v2", "builtin:date", ("What day?",), exact_answer=("Monday",)),
+        Question(4, "math", ("What is 2 + 3?", "Only the number."), exact_answer=(None, "5")),  # turn 1 open
+    ]
+    settings = GenerationSettings(
+        max_new_tokens=64,
+        seed=0,
+        batch_size=8,
+        default_temperature=0.0,
+        temperatures={},
+        verifiable_max_new_tokens=8,
+    )
+    kwargs = dict(model_id="m", model_identity="id", cache_path=tmp_path / "a.jsonl", progress=False)
+    records = generate_answers(None, tokenizer, questions, settings, generate_fn=record_budget, **kwargs)
+    assert sorted(budgets) == [(1, 64), (2, 8), (2, 64)]  # question 4's two turns: the full budget
+    assert {qid: r["generation"]["max_new_tokens"] for qid, r in records.items()} == {
+        "v1": 8, "2": 64, "v2": 8, "4": 64
+    }  # fmt: skip
+    # the budget is part of the cache key: a different short budget regenerates only the short ones
+    budgets.clear()
+    settings = GenerationSettings(**{**settings.__dict__, "verifiable_max_new_tokens": 12})
+    generate_answers(None, tokenizer, questions, settings, generate_fn=record_budget, **kwargs)
+    assert budgets == [(2, 12)]

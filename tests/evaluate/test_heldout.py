@@ -144,7 +144,7 @@ class RecordingJudge:
     def identity(self):
         return {"backend": "recording"}
 
-    def complete(self, chats, samples):
+    def complete(self, chats, samples, pairwise=False):
         for index, chat in enumerate(chats):
             self.asked.append(chat[-1]["content"])
             yield index, ["Rating: [[6]]"]
@@ -204,7 +204,7 @@ def test_unjudged_verifiable_questions_count_only_in_exact_match(tmp_path, monke
     assert result.metrics["base.exact_match.gsm8k"] == pytest.approx(0.6667)
     assert result.metrics["base.exact_match.math"] == 0.5
     assert "base.category.gsm8k" not in result.metrics
-    assert set(result.outputs) == {"results", "table", "radar", "answers", "judgments"} - {"answers"}
+    assert set(result.outputs) == {"results", "table", "radar", "judgments", "per_question"}
 
 
 def test_judge_verifiable_true_sends_every_question(tmp_path, monkeypatch):
@@ -228,7 +228,7 @@ def test_nothing_left_to_judge_gives_null_scores_and_no_judge(tmp_path, monkeypa
     row = results["models"]["base"]
     assert row["score_overall"] is None and row["categories"] == {} and row["judged"] == 0
     assert row["exact_match"] == pytest.approx(0.6)
-    assert set(result.outputs) == {"results", "table"}  # no radar, no judgments: nothing was judged
+    assert set(result.outputs) == {"results", "table", "per_question"}  # no radar, no judgments
     assert "base.score_overall" not in result.metrics and result.metrics["base.exact_match"] == 0.6
 
 

@@ -20,7 +20,7 @@ class ScriptedJudge:
     def identity(self):
         return {"backend": "scripted"}
 
-    def complete(self, chats, samples):
+    def complete(self, chats, samples, pairwise=False):
         for index, chat in enumerate(chats):
             self.asked.append(chat[-1]["content"])
             yield index, ["Rating: [[7]]" if "good" in chat[-1]["content"] else "Rating: [[2]]"]

@@ -68,3 +68,31 @@ def test_generate_scoring_returns_the_judge_text(smollm2):
         assert isinstance(text, str) and text  # whatever it says; the parser decides if it is a rating
         rating = parse_rating(text)
         assert rating is None or 1 <= rating <= 10
+
+
+def test_pairwise_scoring_picks_the_most_likely_verdict(smollm2):
+    from pipeline.eval.prompts import BUILTIN_PAIR_PROMPTS, pair_fields
+    from pipeline.eval.ratings import parse_winner
+
+    prompt = BUILTIN_PAIR_PROMPTS["pair-v2"]
+    user = prompt.render(
+        **pair_fields(("What is the capital of France?",), ["Paris."], ["Bananas."], None, 1)
+    )
+    chat = [{"role": "system", "content": prompt.system_prompt}, {"role": "user", "content": user}]
+    for scoring in ("logits", "expected"):
+        judge = _judge(smollm2, scoring)
+        [(index, [text])] = list(judge.complete([chat], samples=1, pairwise=True))
+        # independently: a plain forward pass over prompt + "Verdict: [[" + each choice
+        model, tokenizer = smollm2
+        rendered = judge.render(chat)
+        prefix = tokenizer(rendered + "Verdict: [[", add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in ("A]]", "B]]", "C]]"):
+            cand = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([prefix + cand])).logits[0].float().log_softmax(-1)
+            scores.append(sum(logits[len(prefix) - 1 + i, tok].item() for i, tok in enumerate(cand)))
+        probs = torch.tensor(scores).softmax(0).tolist()
+        best = "ABC"[max(range(3), key=probs.__getitem__)]
+        assert index == 0 and text.startswith(f"[[{best}]] (p A {probs[0]:.3f}, B {probs[1]:.3f}")
+        assert parse_winner(text) == {"A": "A", "B": "B", "C": "tie"}[best]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.eval.ratings import parse_rating
+from pipeline.eval.ratings import parse_rating, parse_winner
 
 
 @pytest.mark.parametrize(
@@ -39,3 +39,21 @@ from pipeline.eval.ratings import parse_rating
 )
 def test_parse_rating(text, expected):
     assert parse_rating(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Assistant A is better. [[A]]", "A"),
+        ("[[B]]", "B"),
+        ("Both are equally good: [[C]]", "tie"),
+        ('Format: "[[A]]" if A is better... My verdict: [[B]]', "B"),  # the last one counts
+        ("[[A]] (p A 0.612, B 0.301, C 0.087)", "A"),  # the local judge's probability note
+        ("A is better", None),
+        ("[A]", None),
+        ("[[D]]", None),
+        ("", None),
+    ],
+)
+def test_pairwise_verdict_parser(text, expected):
+    assert parse_winner(text) == expected

@@ -119,9 +119,12 @@ def test_stage_end_to_end_http_judge_mlflow_and_resume(smollm2_dir, tmp_path, mo
     assert results["judge"]["model"] == "judge-model" and results["judge"]["backend"] == "openai"
     assert result.metrics["tuned.score_overall"] == 6.0 and result.metrics["base.category.math"] == 4.0
     assert again.metrics == result.metrics
-    assert set(result.outputs) == {"results", "table", "radar", "answers", "judgments"}
+    assert set(result.outputs) == {*("results", "table", "radar", "answers", "judgments", "per_question")}
     assert (work / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| score (overall) | 6.00 | 6.00 |" in (work / "results.md").read_text()
+    # two questions are too few for an interval or a verdict (see tests/evaluate/test_stats.py)
+    assert results["models"]["tuned"]["score_overall_ci95"] is None
+    assert results["comparisons"] == {"tuned-base": {}}
 
     base = [json.loads(line) for line in (work / "answers" / "base.jsonl").read_text().splitlines()]
     tuned = [json.loads(line) for line in (work / "answers" / "tuned.jsonl").read_text().splitlines()]
@@ -288,3 +291,88 @@ def test_heldout_questions_end_to_end_exact_match_only_and_cached(tmp_path, monk
     assert row["exact_match_categories"] == {"gsm8k": sum(hits) / 2} and row["exact_match"] == sum(hits) / 2
     assert row["categories"] == {"writing": 8.0} and row["score_overall"] == 8.0
     assert result.metrics["base.exact_match.gsm8k"] == sum(hits) / 2
+
+
+def _pair_judge_script(body, n):
+    # Always prefers whichever answer is shown first: position bias, which both orders cancel.
+    return 200, "Assistant A is more helpful. [[A]]", {}
+
+
+def test_pairwise_judging_end_to_end_position_bias_is_a_tie(smollm2_dir, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("E2E_JUDGE_KEY", KEY)
+    questions_file = tmp_path / "question.jsonl"
+    questions_file.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    with FakeOpenAI(_pair_judge_script, api_key=KEY) as server:
+        config = _config(tmp_path, questions_file, server.base_url)
+        config.eval.judge.mode = "pairwise"
+        run_dir = config.run.run_dir
+        make_lora_adapter(smollm2_dir, run_dir / "train" / "adapter")
+        ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
+        evaluate.run(ctx)
+        assert len(server.requests) == 8  # 2 questions x 2 turns x 2 orders, no single grading
+        system = server.requests[0]["body"]["messages"][0]["content"]
+        assert '"[[A]]" if assistant A is better' in system
+        evaluate.run(ctx)
+        assert len(server.requests) == 8  # cached: nothing re-judged
+    results = json.loads((ctx.work_dir / "results.json").read_text())
+    assert (
+        results["pairwise"]["tuned-base"]["tie_rate"] == 1.0
+        and results["pairwise"]["tuned-base"]["turns"] == 4
+    )
+    assert results["models"]["tuned"]["score_overall"] is None  # no single grading asked for
+    assert results["judge"]["mode"] == "pairwise"
+    pairs = [
+        json.loads(line) for line in (ctx.work_dir / "judgments" / "pairwise.jsonl").read_text().splitlines()
+    ]
+    assert {p["model"] for p in pairs} == {"tuned|base", "base|tuned"} and {p["winner"] for p in pairs} == {
+        "A"
+    }
+    rows = [json.loads(line) for line in (ctx.work_dir / "per_question.jsonl").read_text().splitlines()]
+    assert [r["pairwise"] for r in rows] == [[0, 0], [0, 0]]
+    report = (ctx.work_dir / "results.md").read_text()
+    assert (
+        "Pairwise judge, tuned vs base (4 turns judged in both orders, 0 failed): win 0.00, tie 1.00"
+        in report
+    )
+    assert "evaluate: tuned model merged in memory (logits match the adapter to" in caplog.text
+
+
+def test_tuned_adapter_is_merged_in_memory_after_a_logit_check(
+    smollm2_dir, lora_adapter, monkeypatch, caplog
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.stages import export
+
+    caplog.set_level(logging.INFO)
+    config = PipelineConfig.model_validate({"run": {"name": "m"}, "model": SMOLLM2})
+    tokenizer = AutoTokenizer.from_pretrained(lora_adapter)
+
+    def fresh():
+        return evaluate.attach_adapter(AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), lora_adapter)
+
+    inputs = export._verification_inputs(tokenizer, 2, 32)
+    expected = export._logits(fresh(), inputs)
+    merged, did_merge = evaluate.merge_verified(fresh(), tokenizer, config)
+    assert did_merge and not isinstance(merged, PeftModel)
+    assert not any("lora" in name for name, _ in merged.named_modules())  # plain weights, base speed
+    assert export.compare_logits(expected, export._logits(merged, inputs))["rel_error"] < 1e-4
+    assert export.compare_logits(expected, export._logits(merged, inputs))["top1_agreement"] == 1.0
+
+    # A failed check unmerges again (the base weights back up to rounding) and says so.
+    monkeypatch.setitem(export.DEFAULT_TOLERANCE, "float32", 0.0)
+    kept, did_merge = evaluate.merge_verified(fresh(), tokenizer, config)
+    assert (
+        not did_merge
+        and isinstance(kept, PeftModel)
+        and not kept.base_model.model.model.layers[0].self_attn.q_proj.merged
+    )
+    assert export.compare_logits(expected, export._logits(kept, inputs))["rel_error"] < 1e-4
+    assert "the tuned model answers unmerged" in caplog.text
+
+    # An 8-bit base is never merged into (int8 weights cannot hold the update).
+    eight_bit = config.model_copy(update={"model": config.model.model_copy(update={"load_in_8bit": True})})
+    kept, did_merge = evaluate.merge_verified(fresh(), tokenizer, eight_bit)
+    assert not did_merge and isinstance(kept, PeftModel) and "8-bit base" in caplog.text

@@ -100,8 +100,9 @@ def finish(ctx: Any, stage: str = "export") -> Path:
     return final
 
 
-def write_eval_results(run_dir: Path, tuned: float, base: float = 5.0) -> None:
-    """``<run_dir>/evaluate/results.json`` in the evaluate stage's format."""
+def write_eval_results(run_dir: Path, tuned: float, base: float = 5.0, rows: list | None = None) -> None:
+    """``<run_dir>/evaluate/results.json`` in the evaluate stage's format (and ``per_question.jsonl``
+    when ``rows`` are given; see ``per_question_rows``)."""
 
     def scores(overall: float) -> dict:
         return {
@@ -116,4 +117,20 @@ def write_eval_results(run_dir: Path, tuned: float, base: float = 5.0) -> None:
     folder = run_dir / "evaluate"
     folder.mkdir(parents=True, exist_ok=True)
     results = {"models": {"base": scores(base), "tuned": scores(tuned)}, "judge": {"backend": "test"}}
+    if rows is not None:
+        for model in ("base", "tuned"):
+            hits = [v for row in rows for v in row["models"][model]["exact"]]
+            results["models"][model]["exact_match"] = sum(hits) / len(hits)
+        (folder / "per_question.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / "results.json").write_text(json.dumps(results))
+
+
+def per_question_rows(base_hits: list[int], tuned_hits: list[int], keys: list[str] | None = None) -> list:
+    """Evaluate's per-question rows for one-turn verifiable questions: exact-match hits per model."""
+    keys = keys or [f"q{i}" for i in range(len(tuned_hits))]
+    return [
+        {"question_id": key, "key": key, "category": "builtin:list", "judged": False,
+         "models": {"base": {"score": [None], "exact": [float(b)], "words": [3]},
+                    "tuned": {"score": [None], "exact": [float(t)], "words": [3]}}}
+        for key, b, t in zip(keys, base_hits, tuned_hits, strict=True)
+    ]  # fmt: skip

@@ -1,6 +1,8 @@
 """The promote stage against a real MLflow registry (sqlite store, no server): the first version
 becomes champion, a worse candidate is refused and the alias stays, a better one takes it,
-``--force`` overrides (recorded), and ``models:/NAME@champion`` loads the promoted weights."""
+``--force`` overrides (recorded), and ``models:/NAME@champion`` loads the promoted weights. The ci
+gate decides on the paired interval of candidate - champion (or - base before there is one) and
+falls back, saying so, when the champion has no per-question results or shares no question."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import finish, make_config, make_ctx, write_adapter, write_eval_results
+from export_helpers import finish, make_config, make_ctx, per_question_rows, write_adapter, write_eval_results
 from test_export_merge import logits_on
 
 from pipeline import registry
@@ -57,7 +59,54 @@ def test_gate_rule():
         "promotion.decision": "promoted",
         "promotion.reason": forced.reason,
         "promotion.forced": "true",
+        "promotion.gate": "point",
     }
+
+
+CI = {"diff": -0.02, "n": 200, "verdict": "no detectable difference", "against": "champion (version 1)",
+      "paired": True, "note": None}  # fmt: skip
+
+
+def decide_ci(ci95, value=0.5, champion="1", threshold=None, **interval):
+    return registry.gate(
+        metric="tuned.exact_match",
+        value=value,
+        threshold=threshold,
+        margin=0.05,
+        champion_version=champion,
+        champion_value=0.52 if champion else None,
+        mode="ci",
+        interval=None if ci95 is None else {**CI, "ci95": ci95, **interval},
+    )
+
+
+def test_ci_gate_rule():
+    crossing = decide_ci([-0.08, 0.04])
+    assert not crossing.promote and crossing.gate == "ci" and crossing.interval["ci95"] == [-0.08, 0.04]
+    assert crossing.reason == (
+        "tuned.exact_match: candidate - champion (version 1) = -0.02, 95% interval [-0.08, +0.04] over 200 "
+        "shared questions; its lower bound is not above -margin (-0.05)"
+    )
+    cleared = decide_ci([-0.04, 0.06])
+    assert cleared.promote and cleared.reason.endswith("its lower bound is above -margin (-0.05)")
+    assert not decide_ci([-0.05, 0.01]).promote  # at -margin is not above it
+    assert cleared.as_tags()["promotion.gate"] == "ci" and cleared.as_dict()["interval"]["n"] == 200
+    noted = decide_ci(
+        [-0.04, 0.06], paired=False, note="too few questions shared with champion version 1: unpaired"
+    )
+    assert noted.reason.startswith(
+        "too few questions shared with champion version 1: unpaired; tuned.exact_match: "
+    )
+    assert "over 200 (unpaired) questions" in noted.reason
+    # the threshold and a missing value still refuse; no interval at all: the point rule's answer
+    assert decide_ci([0.1, 0.2], threshold=0.6).reason == "tuned.exact_match=0.5 is below the threshold 0.6"
+    assert decide_ci(None, champion=None).reason == "no current champion; tuned.exact_match=0.5"
+    forced = registry.gate(metric="m", value=0.1, threshold=None, margin=0.0, champion_version="2",
+                           champion_value=0.5, mode="ci", force=True,
+                           interval={**CI, "ci95": [-0.5, -0.3]})  # fmt: skip
+    assert forced.promote and forced.reason.startswith(
+        "forced with --force (gate failed: m: candidate - champion"
+    )
 
 
 def test_flatten_results_and_pip_requirements():
@@ -100,12 +149,12 @@ def exports(tmp_path_factory, tiny_base_dir, smollm2_tokenizer):
     return built
 
 
-def candidate(tmp_path: Path, name: str, export_dir: Path, tuned: float) -> Path:
+def candidate(tmp_path: Path, name: str, export_dir: Path, tuned: float, rows: list | None = None) -> Path:
     """A run directory with an export (linked) and its own evaluation results."""
     run_dir = tmp_path / name
     run_dir.mkdir()
     (run_dir / "export").symlink_to(export_dir, target_is_directory=True)
-    write_eval_results(run_dir, tuned=tuned)
+    write_eval_results(run_dir, tuned=tuned, rows=rows)
     return run_dir
 
 
@@ -137,7 +186,9 @@ def test_registry_champion_lifecycle(
     import mlflow
 
     name = "lifecycle"
-    config = make_config(tiny_base_dir, promote={"enabled": True, "registered_model": name, "margin": 0.25})
+    config = make_config(
+        tiny_base_dir, promote={"enabled": True, "registered_model": name, "margin": 0.25, "gate": "point"}
+    )
     client = mlflow.MlflowClient()
 
     def holder() -> str:
@@ -198,7 +249,12 @@ def test_adapter_only_model_registered_and_loaded_by_alias(
     name = "adapter-only"
     config = make_config(
         tiny_base_dir,
-        promote={"registered_model": name, "log": ["merged", "adapter"], "register_from": "adapter"},
+        promote={
+            "registered_model": name,
+            "log": ["merged", "adapter"],
+            "register_from": "adapter",
+            "gate": "point",
+        },
     )
     result, _, _ = promote_once(candidate(tmp_path, "r", exports["A"]["dir"], 6.0), config)
     assert set(result.extra["logged_models"]) == {"merged", "adapter"}
@@ -214,6 +270,12 @@ def test_promote_input_errors_are_one_clear_line(tmp_path, tiny_base_dir):
     with pytest.raises(StageError, match=r"stage input missing: .*evaluate"):
         promote.run(make_ctx(run_dir, config, stage="promote"))
     write_eval_results(run_dir, tuned=6.0)
+    with pytest.raises(
+        StageError,
+        match=r"^promote: .*per_question.jsonl is missing \(re-run evaluate, which writes it, or set ",
+    ):
+        promote.run(make_ctx(run_dir, config, stage="promote"))
+    config = make_config(tiny_base_dir, promote={"gate": "point"})
     bad = make_config(tiny_base_dir, promote={"gate_metric": "tuned.score_overal"})
     with pytest.raises(
         StageError,
@@ -230,3 +292,75 @@ def test_promote_input_errors_are_one_clear_line(tmp_path, tiny_base_dir):
         StageError, match=r"^promote.log: .*merged does not exist \(export.mode is adapter_only\?\)$"
     ):
         promote.run(make_ctx(run_dir, config, stage="promote"))
+
+
+@pytest.mark.slow
+def test_ci_gate_pairs_with_the_champion_and_records_the_interval(
+    tmp_path, tiny_base_dir, exports, mlflow_tracking, capsys
+):
+    import mlflow
+
+    name = "ci-gate"
+    config = make_config(
+        tiny_base_dir,
+        promote={
+            "enabled": True,
+            "registered_model": name,
+            "gate_metric": "tuned.exact_match",
+            "margin": 0.05,
+        },
+    )
+    client = mlflow.MlflowClient()
+    champion_hits = [1] * 30 + [0] * 10
+
+    def attempt(run: str, tuned_hits: list[int], keys: list[str] | None = None) -> dict:
+        rows = per_question_rows([1] * 10 + [0] * 30, tuned_hits, keys)
+        promote_once(candidate(tmp_path, run, exports["A"]["dir"], 6.0, rows), config)
+        return json.loads((tmp_path / run / "promote.partial" / "decision.json").read_text())
+
+    # 1. No champion yet: tuned - base over this run's 40 questions (+0.5) clears -margin.
+    first = attempt("r1", champion_hits)
+    assert first["promote"] and first["gate"] == "ci"
+    assert first["interval"]["against"] == "base (no champion yet)" and first["interval"]["paired"]
+    assert (
+        first["interval"]["diff"] == 0.5 and first["interval"]["ci95"][0] > 0 and first["interval"]["n"] == 40
+    )
+    stored = client.get_model_version(name, "1").tags[registry.PER_QUESTION_TAG]
+    assert stored.startswith("runs:/") and stored.endswith("/evaluation/per_question.jsonl")
+
+    # 2. Two questions lost against the champion: -0.05, an interval that crosses -margin: refused.
+    crossing = attempt("r2", [0, 0, *champion_hits[2:]])
+    assert not crossing["promote"] and str(crossing["champion_version"]) == "1"
+    low, high = crossing["interval"]["ci95"]
+    assert crossing["interval"]["diff"] == -0.05 and low < -0.05 < high and crossing["interval"]["paired"]
+    assert crossing["reason"] == (
+        "tuned.exact_match: candidate - champion (version 1) = -0.05, 95% interval "
+        f"[{low:+.4g}, {high:+.4g}] over 40 shared questions; its lower bound is not above -margin (-0.05)"
+    )
+    assert client.get_model_version(name, "2").tags["promotion.decision"] == "refused"
+
+    # 3. Two questions gained: the interval's lower bound (0) clears -margin: promoted.
+    cleared = attempt("r3", [*champion_hits[:30], 1, 1, *champion_hits[32:]])
+    assert (
+        cleared["promote"] and cleared["interval"]["diff"] == 0.05 and cleared["interval"]["ci95"][0] == 0.0
+    )
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    capsys.readouterr()
+
+    # 4. No question in common with the champion: said in one line, unpaired intervals.
+    unshared = attempt("r4", champion_hits, keys=[f"other{i}" for i in range(40)])
+    note = "too few questions shared with champion version 3: unpaired intervals"
+    assert unshared["interval"]["note"] == note and not unshared["interval"]["paired"]
+    assert unshared["reason"].startswith(note + "; tuned.exact_match: candidate - champion (version 3) = ")
+    assert note in capsys.readouterr().out
+
+    # 5. A champion registered before per-question results were stored: its recorded value instead.
+    client.delete_model_version_tag(name, "3", registry.PER_QUESTION_TAG)
+    old = attempt("r5", champion_hits[:30] + [1] * 10)
+    note = (
+        "champion version 3 has no per-question results (registered before they were stored): the "
+        "candidate's own interval minus the champion's recorded tuned.exact_match"
+    )
+    assert old["interval"]["note"] == note and not old["interval"]["paired"]
+    assert old["interval"]["diff"] == round(1.0 - 0.8, 4) and old["interval"]["ci95"] == [0.2, 0.2]
+    assert old["promote"] and note in capsys.readouterr().out

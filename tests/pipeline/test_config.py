@@ -60,6 +60,11 @@ def test_cpu_default_is_offline_and_small():
     assert config.model.name_or_path.startswith("pkg://") and config.model.gguf_file
     assert [s.builtin for s in config.data.sources] == [1500]
     assert config.data.max_length <= 256 and config.model.dtype == "float32"
+    # it proves itself: >= 200 held-out verifiable questions (the whole eval split), short greedy
+    # answers, and a gate that promotes on their paired interval
+    assert config.eval.heldout_questions == config.data.eval_size >= 200
+    assert config.eval.verifiable_max_new_tokens <= 64 and not config.eval.judge_verifiable
+    assert (config.promote.gate, config.promote.gate_metric) == ("ci", "tuned.exact_match")
 
 
 # (extra YAML, CLI overrides, the exact message line)

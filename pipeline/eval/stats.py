@@ -1,0 +1,97 @@
+"""How sure is a score? 95% percentile-bootstrap intervals over questions, and paired differences.
+
+The unit of resampling is the question (its turns stay together: two answers in one conversation
+are not independent), and the statistic is the one the report shows, the mean over all values of
+the resampled questions. A paired comparison resamples the *same* questions for both models, so
+question difficulty cancels out and a small, consistent improvement is detectable where two
+overlapping unpaired intervals would say nothing. Seeded: the same data gives the same interval.
+
+``Units`` map a question key to that question's per-turn values (``None`` where a turn has no
+value, e.g. a failed judgment or a turn without an expected answer). Fewer than ``MIN_QUESTIONS``
+questions get no interval: the bootstrap of one question is a point, and below six not even a
+unanimous result would be significant (a two-sided sign test needs 6 to reach p < 0.05).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+RESAMPLES = 10_000
+SEED = 0
+MIN_QUESTIONS = 6
+Units = dict[str, list[float | None]]
+
+
+def resample_indices(n: int, seed: int = SEED, resamples: int = RESAMPLES) -> np.ndarray:
+    """``resamples`` rows of ``n`` question indices drawn with replacement."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _sums(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([sum(r) for r in rows], dtype=float), np.array([len(r) for r in rows], dtype=float)
+
+
+def _means(sums: np.ndarray, counts: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # a resample of questions without values: nan, skipped
+        return sums[indices].sum(axis=1) / counts[indices].sum(axis=1)
+
+
+def _bounds(statistics: np.ndarray) -> list[float]:
+    low, high = np.nanpercentile(statistics, [2.5, 97.5])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
+def _present(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def interval(units: Units, seed: int = SEED) -> list[float] | None:
+    """95% interval of the mean over every value, resampling questions; None for too few questions."""
+    rows = [_present(v) for v in units.values() if _present(v)]
+    if len(rows) < MIN_QUESTIONS:
+        return None
+    sums, counts = _sums(rows)
+    return _bounds(_means(sums, counts, resample_indices(len(rows), seed)))
+
+
+def verdict(ci95: list[float]) -> str:
+    return "better" if ci95[0] > 0 else "worse" if ci95[1] < 0 else "no detectable difference"
+
+
+def compare(
+    reference: Units, candidate: Units, seed: int = SEED, paired: bool = True
+) -> dict[str, Any] | None:
+    """``candidate - reference`` with a 95% interval.
+
+    Paired: over the questions both have, on the turns both have, with one resample of questions
+    for both. Unpaired (no shared questions): each side resampled on its own. None when there are
+    too few questions to compare.
+    """
+    if paired:
+        pairs = [
+            [(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
+            for key in candidate
+            if key in reference
+        ]
+        pairs = [p for p in pairs if p]
+        if len(pairs) < MIN_QUESTIONS:
+            return None
+        ref_sums, counts = _sums([[r for r, _ in p] for p in pairs])
+        cand_sums, _ = _sums([[c for _, c in p] for p in pairs])
+        indices = resample_indices(len(pairs), seed)
+        diffs = _means(cand_sums, counts, indices) - _means(ref_sums, counts, indices)
+        diff, n = cand_sums.sum() / counts.sum() - ref_sums.sum() / counts.sum(), len(pairs)
+    else:
+        sides = [[_present(v) for v in units.values() if _present(v)] for units in (reference, candidate)]
+        if min(map(len, sides)) < MIN_QUESTIONS:
+            return None
+        (ref_sums, ref_counts), (cand_sums, cand_counts) = _sums(sides[0]), _sums(sides[1])
+        diffs = _means(cand_sums, cand_counts, resample_indices(len(sides[1]), seed + 1)) - _means(
+            ref_sums, ref_counts, resample_indices(len(sides[0]), seed)
+        )
+        diff = cand_sums.sum() / cand_counts.sum() - ref_sums.sum() / ref_counts.sum()
+        n = len(sides[1])
+    ci95 = _bounds(diffs)
+    return {"diff": round(float(diff), 4), "ci95": ci95, "n": n, "verdict": verdict(ci95)}
