@@ -26,7 +26,7 @@ class Recorder:
         self.calls: list[list[str]] = []
         self.fail_on_call = fail_on_call
 
-    def __call__(self, model, tokenizer, prompts, temperature, max_new_tokens, seed):
+    def __call__(self, model, tokenizer, prompts, temperature, max_new_tokens, seed, on_token):
         self.calls.append(list(prompts))
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt("killed")
@@ -107,9 +107,9 @@ def test_questions_are_grouped_by_category_temperature(tokenizer, tmp_path):
     )
     temperatures = []
 
-    def spy(model, tok, prompts, temperature, max_new_tokens, seed):
+    def spy(model, tok, prompts, temperature, max_new_tokens, seed, on_token):
         temperatures.append((temperature, len(prompts)))
-        return recorder(model, tok, prompts, temperature, max_new_tokens, seed)
+        return recorder(model, tok, prompts, temperature, max_new_tokens, seed, on_token)
 
     generate_answers(
         None,
@@ -227,3 +227,22 @@ def test_uora_adapter_loads_unmerged_through_attach_adapter(smollm2_dir, tmp_pat
             base_logits = loaded(ids).logits
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changes the model
+
+
+def test_progress_moves_per_generated_token(tokenizer, tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    steps = []
+    prompts = ["<|im_start|>user\nHi<|im_end|>\n", "<|im_start|>user\nName a colour.<|im_end|>\n"]
+    assert len(generate_batch(model, tokenizer, prompts, 0.0, 5, 0, lambda: steps.append(1))) == 2
+    assert len(steps) == 5  # once per generated token of the batch, not per prompt token
+
+    def two_steps(model, tok, prompts, temperature, max_new_tokens, seed, on_token):
+        on_token(), on_token()
+        return ["x"] * len(prompts)
+
+    generate_answers(None, tokenizer, QUESTIONS[:2], GREEDY, model_id="m", model_identity="id",
+                     cache_path=tmp_path / "a.jsonl", generate_fn=two_steps)  # fmt: skip
+    final = capsys.readouterr().err.split("\r")[-1]  # the bar's last redraw
+    assert "answers [m]: 100%" in final and "2/2 [" in final and "turn 2/2, token 2/6" in final
