@@ -82,7 +82,7 @@ def readiness_warnings(config: Any) -> list[str]:
         if repo and not hub_cached(repo, model.revision):
             lines.append(f"{field}.name_or_path: {repo} is not in the local Hugging Face cache; the first "
                          "stage downloads it (gated models such as Llama-2: accept the licence on the hub, "
-                         "then set HF_TOKEN or run huggingface-cli login)")  # fmt: skip
+                         "then set HF_TOKEN or run hf auth login)")  # fmt: skip
     return lines
 
 

@@ -204,12 +204,13 @@ def run_pipeline(
     if any(force or not (pipeline.disabled(name) or pipeline.up_to_date(name)) for name in selected):
         from pipeline.models import hub_preflight
 
-        judge = config.eval.judge.local_model if config.eval.judge.backend == "local" else None
-        for field, model in (("model", config.model), ("eval.judge.local_model", judge)):
-            problem = model and hub_preflight(model, field)
-            if problem:  # before the run dir exists: a stage that never started leaves nothing
-                print(problem, file=sys.stderr)
-                return EXIT_STAGE_FAILED
+        models = {"model": config.model, "eval.judge.local_model": config.eval.judge.local_model}
+        if config.eval.judge.backend != "local" or models["eval.judge.local_model"] is None:
+            del models["eval.judge.local_model"]
+        problem = hub_preflight(models)
+        if problem:  # before the run dir exists: a stage that never started leaves nothing
+            print(problem, file=sys.stderr)
+            return EXIT_STAGE_FAILED
     config.run_dir.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock, Timeout
 

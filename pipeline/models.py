@@ -62,13 +62,16 @@ def hub_cached(repo_id: str, revision: str | None = None) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
-def hub_preflight(config: ModelConfig, field: str = "model") -> str | None:
-    """One probe of the hub before a run needs it: if it fails, offline mode for the rest of this
-    process and its workers (cached weights then load at once, not after a minute of retries per
-    file), and the one line to fail with when the weights are not cached. Nothing to do for local
-    weights or under ``HF_HUB_OFFLINE`` (the user's choice; transformers then fails without retrying)."""
-    repo = hub_model_id(config)
-    if repo is None or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
+    """One probe of the hub before a run needs it (``models``: config field → model). If it fails:
+    offline mode for the rest of this process and its workers (cached weights then load at once,
+    not after a minute of retries per file), and the one line to fail with for weights that are not
+    cached. Nothing to do for local weights or under ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``
+    (the user's choice; transformers then fails without retrying)."""
+    repos = {field: (hub_model_id(model), model.revision) for field, model in models.items()}
+    repos = {field: found for field, found in repos.items() if found[0]}
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if not repos or offline.lower() in ("1", "true", "yes", "on"):
         return None
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
@@ -82,11 +85,12 @@ def hub_preflight(config: ModelConfig, field: str = "model") -> str | None:
     for module in ("huggingface_hub.constants", "datasets.config"):  # already imported: read at import
         if module in sys.modules:
             sys.modules[module].HF_HUB_OFFLINE = True
-    if hub_cached(repo, config.revision):
-        return None
-    return (f"{field}.name_or_path: {repo} is not in the local Hugging Face cache and the hub "
-            f"({endpoint}) is unreachable ({reason}); download it where the hub is reachable, or point "
-            "HF_HUB_CACHE at a cache that has it")  # fmt: skip
+    for field, (repo, revision) in repos.items():
+        if not hub_cached(repo, revision):
+            return (f"{field}.name_or_path: {repo} is not in the local Hugging Face cache and the hub "
+                    f"({endpoint}) is unreachable ({reason}); download it where the hub is reachable, or "
+                    "point HF_HUB_CACHE at a cache that has it")  # fmt: skip
+    return None
 
 
 def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

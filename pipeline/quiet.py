@@ -18,7 +18,8 @@ LOG_MESSAGES = (
      "bitsandbytes looks for an optional 4-bit CPU kernel (the `kernels` package) at import; the "
      "pipeline never runs 4-bit layers, and 8-bit ones do not use it"),
     ("DeepSpeed", "Setting accelerator to CPU",
-     "DeepSpeed, imported by transformers/accelerate on a host without a GPU, says it picked the CPU"),
+     "DeepSpeed (installed by make setup, imported by the training libraries even when a run does not "
+     "use it) says, on a host without a GPU, that it picked the CPU"),
     ("mlflow.store.db.utils", "Creating initial MLflow database tables",
      "the first use of a new sqlite store (runs/<name>/mlflow.db)"),
     ("mlflow.store.db.utils", "Updating database tables", "the same schema set-up, second line"),

@@ -57,11 +57,20 @@ def test_cached_weights_switch_the_process_to_offline_mode(tmp_path, monkeypatch
     (snapshot / "config.json").write_text("{}")
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc")
-    assert hub_preflight(ModelConfig(name_or_path="org/cached")) is None
+    names = ("org/cached", "org/absent", str(tmp_path))
+    cached, absent, local = (ModelConfig(name_or_path=name) for name in names)
+    # every hub model is checked after the one probe: the judge's too
+    assert hub_preflight({"model": cached, "eval.judge.local_model": absent}) == (
+        f"eval.judge.local_model.name_or_path: org/absent is not in the local Hugging Face cache and the hub "
+        f"({DEAD_HUB}) is unreachable ([Errno 111] Connection refused); download it where the hub is "
+        "reachable, or point HF_HUB_CACHE at a cache that has it"
+    )
     # transformers and huggingface_hub now read the cache at once instead of retrying the hub
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
     assert constants.HF_HUB_OFFLINE is True
-    assert hub_preflight(ModelConfig(name_or_path=str(tmp_path))) is None  # local weights: no probe
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert hub_preflight({"model": cached}) is None  # hub down, weights cached: the run goes on offline
+    assert hub_preflight({"model": local}) is None  # local weights: nothing to probe
 
 
 @pytest.mark.parametrize("key_set", [False, True])
@@ -76,7 +85,7 @@ def test_validate_warns_about_an_unset_judge_key_and_uncached_weights(tmp_path, 
     expected = [
         "warning: model.name_or_path: org/absent is not in the local Hugging Face cache; the first stage "
         "downloads it (gated models such as Llama-2: accept the licence on the hub, then set HF_TOKEN or run "
-        "huggingface-cli login)"
+        "hf auth login)"
     ]
     if not key_set:
         unset = "warning: eval.judge.api_key_env: $UORA_TEST_JUDGE_KEY is not set; evaluate fails until it is"
