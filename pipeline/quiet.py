@@ -23,6 +23,11 @@ LOG_MESSAGES = (
     ("mlflow.store.db.utils", "Creating initial MLflow database tables",
      "the first use of a new sqlite store (runs/<name>/mlflow.db)"),
     ("mlflow.store.db.utils", "Updating database tables", "the same schema set-up, second line"),
+    ("mlflow.transformers", "Overriding save_pretrained to False for PEFT models",
+     "promote logs the adapter without its base on purpose; the line says the base is referenced on the "
+     "hub, while MLflow's next line names the local base it really references"),
+    ("mlflow.transformers", "Saving only pipeline components",
+     "repeats that line (the base model is referenced, not copied)"),
 )  # fmt: skip
 
 # (category, message regex, why it is dropped)
