@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from: PyPI when empty. A build for this host's hardware, on a fresh checkout (or
+# after `make clean`): TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU only, no CUDA
+# libraries), .../whl/cu128 (CUDA 12.8 GPUs).
+TORCH_INDEX ?=
 DEEPSPEED_VERSION ?= 0.19.8
 CONFIG ?= configs/smollm2_135m.yaml
 PYTEST_ARGS ?=
@@ -15,7 +19,7 @@ PYTEST_ARGS ?=
 $(VENV)/.setup-stamp: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# DeepSpeed ships as an sdist whose setup imports torch: build it against the torch above, with
 	# no CUDA ops compiled (DS_BUILD_OPS=0; ~10 s). GPU hosts JIT-compile the ops they use.
 	$(BIN)/pip install -q setuptools wheel

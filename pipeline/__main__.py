@@ -10,10 +10,12 @@ runs the plan and warns when the config will not fit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pipeline import quiet
 from pipeline.stages import STAGE_ORDER
 
 if TYPE_CHECKING:
@@ -76,8 +78,27 @@ def select_stages(command: str, from_stage: str | None, only: str | None) -> lis
     return list(STAGE_ORDER)
 
 
+def readiness_warnings(config: Any) -> list[str]:
+    """What a valid config will still trip over, found without network or torch: an unset judge key
+    variable, hub weights that are not cached (validate warns; it cannot tell a download will fail)."""
+    from pipeline.models import hub_cached, hub_model_id
+
+    judge, lines = config.eval.judge, []
+    if judge.backend == "openai" and not os.environ.get(judge.api_key_env):
+        lines.append(f"eval.judge.api_key_env: ${judge.api_key_env} is not set; evaluate fails until it is")
+    local_judge = judge.local_model if judge.backend == "local" else None
+    for field, model in (("model", config.model), ("eval.judge.local_model", local_judge)):
+        repo = model and hub_model_id(model)
+        if repo and not hub_cached(repo, model.revision):
+            lines.append(f"{field}.name_or_path: {repo} is not in the local Hugging Face cache; the first "
+                         "stage downloads it (gated models such as Llama-2: accept the licence on the hub, "
+                         "then set HF_TOKEN or run hf auth login)")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    quiet.install()
     args = build_parser().parse_args(argv)
     if args.command not in COMMANDS:
         return _fail([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
@@ -99,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         if args.print_config:
             print(to_yaml(config), end="")
+        for line in readiness_warnings(config):
+            print(f"warning: {line}", file=sys.stderr)
         elapsed = time.perf_counter() - started
         print(f"{args.config}: valid (run dir {config.run_dir}, validated in {elapsed:.2f} s)")
         return 0 if args.gpus_per_node is None else run_plan(config, args, warn_only=True)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
 MANIFEST = "manifest.json"
+REPORT_THEMSELVES = ("prepare", "promote")  # stages that print their own result line
 EXIT_STAGE_FAILED = 1
 EXIT_TRACKING = 2
 EXIT_INTERRUPTED = 130
@@ -200,6 +201,16 @@ def run_pipeline(
         for line in problems:
             print(line, file=sys.stderr)
         return EXIT_STAGE_FAILED
+    if any(force or not (pipeline.disabled(name) or pipeline.up_to_date(name)) for name in selected):
+        from pipeline.models import hub_preflight
+
+        models = {"model": config.model, "eval.judge.local_model": config.eval.judge.local_model}
+        if config.eval.judge.backend != "local" or models["eval.judge.local_model"] is None:
+            del models["eval.judge.local_model"]
+        problem = hub_preflight(models)
+        if problem:  # before the run dir exists: a stage that never started leaves nothing
+            print(problem, file=sys.stderr)
+            return EXIT_STAGE_FAILED
     config.run_dir.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock, Timeout
 
@@ -261,6 +272,7 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
             continue
         if not force and pipeline.up_to_date(name):
             report.status, report.detail = "up to date", f"{name}/"
+            report.metrics = (read_manifest(config.run_dir / name) or {}).get("metrics", {})
             continue
         console.print(f"[bold]▶ {name}[/bold]")
         began = time.perf_counter()
@@ -304,6 +316,9 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
         else:
             report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
         report.seconds = time.perf_counter() - began
+        if report.status == "ran" and name not in REPORT_THEMSELVES:
+            line = f"{name}: {key_metrics(pipeline.module(name), report.metrics)} ({report.seconds:.0f} s)"
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         if code or preempted:
             break
     for report in reports:
@@ -313,6 +328,21 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
     tracker.finish("KILLED" if stopped else "FINISHED" if code == 0 else "FAILED")
     print_summary(console, config, reports, uri, tracker.parent_id)
     return code
+
+
+def key_metrics(module: Any, metrics: dict[str, Any]) -> str:
+    """The few numbers that say how a stage went: its own ``summary(metrics)`` where it has one; else
+    the headline numbers of ``base.*`` and ``tuned.*`` side by side (evaluate); else the first three."""
+    if hasattr(module, "summary") and metrics:
+        return module.summary(metrics)
+    pairs = [key[5:] for key in metrics
+             if key.startswith("base.") and "." not in key[5:] and f"tuned.{key[5:]}" in metrics]  # fmt: skip
+    if pairs:
+        pairs.sort(key=lambda name: name not in ("score_overall", "exact_match"))  # stable: then file order
+        shown = (f"{name} {metrics['base.' + name]:.3g} → {metrics['tuned.' + name]:.3g}" for name in pairs)
+        return ", ".join(list(shown)[:3]) + " (base → tuned)"
+    numbers = [(key, value) for key, value in metrics.items() if isinstance(value, int | float)][:3]
+    return ", ".join(f"{key}={value:.4g}" for key, value in numbers)
 
 
 def _drop_if_empty(path: Path) -> None:
@@ -333,16 +363,17 @@ def print_summary(console: Any, config: PipelineConfig, reports: list[StageRepor
     for column in ("stage", "status", "time", "output / reason", "key metrics"):
         table.add_column(column, overflow="fold")
     for report in reports:
-        shown = list(report.metrics.items())[:3]
-        metrics = ", ".join(f"{key}={value:.4g}" for key, value in shown if isinstance(value, int | float))
+        metrics = key_metrics(stage_registry.load_stage(report.name), report.metrics)
         colour = colours.get(report.status, "white")
         table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
                       f"{report.seconds:.1f}s" if report.seconds else "", report.detail, metrics)  # fmt: skip
     console.print(table)
-    console.print(f"run dir:  {config.run_dir}")
+    lines = [f"run dir:  {config.run_dir}"]
     if not config.tracking.enabled:
-        console.print("MLflow:   off (tracking.enabled: false)")
-        return
-    if parent_id:
-        console.print(f"MLflow:   experiment '{config.tracking.experiment}', parent run {parent_id}")
-    console.print(f"open UI:  {ui_command(uri)}")
+        lines.append("MLflow:   off (tracking.enabled: false)")
+    else:
+        if parent_id:
+            lines.append(f"MLflow:   experiment '{config.tracking.experiment}', parent run {parent_id}")
+        lines.append(f"open UI:  {ui_command(uri)}")
+    for line in lines:  # never wrapped: a command split over two lines cannot be pasted
+        console.print(line, soft_wrap=True, markup=False, highlight=False)

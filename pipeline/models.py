@@ -14,8 +14,13 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
+import struct
+import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +46,51 @@ def resolve_package_dir(name_or_path: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model.name_or_path: Python package {package!r} is not installed")
     return str(spec.submodule_search_locations[0])
+
+
+def hub_model_id(config: ModelConfig) -> str | None:
+    """The hub id ``config`` names, or None for a local folder or a ``pkg://`` package."""
+    location = config.name_or_path
+    return None if location.startswith(PACKAGE_SCHEME) or Path(location).exists() else location
+
+
+def hub_cached(repo_id: str, revision: str | None = None) -> bool:
+    """Whether the Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``) holds ``repo_id``'s
+    config.json; read from disk, no network (and no torch, so ``validate`` may call it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+
+
+def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
+    """One probe of the hub before a run needs it (``models``: config field → model). If it fails:
+    offline mode for the rest of this process and its workers (cached weights then load at once,
+    not after a minute of retries per file), and the one line to fail with for weights that are not
+    cached. Nothing to do for local weights or under ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``
+    (the user's choice; transformers then fails without retrying)."""
+    repos = {field: (hub_model_id(model), model.revision) for field, model in models.items()}
+    repos = {field: found for field, found in repos.items() if found[0]}
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if not repos or offline.lower() in ("1", "true", "yes", "on"):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+        return None
+    except urllib.error.HTTPError:  # it answered
+        return None
+    except OSError as error:  # URLError, timeouts, DNS
+        reason = getattr(error, "reason", error)
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module in ("huggingface_hub.constants", "datasets.config"):  # already imported: read at import
+        if module in sys.modules:
+            sys.modules[module].HF_HUB_OFFLINE = True
+    for field, (repo, revision) in repos.items():
+        if not hub_cached(repo, revision):
+            return (f"{field}.name_or_path: {repo} is not in the local Hugging Face cache and the hub "
+                    f"({endpoint}) is unreachable ({reason}); download it where the hub is reachable, or "
+                    "point HF_HUB_CACHE at a cache that has it")  # fmt: skip
+    return None
 
 
 def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
@@ -111,6 +161,54 @@ def resolve_model_dir(config: ModelConfig) -> str:
     if config.gguf_file:
         return str(convert_gguf(location, config.gguf_file))
     return location
+
+
+def base_model_card(config: ModelConfig) -> dict[str, str]:
+    """What a model card says about the base model, read offline: ``base_model`` (its hub id) and
+    ``license``, where known. A hub id is taken as configured, with the licence of its cached hub
+    card; a GGUF file is named ``<general.organization>/<file name less its quantisation suffix>``
+    from its metadata (the CPU default: ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``apache-2.0``);
+    a local folder has no hub id."""
+    location = resolve_package_dir(config.name_or_path)
+    if config.gguf_file:
+        meta = gguf_general_metadata(Path(location) / config.gguf_file)
+        name = re.sub(r"[.-](?:I?Q\d\w*|B?F16|F32)$", "", Path(config.gguf_file).stem, flags=re.IGNORECASE)
+        card = {"base_model": f"{meta['organization']}/{name}" if "organization" in meta else None}
+        return {key: value for key, value in {**card, "license": meta.get("license")}.items() if value}
+    if Path(location).exists():
+        return {}
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    readme = try_to_load_from_cache(location, "README.md", revision=config.revision)
+    licence = ModelCard.load(readme).data.license if isinstance(readme, str) else None
+    return {"base_model": location, **({"license": licence} if licence else {})}
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_general_metadata(path: Path) -> dict[str, Any]:
+    """The ``general.*`` string and number values at the head of a GGUF file (``organization``,
+    ``license``, ...), read directly: ``gguf.GGUFReader`` parses the whole vocabulary first (~30 s
+    for SmolLM2's). GGUF v2+ layout: magic, version, tensor and key counts, then typed key/values."""
+    found: dict[str, Any] = {}
+    with open(path, "rb") as handle:
+
+        def read(fmt: str) -> Any:
+            return struct.unpack("<" + fmt, handle.read(struct.calcsize(fmt)))[0]
+
+        def text() -> str:
+            return handle.read(read("Q")).decode("utf-8", "replace")
+
+        if handle.read(4) != b"GGUF" or read("I") < 2:
+            return found
+        read("Q")
+        for _ in range(read("Q")):
+            key, kind = text(), read("I")
+            if not key.startswith("general.") or kind == 9:  # general.* come first; arrays end the walk
+                break
+            found[key[len("general.") :]] = text() if kind == 8 else read(_GGUF_SCALARS[kind])
+    return found
 
 
 def read_chat_template(config: ModelConfig) -> str | None:

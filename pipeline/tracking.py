@@ -43,10 +43,17 @@ def resolve_uri(config: PipelineConfig) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
+    """The command that opens the MLflow UI on this store. ``mlflow`` is installed next to this
+    Python (the project's venv), which is often not on PATH: then it is named by its path."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+    scripts = Path(sys.executable).parent
+    executable = scripts / "mlflow"
+    if str(scripts) in os.environ.get("PATH", "").split(os.pathsep):
+        executable = Path("mlflow")
+    elif scripts.is_relative_to(Path.cwd()):
+        executable = executable.relative_to(Path.cwd())
+    return f"{executable} ui --backend-store-uri {uri}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

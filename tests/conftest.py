@@ -1,16 +1,23 @@
-"""Shared fixtures: real data from ../shared/data, the offline SmolLM2 weights, tiny random models."""
+"""Shared fixtures: the data folder, the offline SmolLM2 weights, tiny random models; and the rule
+that no test may skip for missing data."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]  # tests/test_fixture_data.py runs a small pytest session of its own
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FIXTURE_DATA = REPO_ROOT / "tests" / "fixtures" / "data"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A skip whose reason says data is missing: on a fresh clone that test would check nothing.
+MISSING_DATA = re.compile(r"\bdata\b.*\b(not found|missing|absent)\b|UORA_SHARED_DATA", re.IGNORECASE)
 
 # Tests never reach a hub: fail fast instead of hanging on a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,14 +25,35 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def data_dir() -> Path:
+    """``$UORA_SHARED_DATA`` or ../shared/data when either is a folder (CI: the full files), else the
+    committed excerpts in tests/fixtures/data (same layout, real rows), so a fresh clone runs every
+    data test. ``UORA_SHARED_DATA=tests/fixtures/data`` makes a checkout with ../shared use them."""
+    for candidate in (os.environ.get("UORA_SHARED_DATA"), SHARED_DATA):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate).resolve()
+    return FIXTURE_DATA
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (MT-Bench files and Alpaca-format instruction sets), or ``$UORA_SHARED_DATA``
-    for checkouts that do not sit next to it (git worktrees)."""
-    for candidate in (SHARED_DATA, Path(os.environ.get("UORA_SHARED_DATA", "/nonexistent"))):
-        if candidate.is_dir():
-            return candidate
-    pytest.skip(f"shared data not found at {SHARED_DATA} (or set UORA_SHARED_DATA)")
+    """The data folder (see :func:`data_dir`): MT-Bench files and Alpaca-format instruction sets."""
+    return data_dir()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"data: {data_dir()}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """Turn a skip for missing data into a failure: commit a fixture under tests/fixtures instead."""
+    report = (yield).get_result()
+    skipped = report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple)
+    reason = report.longrepr[2] if skipped else ""
+    if MISSING_DATA.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"skipped for missing data ({reason}); tests must run on a fresh clone"
 
 
 @pytest.fixture(scope="session")

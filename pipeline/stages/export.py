@@ -36,6 +36,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.models import base_model_card
 from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "export"
@@ -103,6 +104,7 @@ def run(ctx: StageContext) -> StageResult:
         "data_digests": data_digests(ctx.run_dir),
         "base_model": ctx.config.model.name_or_path,
         "base_gguf_file": ctx.config.model.gguf_file,
+        "base_card": base_model_card(ctx.config.model),
         "method": method,
         "r": adapter_config.get("r"),
         "mlflow_run_id": ctx.mlflow_run_id,
@@ -111,7 +113,7 @@ def run(ctx: StageContext) -> StageResult:
     outputs = {"adapter": "adapter", "lineage": "lineage.json"}
     metrics: dict[str, float] = {}
     extra: dict[str, Any] = {"method": method, "mode": cfg.mode}
-
+    report = None
     if cfg.mode == "merged":
         report = _merge_verify_save(ctx, source, work, lineage)
         metrics.update(
@@ -125,9 +127,19 @@ def run(ctx: StageContext) -> StageResult:
         extra["verification"] = report
         outputs.update({"merged": "merged", "verification": "verification.json"})
 
+    # PEFT's save_pretrained left its empty template (and a local path as base_model) here.
+    (work / "adapter" / "README.md").write_text(model_card(ctx, lineage, report, "adapter"), encoding="utf-8")
     (work / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
     _log_artifacts(work)
     return StageResult(metrics=metrics, outputs=outputs, extra=extra)
+
+
+def summary(metrics: dict[str, float]) -> str:
+    """The stage's result line."""
+    if "verify_rel_error" not in metrics:
+        return "adapter copied (export.mode: adapter_only)"
+    return (f"merged model verified: relative logit error {metrics['verify_rel_error']:.2g}, top-1 agreement "
+            f"{metrics['verify_top1_agreement']:.3f}")  # fmt: skip
 
 
 def _merge_verify_save(
@@ -206,7 +218,7 @@ def _merge_verify_save(
                 f"tolerance {tolerance:g} for {dtype_name}"
             )
         lineage["trainable_params"] = int(trainable)
-        (staging / "README.md").write_text(model_card(ctx, lineage, report), encoding="utf-8")
+        (staging / "README.md").write_text(model_card(ctx, lineage, report, "merged"), encoding="utf-8")
         staging.rename(work / "merged")
     except BaseException:
         _remove(staging)
@@ -269,46 +281,67 @@ def compare_logits(reference: list[Any], candidate: list[Any]) -> dict[str, floa
 # --------------------------------------------------------------------------------------------
 # model card, lineage, helpers
 # --------------------------------------------------------------------------------------------
-def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any]) -> str:
-    """A Hugging Face model card (YAML front matter + Markdown) for the merged folder."""
+def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any] | None, kind: str) -> str:
+    """A Hugging Face model card (YAML front matter + Markdown) for ``merged/`` or ``adapter/``;
+    ``report`` is the merge verification (None in ``adapter_only`` mode)."""
     model_cfg = ctx.config.model
     base = model_cfg.name_or_path + (f" ({model_cfg.gguf_file})" if model_cfg.gguf_file else "")
-    eight_bit = "yes (merged into an unquantised reload)" if report["merged_from_8bit_training"] else "no"
+    card, method, merged = lineage["base_card"], lineage["method"].upper(), kind == "merged"
+    hub_id = card.get("base_model")
     lines = [
         "---",
-        "library_name: transformers",
+        *(f"{key}: {value}" for key, value in card.items()),
+        f"library_name: {'transformers' if merged else 'peft'}",
         "pipeline_tag: text-generation",
-        "tags: [peft, merged, " + str(lineage["method"]) + ", instruction-tuning]",
+        f"tags: [peft, {'merged, ' if merged else ''}{lineage['method']}, instruction-tuning]",
         "---",
         "",
-        f"# {ctx.config.run.name} (merged {lineage['method'].upper()} adapter)",
+        f"# {ctx.config.run.name} ({'merged ' if merged else ''}{method} adapter)",
         "",
-        "A standalone causal LM: the adapter's update is merged into the base weights, so it loads",
-        "with `AutoModelForCausalLM.from_pretrained(folder)` and needs no PEFT or project code.",
+        "A standalone causal LM: the adapter's update is merged into the base weights, so it loads\n"
+        "with `AutoModelForCausalLM.from_pretrained(folder)` and needs no PEFT or project code."
+        if merged
+        else f"A PEFT {method} adapter: load it on its base model (below) with `PeftModel.from_pretrained`.",
         "",
         "| | |",
         "|---|---|",
         f"| Base model | `{base}` |",
-        f"| Method | {lineage['method'].upper()} |",
-        f"| Rank r | {lineage['r']} |",
-        f"| Trainable parameters | {report['trainable_params']:,} of {report['total_params']:,} |",
-        f"| Weights dtype | {report['dtype']} |",
-        f"| Trained on an 8-bit base | {eight_bit} |",
+    ]
+    if hub_id and hub_id != model_cfg.name_or_path:  # e.g. a GGUF file in a Python package
+        lines.append(f"| Base model id | `{hub_id}` (from the GGUF metadata; weights de-quantised) |")
+    lines += [f"| Method | {method} |", f"| Rank r | {lineage['r']} |"]
+    if report is not None:
+        params = f"{report['trainable_params']:,} of {report['total_params']:,}"
+        lines.append(f"| Trainable parameters | {params} |")
+    if report is not None and merged:
+        eight_bit = "yes (merged into an unquantised reload)" if report["merged_from_8bit_training"] else "no"
+        lines += [f"| Weights dtype | {report['dtype']} |", f"| Trained on an 8-bit base | {eight_bit} |"]
+    lines += [
         f"| MLflow run (export) | `{lineage['mlflow_run_id']}` |",
         f"| MLflow parent run | `{lineage['mlflow_parent_run_id']}` |",
         f"| Adapter digest (sha256) | `{lineage['adapter_digest']}` |",
+        *(f"| Data digest `{name}` | `{digest}` |" for name, digest in lineage["data_digests"].items()),
     ]
-    for name, digest in lineage["data_digests"].items():
-        lines.append(f"| Data digest `{name}` | `{digest}` |")
-    lines += [
-        "",
-        "## Merge verification",
-        "",
-        f"On {report['prompts']} fixed chat prompts ({report['positions']} positions) the merged "
-        f"model's logits match base + adapter: max |Δ| {report['max_abs_error']:.3g} "
-        f"(relative {report['rel_error']:.3g}, tolerance {report['tolerance']:g}), top-1 agreement "
-        f"{report['top1_agreement']:.4f}.",
-    ]
+    if merged and report is not None:
+        lines += [
+            "",
+            "## Merge verification",
+            "",
+            f"On {report['prompts']} fixed chat prompts ({report['positions']} positions) the merged "
+            f"model's logits match base + adapter: max |Δ| {report['max_abs_error']:.3g} "
+            f"(relative {report['rel_error']:.3g}, tolerance {report['tolerance']:g}), top-1 agreement "
+            f"{report['top1_agreement']:.4f}.",
+        ]
+    load = (
+        ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+         "model = AutoModelForCausalLM.from_pretrained(FOLDER)"]
+        if merged
+        else [*(["import uora  # registers UORA with PEFT (pip install this project)"] * (method == "UORA")),
+              "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",
+              "model = PeftModel.from_pretrained(base, FOLDER)"]
+    )  # fmt: skip
     lines += [
         "",
         "## Evaluation",
@@ -319,8 +352,7 @@ def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(FOLDER)",
+        *load,
         "tokenizer = AutoTokenizer.from_pretrained(FOLDER)  # carries the training chat template",
         "```",
         "",

@@ -187,12 +187,18 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str
         tokenizer = AutoTokenizer.from_pretrained(folder)
         # The base weights are referenced, not copied: the adapter is the small artifact.
         extra = {"base_model_path": resolve_model_dir(ctx.config.model)}
+    from huggingface_hub import ModelCard
+
+    # Export's card (base model, licence, lineage): without one, MLflow looks the local folder up on
+    # the hub for a card and a licence, and warns twice.
+    card = ModelCard.load(folder / "README.md") if (folder / "README.md").is_file() else None
     with torch.no_grad():
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name=kind,
             task="text-generation",
             pip_requirements=pip_requirements(peft=kind == "adapter"),
+            model_card=card,
             **extra,
         )
     return info.model_uri

@@ -114,6 +114,15 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
+def summary(metrics: dict[str, float]) -> str:
+    """The stage's result line: steps, held-out loss before → after (the mean over sources), time."""
+    line = f"{metrics.get('global_step', 0):.0f} steps in {metrics.get('train_runtime_s', 0):.0f} s"
+    if "eval_loss_after" in metrics:
+        before = f"{metrics['eval_loss_before']:.3f} → " if "eval_loss_before" in metrics else ""
+        line += f", held-out loss {before}{metrics['eval_loss_after']:.3f}"
+    return line
+
+
 def _identity(config: Any, prepare_dir: Path) -> str:
     """What a checkpoint in the work folder depends on: the config slice training reads (the one the
     driver's identity uses) and the prepared data. Nothing else: editing an eval-only setting of a

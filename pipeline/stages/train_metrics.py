@@ -113,7 +113,21 @@ class MetricsCallback(TrainerCallback):
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Train and eval loss against optimizer step, as a PNG (matplotlib, Agg backend)."""
+    """The loss figure (see :func:`loss_figure`) as a PNG."""
+    fig = loss_figure(log_history)
+    if fig is None:
+        return None
+    fig.savefig(path, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def loss_figure(log_history: list[dict[str, Any]]) -> Any:
+    """Train loss against optimizer step; with held-out losses per source, a second panel shows each
+    relative to its first value (sources differ in scale: a 4.4 would flatten a 1.2 on one axis),
+    labelled with its absolute first → last. Legends sit outside the curves. None without losses."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals: dict[str, list[tuple[int, float]]] = {}  # "eval" or one curve per eval source
     for entry in log_history:
@@ -128,17 +142,31 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    per_source = len(evals) > 1
+    fig, axes = plt.subplots(1, 2 if per_source else 1, figsize=(11 if per_source else 6, 4), dpi=100,
+                             squeeze=False)  # fmt: skip
+    left = axes[0][0]
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    for name, points in sorted(evals.items()):
-        ax.plot(*zip(*points, strict=True), "o-", label=f"{name} loss" if name != "eval" else "eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("SFT loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        left.plot(*zip(*train, strict=True), label="train loss")
+    held_out = evals.pop("eval", [])
+    if per_source:  # the stage's eval_loss_* metrics: the unweighted mean over sources
+        by_step = [dict(points) for points in evals.values()]
+        steps = sorted(set.intersection(*(set(points) for points in by_step)))
+        held_out = [(step, sum(points[step] for points in by_step) / len(by_step)) for step in steps]
+    if held_out:
+        left.plot(*zip(*held_out, strict=True), "o-",
+                  label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
+    left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
+    if per_source:
+        right = axes[0][1]
+        for name, points in sorted(evals.items()):
+            steps, losses = zip(*points, strict=True)
+            right.plot(steps, [loss / losses[0] for loss in losses], "o-",
+                       label=f"{name}: {losses[0]:.2f} → {losses[-1]:.2f}")  # fmt: skip
+        right.axhline(1.0, color="grey", linewidth=0.8)
+        right.set(xlabel="optimizer step", ylabel="loss ÷ its first value", title="held-out loss per source")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig

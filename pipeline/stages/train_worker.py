@@ -23,7 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.stages.train_dist import (
+from pipeline import quiet
+
+quiet.install()  # first in a worker process: the imports below load transformers and bitsandbytes
+
+from pipeline.stages.train_dist import (  # noqa: E402
     PreemptionCallback,
     PreemptionFlag,
     all_gather,
@@ -107,7 +111,7 @@ def eval_sets(evals: Any) -> Any:
         name = metric_name(source)
         if name in by_name:
             raise TrainingFailed(f"eval sources {source!r} and another map to the same metric name {name!r}")
-        rows = evals.filter(lambda row, wanted=source: row["source"] == wanted)
+        rows = evals.select([i for i, label in enumerate(evals["source"]) if label == source])
         by_name[name] = rows.select_columns(["messages"])
     return by_name
 
@@ -262,8 +266,8 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         warmup_steps=tcfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=tcfg.weight_decay,
         max_grad_norm=tcfg.max_grad_norm,
-        gradient_checkpointing=tcfg.gradient_checkpointing and not cfg.model.load_in_8bit,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=tcfg.gradient_checkpointing and not cfg.model.load_in_8bit,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=tcfg.max_length,
         packing=tcfg.packing,
         packing_strategy=tcfg.packing_strategy,

@@ -26,7 +26,7 @@ class Recorder:
         self.calls: list[list[str]] = []
         self.fail_on_call = fail_on_call
 
-    def __call__(self, model, tokenizer, prompts, temperature, max_new_tokens, seed):
+    def __call__(self, model, tokenizer, prompts, temperature, max_new_tokens, seed, on_token):
         self.calls.append(list(prompts))
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt("killed")
@@ -107,9 +107,9 @@ def test_questions_are_grouped_by_category_temperature(tokenizer, tmp_path):
     )
     temperatures = []
 
-    def spy(model, tok, prompts, temperature, max_new_tokens, seed):
+    def spy(model, tok, prompts, temperature, max_new_tokens, seed, on_token):
         temperatures.append((temperature, len(prompts)))
-        return recorder(model, tok, prompts, temperature, max_new_tokens, seed)
+        return recorder(model, tok, prompts, temperature, max_new_tokens, seed, on_token)
 
     generate_answers(
         None,
@@ -232,7 +232,7 @@ def test_uora_adapter_loads_unmerged_through_attach_adapter(smollm2_dir, tmp_pat
 def test_verifiable_questions_get_their_own_short_budget(tokenizer, tmp_path):
     budgets = []
 
-    def record_budget(model, tokenizer, prompts, temperature, max_new_tokens, seed):
+    def record_budget(model, tokenizer, prompts, temperature, max_new_tokens, seed, on_token):
         budgets.append((len(prompts), max_new_tokens))
         return ["x"] * len(prompts)
 
@@ -261,3 +261,22 @@ def test_verifiable_questions_get_their_own_short_budget(tokenizer, tmp_path):
     settings = GenerationSettings(**{**settings.__dict__, "verifiable_max_new_tokens": 12})
     generate_answers(None, tokenizer, questions, settings, generate_fn=record_budget, **kwargs)
     assert budgets == [(2, 12)]
+
+
+def test_progress_moves_per_generated_token(tokenizer, tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    steps = []
+    prompts = ["<|im_start|>user\nHi<|im_end|>\n", "<|im_start|>user\nName a colour.<|im_end|>\n"]
+    assert len(generate_batch(model, tokenizer, prompts, 0.0, 5, 0, lambda: steps.append(1))) == 2
+    assert len(steps) == 5  # once per generated token of the batch, not per prompt token
+
+    def two_steps(model, tok, prompts, temperature, max_new_tokens, seed, on_token):
+        on_token(), on_token()
+        return ["x"] * len(prompts)
+
+    generate_answers(None, tokenizer, QUESTIONS[:2], GREEDY, model_id="m", model_identity="id",
+                     cache_path=tmp_path / "a.jsonl", generate_fn=two_steps)  # fmt: skip
+    final = capsys.readouterr().err.split("\r")[-1]  # the bar's last redraw
+    assert "answers [m]: 100%" in final and "2/2 [" in final and "turn 2/2, token 2/6" in final

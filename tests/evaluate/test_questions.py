@@ -20,14 +20,15 @@ from pipeline.eval.questions import (
 )
 from pipeline.stages.base import StageError
 
+CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+
 
 def test_real_mt_bench_file_loads_with_references(shared_data):
-    questions = read_question_file(shared_data / "mt_bench" / "question.jsonl")
-    assert len(questions) == 80
-    assert Counter(q.category for q in questions) == {
-        c: 10
-        for c in ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
-    }
+    path = shared_data / "mt_bench" / "question.jsonl"
+    questions = read_question_file(path)
+    assert len(questions) == len(path.read_text().splitlines())  # 80 (full file) or 16 (excerpt)
+    per_category = Counter(q.category for q in questions)
+    assert set(per_category) == set(CATEGORIES) and len(set(per_category.values())) == 1
     assert all(len(q.turns) == 2 for q in questions)
     by_id = {q.question_id: q for q in questions}
     assert by_id[101].reference == ("You are in second place.", "Uncertain.")
@@ -35,17 +36,23 @@ def test_real_mt_bench_file_loads_with_references(shared_data):
 
 
 def test_reference_file_overrides_question_references(shared_data, tmp_path):
+    path = shared_data / "mt_bench" / "question.jsonl"
     config = EvalConfig(
-        questions=str(shared_data / "mt_bench" / "question.jsonl"),
+        questions=str(path),
         reference_answers=str(shared_data / "mt_bench" / "reference_answer_gpt-4.jsonl"),
         categories=["math"],
     )
     questions = load_questions(config)
-    assert [q.question_id for q in questions] == list(range(111, 121))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = {cat: [row["question_id"] for row in rows if row["category"] == cat] for cat in CATEGORIES}
+    assert [q.question_id for q in questions] == ids["math"]
     refs = load_reference_answers(shared_data / "mt_bench" / "reference_answer_gpt-4.jsonl")
-    assert len(refs) == 30
+    # FastChat's reference file covers reasoning, math and coding (30 questions in the full file)
+    assert set(refs) == {str(qid) for category in ("reasoning", "math", "coding") for qid in ids[category]}
     assert questions[0].reference == refs["111"]
     assert questions[0].reference[0].startswith(refs["111"][0][:20])
+    own = next(row["reference"] for row in rows if row["question_id"] == 111)  # "Area is 3", "5pi"
+    assert questions[0].reference != tuple(own)  # the reference file wins over the question file
 
 
 def test_hub_rows_are_mapped_to_fastchat_fields():

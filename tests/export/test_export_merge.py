@@ -120,6 +120,14 @@ def test_tiny_merge_matches_base_plus_adapter(tmp_path, tiny_base_dir, smollm2_t
     assert trainable > 0 and f"{trainable:,}" in card
     # export does not depend on evaluate, so its card quotes no score (evaluate/results.json says 6.5)
     assert "6.5" not in card and "score_overall" not in card and "`eval.*` tags" in card
+    # the adapter's card replaces PEFT's empty template: the same facts, loading through PEFT
+    adapter_card = (out / "adapter" / "README.md").read_text()
+    assert "More Information Needed" not in adapter_card and "library_name: peft" in adapter_card
+    for row in (f"| Method | {method.upper()} |", f"| Base model | `{tiny_base_dir}` |", f"{trainable:,} of",
+                "PeftModel.from_pretrained(base, FOLDER)", "`eval.*` tags"):  # fmt: skip
+        assert row in adapter_card, row
+    assert "6.5" not in adapter_card and "Merge verification" not in adapter_card
+    assert ("import uora" in adapter_card) == (method == "uora")
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["method"] == method and lineage["trainable_params"] == trainable
     assert len(lineage["adapter_digest"]) == 64
@@ -197,6 +205,8 @@ def test_refuses_to_overwrite_existing_export_unless_forced(tmp_path, tiny_base_
     result = export.run(make_ctx(run_dir, config, force=True))
     assert result.outputs == {"adapter": "adapter", "lineage": "lineage.json"}
     assert not (run_dir / "export.partial" / "merged").exists()  # adapter_only: no merge at all
+    card = (run_dir / "export.partial" / "adapter" / "README.md").read_text()
+    assert "| Method | LORA |" in card and "Trainable parameters" not in card  # known only after a merge
 
 
 def test_missing_adapter_is_one_clear_line(tmp_path, tiny_base_dir):

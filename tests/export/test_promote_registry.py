@@ -7,6 +7,7 @@ falls back, saying so, when the champion has no per-question results or shares n
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -241,7 +242,7 @@ def test_registry_champion_lifecycle(
 
 @pytest.mark.slow
 def test_adapter_only_model_registered_and_loaded_by_alias(
-    tmp_path, tiny_base_dir, smollm2_tokenizer, exports, mlflow_tracking
+    tmp_path, tiny_base_dir, smollm2_tokenizer, exports, mlflow_tracking, caplog
 ):
     import mlflow
     from peft import PeftModel
@@ -256,8 +257,20 @@ def test_adapter_only_model_registered_and_loaded_by_alias(
             "gate": "point",
         },
     )
-    result, _, _ = promote_once(candidate(tmp_path, "r", exports["A"]["dir"], 6.0), config)
+    mlflow_logger = logging.getLogger("mlflow")  # MLflow's loggers do not propagate to the root
+    mlflow_logger.addHandler(caplog.handler)
+    try:
+        result, _, _ = promote_once(candidate(tmp_path, "r", exports["A"]["dir"], 6.0), config)
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
     assert set(result.extra["logged_models"]) == {"merged", "adapter"}
+    # both carry export's model card: MLflow neither looks for one on the hub nor warns about a licence
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [message for message in warned if "card" in message or "license" in message], warned
+    for kind, uri in result.extra["logged_models"].items():
+        saved = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / kind)))
+        front_matter_and_text = (exports["A"]["dir"] / kind / "README.md").read_text().split("---\n", 2)
+        assert (saved / "model_card.md").read_text() == front_matter_and_text[2]
     model = mlflow.transformers.load_model(f"models:/{name}@champion", return_type="components")["model"]
     assert isinstance(model, PeftModel)
     assert torch.allclose(logits_on(model.eval(), smollm2_tokenizer), exports["A"]["logits"], atol=1e-4)

@@ -474,3 +474,33 @@ def test_evaluating_the_base_model_alone_needs_no_training(tmp_path):
         f"stage 'evaluate' needs up-to-date output of 'train' in {tmp_path / 'r'}; run it first "
         "(python -m pipeline run CONFIG --from train)"
     ]
+
+
+def test_result_lines_and_summary_show_base_and_tuned_side_by_side(tmp_path, store, fakes):
+    from pipeline.stages import train as train_stage
+
+    outcomes = {
+        "train": {"global_step": 60.0, "train_runtime_s": 148.2, "eval_loss_before": 1.9722, "eval_loss_after": 1.8846,
+                  "eval_loss_after.string": 4.30},
+        "evaluate": {"base.score_overall": 4.9125, "base.score_turn1": 4.9, "base.category.math": 4.9,
+                     "base.exact_match": 0.5, "tuned.score_overall": 5.1, "tuned.score_turn1": 5.0,
+                     "tuned.category.math": 5.2, "tuned.exact_match": 1.0},
+    }  # fmt: skip
+    for name, metrics in outcomes.items():
+        fake_run = fakes.modules[name].run
+        fakes.modules[name].run = lambda ctx, run=fake_run, metrics=metrics: StageResult(
+            metrics=metrics, outputs=run(ctx).outputs
+        )
+    fakes.modules["train"].summary = train_stage.summary  # the real stage's result line
+    code, out = go(make_config(tmp_path, store))
+    assert code == 0
+    lines = out.splitlines()
+    train_line = "train: 60 steps in 148 s, held-out loss 1.972 → 1.885 ("
+    evaluate_line = "evaluate: score_overall 4.91 → 5.1, exact_match 0.5 → 1, score_turn1 4.9 → 5 (base → tuned) ("
+    assert any(line.startswith(train_line) for line in lines)
+    assert any(line.startswith(evaluate_line) for line in lines)
+    assert not any(line.startswith(("prepare: ", "promote: ")) for line in lines)  # they print their own
+    # a rerun skips every stage, and the summary still shows what each one measured (from its manifest)
+    code, out = go(make_config(tmp_path, store))
+    assert code == 0 and "up to date" in out
+    assert "60 steps in 148 s, held-out loss 1.972 → 1.885" in out and "score_overall 4.91 → 5.1" in out

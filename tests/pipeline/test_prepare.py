@@ -165,23 +165,26 @@ def test_unreadable_file_and_unknown_format(tmp_path, smollm2_dir, tokenizer, sh
 
 
 def test_shared_data_mix_dedupe_length_filter(tmp_path, smollm2_dir, tokenizer, shared_data):
-    gsm8k = str(shared_data / "instruct" / "gsm8k_train_alpaca.json")
-    roleplay = str(shared_data / "instruct" / "gpteacher_roleplay.json")
+    gsm8k = shared_data / "instruct" / "gsm8k_train_alpaca.json"
+    roleplay = shared_data / "instruct" / "gpteacher_roleplay.json"
     dup = write_jsonl(tmp_path / "dup.jsonl", [{"instruction": "Say hi", "output": "hi"}] * 3)
-    sources = [{"path": gsm8k, "samples": 120, "name": "gsm8k"}, {"path": roleplay, "samples": 60},
+    sources = [{"path": str(gsm8k), "samples": 20, "name": "gsm8k"}, {"path": str(roleplay), "samples": 10},
                {"path": dup}, {"builtin": 30}]  # fmt: skip
     config = make_config(tmp_path, smollm2_dir, sources, max_length=300, eval_size=10)
     out = tmp_path / "out"
     out.mkdir()
     stats = prepare.build(config, tokenizer, out)
-    assert stats["rows_in"] == {"total": 7473 + 3146 + 3 + 30, "source:gsm8k": 7473,
-                                "source:gpteacher_roleplay.json": 3146, "source:dup.jsonl": 3, "source:builtin": 30}  # fmt: skip
+    n_gsm8k, n_roleplay = (len(json.loads(path.read_text())) for path in (gsm8k, roleplay))  # 7473, 3146
+    assert stats["rows_in"] == {"total": n_gsm8k + n_roleplay + 3 + 30, "source:gsm8k": n_gsm8k,
+                                "source:gpteacher_roleplay.json": n_roleplay, "source:dup.jsonl": 3,
+                                "source:builtin": 30}  # fmt: skip
+    # both files hold rows over 300 tokens (the excerpts too: gsm8k row 10, roleplay rows 14, 20, 32)
     assert stats["dropped"]["duplicate"] >= 2 and stats["dropped"]["too_long"] > 0
     out_counts = stats["rows_out"]
-    assert out_counts["source:gsm8k"] == 120 and out_counts["source:gpteacher_roleplay.json"] == 60
+    assert out_counts["source:gsm8k"] == 20 and out_counts["source:gpteacher_roleplay.json"] == 10
     assert out_counts["source:dup.jsonl"] == 1
     assert sum(v for k, v in out_counts.items() if k.startswith("source:builtin:")) == 30
-    assert out_counts["total"] == 211 and out_counts["eval"] == 10
+    assert out_counts["total"] == 61 and out_counts["eval"] == 10
     assert stats["token_length"]["max"] <= 300 and stats["token_length"]["p50"] > 0
     assert (out / "token_lengths.png").stat().st_size > 1000
     dataset = load(out)
@@ -330,15 +333,15 @@ def test_per_source_held_out_slices_are_fixed_and_never_trained_on(
     def build(name: str, run_seed: int, gsm8k_samples: int) -> tuple[dict, object]:
         sources = [{"path": gsm8k, "name": "gsm8k", "samples": gsm8k_samples, "eval_samples": 5,
                     "answer_from": "last_number"},
-                   {"path": roleplay, "name": "roleplay", "samples": 30, "eval_samples": 3}]  # fmt: skip
+                   {"path": roleplay, "name": "roleplay", "samples": 20, "eval_samples": 3}]  # fmt: skip
         config = make_config(tmp_path, smollm2_dir, sources, max_length=400, seed=7)
         config = config.model_copy(update={"run": config.run.model_copy(update={"seed": run_seed})})
         out = tmp_path / name
         out.mkdir()
         return prepare.build(config, tokenizer, out), load(out)
 
-    stats, data = build("a", run_seed=1, gsm8k_samples=40)
-    assert stats["rows_out"]["eval"] == 8 and stats["rows_out"]["train"] == 70
+    stats, data = build("a", run_seed=1, gsm8k_samples=20)
+    assert stats["rows_out"]["eval"] == 8 and stats["rows_out"]["train"] == 40
     assert sorted(data["eval"]["source"]) == ["gsm8k"] * 5 + ["roleplay"] * 3
     key = lambda row: json.dumps(row["messages"])  # noqa: E731
     assert not {key(r) for r in data["eval"]} & {key(r) for r in data["train"]}
@@ -351,8 +354,8 @@ def test_per_source_held_out_slices_are_fixed_and_never_trained_on(
         assert re.findall(r"\d[\d,]*", row["messages"][-1]["content"])[-1].replace(",", "") == row["answer"]
     assert all(r["answer"] is None for r in data["train"] if r["source"] == "roleplay")
     # Another training seed (data.seed fixed) or another mixture: the same held-out rows.
-    _, reseeded = build("b", run_seed=2, gsm8k_samples=40)
-    _, remixed = build("c", run_seed=1, gsm8k_samples=80)
+    _, reseeded = build("b", run_seed=2, gsm8k_samples=20)
+    _, remixed = build("c", run_seed=1, gsm8k_samples=40)
     assert reseeded["eval"]["messages"] == data["eval"]["messages"]
     assert reseeded["train"]["messages"] == data["train"]["messages"]
     assert remixed["eval"]["messages"] == data["eval"]["messages"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -53,14 +54,22 @@ def test_sqlite_folder_is_created(tmp_path):
         check_reachable(f"sqlite:///{blocker / 'sub' / 'mlflow.db'}")
 
 
-def test_default_uri_and_ui_command(tmp_path):
+def test_default_uri_and_ui_command(tmp_path, monkeypatch):
+    import sys
+
     from pipeline.config import PipelineConfig
 
     config = PipelineConfig.model_validate({"run": {"name": "x", "output_dir": str(tmp_path)},
                                             "model": {"name_or_path": "org/m"}})  # fmt: skip
-    assert resolve_uri(config) == f"sqlite:///{tmp_path / 'x' / 'mlflow.db'}"
-    assert (
-        ui_command(resolve_uri(config))
-        == f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'x' / 'mlflow.db'}"
-    )
+    uri = f"sqlite:///{tmp_path / 'x' / 'mlflow.db'}"
+    assert resolve_uri(config) == uri
+    # mlflow sits next to this Python: named by its path unless that folder is on PATH
+    scripts = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.chdir(scripts.parent)
+    assert ui_command(uri) == f"{scripts.name}/mlflow ui --backend-store-uri {uri}"  # relative to the cwd
+    monkeypatch.chdir(tmp_path)
+    assert ui_command(uri) == f"{scripts / 'mlflow'} ui --backend-store-uri {uri}"
+    monkeypatch.setenv("PATH", f"/usr/bin:{scripts}")
+    assert ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
     assert ui_command("https://mlflow.example.org") == "open https://mlflow.example.org in a browser"
