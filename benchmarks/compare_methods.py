@@ -170,6 +170,9 @@ class Context:
 def pipeline_config(ctx: Context, cell: Cell) -> dict[str, Any]:
     """The run config of one cell: the base config with this benchmark's data, training, adapter
     and evaluation settings. Everything not named here comes from the base config."""
+    from pipeline.config import apply_override
+    from pipeline.schema import ADAPTERS
+
     s = ctx.settings
     config = copy.deepcopy(ctx.base)
     config["run"] = {"name": cell.name, "output_dir": str(ctx.work / "runs"), "seed": cell.seed}
@@ -185,15 +188,11 @@ def pipeline_config(ctx: Context, cell: Cell) -> dict[str, Any]:
         adapter = copy.deepcopy(s["methods"][cell.method]["adapter"])
         if cell.variant:
             adapter = deep_merge(adapter, s["ablations"][cell.method][cell.variant])
-        if adapter["method"] in ("uora", "vera"):
+        if "projection_prng_key" in getattr(ADAPTERS.get(adapter["method"]), "model_fields", {}):
             adapter.setdefault("projection_prng_key", cell.seed)  # a seed draws new projections too
-        if adapter["method"] != "uora":
-            for key in ("reinit", "projection_init"):
-                config.get("adapter", {}).pop(key, None)
-        if adapter["method"] == "lora":
-            for key in ("projection_prng_key", "d_initial", "save_projection"):
-                config.get("adapter", {}).pop(key, None)
-        config["adapter"] = {**config.get("adapter", {}), **adapter}
+        # The base config's adapter, switched to this method (keeping only what the methods share).
+        apply_override(config, f"adapter.method={adapter['method']}")
+        config["adapter"] = {**config["adapter"], **adapter}
         config["train"] = {**s["train"], "learning_rate": cell.learning_rate, "max_eval_samples": None,
                            "eval_on_start": cell.eval_on_start}  # fmt: skip
     e = s["eval"]

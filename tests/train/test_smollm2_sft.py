@@ -29,7 +29,7 @@ train:
   per_device_train_batch_size: 2
   per_device_eval_batch_size: 4
   max_length: 128
-  warmup_ratio: 0.0
+  warmup_steps: 0.0
   lr_scheduler_type: constant
   logging_steps: 1
   gradient_checkpointing: false
