@@ -38,13 +38,10 @@ __all__ = ["MT_BENCH_TEMPERATURES", "RENAMED", "ConfigError", "DataSource", "Eva
 
 RENAMED = {  # old key -> new key, for configs written before the keys became PEFT's and TRL's
     "adapter.dropout": "adapter.{method}_dropout",
-    **{
-        f"adapter.reinit.{key}": f"adapter.reinit_{key}"
-        for key in ("threshold", "alpha", "patience", "target")
-    },
-    "adapter.reinit.seed": "adapter.reinit_seed",
+    **{f"adapter.reinit.{key}": f"adapter.reinit_{key}" for key in ("threshold", "alpha", "patience",
+                                                                    "target", "seed")},
     "train.warmup_ratio": "train.warmup_steps (a fraction < 1 of the steps)",
-}
+}  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -74,40 +71,38 @@ def _node(field: FieldInfo) -> Any:
     return models[0] if models else None
 
 
-def _locate(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[str, Any, dict[str, Any]]:
-    """pydantic's error location as (dotted path, the model holding its last key, ``{tag: model}``
-    of the union on the way with ``tag``: the tag taken). A union's tag is not a key:
-    ``('adapter', 'lora', 'r')`` is ``adapter.r``; a plain union's branch names (``'list[str]'``)
-    are dropped."""
+def _locate(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[str, Any, Any, dict[str, Any]]:
+    """pydantic's error location as (dotted path, the model holding its last key, the union tag on
+    the way, that union's ``{tag: model}``). A union's tag is not a key: ``('adapter', 'lora', 'r')``
+    is ``adapter.r``; a plain union's branch names (``'list[str]'``) are dropped."""
     node: Any = root
-    parent, union, parts = node, {}, []
+    parent, tag, members, parts = node, None, {}, []
     for part in loc:
         if isinstance(node, dict):
-            union, node = {**node, "tag": part}, node.get(part)
+            members, tag, node = node, part, node.get(part)
         elif isinstance(part, int) or re.fullmatch(r"\w+", part):
             parts.append(str(part))
             if isinstance(part, str):
                 field = node.model_fields.get(part) if isinstance(node, type) else None
                 parent, node = node, (_node(field) if field is not None else None)
-    return ".".join(parts), parent, union
+    return ".".join(parts), parent, tag, members
 
 
-def _unknown_key(path: str, value: Any, model: Any, union: dict[str, Any], gone: str = "") -> list[str]:
+def _unknown_key(
+    path: str, value: Any, model: Any, tag: Any, members: dict[str, Any], gone: str = ""
+) -> list[str]:
     """One line per unknown key: its new name, the union member it belongs to, or the closest
     name (``gone``: a section that became flat keys, e.g. ``reinit``)."""
     import difflib
 
     if isinstance(value, dict) and any(old.startswith(path + ".") for old in RENAMED):
         gone = path.split(".")[-1]
-        return [
-            line
-            for key, item in value.items()
-            for line in _unknown_key(f"{path}.{key}", item, model, union, gone)
-        ]
-    tag, key = union.get("tag"), path.split(".")[-1]
+        return [line for key, item in value.items()
+                for line in _unknown_key(f"{path}.{key}", item, model, tag, members, gone)]  # fmt: skip
+    key = path.split(".")[-1]
     if path in RENAMED:
         return [_line(path, "renamed to " + RENAMED[path].format(method=tag))]
-    owners = [f"'{name}'" for name, other in union.items() if name != "tag" and key in other.model_fields]
+    owners = [f"'{name}'" for name, other in members.items() if key in other.model_fields]
     if owners:
         methods = ("method " if len(owners) == 1 else "methods ") + " and ".join(owners)
         return [_line(path, f"only used by {methods} (method is '{tag}')", value)]
@@ -125,12 +120,12 @@ def format_validation_error(error: Any, root: type[BaseModel] | None = None) -> 
     lines: list[str] = []
     merged: dict[str, tuple[int, list[str], Any]] = {}  # path -> (line index, reasons, value)
     for item in error.errors(include_url=False):
-        path, model, union = _locate(tuple(item["loc"]), root or PipelineConfig)
+        path, model, tag, members = _locate(tuple(item["loc"]), root or PipelineConfig)
         kind, value, ctx = item["type"], item.get("input"), item.get("ctx", {})
         if kind == "cross_section":
             lines += ctx["lines"]
         elif kind == "extra_forbidden":
-            lines += _unknown_key(path, value, model, union)
+            lines += _unknown_key(path, value, model, tag, members)
         elif kind == "missing":
             lines.append(_line(path, "required field is missing"))
         elif kind == "union_tag_invalid":  # a method that is none of the union's
@@ -140,12 +135,14 @@ def format_validation_error(error: Any, root: type[BaseModel] | None = None) -> 
         elif kind != "default_factory_not_called":  # (that follows from another field's error)
             reason = item["msg"].removeprefix("Value error, ")
             reason = reason if kind == "value_error" else reason[0].lower() + reason[1:]
-            index, reasons, shown = merged.get(
-                path, (len(lines), [], ... if isinstance(value, dict) else value)
-            )
-            reasons.append(reason.removeprefix("input should be ") if reasons else reason)
-            merged[path] = (index, reasons, shown)
-            lines[index : index + 1] = [_line(path, " or ".join(reasons), shown)]
+            if path in merged:  # another branch of a plain union: "a valid list or 'all-linear'"
+                index, reasons, shown = merged[path]
+                reasons.append(reason.removeprefix("input should be "))
+                lines[index] = _line(path, " or ".join(reasons), shown)
+            else:
+                shown = ... if isinstance(value, dict) else value
+                merged[path] = (len(lines), [reason], shown)
+                lines.append(_line(path, reason, shown))
     return lines
 
 
@@ -189,8 +186,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     field = _field_at(parts)
     value: Any = raw
-    if not (field and set(typing.get_args(field.annotation) or [field.annotation]) <= {str, type(None)}) \
-            or raw.strip() in ("null", "~"):  # fmt: skip
+    if field is None or field.annotation not in (str, str | None) or raw.strip() in ("null", "~"):
         with contextlib.suppress(yaml.YAMLError):
             value = yaml.safe_load(raw) if raw.strip() else ""
     node: Any = data
@@ -210,7 +206,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                 raise ConfigError([_line(here, "is a value, not a section", override)])
     section = _field_at(parts[:-1])
     members = _node(section) if section is not None and section.discriminator == parts[-1] else None
-    if isinstance(members, dict) and value in members:  # a new method keeps only what it shares
+    if isinstance(members, dict) and isinstance(value, str) and value in members:  # keep what it shares
         for other in [k for k in node if k not in members[value].model_fields]:
             if any(other in model.model_fields for model in members.values()):
                 del node[other]
