@@ -50,6 +50,7 @@ SETTINGS = REPO / "benchmarks" / "compare_methods.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 README_START = "<!-- compare_methods:start -->"
 README_END = "<!-- compare_methods:end -->"
+EXPERIMENT = "uora-compare-methods"  # every cell logs to <work>/mlflow.db, where the results are read
 BASELINE = "baseline"
 SOURCES = {  # label -> (file under data_dir, answer rule)
     "roleplay": ("instruct/gpteacher_roleplay.json", "field"),
@@ -170,6 +171,9 @@ class Context:
 def pipeline_config(ctx: Context, cell: Cell) -> dict[str, Any]:
     """The run config of one cell: the base config with this benchmark's data, training, adapter
     and evaluation settings. Everything not named here comes from the base config."""
+    from pipeline.config import apply_override
+    from pipeline.schema import ADAPTERS
+
     s = ctx.settings
     config = copy.deepcopy(ctx.base)
     config["run"] = {"name": cell.name, "output_dir": str(ctx.work / "runs"), "seed": cell.seed}
@@ -185,15 +189,11 @@ def pipeline_config(ctx: Context, cell: Cell) -> dict[str, Any]:
         adapter = copy.deepcopy(s["methods"][cell.method]["adapter"])
         if cell.variant:
             adapter = deep_merge(adapter, s["ablations"][cell.method][cell.variant])
-        if adapter["method"] in ("uora", "vera"):
+        if "projection_prng_key" in getattr(ADAPTERS.get(adapter["method"]), "model_fields", {}):
             adapter.setdefault("projection_prng_key", cell.seed)  # a seed draws new projections too
-        if adapter["method"] != "uora":
-            for key in ("reinit", "projection_init"):
-                config.get("adapter", {}).pop(key, None)
-        if adapter["method"] == "lora":
-            for key in ("projection_prng_key", "d_initial", "save_projection"):
-                config.get("adapter", {}).pop(key, None)
-        config["adapter"] = {**config.get("adapter", {}), **adapter}
+        # The base config's adapter, switched to this method (keeping only what the methods share).
+        apply_override(config, f"adapter.method={adapter['method']}")
+        config["adapter"] = {**config["adapter"], **adapter}
         config["train"] = {**s["train"], "learning_rate": cell.learning_rate, "max_eval_samples": None,
                            "eval_on_start": cell.eval_on_start}  # fmt: skip
     e = s["eval"]
@@ -212,7 +212,7 @@ def pipeline_config(ctx: Context, cell: Cell) -> dict[str, Any]:
         "judge": {"backend": "local", "local_scoring": "expected"},
     }
     config["promote"] = {"enabled": False}
-    config["tracking"] = {"experiment": "uora-compare-methods", "uri": f"sqlite:///{ctx.work / 'mlflow.db'}"}
+    config["tracking"] = {"experiment": EXPERIMENT, "uri": store_uri(ctx)}
     return config
 
 
@@ -265,38 +265,55 @@ def execute(ctx: Context, cell: Cell, log: Any) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# metrics of one run
+# metrics of one run, from the cells' MLflow store
 # --------------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def store_uri(ctx: Context) -> str:
+    return f"sqlite:///{ctx.work / 'mlflow.db'}"
 
 
-def start_eval_seconds(run_dir: Path) -> float:
+def search_runs(ctx: Context, where: str) -> list[Any]:
+    """Runs of the benchmark's experiment matching an MLflow filter, oldest first."""
+    import mlflow
+
+    mlflow.set_tracking_uri(store_uri(ctx))
+    return mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=where,
+                              order_by=["attributes.start_time ASC"], output_format="list")  # fmt: skip
+
+
+def start_eval_seconds(ctx: Context, parents: list[Any]) -> float:
     """Seconds the trainer spent on the loss evaluation before step 1 (inside its train runtime,
-    and done by only one cell per method): left out so train times compare."""
-    path = run_dir / "train" / "log_history.json"
-    history = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    return sum(
-        float(value)
-        for entry in history
-        if entry.get("step") == 0
-        for key, value in entry.items()
-        if key.startswith("eval_") and key.endswith("_runtime")
-    )
+    and done by only one cell per method): left out so train times compare. The last finished
+    train run of the cell logged them at step 0 (``eval_<source>_runtime``)."""
+    import mlflow
+
+    trains = [run for parent in parents for run in search_runs(
+        ctx, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.run_name = 'train' "
+        "and attributes.status = 'FINISHED'")]  # fmt: skip
+    if not trains:
+        return 0.0
+    train = max(trains, key=lambda run: run.info.start_time)
+    client = mlflow.MlflowClient(store_uri(ctx))
+    keys = [key for key in train.data.metrics if key.startswith("eval_") and key.endswith("_runtime")]
+    return sum(point.value for key in keys for point in client.get_metric_history(train.info.run_id, key)
+               if point.step == 0)  # fmt: skip
 
 
-def cell_metrics(run_dir: Path, cell: Cell) -> dict[str, Any]:
-    """The numbers of one finished run, read from its stage outputs."""
+def cell_metrics(ctx: Context, cell: Cell) -> dict[str, Any]:
+    """The numbers of one finished run: its pipeline run's metrics in MLflow (``train.*`` and
+    ``evaluate.*`` on the parent run; a later parent run of the same cell, after a config edit,
+    wins key by key), and the adapter's file size."""
+    parents = search_runs(ctx, f"attributes.run_name = '{cell.name}'")
+    metrics = {key: value for run in parents for key, value in run.data.metrics.items()}
     row: dict[str, Any] = {"method": cell.method, "learning_rate": cell.learning_rate, "seed": cell.seed}
-    train = read_json(run_dir / "train" / "metrics.json")
+    train = {key.removeprefix("train."): value for key, value in metrics.items() if key.startswith("train.")}
     if train:
-        adapter = run_dir / "train" / "adapter" / "adapter_model.safetensors"
+        adapter = ctx.work / "runs" / cell.name / "train" / "adapter" / "adapter_model.safetensors"
         row.update(
             trainable_params=int(train["trainable_params"]),
             adapter_mb=adapter.stat().st_size / 2**20,
             loss_mean=train["eval_loss_after"],
             loss_before=train.get("eval_loss_before"),
-            train_s=train["train_runtime_s"] - start_eval_seconds(run_dir),
+            train_s=train["train_runtime_s"] - start_eval_seconds(ctx, parents),
             s_per_step=train.get("seconds_per_step_median"),
             peak_rss_mb=train["peak_rss_mb_rank0"],
             reinit_events=train.get("uora_reinit_events", 0.0 if "uora" in cell.method else None),
@@ -304,11 +321,10 @@ def cell_metrics(run_dir: Path, cell: Cell) -> dict[str, Any]:
         for label in SOURCES:
             row[f"loss_{label}"] = train.get(f"eval_loss_after.{label}")
             row[f"loss_before_{label}"] = train.get(f"eval_loss_before.{label}")
-    results = read_json(run_dir / "evaluate" / "results.json")
-    if results:
-        model = results["models"]["base" if cell.method == BASELINE else "tuned"]
-        row["gsm8k_em"] = (model.get("exact_match_categories") or {}).get("gsm8k", model.get("exact_match"))
-        row["mt_bench"] = model.get("score_overall")
+    model = "evaluate." + ("base" if cell.method == BASELINE else "tuned")
+    if f"{model}.exact_match" in metrics or f"{model}.score_overall" in metrics:
+        row["gsm8k_em"] = metrics.get(f"{model}.exact_match.gsm8k", metrics.get(f"{model}.exact_match"))
+        row["mt_bench"] = metrics.get(f"{model}.score_overall")
     return row
 
 
@@ -344,7 +360,8 @@ def run_all(ctx: Context, methods: list[str], log: Any) -> tuple[list[dict[str, 
     def measured(cell: Cell) -> dict[str, Any]:
         # A one-rate "sweep" cell is also that method's evaluated seed-0 cell: run and read it once.
         if cell not in seen:
-            seen[cell] = cell_metrics(execute(ctx, cell, log), cell)
+            execute(ctx, cell, log)
+            seen[cell] = cell_metrics(ctx, cell)
         return dict(seen[cell])
 
     for method in methods:
@@ -392,10 +409,11 @@ def run_ablations(ctx: Context, methods: list[str], best: dict[str, float], log:
         log(f"{method}: ablations {', '.join(variants)}")
         plain = Cell(method, best[method], s["seeds"][0], evaluate=True,
                      eval_on_start=best[method] == sweep_rates(s, method)[0])  # fmt: skip
-        rows.append({**cell_metrics(ctx.work / "runs" / plain.name, plain), "variant": "as configured"})
+        rows.append({**cell_metrics(ctx, plain), "variant": "as configured"})
         for variant in variants:
             cell = Cell(method, best[method], s["seeds"][0], evaluate=False, variant=variant)
-            row = cell_metrics(execute(ctx, cell, log), cell)
+            execute(ctx, cell, log)
+            row = cell_metrics(ctx, cell)
             rows.append(
                 {**row, "variant": variant, "settings": json.dumps(variants[variant], sort_keys=True)}
             )
@@ -603,13 +621,13 @@ def update_readme(readme: Path, section: str) -> None:
     readme.write_text(f"{head}{README_START}\n{section}{README_END}{tail}", encoding="utf-8")
 
 
-def stage_minutes(work: Path) -> float:
-    """Minutes the cells' stages took, from their manifests: the benchmark's cost, however many
-    invocations it took to finish (a resumed cell counts its last attempt)."""
-    seconds = 0.0
-    for manifest in (work / "runs").glob("*/*/manifest.json"):
-        seconds += float(json.loads(manifest.read_text(encoding="utf-8")).get("duration_s", 0.0))
-    return seconds / 60
+def stage_minutes(ctx: Context) -> float:
+    """Minutes the cells' stages took (their finished MLflow stage runs): the benchmark's cost,
+    however many invocations it took to finish (a resumed stage counts its last attempt)."""
+    stages = [
+        run for run in search_runs(ctx, "attributes.status = 'FINISHED'") if "pipeline.stage" in run.data.tags
+    ]
+    return sum(run.info.end_time - run.info.start_time for run in stages) / 60_000
 
 
 def describe(ctx: Context, quick: bool) -> str:
@@ -686,7 +704,7 @@ def _main(args: argparse.Namespace) -> int:
     plot(summary, args.out / f"{name}.png")
     header = (
         describe(ctx, args.quick)
-        + f" Stage time of all cells: {stage_minutes(work):.0f} min (resumed runs included)."
+        + f" Stage time of all cells: {stage_minutes(ctx):.0f} min (resumed runs included)."
     )
     report = markdown(summary, sweep, goals, header, f"{name}.png") + ablation_section(ablations)
     (args.out / f"{name}.md").write_text(report, encoding="utf-8")

@@ -94,7 +94,7 @@ def cpu_config(method: str, r: int, batch: int, length: int, gc: bool, steps: in
         "data": {"max_length": 4096},
         "adapter": {"method": method, "r": r, "target_modules": "all-linear"},
         "train": {"max_steps": steps, "per_device_train_batch_size": batch, "per_device_eval_batch_size": 4,
-                  "max_length": length, "gradient_checkpointing": gc, "logging_steps": 1,
+                  "max_length": length, "activation_checkpointing": gc, "logging_steps": 1,
                   "save_steps": 10_000, "max_eval_samples": 4,
                   "learning_rate": 2e-4 if method == "lora" else 4e-3},
     }  # fmt: skip
@@ -262,9 +262,9 @@ def gpu_part(path: Path) -> list[str]:
         config = PipelineConfig.model_validate({
             "run": {"name": "gpu"},
             "model": {"name_or_path": str(LLAMA_7B.parent.parent / shapes[run["size"]]), "dtype": "bfloat16"},
-            "adapter": {"method": run["method"], "r": 64, "dropout": 0.05},
+            "adapter": {"method": run["method"], "r": 64, f"{run['method']}_dropout": 0.05},
             "train": {"max_length": 1024, "bf16": True, "per_device_train_batch_size": run["batch"],
-                      "gradient_checkpointing": bool(run["checkpointing"])},
+                      "activation_checkpointing": bool(run["checkpointing"])},
         })  # fmt: skip
         part = plan(config, gpu_memory=1e6)["per_gpu"]
         ours = part["total_gb"] - part["overhead_gb"]
@@ -276,14 +276,15 @@ def gpu_part(path: Path) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     config = PipelineConfig.model_validate({
         "run": {"name": "gpu"}, "model": {"name_or_path": str(LLAMA_7B.parent), "dtype": "bfloat16"},
-        "adapter": {"method": "uora", "r": 64, "dropout": 0.05}, "train": {"max_length": 1024, "bf16": True},
+        "adapter": {"method": "uora", "r": 64, "uora_dropout": 0.05},
+        "train": {"max_length": 1024, "bf16": True},
     })  # fmt: skip
     header = (
         "| method | bytes per token one more layer keeps (1024 tokens, autocast), measured | plan's formula |"
     )
     lines += ["", header, "|---|---:|---:|"]
     for method, saved in measured["saved"].items():
-        config.adapter = config.adapter.model_copy(update={"method": method})
+        config.adapter = {"method": method, "r": 64, f"{method}_dropout": 0.05}  # validated on assignment
         shape = analyse(config, model_config(config.model))
         layers, final_norm = shape["layers"], 4 * shape["hidden"] + 4
         formula = (activation_bytes(config, shape, False) - final_norm) / layers

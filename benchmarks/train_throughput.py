@@ -65,7 +65,7 @@ def run_cell(method: str, layout: str, steps: int, workdir: Path) -> dict[str, f
         "learning_rate": LEARNING_RATES[method],
         "save_steps": 10_000,
         "max_eval_samples": 4,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
     }
     if layout == "zero2":
         train.update(nproc_per_node=2, deepspeed=str(ZERO2))

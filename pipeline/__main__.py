@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
     if any("=" not in item for item in args.overrides):
         bad = next(item for item in args.overrides if "=" not in item)
-        return _fail([f"override {bad!r}: expected key.sub=value, e.g. train.epochs=2"])
+        return _fail([f"override {bad!r}: expected key.sub=value, e.g. train.max_steps=2"])
     try:
         stages = select_stages(args.command, args.from_stage, args.only)
     except ValueError as error:

@@ -181,7 +181,8 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
     adapter, e, a = config.adapter, act_bytes(config), 2 if mixed(config) else 4
     h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
     layer = 2 * (4 * h + 4) + 4 * e * h + 4 * shape["heads"] + e * seq_len(config) + 3 * e * i
-    shared = adapter.dropout == 0 and e == a == 4  # no cast, no dropout: modules read the same tensor
+    dropout = getattr(adapter, f"{adapter.method}_dropout")
+    shared = dropout == 0 and e == a == 4  # no cast, no dropout: modules read the same tensor
     weight = 2 if mixed(config) and config.train.deepspeed else 4  # adapter weights: fp32 but under DeepSpeed
     inputs: set[tuple[str, str]] = set()
     adapters = 0.0
@@ -189,13 +190,13 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         if adapter.method == "lora":
             adapters += a * adapter.r
-            if adapter.dropout:
+            if dropout:
                 adapters += (a + weight) * fan_in  # the dropped input; the mask, in the adapter's dtype
             elif not shared or (leaf != "o_proj" and (parent, SHARED_INPUT.get(leaf, leaf)) not in inputs):
                 adapters += a * fan_in  # o_proj's shared input is SDPA's output, counted above
                 inputs.add((parent, SHARED_INPUT.get(leaf, leaf)))
         else:
-            adapters += a * (adapter.r + fan_out) + (e * fan_in if adapter.dropout else 0)
+            adapters += a * (adapter.r + fan_out) + (e * fan_in if dropout else 0)
     final_norm = 4 * h + 4
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
         return layers * e * h + layer + adapters / max(layers, 1) + final_norm
@@ -233,7 +234,7 @@ def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int
     if stage == 3:  # partitioned, plus the gathered layer and the prefetched one in 16 bits
         weights = weights / world + 4 * shape["largest_layer"]
     states = shape["trainable"] * state_bytes(stage, world, mixed(config), bool(tcfg.deepspeed))
-    gc = tcfg.gradient_checkpointing if checkpointing is None else checkpointing
+    gc = tcfg.activation_checkpointing if checkpointing is None else checkpointing
     activations = batch * seq_len(config) * activation_bytes(config, shape, gc)
     if mixed(config) and not tcfg.deepspeed:  # autocast saves a 16-bit copy of each adapter matrix it uses
         activations += 2 * shape["adapter_matrices"] / (shape["layers"] if gc else 1)

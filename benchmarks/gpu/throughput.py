@@ -178,20 +178,18 @@ def build_base(shape: dict[str, int], base: str, device: Any) -> Any:
 
 
 def adapter_section(method: str, r: int) -> Any:
-    """The adapter section of configs/llama2_7b.yaml with method and r replaced (and all-linear)."""
+    """The adapter section of configs/llama2_7b.yaml with method and r replaced (and all-linear); its
+    dropout (0.05) becomes the method's own dropout key."""
     import yaml
 
-    from pipeline.config import AdapterConfig
+    from pipeline.config import apply_override
+    from pipeline.schema import ADAPTERS
 
-    section = yaml.safe_load((REPO / "configs" / "llama2_7b.yaml").read_text())["adapter"]
-    section.update(method=method, r=r, target_modules="all-linear")
-    if method != "uora":
-        section.pop("projection_init", None)
-        section.pop("reinit", None)
-    if method == "lora":
-        for key in ("projection_prng_key", "d_initial", "save_projection"):
-            section.pop(key, None)
-    return AdapterConfig.model_validate(section)
+    data = {"adapter": yaml.safe_load((REPO / "configs" / "llama2_7b.yaml").read_text())["adapter"]}
+    dropout = data["adapter"]["uora_dropout"]
+    apply_override(data, f"adapter.method={method}")  # drops the keys that only UORA has
+    data["adapter"].update({"r": r, "target_modules": "all-linear", f"{method}_dropout": dropout})
+    return ADAPTERS[method].model_validate(data["adapter"])
 
 
 def measure(

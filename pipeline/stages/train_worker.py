@@ -145,7 +145,7 @@ def _load_model(cfg: Any) -> Any:
 
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            use_gradient_checkpointing=cfg.train.activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
@@ -252,45 +252,27 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
     if is_rank0:
         remove_incomplete_checkpoints(ckpt_dir)
     resume = last_complete_checkpoint(ckpt_dir)
-    args = SFTConfig(
-        output_dir=str(ckpt_dir),
-        seed=cfg.run.seed,
-        data_seed=cfg.run.seed,
-        learning_rate=tcfg.learning_rate,
-        num_train_epochs=tcfg.num_train_epochs,
-        max_steps=tcfg.max_steps,
-        per_device_train_batch_size=tcfg.per_device_train_batch_size,
-        per_device_eval_batch_size=tcfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
-        lr_scheduler_type=tcfg.lr_scheduler_type,
-        warmup_steps=tcfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=tcfg.weight_decay,
-        max_grad_norm=tcfg.max_grad_norm,
-        activation_checkpointing=tcfg.gradient_checkpointing and not cfg.model.load_in_8bit,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        max_length=tcfg.max_length,
-        packing=tcfg.packing,
-        packing_strategy=tcfg.packing_strategy,
-        assistant_only_loss=tcfg.assistant_only_loss and not completion_only,
-        completion_only_loss=True if completion_only else None,
-        logging_steps=tcfg.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if tcfg.eval_steps else "no",
-        eval_steps=tcfg.eval_steps,
-        eval_on_start=tcfg.eval_on_start and resume is None,
-        save_strategy="steps",
-        save_steps=tcfg.save_steps,
-        save_total_limit=tcfg.save_total_limit,
-        bf16=tcfg.bf16,
-        fp16=tcfg.fp16,
-        deepspeed=tcfg.deepspeed,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        disable_tqdm=not is_rank0,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
+    # The train section's SFTConfig fields go in as they are; the rest is the stage's own wiring.
+    args = SFTConfig(**{
+        **tcfg.sft_kwargs(),
+        "activation_checkpointing": tcfg.activation_checkpointing and not cfg.model.load_in_8bit,
+        "assistant_only_loss": tcfg.assistant_only_loss and not completion_only,
+        "eval_on_start": tcfg.eval_on_start and resume is None,
+        "output_dir": str(ckpt_dir),
+        "seed": cfg.run.seed,
+        "data_seed": cfg.run.seed,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "completion_only_loss": True if completion_only else None,
+        "logging_first_step": True,
+        "eval_strategy": "steps" if tcfg.eval_steps else "no",
+        "save_strategy": "steps",
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": "none",
+        "disable_tqdm": not is_rank0,
+        "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
         **device_kwargs,
-    )
+    })  # fmt: skip
 
     # --- model and adapter --------------------------------------------------------------------
     model = _load_model(cfg)

@@ -5,6 +5,7 @@ written, a rerun resumes instead of retraining, and bad settings fail in one lin
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -70,6 +71,26 @@ def test_every_method_is_measured(quick_run):
     # The untrained baseline: evaluated on its own, its loss is the adapters' loss before step 1.
     assert math.isfinite(float(by["baseline"]["loss_mean"])) and by["baseline"]["mt_bench"]
     assert float(by["baseline"]["loss_mean_init_spread"]) < 1e-4  # every adapter starts at ΔW = 0
+
+
+def test_rows_are_read_from_mlflow_and_match_the_stage_outputs(quick_run):
+    """The rows come from the cells' MLflow store; each equals what its run directory recorded."""
+    root, _ = quick_run
+    rows = read_csv(root / "out" / "compare_methods_quick.csv")
+    assert (root / "work" / "mlflow.db").is_file()
+    for row in rows[1:]:
+        run = root / "work" / "runs" / f"{row['method']}-lr{float(row['learning_rate']):g}-s0"
+        metrics = json.loads((run / "train" / "metrics.json").read_text())
+        history = json.loads((run / "train" / "log_history.json").read_text())
+        start_eval = sum(value for entry in history if entry.get("step") == 0 for key, value in entry.items()
+                         if key.startswith("eval_") and key.endswith("_runtime"))  # fmt: skip
+        assert start_eval > 0  # the quick cells evaluate before step 1: the subtraction is exercised
+        assert float(row["loss_mean"]) == metrics["eval_loss_after"]
+        assert float(row["loss_gsm8k"]) == metrics["eval_loss_after.gsm8k"]
+        assert float(row["train_s"]) == pytest.approx(metrics["train_runtime_s"] - start_eval)
+        tuned = json.loads((run / "evaluate" / "results.json").read_text())["models"]["tuned"]
+        assert float(row["gsm8k_em"]) == tuned["exact_match_categories"]["gsm8k"]
+        assert float(row["mt_bench"]) == tuned["score_overall"]
 
 
 def test_tables_plot_and_readme(quick_run):

@@ -38,6 +38,21 @@ def test_peak_of_known_cards():
     assert throughput.peak_tflops("Tesla T4") is None
 
 
+@pytest.mark.parametrize("method", ["uora", "lora", "vera"])
+def test_adapters_are_the_llama2_7b_section_with_method_and_rank_replaced(method):
+    """Every method keeps the production config's dropout (0.05) under its own key, and only its own
+    keys: LoRA takes none of UORA's, VeRA keeps the projection seed and d_initial UORA shares."""
+    section = throughput.adapter_section(method, 1024).model_dump()
+    shared = {"method": method, "r": 1024, "target_modules": "all-linear", "modules_to_save": None,
+              f"{method}_dropout": 0.05}  # fmt: skip
+    own = {"uora": {"projection_prng_key": 0, "d_initial": 0.1, "projection_init": "orthogonal",
+                    "reinit_threshold": 1e-5, "reinit_alpha": 0.5, "reinit_patience": 1,
+                    "reinit_target": "fixed", "reinit_seed": 0},
+           "lora": {"lora_alpha": 2048},
+           "vera": {"projection_prng_key": 0, "d_initial": 0.1, "save_projection": True}}[method]  # fmt: skip
+    assert section == {**shared, **own}
+
+
 class FakeOOM(Exception):
     pass
 

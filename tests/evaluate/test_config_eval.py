@@ -80,5 +80,5 @@ def test_pairwise_judging_needs_both_models(capsys):
 
     assert main(["validate", "configs/smollm2_135m.yaml", "eval.models=[tuned]"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "eval.judge.mode: pairwise judging compares tuned with base: models needs both (got 'both')"
+        "eval.models: judge.mode 'both' compares tuned with base: models needs both (got ['tuned'])"
     ]

@@ -70,8 +70,9 @@ def test_cpu_default_is_offline_and_small():
 # (extra YAML, CLI overrides, the exact message line)
 MALFORMED = {
     "unknown key": ("run: {name: t, nmae: x}\n", [], "run.nmae: unknown key; did you mean 'name'? (got 'x')"),
-    "unknown nested key": ("", ["adapter.reinit.thresh=1"],
-                           "adapter.reinit.thresh: unknown key; did you mean 'threshold'? (got 1)"),
+    "unknown nested key": ("", ["eval.judge.bakend=x"], "eval.judge.bakend: unknown key; did you mean 'backend'? (got 'x')"),
+    "unknown key of a section gone flat": ("", ["adapter.reinit.thresh=1"],
+                                           "adapter.reinit.thresh: unknown key; did you mean 'reinit_threshold'? (got 1)"),
     "unknown section": ("trainer: {lr: 1}\n", [], "trainer: unknown key; did you mean 'train'? (got {'lr': 1})"),
     "wrong type": ("", ["run.seed=abc"],
                    "run.seed: input should be a valid integer, unable to parse string as an integer (got 'abc')"),
@@ -86,9 +87,9 @@ MALFORMED = {
     "two source kinds": ("data: {sources: [{builtin: 5, hub: a/b}]}\n", [],
                          "data.sources.0: set exactly one of path, hub, builtin (got ['hub', 'builtin'])"),
     "samples and weight": ("data: {sources: [{builtin: 5, samples: 2, weight: 1}]}\n", [],
-                           "data.sources.0.weight: set samples or weight, not both (got 1.0)"),
+                           "data.sources.0.weight: set samples or weight, not both (got 1)"),
     "eval size and fraction": ("data: {eval_size: 3, eval_fraction: 0.1}\n", [],
-                               "data.eval_size: set eval_size or eval_fraction, not both (got 3)"),
+                               "data.eval_fraction: set eval_size or eval_fraction, not both (got 0.1)"),
     "deepspeed file missing": ("", ["train.deepspeed=/nonexistent/ds.json"],
                                "train.deepspeed: DeepSpeed config file does not exist (got '/nonexistent/ds.json')"),
     "deepspeed not json": ("", ["train.deepspeed=TMP/broken.json"],
@@ -97,11 +98,19 @@ MALFORMED = {
     "8-bit with zero-3": ("", ["model.load_in_8bit=true", "train.deepspeed=TMP/z3.json"],
                           "model.load_in_8bit: an 8-bit base cannot be sharded by ZeRO-3 (TMP/z3.json); use "
                           "ZeRO-2 or a full-precision base (got True)"),
-    "uora without projections": ("", ["adapter.save_projection=false"],
-                                 "adapter.save_projection: UORA adapters must save their projections (the re-init "
-                                 "rule changes them; they cannot be regenerated from the seed) (got False)"),
+    "uora without projections": ("", ["adapter.save_projection=false"],  # UORA always saves them: no such key
+                                 "adapter.save_projection: only used by method 'vera' (method is 'uora') (got False)"),
     "knob of another method": ("", ["adapter.lora_alpha=16"],
                                "adapter.lora_alpha: only used by method 'lora' (method is 'uora') (got 16)"),
+    "knob of two other methods": ("adapter: {method: lora, projection_prng_key: 3}\n", [],
+                                  "adapter.projection_prng_key: only used by methods 'uora' and 'vera' (method is "
+                                  "'lora') (got 3)"),
+    "renamed dropout": ("adapter: {method: lora, dropout: 0.1}\n", [], "adapter.dropout: renamed to adapter.lora_dropout"),
+    "renamed re-init key": ("", ["adapter.reinit.alpha=0.3"], "adapter.reinit.alpha: renamed to adapter.reinit_alpha"),
+    "renamed warm-up": ("train: {warmup_ratio: 0.1}\n", [],
+                        "train.warmup_ratio: renamed to train.warmup_steps (a fraction < 1 of the steps)"),
+    "method not in the union": ("adapter: {method: dora, r: 8}\n", [],
+                                "adapter.method: input should be 'uora', 'lora' or 'vera' (got 'dora')"),
     "unsafe run name": ("", ["run.name=../escape"],
                         "run.name: must be a folder name: letters, digits, '.', '_' or '-' (got '../escape')"),
     "tracking uri scheme": ("", ["tracking.uri=ftp://host/x"],
@@ -113,7 +122,7 @@ MALFORMED = {
                               "model.name_or_path: Python package is not installed (got 'pkg://no_such_weights_pkg')"),
     "gguf file missing": ("", ["model.gguf_file=nope.gguf"],
                           "model.gguf_file: file not found in PKGDIR (got 'nope.gguf')"),
-    "bad override syntax": ("", ["adapter.r"], "override 'adapter.r': expected key.sub=value, e.g. train.epochs=2"),
+    "bad override syntax": ("", ["adapter.r"], "override 'adapter.r': expected key.sub=value, e.g. train.max_steps=2"),
     "override into a value": ("", ["run.name.x=1"], "run.name: is a value, not a section (got 'run.name.x=1')"),
 }  # fmt: skip
 
@@ -148,10 +157,45 @@ def test_missing_required_fields(write, capsys):
 
 
 def test_several_problems_give_one_line_each(write, capsys):
-    path = write("adapter: {r: -1, method: dora}\n")
+    path = write("adapter: {r: -1, method: lora, lora_dropout: 2}\n")
     assert main(["validate", path, "run.seed=x"]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["run.seed", "adapter.method", "adapter.r"]
+    assert [line.split(":")[0] for line in lines] == ["run.seed", "adapter.r", "adapter.lora_dropout"]
+
+
+def test_a_config_with_the_old_names_fails_with_one_line_per_new_key(write, capsys):
+    """The adapter and train sections as shipped before the names became PEFT's and TRL's."""
+    path = write("""\
+        adapter:
+          method: uora
+          dropout: 0.05
+          reinit: {threshold: 1.0e-5, alpha: 0.5, patience: 1, target: fixed}
+        train: {warmup_ratio: 0.03, max_steps: 5}
+        """)
+    assert main(["validate", path]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "adapter.dropout: renamed to adapter.uora_dropout",
+        "adapter.reinit.threshold: renamed to adapter.reinit_threshold",
+        "adapter.reinit.alpha: renamed to adapter.reinit_alpha",
+        "adapter.reinit.patience: renamed to adapter.reinit_patience",
+        "adapter.reinit.target: renamed to adapter.reinit_target",
+        "train.warmup_ratio: renamed to train.warmup_steps (a fraction < 1 of the steps)",
+    ]
+
+
+def test_overrides_reach_into_the_adapter_union(write):
+    """adapter.r retypes any method; adapter.method switches the model, dropping the file's keys that
+    only the old method has (the CPU default's UORA knobs) and keeping what the methods share."""
+    lora = load_config(REPO / "configs/smollm2_135m.yaml", ["adapter.method=lora", "adapter.r=8"])
+    assert lora.adapter.model_dump() == {"method": "lora", "r": 8, "target_modules": "all-linear",
+                                         "modules_to_save": None, "lora_alpha": 16, "lora_dropout": 0.0}  # fmt: skip
+    vera = load_config(REPO / "configs/smollm2_135m.yaml", ["adapter.method=vera"])
+    assert (vera.adapter.method, vera.adapter.r, vera.adapter.d_initial) == ("vera", 64, 1.0)  # shared: kept
+    uora = load_config(write(), ["adapter.r=16", "adapter.reinit_alpha=0.25"])
+    assert (uora.adapter.method, uora.adapter.r, uora.adapter.reinit_alpha) == ("uora", 16, 0.25)
+    with pytest.raises(ConfigError) as info:  # a misspelt key is not dropped by the switch
+        load_config(write("adapter: {dropuot: 0.1}\n"), ["adapter.method=lora"])
+    assert info.value.lines == ["adapter.dropuot: unknown key; did you mean 'lora_dropout'? (got 0.1)"]
 
 
 def test_yaml_syntax_error_names_line(tmp_path, capsys):
@@ -213,7 +257,7 @@ def test_zero2_with_8bit_is_fine_and_flatten(write, tmp_path):
     config = load_config(write(), ["model.load_in_8bit=true", f"train.deepspeed={tmp_path / 'z2.json'}"])
     flat = flatten(config)
     assert flat["model.load_in_8bit"] == "true" and flat["data.sources.0.builtin"] == "1500"
-    assert flat["adapter.reinit.alpha"] == "0.5" and flat["run.name"] == "t"
+    assert flat["adapter.reinit_alpha"] == "0.5" and flat["run.name"] == "t"
 
 
 def test_config_error_is_an_exception_with_lines(write):

@@ -204,7 +204,7 @@ def test_per_layer_activations_are_what_autograd_saves(dtype, method, dropout, a
     from transformers import LlamaConfig
 
     config = PipelineConfig.model_validate(
-        settings(model={"dtype": dtype}, adapter={"method": method, "r": 8, "dropout": dropout},
+        settings(model={"dtype": dtype}, adapter={"method": method, "r": 8, f"{method}_dropout": dropout},
                  train={"max_length": SEQ, "bf16": autocast})
     )  # fmt: skip
     shapes = [analyse(config, LlamaConfig(**TINY, num_hidden_layers=n)) for n in (2, 3)]

@@ -44,7 +44,7 @@ def tiny_config(root: Path, model_dir: Path) -> dict:
             "logging_steps": 1,
             "save_steps": 2,
             "learning_rate": 1e-2,
-            "warmup_ratio": 0.0,
+            "warmup_steps": 0.0,
             "max_grad_norm": 0.0,
             "omp_num_threads": 1,
         },

@@ -31,7 +31,9 @@ UORA = {
     "method": "uora",
     "r": 8,
     "target_modules": ["q_proj", "v_proj", "down_proj"],
-    "reinit": {"threshold": 0.5, "alpha": 0.5, "patience": 1},
+    "reinit_threshold": 0.5,
+    "reinit_alpha": 0.5,
+    "reinit_patience": 1,
 }
 STEPS = 8
 

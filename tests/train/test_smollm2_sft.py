@@ -29,10 +29,10 @@ train:
   per_device_train_batch_size: 2
   per_device_eval_batch_size: 4
   max_length: 128
-  warmup_ratio: 0.0
+  warmup_steps: 0.0
   lr_scheduler_type: constant
   logging_steps: 1
-  gradient_checkpointing: false
+  activation_checkpointing: false
 """
 # Learning rates for a visible change in 4 steps (VeRA/UORA train only scaling vectors).
 LEARNING_RATES = {"uora": 2e-2, "lora": 2e-3, "vera": 2e-2}

@@ -102,7 +102,7 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir)
 
 # |d| starts at 0.1, below the threshold: every slot of the 6 adapted layers has an event every step
 UORA_FORCED = {"method": "uora", "r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-               "reinit": {"threshold": 0.5}}  # fmt: skip
+               "reinit_threshold": 0.5}  # fmt: skip
 
 
 def _signal_after_first_step(work: Path, sig: int) -> None:

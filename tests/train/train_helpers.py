@@ -52,7 +52,7 @@ def make_config(run_dir: Path, model_path: str, **sections: dict[str, Any]) -> P
             "logging_steps": 1,
             "save_steps": 100,
             "learning_rate": 1e-2,
-            "warmup_ratio": 0.0,
+            "warmup_steps": 0.0,
             "max_grad_norm": 0.0,
             "omp_num_threads": 1,
         },
