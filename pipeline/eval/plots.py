@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
 
 def radar_chart(
     models: dict[str, dict[str, Any]], path: Path, title: str = "MT-Bench score by category"
@@ -14,7 +16,9 @@ def radar_chart(
     """Write a radar chart (one axis per category, 0-10, one polygon per model) as PNG.
 
     Categories a model has no score for are drawn at 0 and marked in the legend, so a gap is visible
-    instead of silently closing the polygon.
+    instead of silently closing the polygon. Models that score alike would hide each other's
+    polygon: each gets its own line style and marker size (the first drawn widest), and interval
+    bars sit side by side around their axis.
     """
     plt = _pyplot()
     categories = sorted({cat for row in models.values() for cat in row["categories"]})
@@ -23,7 +27,7 @@ def radar_chart(
     angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
     figure = plt.figure(figsize=(6, 6))
     axes = figure.add_subplot(polar=True)
-    for name, row in models.items():
+    for index, (name, row) in enumerate(models.items()):
         values = [row["categories"].get(cat) for cat in categories]
         missing = sum(v is None for v in values)
         points = [0.0 if v is None else float(v) for v in values]
@@ -31,11 +35,14 @@ def radar_chart(
         overall = row.get("score_overall")
         if overall is not None:
             label += f" — overall {overall:.2f}"
-        (line,) = axes.plot([*angles, angles[0]], [*points, points[0]], linewidth=2, label=label)
-        axes.fill([*angles, angles[0]], [*points, points[0]], alpha=0.15)
+        (line,) = axes.plot([*angles, angles[0]], [*points, points[0]], label=label, linewidth=3.5 - index,
+                            linestyle=LINE_STYLES[index % len(LINE_STYLES)], marker="o",
+                            markersize=max(3.0, 9.0 - 2.5 * index), zorder=2 + index)  # fmt: skip
+        axes.fill([*angles, angles[0]], [*points, points[0]], alpha=0.1)
+        shift = (index - (len(models) - 1) / 2) * 0.06  # radians: side by side, not on top
         for angle, interval in zip(angles, map(row.get("categories_ci95", {}).get, categories), strict=True):
             if interval:
-                axes.plot([angle, angle], interval, color=line.get_color(), linewidth=4, alpha=0.5)
+                axes.plot([angle + shift] * 2, interval, color=line.get_color(), linewidth=3, alpha=0.5)
     axes.set_xticks(angles)
     axes.set_xticklabels(categories)
     axes.set_ylim(0, 10)

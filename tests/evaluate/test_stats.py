@@ -257,3 +257,22 @@ def test_plots_draw_the_intervals(tmp_path):
     assert {"score_overall", "exact_match"} <= set(found)  # a judge score and a rate: two panels
     for path in (comparison_chart(found, tmp_path / "c.png"), radar_chart(models, tmp_path / "r.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_radar_keeps_tied_models_apart(tmp_path, monkeypatch):
+    """Two models with the same scores: both polygons stay visible (style, marker size) and their
+    interval bars stand side by side instead of on top of each other."""
+    from pipeline.eval import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda plt, figure, path: drawn.append(figure) or path)
+    row = {"categories": {"a": 5.0, "b": 6.0, "c": 7.0}, "categories_ci95": {"a": [4.0, 6.0]},
+           "score_overall": 6.0}  # fmt: skip
+    plots.radar_chart({"base": row, "tuned": dict(row)}, tmp_path / "r.png")
+    lines = drawn[0].axes[0].get_lines()
+    polygons = [line for line in lines if line.get_label() in ("base — overall 6.00", "tuned — overall 6.00")]
+    assert len(polygons) == 2 and list(polygons[0].get_ydata()) == list(polygons[1].get_ydata())
+    assert polygons[0].get_linestyle() != polygons[1].get_linestyle()
+    assert polygons[0].get_markersize() > polygons[1].get_markersize()  # first drawn: rings the other
+    bars = [line for line in lines if list(line.get_ydata()) == [4.0, 6.0]]
+    assert len(bars) == 2 and bars[0].get_xdata()[0] != bars[1].get_xdata()[0]
