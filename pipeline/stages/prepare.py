@@ -47,6 +47,10 @@ SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
 }  # fmt: skip
+TURNS = {  # format: the field holding its turns, their role and text keys, its role names → ours
+    "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
+    "messages": ("messages", "role", "content", {role: role for role in ROLES}),
+}
 PERCENTILES = (50, 90, 95, 99)
 Row = dict[str, Any]  # one example as saved: {"messages", "source", "answer"}
 
@@ -69,25 +73,21 @@ def read_local(path: Path, field: str) -> list[tuple[int, Any]]:
     import datasets
 
     suffix = path.suffix.lower()
+    builder, options = "json", {"parse_agent_traces": False}  # an agent-trace look-alike stays as written
     try:
-        options: dict[str, Any] = {"parse_agent_traces": False}  # an agent-trace look-alike stays as written
-        if suffix == ".csv":  # every cell a string, as written (pandas makes "7" 7 and "" NaN)
+        if suffix == ".parquet":
+            builder, options = "parquet", {}
+        elif suffix == ".csv":  # every cell a string, as written (pandas makes "7" 7 and "" NaN)
             with path.open(encoding="utf-8", newline="") as handle:
-                header = next(csv.reader(handle), [])
-            options = {"features": datasets.Features(dict.fromkeys(header, datasets.Value("string"))),
-                       "keep_default_na": False}  # fmt: skip
-        elif suffix == ".parquet":
-            options = {}
+                strings = dict.fromkeys(next(csv.reader(handle), []), datasets.Value("string"))
+            builder, options = "csv", {"features": datasets.Features(strings), "keep_default_na": False}
         with tempfile.TemporaryDirectory() as scratch:  # datasets' Arrow files: not in the user's HF cache
-            builder = {".csv": "csv", ".parquet": "parquet"}.get(suffix, "json")
-            loaded = datasets.load_dataset(
-                builder, data_files=str(path), split="train", cache_dir=scratch, **options
-            )
-            rows = loaded.to_list()
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=scratch,
+                                         **options).to_list()  # fmt: skip
         if suffix == ".json" and len(rows) == 1 and isinstance(rows[0].get("data"), list):
             rows = rows[0]["data"]  # {"data": [rows]}
         numbers: Iterable[int] = range(1, len(rows) + 1)
-        if suffix == ".jsonl":  # datasets skips blank lines; reports name the line
+        if suffix == ".jsonl":  # datasets skips blank lines; a report names the line
             numbers = [n for n, line in enumerate(path.read_bytes().splitlines(), start=1) if line.strip()]
         return list(zip(numbers, rows, strict=True))
     except Exception as error:  # datasets wraps the reader's error (pandas, pyarrow: no useful base)
@@ -102,9 +102,7 @@ def read_json_rows(path: Path, field: str) -> list[tuple[int, Any]]:
     try:
         if path.suffix.lower() == ".jsonl":
             with path.open(encoding="utf-8") as handle:
-                return [
-                    (number, parse_line(line)) for number, line in enumerate(handle, start=1) if line.strip()
-                ]
+                return [(number, parse_line(line)) for number, line in enumerate(handle, 1) if line.strip()]
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise StageError(f"{field}: cannot read {path}: {type(error).__name__}: {error}") from None
@@ -137,9 +135,8 @@ def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, An
         rows = datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StageError(
-            f"{field}.hub: cannot load {source.hub!r} (split {source.split!r}): {first}"
-        ) from None
+        message = f"{field}.hub: cannot load {source.hub!r} (split {source.split!r}): {first}"
+        raise StageError(message) from None
     return list(enumerate(rows, start=1))
 
 
@@ -162,17 +159,13 @@ def source_digest(source: DataSource, seed: int) -> str:
 # --------------------------------------------------------------------------------------------
 # 2. normalising rows to chat messages
 # --------------------------------------------------------------------------------------------
+FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+               "prompt_completion": ("prompt", "completion")}  # fmt: skip
+
+
 def detect_format(record: dict[str, Any]) -> str | None:
-    """The format a row's keys indicate, or None."""
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    return None
+    """The first format (in FORMAT_KEYS order) whose keys the row has, or None."""
+    return next((fmt for fmt, keys in FORMAT_KEYS.items() if all(key in record for key in keys)), None)
 
 
 def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -186,9 +179,7 @@ def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
     return value.strip()
 
 
-def _turns(
-    items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str]
-) -> list[dict[str, str]]:
+def _turns(items: Any, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
     if not isinstance(items, list):
         raise Malformed(f"field '{key}' must be a list of turns (got {type(items).__name__})")
     messages = []
@@ -196,12 +187,12 @@ def _turns(
         if not isinstance(turn, dict):
             raise Malformed(f"{key}[{number}] must be an object (got {type(turn).__name__})")
         role = turn.get(role_key)
-        if role not in role_map:
+        if role not in roles:
             raise Malformed(f"{key}[{number}] has bad role {role!r}")
         content = turn.get(text_key)
         if not isinstance(content, str):
             raise Malformed(f"{key}[{number}].{text_key} must be a string (got {type(content).__name__})")
-        messages.append({"role": role_map[role], "content": content.strip()})
+        messages.append({"role": roles[role], "content": content.strip()})
     return messages
 
 
@@ -211,25 +202,21 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
         raise record
     if not isinstance(record, dict):
         raise Malformed(f"row must be an object (got {type(record).__name__})")
-    identity = {role: role for role in ROLES}
     if fmt == "alpaca":
         instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
         user = f"{instruction}\n\n{extra}" if extra else instruction
         output = _text(record, "output")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    elif fmt == "sharegpt":
-        if "conversations" not in record:
-            raise Malformed("missing field 'conversations'")
-        messages = _turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
-    elif fmt == "messages":
-        if "messages" not in record:
-            raise Malformed("missing field 'messages'")
-        messages = _turns(record["messages"], "messages", "role", "content", identity)
+    elif fmt in TURNS:
+        field, *keys = TURNS[fmt]
+        if field not in record:
+            raise Malformed(f"missing field '{field}'")
+        messages = _turns(record[field], field, *keys)
     elif fmt == "prompt_completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational variant
-            messages = _turns(prompt, "prompt", "role", "content", identity)
-            messages += _turns(completion, "completion", "role", "content", identity)
+            keys = TURNS["messages"][1:]
+            messages = _turns(prompt, "prompt", *keys) + _turns(completion, "completion", *keys)
         else:
             messages = [{"role": "user", "content": _text(record, "prompt")},
                         {"role": "assistant", "content": _text(record, "completion")}]  # fmt: skip
