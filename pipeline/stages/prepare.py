@@ -78,7 +78,7 @@ def read_local(path: Path, field: str) -> list[tuple[int, Any]]:
         if suffix == ".parquet":
             builder, options = "parquet", {}
         elif suffix == ".csv":  # every cell a string, as written (pandas makes "7" 7 and "" NaN)
-            with path.open(encoding="utf-8", newline="") as handle:
+            with path.open(encoding="utf-8-sig", newline="") as handle:  # pandas drops a BOM too
                 strings = dict.fromkeys(next(csv.reader(handle), []), datasets.Value("string"))
             builder, options = "csv", {"features": datasets.Features(strings), "keep_default_na": False}
         with tempfile.TemporaryDirectory() as scratch:  # datasets' Arrow files: not in the user's HF cache
@@ -287,10 +287,8 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[st
         formats.append(fmt)
     if data.strict and malformed:
         first = malformed[0]
-        raise StageError(
-            f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row {first['row']}: "
-            f"{first['reason']}"
-        )
+        raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row "
+                         f"{first['row']}: {first['reason']}")  # fmt: skip
     return per_source, malformed, formats, rows_in
 
 
