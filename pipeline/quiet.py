@@ -20,6 +20,9 @@ LOG_MESSAGES = (
     ("DeepSpeed", "Setting accelerator to CPU",
      "DeepSpeed (installed by make setup, imported by the training libraries even when a run does not "
      "use it) says, on a host without a GPU, that it picked the CPU"),
+    ("datasets.packaged_modules.json.json", "Failed to load JSON from file",
+     "prepare reads a JSON/JSONL file that is not one table (a bad line, a row that is no object) again "
+     "row by row, and reports each bad row with its file and line itself"),
     ("mlflow.store.db.utils", "Creating initial MLflow database tables",
      "the first use of a new sqlite store (runs/<name>/mlflow.db)"),
     ("mlflow.store.db.utils", "Updating database tables", "the same schema set-up, second line"),

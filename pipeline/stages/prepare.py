@@ -2,11 +2,14 @@
 
 Read top to bottom, this is the recipe:
 
-1. load every source (local JSON/JSONL/Parquet/CSV, a hub dataset, or the built-in tasks);
+1. load every source with ``datasets`` (local JSON/JSONL/Parquet/CSV through its packaged
+   builders, a hub dataset, or the built-in tasks);
 2. normalise each row to chat ``messages`` (alpaca, sharegpt, messages, prompt/completion;
-   ``auto`` detects the format from the keys); malformed rows are reported with file and row;
-3. drop exact duplicates, render with the chat template and drop rows over ``data.max_length``;
-4. mix sources (``samples`` / ``weight``), split train/eval deterministically;
+   ``auto`` detects the format from the keys); malformed rows are reported with file and row
+   (JSONL: line);
+3. drop exact duplicates, render with the chat template (``Dataset.map``) and drop rows over
+   ``data.max_length``;
+4. mix sources (``samples`` / ``weight``), split train/eval deterministically by a seeded hash;
 5. save a ``DatasetDict`` (``messages``, ``source``, ``answer``) and ``stats.json``.
 
 Steps 1–5 are cached by a digest of everything they depend on (data config, source contents,
@@ -18,12 +21,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,93 +47,97 @@ SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
 }  # fmt: skip
+TURNS = {  # format: the field holding its turns, their role and text keys, its role names → ours
+    "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
+    "messages": ("messages", "role", "content", {role: role for role in ROLES}),
+}
 PERCENTILES = (50, 90, 95, 99)
+Row = dict[str, Any]  # one example as saved: {"messages", "source", "answer"}
 
 
 class Malformed(ValueError):
     """One row cannot be used; the message says why (the caller adds file and row)."""
 
 
-@dataclass
-class Example:
-    messages: list[dict[str, str]]
-    source: str
-    answer: str | None
-    where: str  # "<file> row N", for reports
-
-    @property
-    def key(self) -> str:
-        return json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
-
-
 # --------------------------------------------------------------------------------------------
 # 1. reading sources
 # --------------------------------------------------------------------------------------------
-def read_local(path: Path, field: str) -> Iterator[tuple[int, Any]]:
-    """``(row number, record)`` pairs; row numbers are 1-based (JSONL: the line number).
+def read_local(path: Path, field: str) -> list[tuple[int, Any]]:
+    """``(row number, record)`` pairs of a local file, read by ``datasets``' packaged builders;
+    row numbers are 1-based (JSONL: the line number).
 
-    A file that cannot be read or parsed at all is a StageError naming the config field; a single
-    bad JSONL line is yielded as a ``Malformed`` so it is reported like any other bad row.
+    Arrow wants one type per column, so a JSON/JSONL file that is not one table (a line that is not
+    JSON, a row that is not an object) is read again by :func:`read_json_rows`, which reports each
+    bad row. Any other file that cannot be read is a StageError naming the config field.
     """
+    import datasets
+
     suffix = path.suffix.lower()
+    builder, options = "json", {"parse_agent_traces": False}  # an agent-trace look-alike stays as written
     try:
-        if suffix == ".jsonl":
+        if suffix == ".parquet":
+            builder, options = "parquet", {}
+        elif suffix == ".csv":  # every cell a string, as written (pandas makes "7" 7 and "" NaN)
+            with path.open(encoding="utf-8-sig", newline="") as handle:  # pandas drops a BOM too
+                strings = dict.fromkeys(next(csv.reader(handle), []), datasets.Value("string"))
+            builder, options = "csv", {"features": datasets.Features(strings), "keep_default_na": False}
+        with tempfile.TemporaryDirectory() as scratch:  # datasets' Arrow files: not in the user's HF cache
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=scratch,
+                                         **options).to_list()  # fmt: skip
+        if suffix == ".json" and len(rows) == 1 and isinstance(rows[0].get("data"), list):
+            rows = rows[0]["data"]  # {"data": [rows]}
+        numbers: Iterable[int] = range(1, len(rows) + 1)
+        if suffix == ".jsonl":  # datasets skips blank lines; a report names the line
+            numbers = [n for n, line in enumerate(path.read_bytes().splitlines(), start=1) if line.strip()]
+        return list(zip(numbers, rows, strict=True))
+    except Exception as error:  # datasets wraps the reader's error (pandas, pyarrow: no useful base)
+        if suffix in (".json", ".jsonl"):
+            return read_json_rows(path, field)
+        cause = error.__cause__ or error
+        raise StageError(f"{field}: cannot read {path}: {type(cause).__name__}: {cause}") from None
+
+
+def read_json_rows(path: Path, field: str) -> list[tuple[int, Any]]:
+    """A JSON/JSONL file row by row: a JSONL line that is not JSON becomes a Malformed row."""
+    try:
+        if path.suffix.lower() == ".jsonl":
             with path.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield number, json.loads(line)
-                    except ValueError as error:
-                        yield number, Malformed(f"invalid JSON ({error})")
-        elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                kind = type(data).__name__
-                raise StageError(f"{field}: {path} must hold a JSON array of rows (got {kind})")
-            yield from enumerate(data, start=1)
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            yield from enumerate(pq.read_table(path).to_pylist(), start=1)
-        elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as handle:
-                yield from enumerate(csv.DictReader(handle), start=1)
-        else:
-            raise StageError(f"{field}: unsupported file type {suffix!r} ({path})")
-    except StageError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as error:
+                return [(number, parse_line(line)) for number, line in enumerate(handle, 1) if line.strip()]
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise StageError(f"{field}: cannot read {path}: {type(error).__name__}: {error}") from None
-    except Exception as error:  # pyarrow's errors (ArrowInvalid, ...) share no useful base
-        raise StageError(f"{field}: cannot read {path}: {type(error).__name__}: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise StageError(f"{field}: {path} must hold a JSON array of rows (got {type(data).__name__})")
+    return list(enumerate(data, start=1))
 
 
-def read_source(source: DataSource, index: int, seed: int) -> Iterator[tuple[int, Any]]:
-    """The raw records of one source, whatever its kind."""
+def parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as error:
+        return Malformed(f"invalid JSON ({error})")
+
+
+def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, Any]]:
+    """The numbered raw records of one source, whatever its kind; hub failures become one line."""
     field = f"data.sources.{index}"
     if source.path is not None:
-        yield from read_local(Path(source.path), f"{field}.path")
-    elif source.hub is not None:
-        yield from enumerate(load_hub(source, field), start=1)
-    else:
+        return read_local(Path(source.path), f"{field}.path")
+    if source.builtin is not None:
         from pipeline.builtin_tasks import generate_tasks
 
-        yield from enumerate(generate_tasks(int(source.builtin or 0), seed), start=1)
-
-
-def load_hub(source: DataSource, field: str) -> Any:
-    """A hub dataset split (``datasets.load_dataset``); failures become one line."""
+        return list(enumerate(generate_tasks(source.builtin, seed), start=1))
     import datasets
 
     try:
-        return datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
+        rows = datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         message = f"{field}.hub: cannot load {source.hub!r} (split {source.split!r}): {first}"
         raise StageError(message) from None
+    return list(enumerate(rows, start=1))
 
 
 def source_digest(source: DataSource, seed: int) -> str:
@@ -152,17 +159,13 @@ def source_digest(source: DataSource, seed: int) -> str:
 # --------------------------------------------------------------------------------------------
 # 2. normalising rows to chat messages
 # --------------------------------------------------------------------------------------------
+FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+               "prompt_completion": ("prompt", "completion")}  # fmt: skip
+
+
 def detect_format(record: dict[str, Any]) -> str | None:
-    """The format a row's keys indicate, or None."""
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    return None
+    """The first format (in FORMAT_KEYS order) whose keys the row has, or None."""
+    return next((fmt for fmt, keys in FORMAT_KEYS.items() if all(key in record for key in keys)), None)
 
 
 def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -176,9 +179,7 @@ def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
     return value.strip()
 
 
-def _turns(
-    items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str]
-) -> list[dict[str, str]]:
+def _turns(items: Any, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
     if not isinstance(items, list):
         raise Malformed(f"field '{key}' must be a list of turns (got {type(items).__name__})")
     messages = []
@@ -186,12 +187,12 @@ def _turns(
         if not isinstance(turn, dict):
             raise Malformed(f"{key}[{number}] must be an object (got {type(turn).__name__})")
         role = turn.get(role_key)
-        if role not in role_map:
+        if role not in roles:
             raise Malformed(f"{key}[{number}] has bad role {role!r}")
         content = turn.get(text_key)
         if not isinstance(content, str):
             raise Malformed(f"{key}[{number}].{text_key} must be a string (got {type(content).__name__})")
-        messages.append({"role": role_map[role], "content": content.strip()})
+        messages.append({"role": roles[role], "content": content.strip()})
     return messages
 
 
@@ -201,25 +202,21 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
         raise record
     if not isinstance(record, dict):
         raise Malformed(f"row must be an object (got {type(record).__name__})")
-    identity = {role: role for role in ROLES}
     if fmt == "alpaca":
         instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
         user = f"{instruction}\n\n{extra}" if extra else instruction
         output = _text(record, "output")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    elif fmt == "sharegpt":
-        if "conversations" not in record:
-            raise Malformed("missing field 'conversations'")
-        messages = _turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
-    elif fmt == "messages":
-        if "messages" not in record:
-            raise Malformed("missing field 'messages'")
-        messages = _turns(record["messages"], "messages", "role", "content", identity)
+    elif fmt in TURNS:
+        field, *keys = TURNS[fmt]
+        if field not in record:
+            raise Malformed(f"missing field '{field}'")
+        messages = _turns(record[field], field, *keys)
     elif fmt == "prompt_completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational variant
-            messages = _turns(prompt, "prompt", "role", "content", identity)
-            messages += _turns(completion, "completion", "role", "content", identity)
+            keys = TURNS["messages"][1:]
+            messages = _turns(prompt, "prompt", *keys) + _turns(completion, "completion", *keys)
         else:
             messages = [{"role": "user", "content": _text(record, "prompt")},
                         {"role": "assistant", "content": _text(record, "completion")}]  # fmt: skip
@@ -246,21 +243,20 @@ def check_turns(messages: list[dict[str, str]]) -> None:
         raise Malformed("last turn must be from the assistant")
 
 
-def load_examples(config: PipelineConfig) -> tuple[list[list[Example]], list[dict[str, Any]], list[str]]:
-    """Per source: the usable examples, the malformed-row reports, and the detected format."""
-    from tqdm.auto import tqdm
-
+def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[str, Any]], list[str], Counter]:
+    """Per source: the usable rows and the detected format; the malformed-row reports; rows read per label."""
     data, seed = config.data, data_seed(config)
-    per_source: list[list[Example]] = []
+    per_source: list[list[Row]] = []
     malformed: list[dict[str, Any]] = []
     formats: list[str] = []
+    rows_in: Counter = Counter()
     for index, source in enumerate(data.sources):
-        label = source.label
-        fmt = source.format
-        examples: list[Example] = []
-        for number, record in tqdm(read_source(source, index, seed), desc=f"reading {label}", unit="row",
-                                   leave=False, disable=None):  # fmt: skip
-            where = f"{label} row {number}"
+        label, fmt, rows = source.label, source.format, []
+        records = read_source(source, index, seed)
+        rows_in[label] += len(records)
+        for number, record in records:
+            if isinstance(record, dict):  # a table gives every row every column: absent ones are None
+                record = {key: value for key, value in record.items() if value is not None}
             if fmt == "auto":
                 if not isinstance(record, dict):
                     malformed.append({"source": label, "row": number, "reason": "row must be an object"})
@@ -282,21 +278,18 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Example]], list[dic
             if data.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": data.system_prompt})
             if source.answer_from == "last_number":
-                number = last_number(messages[-1]["content"])
-                answer = canonical(number) if number is not None else None
-            row_source = label
-            if source.builtin is not None and isinstance(record, dict) and record.get("category"):
-                row_source = f"builtin:{record['category']}"
-            examples.append(Example(messages, row_source, answer, where))
-        per_source.append(examples)
+                found = last_number(messages[-1]["content"])
+                answer = canonical(found) if found is not None else None
+            category = source.builtin is not None and record.get("category")
+            rows.append({"messages": messages, "source": f"builtin:{category}" if category else label,
+                         "answer": answer})  # fmt: skip
+        per_source.append(rows)
         formats.append(fmt)
     if data.strict and malformed:
         first = malformed[0]
-        raise StageError(
-            f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row {first['row']}: "
-            f"{first['reason']}"
-        )
-    return per_source, malformed, formats
+        raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row "
+                         f"{first['row']}: {first['reason']}")  # fmt: skip
+    return per_source, malformed, formats, rows_in
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,24 +310,33 @@ def check_template(tokenizer: Any) -> None:
         raise StageError(f"model.chat_template: the rendered template drops message content ({missing[0]})")
 
 
-def token_lengths(tokenizer: Any, examples: list[Example], batch: int = 256) -> list[int | None]:
-    """Rendered length in tokens per example; None where the template fails on that example."""
+def token_lengths(tokenizer: Any, rows: list[Row]) -> list[int | None]:
+    """Rendered length in tokens per row (``Dataset.map``, batched); None where the template fails."""
+    from datasets import Dataset
     from tqdm.auto import tqdm
 
-    lengths: list[int | None] = []
-    for start in tqdm(range(0, len(examples), batch), desc="rendering + tokenising", unit="batch",
-                      leave=False, disable=None):  # fmt: skip
+    def measure(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         texts: list[str | None] = []
-        for example in examples[start : start + batch]:
+        for messages in batch["messages"]:
             try:
-                texts.append(tokenizer.apply_chat_template(example.messages, tokenize=False))
+                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
             except Exception:
                 texts.append(None)
-        rendered = [text for text in texts if text is not None]
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
-        counts = iter(len(item) for item in ids)
-        lengths.extend(next(counts) if text is not None else None for text in texts)
-    return lengths
+        ids = tokenizer([text or "" for text in texts], add_special_tokens=False)["input_ids"]
+        bar.update(len(texts))
+        return {"length": [len(i) if text is not None else None for text, i in zip(texts, ids, strict=True)]}
+
+    if not rows:
+        return []
+    with tqdm(total=len(rows), desc="rendering + tokenising", unit="row", leave=False, disable=None) as bar:
+        conversations = Dataset.from_dict({"messages": [row["messages"] for row in rows]})
+        # An in-memory dataset and a given fingerprint: no cache files, no hashing of the tokenizer.
+        return conversations.map(measure, batched=True, batch_size=256, new_fingerprint="lengths")["length"]
+
+
+def key(row: Row) -> str:
+    """A row's conversation, canonical: what dedupe compares and the split hashes."""
+    return json.dumps(row["messages"], sort_keys=True, ensure_ascii=False)
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
@@ -348,12 +350,10 @@ def tokenizer_identity(tokenizer: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # 4. mixing and splitting
 # --------------------------------------------------------------------------------------------
-def mix(per_source: list[list[Example]], config: PipelineConfig, counts: Counter) -> list[Example]:
+def mix(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) -> list[Row]:
     """Apply ``samples`` and ``weight`` per source (sampling without replacement, seeded)."""
-    import random
-
-    data, seed = config.data, data_seed(config)
-    rng = random.Random(seed)
+    data = config.data
+    rng = random.Random(data_seed(config))
     weighted = [i for i, source in enumerate(data.sources) if source.weight is not None]
     targets: dict[int, int] = {}
     if weighted:
@@ -361,23 +361,22 @@ def mix(per_source: list[list[Example]], config: PipelineConfig, counts: Counter
         shares = {i: float(data.sources[i].weight or 0) / total_weight for i in weighted}
         total = data.max_samples or int(min(len(per_source[i]) / shares[i] for i in weighted))
         targets = {i: min(len(per_source[i]), round(shares[i] * total)) for i in weighted}
-    mixed: list[Example] = []
-    for index, (source, examples) in enumerate(zip(data.sources, per_source, strict=True)):
+    mixed: list[Row] = []
+    for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
         want = source.samples if source.samples is not None else targets.get(index)
-        if want is None or want >= len(examples):
-            if want is not None and want > len(examples):
-                counts[f"short_of_requested:{source.label}"] += want - len(examples)
-            mixed.extend(examples)
+        if want is None or want >= len(rows):
+            if want is not None and want > len(rows):
+                counts[f"short_of_requested:{source.label}"] += want - len(rows)
+            mixed.extend(rows)
             continue
-        chosen = sorted(rng.sample(range(len(examples)), want))
-        counts["sampled_out"] += len(examples) - want
-        mixed.extend(examples[i] for i in chosen)
+        counts["sampled_out"] += len(rows) - want
+        mixed.extend(rows[i] for i in sorted(rng.sample(range(len(rows)), want)))
     return mixed
 
 
-def split(examples: list[Example], config: PipelineConfig) -> tuple[list[Example], list[Example]]:
+def split(rows: list[Row], config: PipelineConfig) -> tuple[list[Row], list[Row]]:
     """Deterministic split: in seeded hash order (:func:`hash_order`), the first k rows are eval."""
-    data, n = config.data, len(examples)
+    data, n = config.data, len(rows)
     if data.eval_size is not None:
         k = data.eval_size
     else:
@@ -386,40 +385,40 @@ def split(examples: list[Example], config: PipelineConfig) -> tuple[list[Example
             k = max(k, 1)
     if k >= n:
         raise StageError(f"data.eval_size: {k} eval rows leave no training rows ({n} rows after filtering)")
-    ordered = hash_order(examples, data_seed(config))
+    ordered = hash_order(rows, data_seed(config))
     return ordered[k:], ordered[:k]
 
 
-def hash_order(examples: list[Example], seed: int) -> list[Example]:
-    """Examples ordered by a seeded hash of their content.
+def hash_order(rows: list[Row], seed: int) -> list[Row]:
+    """Rows ordered by a seeded hash of their content.
 
-    Hash order (rather than shuffled positions) keeps an example's side of a split stable when
-    other rows are added or removed.
+    Hash order (rather than shuffled positions, as ``train_test_split`` does) keeps a row's side
+    of a split stable when other rows are added or removed.
     """
-    return sorted(examples, key=lambda e: hashlib.sha256(f"{seed}\x00{e.key}".encode()).hexdigest())
+    return sorted(rows, key=lambda row: hashlib.sha256(f"{seed}\x00{key(row)}".encode()).hexdigest())
 
 
 def hold_out_per_source(
-    per_source: list[list[Example]], config: PipelineConfig
-) -> tuple[list[list[Example]], list[Example]]:
+    per_source: list[list[Row]], config: PipelineConfig
+) -> tuple[list[list[Row]], list[Row]]:
     """Each source's ``eval_samples`` slice, taken before mixing, and what is left to train on.
 
     Taking the slice before ``samples``/``weight`` sampling keeps it fixed when the mixture
     changes, so methods and mixtures are compared on the same held-out rows.
     """
-    remaining: list[list[Example]] = []
-    held_out: list[Example] = []
-    for index, (source, examples) in enumerate(zip(config.data.sources, per_source, strict=True)):
+    remaining: list[list[Row]] = []
+    held_out: list[Row] = []
+    for index, (source, rows) in enumerate(zip(config.data.sources, per_source, strict=True)):
         k = source.eval_samples or 0
-        if k and k >= len(examples):
+        if k and k >= len(rows):
             raise StageError(
                 f"data.sources.{index}.eval_samples: {k} eval rows leave no training rows of "
-                f"{source.label} ({len(examples)} rows after filtering)"
+                f"{source.label} ({len(rows)} rows after filtering)"
             )
-        ordered = hash_order(examples, data_seed(config))
+        ordered = hash_order(rows, data_seed(config))
         held_out.extend(ordered[:k])
-        kept = {id(example) for example in ordered[k:]}
-        remaining.append([example for example in examples if id(example) in kept])  # source order
+        kept = {id(row) for row in ordered[k:]}
+        remaining.append([row for row in rows if id(row) in kept])  # source order
     return remaining, held_out
 
 
@@ -443,80 +442,60 @@ def percentiles(values: list[int]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
     """Build ``out_dir/dataset`` + ``stats.json`` (+ ``malformed.jsonl``, ``token_lengths.png``)."""
+    import datasets
     from datasets import Dataset, DatasetDict, Features, List, Value
 
     check_template(tokenizer)
-    per_source, malformed, formats = load_examples(config)
-    counts: Counter = Counter()
-    counts["malformed"] = len(malformed)
-    rows_in: Counter = Counter()
-    for index, examples in enumerate(per_source):
-        rows_in[config.data.sources[index].label] += len(examples)
-    for item in malformed:
-        rows_in[item["source"]] += 1
-
-    seen: set[str] = set()
-    lengths_by_key: dict[str, int] = {}
-    flat = [example for examples in per_source for example in examples]
-    lengths = token_lengths(tokenizer, flat)
-    for example, length in zip(flat, lengths, strict=True):
-        if length is not None:
-            lengths_by_key[example.key] = length
-    kept_per_source: list[list[Example]] = []
-    for examples in per_source:
-        kept = []
-        for example in examples:
-            key = example.key
-            if config.data.dedupe and key in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(key)
-            length = lengths_by_key.get(key)
-            if length is None:
-                counts["template_error"] += 1
-            elif length > config.data.max_length:
-                counts["too_long"] += 1
-            else:
-                kept.append(example)
-        kept_per_source.append(kept)
-    per_source_eval = any(source.eval_samples for source in config.data.sources)
-    if per_source_eval:
-        kept_per_source, held_out = hold_out_per_source(kept_per_source, config)
-    mixed = mix(kept_per_source, config, counts)
-    if not mixed:
-        raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
-    if per_source_eval:
-        train = hash_order(mixed, data_seed(config))  # the same order split() gives
-        mixed = mixed + held_out
-    else:
-        train, held_out = split(mixed, config)
-
-    features = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
-                         "source": Value("string"), "answer": Value("string")})  # fmt: skip
-
-    def to_dataset(rows: list[Example]) -> Any:
-        columns = {"messages": [e.messages for e in rows], "source": [e.source for e in rows],
-                   "answer": [e.answer for e in rows]}  # fmt: skip
-        return Dataset.from_dict(columns, features=features)
-
-    import datasets
-
-    bars = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a bar per tiny shard is noise; ours cover the slow parts
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per file read, map and shard written: noise next to ours
     try:
+        per_source, malformed, formats, rows_in = load_examples(config)
+        counts: Counter = Counter(malformed=len(malformed))
+        flat = [row for rows in per_source for row in rows]
+        lengths = dict(zip(map(key, flat), token_lengths(tokenizer, flat), strict=True))
+        seen: set[str] = set()
+        for rows in per_source:
+            kept = []
+            for row in rows:
+                if config.data.dedupe and key(row) in seen:
+                    counts["duplicate"] += 1
+                    continue
+                seen.add(key(row))
+                length = lengths[key(row)]
+                if length is None:
+                    counts["template_error"] += 1
+                elif length > config.data.max_length:
+                    counts["too_long"] += 1
+                else:
+                    kept.append(row)
+            rows[:] = kept
+        per_source_eval = any(source.eval_samples for source in config.data.sources)
+        if per_source_eval:
+            per_source, held_out = hold_out_per_source(per_source, config)
+        mixed = mix(per_source, config, counts)
+        if not mixed:
+            raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
+        if per_source_eval:
+            train = hash_order(mixed, data_seed(config))  # the same order split() gives
+            mixed = mixed + held_out
+        else:
+            train, held_out = split(mixed, config)
+        features = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
+                             "source": Value("string"), "answer": Value("string")})  # fmt: skip
         # One shard per split: an empty eval split (eval_fraction 0) must still load back.
-        DatasetDict({"train": to_dataset(train), "eval": to_dataset(held_out)}).save_to_disk(
-            str(out_dir / "dataset"), num_shards={"train": 1, "eval": 1}
-        )
+        splits = {"train": train, "eval": held_out}
+        DatasetDict({name: Dataset.from_dict({column: [row[column] for row in rows] for column in features},
+                                             features=features) for name, rows in splits.items()}
+                    ).save_to_disk(str(out_dir / "dataset"), num_shards={"train": 1, "eval": 1})  # fmt: skip
     finally:
         if bars:
             datasets.enable_progress_bars()
-    kept_lengths = [lengths_by_key[e.key] for e in mixed]
+    kept_lengths = [lengths[key(row)] for row in mixed]
     stats = {
         "rows_in": {"total": sum(rows_in.values()), **{f"source:{k}": v for k, v in rows_in.items()}},
         "rows_out": {"total": len(mixed), "train": len(train), "eval": len(held_out),
-                     **{f"source:{k}": v for k, v in sorted(Counter(e.source for e in mixed).items())}},
-        "dropped": {key: counts[key] for key in sorted(counts) if counts[key]},
+                     **{f"source:{k}": v for k, v in sorted(Counter(r["source"] for r in mixed).items())}},
+        "dropped": {name: counts[name] for name in sorted(counts) if counts[name]},
         "token_length": percentiles(kept_lengths),
         "formats": {config.data.sources[i].label: fmt for i, fmt in enumerate(formats)},
         "digests": {
@@ -534,10 +513,10 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     return stats
 
 
-def digest_rows(rows: list[Example]) -> str:
+def digest_rows(rows: list[Row]) -> str:
     digest = hashlib.sha256()
-    for example in rows:
-        digest.update(json.dumps([example.messages, example.source, example.answer], sort_keys=True).encode())
+    for row in rows:
+        digest.update(json.dumps([row["messages"], row["source"], row["answer"]], sort_keys=True).encode())
     return digest.hexdigest()
 
 

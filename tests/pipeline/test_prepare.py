@@ -144,6 +144,49 @@ def test_malformed_rows_are_reported_with_row_numbers(tmp_path, smollm2_dir, tok
     )
 
 
+def test_bad_jsonl_line_in_the_middle_is_reported_by_file_and_line(tmp_path, smollm2_dir, tokenizer):
+    """datasets cannot load a file with a line that is not JSON: every other row is still used, and
+    the reports name file and line (blank lines counted), whether or not the file loads as a table."""
+    good = [json.dumps({"prompt": f"p{i}", "completion": "c"}) for i in range(6)]
+    lines = [good[0], good[1], "", good[2], '{"prompt": "x", "completion": ', good[3], '{"prompt": "y"}', good[4]]
+    path = tmp_path / "mid.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    config = make_config(tmp_path, smollm2_dir, [{"path": str(path)}], eval_fraction=0.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = prepare.build(config, tokenizer, out)
+    assert stats["rows_in"]["total"] == 7 and stats["rows_out"]["train"] == 5
+    report = [json.loads(line) for line in (out / "malformed.jsonl").read_text().splitlines()]
+    assert report == [
+        {"source": "mid.jsonl", "row": 5, "reason": "invalid JSON (Expecting value: line 2 column 1 (char 31))"},
+        {"source": "mid.jsonl", "row": 7, "reason": "missing field 'completion'"},
+    ]
+    strict = make_config(tmp_path, smollm2_dir, [{"path": str(path)}], strict=True)
+    with pytest.raises(StageError) as info:
+        prepare.build(strict, tokenizer, tmp_path)
+    assert str(info.value) == (
+        "data.strict: 2 malformed row(s); first: mid.jsonl row 5: invalid JSON (Expecting value: line 2 column 1 "
+        "(char 31))"
+    )
+    # Without the bad line the file loads as one table; blank lines still count in the line numbers.
+    path.write_text("\n".join([good[0], "", "  ", '{"prompt": "y"}', good[5]]) + "\n")
+    with pytest.raises(StageError, match=r"^data\.strict: 1 malformed row\(s\); first: mid\.jsonl row 4: missing field 'completion'$"):
+        prepare.build(strict, tokenizer, tmp_path)
+
+
+def test_csv_cells_stay_strings(tmp_path, smollm2_dir, tokenizer):
+    """CSV cells are text as written: "007" keeps its zeros, an empty cell is an empty turn (not a
+    missing field, as pandas' number and NaN inference would make them)."""
+    path = tmp_path / "c.csv"
+    path.write_text("instruction,input,output\n007,,1.50\nSay hi,,\n")
+    config = make_config(tmp_path, smollm2_dir, [{"path": str(path)}], eval_fraction=0.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = prepare.build(config, tokenizer, out)
+    assert stats["malformed_examples"] == [{"source": "c.csv", "row": 2, "reason": "empty assistant turn (turn 2)"}]
+    assert load(out)["train"]["messages"] == [[{"role": "user", "content": "007"}, {"role": "assistant", "content": "1.50"}]]
+
+
 def test_unreadable_file_and_unknown_format(tmp_path, smollm2_dir, tokenizer, shared_data):
     broken = tmp_path / "broken.json"
     broken.write_text("[{]")
