@@ -225,7 +225,7 @@ class Tracker:
             return
         import mlflow
 
-        from pipeline.stages.base import StagePreempted
+        from pipeline.errors import StagePreempted
 
         run = mlflow.start_run(run_name=stage, nested=True, tags={"pipeline.stage": stage})
         try:

@@ -19,15 +19,34 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.eval.generate import append_record, digest, read_cache, rewrite_records
 from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
 from pipeline.eval.questions import Question
 from pipeline.eval.ratings import parse_rating, parse_winner
-from pipeline.judges import JudgeBackend
+
+Chat = list[dict[str, str]]
+
+
+class JudgeBackend(Protocol):
+    """What the judging loop needs from a judge."""
+
+    name: str  # the judge's model name, FastChat's ``judge[0]``
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that makes this judge's outputs what they are (never secrets)."""
+        ...
+
+    def complete(
+        self, chats: list[Chat], samples: int, pairwise: bool = False
+    ) -> Iterator[tuple[int, list[str]]]:
+        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order;
+        ``pairwise``: the chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.stages.base import StageError
+from pipeline.errors import StageError
 
 # Categories whose answers are graded against a reference (FastChat's NEED_REF_CATS).
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stages.base import StageError
+from pipeline.errors import StageError
 
 if TYPE_CHECKING:
     from pipeline.config import EvalConfig

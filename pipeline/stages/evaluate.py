@@ -337,15 +337,15 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
     unmerged model. Unmerged UORA generation costs more than the base's (extra operations per
     layer and token), merged costs exactly the base's. An 8-bit base stays unmerged: merging into
     int8 weights discards most of a low-rank update (see the export stage)."""
-    from pipeline.stages.export import DEFAULT_TOLERANCE, _logits, _verification_inputs, compare_logits
+    from pipeline.adapters import DEFAULT_TOLERANCE, compare_logits, logits_of, verification_inputs
 
     if config.model.load_in_8bit:
         log.info("evaluate: 8-bit base; the tuned model answers unmerged (no merge into int8 weights)")
         return model, False
-    inputs = _verification_inputs(tokenizer, 4, 96)
-    reference = _logits(model, inputs)
+    inputs = verification_inputs(tokenizer, 4, 96)
+    reference = logits_of(model, inputs)
     model.merge_adapter()
-    report = compare_logits(reference, _logits(model, inputs))
+    report = compare_logits(reference, logits_of(model, inputs))
     tolerance = DEFAULT_TOLERANCE[config.model.dtype]
     if report["rel_error"] > tolerance:
         model.unmerge_adapter()
