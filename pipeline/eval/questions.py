@@ -31,16 +31,11 @@ FINAL_ANSWER_TURN = "Now reply with only the final answer, nothing else."
 # Built-in generated task kinds -> the MT-Bench category whose judging rules fit them.
 TASK_CATEGORY_MAP = {
     "arithmetic": "math",
-    "math": "math",
     "unit_conversion": "math",
     "date": "math",
-    "date_arithmetic": "math",
     "string": "reasoning",
     "list": "reasoning",
-    "string_manipulation": "reasoning",
-    "list_manipulation": "reasoning",
     "json": "extraction",
-    "json_formatting": "extraction",
 }
 
 
@@ -53,10 +48,6 @@ class Question:
     turns: tuple[str, ...]
     reference: tuple[str, ...] | None = None
     exact_answer: tuple[str | None, ...] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        record = asdict(self)
-        return {key: (list(value) if isinstance(value, tuple) else value) for key, value in record.items()}
 
 
 def _question_from_record(record: Any, where: str) -> Question:
