@@ -9,7 +9,6 @@ would trust. A changed upstream manifest changes every downstream identity, so r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -23,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import stages as stage_registry
-from pipeline.config import config_slice, digest_of
+from pipeline.config import config_slice
+from pipeline.digests import digest_of, sha256
 from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def manifest_digest(stage_dir: Path) -> str | None:
     path = stage_dir / MANIFEST
     if not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256(path.read_bytes())
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:

@@ -149,7 +149,8 @@ class Tracker:
             return None
         import mlflow
 
-        from pipeline.config import digest_of, flatten, to_yaml
+        from pipeline.config import flatten, to_yaml
+        from pipeline.digests import digest_of
 
         os.environ["MLFLOW_TRACKING_URI"] = self.uri  # worker processes inherit the store
         mlflow.set_tracking_uri(self.uri)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from statistics import fmean
 from typing import Any
 
-from pipeline.eval.generate import digest
+from pipeline.digests import digest_of
 from pipeline.eval.questions import Question
 from pipeline.eval.stats import Units, compare, interval, verdict
 from pipeline.numbers import last_number, parse_number
@@ -121,7 +121,7 @@ def aggregate(
 def question_key(question: Question) -> str:
     """The question's content (turns and expected answers), not its id: held-out ids count rows
     of one run's eval split, so only content says that two runs asked the same question."""
-    return digest([list(question.turns), list(question.exact_answer or ())])[:16]
+    return digest_of([list(question.turns), list(question.exact_answer or ())], compact=False)[:16]
 
 
 def per_question(

@@ -12,7 +12,6 @@ judge) regenerates only what is missing or stale.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.digests import digest_of
 from pipeline.eval.questions import Question, is_verifiable
 
 # (model, tokenizer, prompts, temperature, max_new_tokens, seed, on_token) -> one answer per prompt;
@@ -47,11 +47,6 @@ class GenerationSettings:
         if self.verifiable_max_new_tokens and is_verifiable(question):
             return self.verifiable_max_new_tokens
         return self.max_new_tokens
-
-
-def digest(payload: Any) -> str:
-    """A stable sha256 of a JSON-serialisable value (sorted keys), hex."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def messages_for_turn(question: Question, answers: list[str], turn: int) -> list[dict[str, str]]:
@@ -119,14 +114,15 @@ def generate_batch(
 
 def answer_key(model_identity: str, question: Question, settings: GenerationSettings) -> str:
     """Cache key of one question's answers: who answered what, with which settings."""
-    return digest(
+    return digest_of(
         {
             "model": model_identity,
             "turns": list(question.turns),
             "temperature": settings.temperature(question.category),
             "max_new_tokens": settings.max_tokens(question),
             "seed": settings.seed,
-        }
+        },
+        compact=False,
     )
 
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.eval.generate import append_record, digest, read_cache, rewrite_records
+from pipeline.digests import digest_of
+from pipeline.eval.generate import append_record, read_cache, rewrite_records
 from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
 from pipeline.eval.questions import Question
 from pipeline.eval.ratings import parse_rating, parse_winner
@@ -86,7 +87,7 @@ def _task(
     user_prompt = prompt.render(**fields)
     payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
                "user_prompt": user_prompt, "samples": samples}  # fmt: skip
-    return JudgeTask(question, model_id, turn, prompt, user_prompt, digest(payload))
+    return JudgeTask(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
 
 
 def build_tasks(

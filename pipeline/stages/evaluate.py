@@ -43,7 +43,7 @@ from pipeline.eval.aggregate import (
     with_intervals,
 )
 from pipeline.eval.generate import GenerationSettings, generate_answers
-from pipeline.eval.identity import folder_digest, model_identity
+from pipeline.eval.identity import model_identity, weights_digest
 from pipeline.eval.judging import build_pair_tasks, build_tasks, pair_outcomes, run_judging
 from pipeline.eval.prompts import load_prompts
 from pipeline.eval.questions import (
@@ -288,7 +288,7 @@ def generate_all(
         if is_adapter(tuned_path):
             tokenizer = adapter_tokenizer(config, tuned_path)
             model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
-            identity = f"{base_identity}+adapter:{folder_digest(tuned_path)}" + ("+merged" if merged else "")
+            identity = f"{base_identity}+adapter:{weights_digest(tuned_path)}" + ("+merged" if merged else "")
         else:
             del model
             gc.collect()
@@ -297,7 +297,7 @@ def generate_all(
             )
             model = load_model(merged_cfg, device_map=_device_map()).eval()
             tokenizer = load_tokenizer(merged_cfg)
-            identity = f"merged:{folder_digest(tuned_path)}"
+            identity = f"merged:{weights_digest(tuned_path)}"
         answers["tuned"] = generate_answers(
             model,
             tokenizer,

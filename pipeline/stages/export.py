@@ -29,7 +29,6 @@ Outputs (in ``<run_dir>/export/``): ``merged/`` (unless ``export.mode: adapter_o
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import shutil
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.adapters import DEFAULT_TOLERANCE, compare_logits, logits_of, verification_inputs
+from pipeline.digests import folder_digest
 from pipeline.models import base_model_card
 from pipeline.stages.base import StageContext, StageError, StageResult
 
@@ -75,7 +75,7 @@ def run(ctx: StageContext) -> StageResult:
 
     shutil.copytree(source, work / "adapter")
     lineage = {
-        "adapter_digest": _folder_digest(source),
+        "adapter_digest": folder_digest(source),
         "data_digests": data_digests(ctx.run_dir),
         "base_model": ctx.config.model.name_or_path,
         "base_gguf_file": ctx.config.model.gguf_file,
@@ -292,17 +292,7 @@ def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any
 def data_digests(run_dir: Path) -> dict[str, str]:
     """sha256 of the prepared dataset folder (content of every file, in path order), if present."""
     dataset = run_dir / "prepare" / "dataset"
-    return {"prepare/dataset": _folder_digest(dataset)} if dataset.is_dir() else {}
-
-
-def _folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return {"prepare/dataset": folder_digest(dataset)} if dataset.is_dir() else {}
 
 
 def _read_adapter_config(source: Path) -> dict[str, Any]:

@@ -75,4 +75,3 @@ def test_negative_n_rejected():
     with pytest.raises(ValueError, match="n must be >= 0"):
         generate_tasks(-1, seed=0)
     assert generate_tasks(0, seed=0) == []
-
