@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.digests import digest_of
-from pipeline.eval.generate import append_record, read_cache, rewrite_records
+from pipeline.eval.generate import read_cache
 from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
 from pipeline.eval.questions import Question
 from pipeline.eval.ratings import parse_rating, parse_winner
+from pipeline.jsonl import append_record, rewrite_records
 
 Chat = list[dict[str, str]]
 

@@ -11,13 +11,13 @@ rest of the stage never sees where a question came from.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StageError
+from pipeline.jsonl import read_jsonl
 
 if TYPE_CHECKING:
     from pipeline.config import EvalConfig
@@ -83,23 +83,6 @@ def _optional_turn_list(
     if not nullable and not any(v.strip() for v in value):
         return None  # the hub dataset stores [] or ["", ""] for "no reference"
     return tuple(value)
-
-
-def read_jsonl(path: Path, what: str) -> list[tuple[str, Any]]:
-    """Parsed JSONL rows with their ``file:line`` location, for error messages."""
-    if not path.is_file():
-        raise StageError(f"{what}: file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                rows.append((where, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise StageError(f"{where}: invalid JSON ({error.msg})") from None
-    return rows
 
 
 def read_question_file(path: Path) -> list[Question]:

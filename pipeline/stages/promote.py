@@ -30,6 +30,7 @@ from typing import Any
 
 from pipeline.digests import digest_of
 from pipeline.eval.aggregate import flatten_metrics, units
+from pipeline.jsonl import read_jsonl
 from pipeline.registry import (
     PER_QUESTION_TAG,
     current_holder,
@@ -278,10 +279,7 @@ def _read_rows(path: Path, required: bool) -> list[dict[str, Any]] | None:
                 f"promote: {path} is missing (re-run evaluate, which writes it, or set promote.gate: point)"
             )
         return None
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except ValueError as error:
-        raise StageError(f"promote: {path} is not valid JSON lines: {error}") from error
+    return [row for _, row in read_jsonl(path, "promote")]
 
 
 def _read_results(path: Path) -> dict[str, float | None]:
