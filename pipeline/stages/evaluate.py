@@ -36,7 +36,6 @@ from pipeline.eval.aggregate import (
     comparisons,
     flatten_metrics,
     markdown_table,
-    metric_name,
     pairwise_summary,
     per_question,
     verdict_lines,
@@ -53,6 +52,7 @@ from pipeline.eval.questions import (
     load_questions,
 )
 from pipeline.stages.base import StageContext, StageError, StageResult
+from pipeline.tracking import metric_name
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
