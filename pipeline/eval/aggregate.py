@@ -20,8 +20,6 @@ from pipeline.eval.stats import Units, compare, interval, verdict
 from pipeline.numbers import last_number, parse_number
 from pipeline.tracking import metric_name
 
-SCORE_FIELDS = ("score_overall", "score_turn1", "score_turn2", "judge_failures", "exact_match")
-
 
 def _mean(values: list[float]) -> float | None:
     return round(fmean(values), 4) if values else None
