@@ -200,12 +200,3 @@ def generate_tasks(n: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
     generators = list(GENERATORS.values())
     return [generators[i % len(generators)](rng) for i in range(n)]
-
-
-def extract_answer(text: str) -> str | None:
-    """The text after the last ``Answer:`` line of a model's reply (stripped), or None."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.lower().startswith(ANSWER_PREFIX.lower().strip()):
-            return line.split(":", 1)[1].strip()
-    return None

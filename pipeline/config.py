@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from pipeline.digests import digest_of  # here too: prepare imports it from config
+
 # The sections, imported from here across the code base (new code may use pipeline.schema).
 from pipeline.schema import (
     MT_BENCH_TEMPERATURES,
@@ -282,14 +284,6 @@ def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> d
             node = node[int(part)] if isinstance(node, list) else node[part]
         result[key] = node
     return result
-
-
-def digest_of(value: Any) -> str:
-    """sha256 of a JSON-able value in canonical form."""
-    import hashlib
-
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 # The reference documentation, generated from the schema (README's tables come from here).

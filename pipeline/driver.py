@@ -9,7 +9,6 @@ would trust. A changed upstream manifest changes every downstream identity, so r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -23,14 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import stages as stage_registry
-from pipeline.config import config_slice, digest_of
-from pipeline.stages.base import (
-    StageContext,
-    StageError,
-    StageNotImplemented,
-    StagePreempted,
-    StageResult,
-)
+from pipeline.config import config_slice
+from pipeline.digests import digest_of, sha256
+from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -52,7 +46,7 @@ class StageReport:
     """What happened to one stage in this invocation, for the summary."""
 
     name: str
-    status: str = "pending"  # ran | up to date | disabled | failed | not implemented | not run
+    status: str = "pending"  # ran | up to date | disabled | failed | preempted | not run
     seconds: float = 0.0
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -63,7 +57,7 @@ def manifest_digest(stage_dir: Path) -> str | None:
     path = stage_dir / MANIFEST
     if not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256(path.read_bytes())
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
@@ -280,14 +274,6 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
             with tracker.stage_run(name) as child_id:
                 result, manifest_path = pipeline.execute(name, force=force, mlflow_run_id=child_id)
                 tracker.log_stage_result(name, result.metrics, manifest_path)
-        except StageNotImplemented as error:
-            report.status, report.detail = "not implemented", str(error)
-            _drop_if_empty(config.run_dir / f"{name}.partial")
-            message = str(error) if "not implemented" in str(error) else f"not implemented yet ({error})"
-            if not message.startswith("stage "):
-                message = f"stage '{name}': {message}"
-            print(f"{message}; no output was written", file=sys.stderr)
-            code = EXIT_STAGE_FAILED
         except StagePreempted as error:
             # Preemption is not a failure: progress is saved in <stage>.partial, and exit 0 lets
             # a batch system requeue the job; the rerun resumes.
@@ -345,11 +331,6 @@ def key_metrics(module: Any, metrics: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value:.4g}" for key, value in numbers)
 
 
-def _drop_if_empty(path: Path) -> None:
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-
-
 def print_summary(console: Any, config: PipelineConfig, reports: list[StageReport], uri: str,
                   parent_id: str | None) -> None:  # fmt: skip
     """One screen: what ran, how long, where the outputs are, how to open the MLflow UI."""
@@ -358,7 +339,7 @@ def print_summary(console: Any, config: PipelineConfig, reports: list[StageRepor
     from pipeline.tracking import ui_command
 
     colours = {"ran": "green", "up to date": "cyan", "disabled": "dim", "failed": "red",
-               "preempted": "yellow", "not implemented": "yellow", "not run": "dim"}  # fmt: skip
+               "preempted": "yellow", "not run": "dim"}  # fmt: skip
     table = Table(title=f"pipeline run '{config.run.name}'", title_justify="left")
     for column in ("stage", "status", "time", "output / reason", "key metrics"):
         table.add_column(column, overflow="fold")

@@ -1,6 +1,7 @@
 """Judge backends: anything that turns judge chats into judge outputs.
 
-Two backends behind one small interface (:class:`JudgeBackend`):
+Two backends behind one small interface (``pipeline.eval.judging.JudgeBackend``, what the judging
+loop needs):
 
 - :class:`OpenAIJudge` talks to any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM,
   TGI, llama.cpp server) through the ``openai`` client, which already does retries with exponential
@@ -23,31 +24,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from pipeline.stages.base import StageError
+from pipeline.errors import StageError
 
 if TYPE_CHECKING:
     from pipeline.config import JudgeConfig, ModelConfig
-
-Chat = list[dict[str, str]]
-
-
-class JudgeBackend(Protocol):
-    """What the judging loop needs from a judge."""
-
-    name: str  # the judge's model name, FastChat's ``judge[0]``
-
-    def identity(self) -> dict[str, Any]:
-        """Everything that makes this judge's outputs what they are (never secrets)."""
-        ...
-
-    def complete(
-        self, chats: list[Chat], samples: int, pairwise: bool = False
-    ) -> Iterator[tuple[int, list[str]]]:
-        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order;
-        ``pairwise``: the chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating."""
-        ...
+    from pipeline.eval.judging import Chat
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,10 +332,3 @@ class LocalJudge:
 
         probs = torch.tensor(self.rating_logprobs(prompt), dtype=torch.float64).softmax(dim=0)
         return float((probs * torch.arange(1, 11, dtype=torch.float64)).sum())
-
-
-def build_judge(config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> JudgeBackend:
-    """The configured judge backend (loads a local judge's weights)."""
-    if config.backend == "openai":
-        return OpenAIJudge.from_config(config)
-    return LocalJudge.from_config(config, base_model, seed=seed)

@@ -11,7 +11,6 @@ content digest, and later loads (other stages, other ranks, other runs) read tha
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
+
+from pipeline.digests import file_digest
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig
@@ -91,15 +92,6 @@ def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
                     f"({endpoint}) is unreachable ({reason}); download it where the hub is reachable, or "
                     "point HF_HUB_CACHE at a cache that has it")  # fmt: skip
     return None
-
-
-def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """sha256 of a file's content, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_digest(path: Path) -> str:

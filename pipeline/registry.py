@@ -126,15 +126,6 @@ def _rule(
     )
 
 
-def flatten_results(results: dict[str, Any]) -> dict[str, float | None]:
-    """Evaluate's ``results.json`` → ``{"tuned.score_overall": 7.1, "tuned.category.writing": ...,
-    "tuned.exact_match": None}``: the names evaluate logs to MLflow (one flattening,
-    ``flatten_metrics``), kept with their None values so the gate can say a score is null."""
-    from pipeline.eval.aggregate import flatten_metrics
-
-    return flatten_metrics(results.get("models", {}), keep_none=True)
-
-
 def current_holder(client: Any, name: str, alias: str) -> Any | None:
     """The model version that holds ``alias`` now, or None (no such model or alias yet)."""
     from mlflow.exceptions import MlflowException
@@ -160,14 +151,6 @@ def recorded_value(version: Any | None, metric: str) -> float | None:
 
 def eval_tags(metrics: dict[str, float | None]) -> dict[str, str]:
     return {EVAL_TAG + name: str(value) for name, value in metrics.items() if value is not None}
-
-
-def config_digest(config: Any) -> str:
-    """sha256 of the whole run config in canonical JSON: the same digest the driver tags on the
-    parent run as ``pipeline.config_digest``."""
-    from pipeline.config import digest_of
-
-    return digest_of(config.model_dump(mode="json"))
 
 
 def pip_requirements(*, peft: bool) -> list[str]:

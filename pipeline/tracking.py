@@ -14,6 +14,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,6 +36,13 @@ _PARAM_LIMIT = 6000
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or written; raised before any heavy work."""
+
+
+def metric_name(name: str) -> str:
+    """``name`` with every character MLflow refuses in a metric name (it allows letters, digits,
+    ``_ - . / `` and space) replaced by ``_``: the one rule for names built from data (evaluate's
+    categories, train's per-source eval losses, both from source labels)."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
 def resolve_uri(config: PipelineConfig) -> str:
@@ -149,7 +157,8 @@ class Tracker:
             return None
         import mlflow
 
-        from pipeline.config import digest_of, flatten, to_yaml
+        from pipeline.config import flatten, to_yaml
+        from pipeline.digests import digest_of
 
         os.environ["MLFLOW_TRACKING_URI"] = self.uri  # worker processes inherit the store
         mlflow.set_tracking_uri(self.uri)
@@ -225,7 +234,7 @@ class Tracker:
             return
         import mlflow
 
-        from pipeline.stages.base import StagePreempted
+        from pipeline.errors import StagePreempted
 
         run = mlflow.start_run(run_name=stage, nested=True, tags={"pipeline.stage": stage})
         try:

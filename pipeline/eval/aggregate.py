@@ -14,12 +14,11 @@ from collections.abc import Iterable
 from statistics import fmean
 from typing import Any
 
-from pipeline.eval.generate import digest
+from pipeline.digests import digest_of
 from pipeline.eval.questions import Question
 from pipeline.eval.stats import Units, compare, interval, verdict
 from pipeline.numbers import last_number, parse_number
-
-SCORE_FIELDS = ("score_overall", "score_turn1", "score_turn2", "judge_failures", "exact_match")
+from pipeline.tracking import metric_name
 
 
 def _mean(values: list[float]) -> float | None:
@@ -121,7 +120,7 @@ def aggregate(
 def question_key(question: Question) -> str:
     """The question's content (turns and expected answers), not its id: held-out ids count rows
     of one run's eval split, so only content says that two runs asked the same question."""
-    return digest([list(question.turns), list(question.exact_answer or ())])[:16]
+    return digest_of([list(question.turns), list(question.exact_answer or ())], compact=False)[:16]
 
 
 def per_question(
@@ -254,12 +253,6 @@ def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any
         summary[f"{name}_rate"] = _mean([h for turns in hits.values() for h in turns if h is not None])
         summary[f"{name}_rate_ci95"] = interval(hits)
     return {"tuned-base": summary}
-
-
-def metric_name(name: str) -> str:
-    """``name`` with every character MLflow refuses in a metric name (it allows letters, digits,
-    ``_ - . / `` and space) replaced by ``_``; categories come from data (source labels)."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
 def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) -> dict[str, float | None]:

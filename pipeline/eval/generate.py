@@ -12,17 +12,17 @@ judge) regenerates only what is missing or stale.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.digests import digest_of
 from pipeline.eval.questions import Question, is_verifiable
+from pipeline.jsonl import append_record, read_jsonl, rewrite_records
 
 # (model, tokenizer, prompts, temperature, max_new_tokens, seed, on_token) -> one answer per prompt;
 # on_token() is called once per generation step, so progress moves while a batch is generated.
@@ -47,11 +47,6 @@ class GenerationSettings:
         if self.verifiable_max_new_tokens and is_verifiable(question):
             return self.verifiable_max_new_tokens
         return self.max_new_tokens
-
-
-def digest(payload: Any) -> str:
-    """A stable sha256 of a JSON-serialisable value (sorted keys), hex."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def messages_for_turn(question: Question, answers: list[str], turn: int) -> list[dict[str, str]]:
@@ -119,45 +114,22 @@ def generate_batch(
 
 def answer_key(model_identity: str, question: Question, settings: GenerationSettings) -> str:
     """Cache key of one question's answers: who answered what, with which settings."""
-    return digest(
+    return digest_of(
         {
             "model": model_identity,
             "turns": list(question.turns),
             "temperature": settings.temperature(question.category),
             "max_new_tokens": settings.max_tokens(question),
             "seed": settings.seed,
-        }
+        },
+        compact=False,
     )
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:
     """Valid cached records by cache key; a truncated last line (killed mid-write) is ignored."""
-    records: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "cache_key" in record:
-            records[record["cache_key"]] = record
-    return records
-
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk, so a kill loses at most the line being written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-
-
-def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Replace the cache file with exactly ``records`` (drops stale and superseded lines)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    rows = read_jsonl(path, "cache", skip_invalid=True) if path.is_file() else []
+    return {r["cache_key"]: r for _, r in rows if isinstance(r, dict) and "cache_key" in r}
 
 
 def _token_progress(bar: Any, label: str, total: int) -> Callable[[], None]:

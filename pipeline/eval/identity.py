@@ -7,24 +7,19 @@ change when weights change) without loading anything.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.digests import folder_digest, sha256
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig
 
 
-def folder_digest(folder: Path, patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.jinja")) -> str:
+def weights_digest(folder: Path) -> str:
     """sha256 over the names and contents of a model/adapter folder's weight and config files."""
-    digest = hashlib.sha256()
-    for pattern in patterns:
-        for path in sorted(folder.glob(pattern)):
-            digest.update(path.name.encode())
-            with path.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-    return digest.hexdigest()
+    patterns = ("*.json", "*.safetensors", "*.jinja")
+    return folder_digest(folder, [p for pattern in patterns for p in sorted(folder.glob(pattern))], b"")
 
 
 def model_identity(config: ModelConfig) -> str:
@@ -37,6 +32,6 @@ def model_identity(config: ModelConfig) -> str:
         "revision": config.revision,
         "dtype": config.dtype,
         "load_in_8bit": config.load_in_8bit,
-        "chat_template": hashlib.sha256((read_chat_template(config) or "").encode()).hexdigest(),
+        "chat_template": sha256(read_chat_template(config) or ""),
     }
-    return hashlib.sha256(repr(sorted(payload.items())).encode()).hexdigest()
+    return sha256(repr(sorted(payload.items())))

@@ -19,15 +19,36 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from pipeline.eval.generate import append_record, digest, read_cache, rewrite_records
+from pipeline.digests import digest_of
+from pipeline.eval.generate import read_cache
 from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
 from pipeline.eval.questions import Question
 from pipeline.eval.ratings import parse_rating, parse_winner
-from pipeline.judges import JudgeBackend
+from pipeline.jsonl import append_record, rewrite_records
+
+Chat = list[dict[str, str]]
+
+
+class JudgeBackend(Protocol):
+    """What the judging loop needs from a judge."""
+
+    name: str  # the judge's model name, FastChat's ``judge[0]``
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that makes this judge's outputs what they are (never secrets)."""
+        ...
+
+    def complete(
+        self, chats: list[Chat], samples: int, pairwise: bool = False
+    ) -> Iterator[tuple[int, list[str]]]:
+        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order;
+        ``pairwise``: the chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +88,7 @@ def _task(
     user_prompt = prompt.render(**fields)
     payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
                "user_prompt": user_prompt, "samples": samples}  # fmt: skip
-    return JudgeTask(question, model_id, turn, prompt, user_prompt, digest(payload))
+    return JudgeTask(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
 
 
 def build_tasks(

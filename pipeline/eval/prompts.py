@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.stages.base import StageError
+from pipeline.errors import StageError
 
 # Categories whose answers are graded against a reference (FastChat's NEED_REF_CATS).
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
@@ -141,7 +141,7 @@ BUILTIN_PAIR_PROMPTS: dict[str, JudgePrompt] = {
 def load_prompt_file(path: Path, names: tuple[str, ...] = PROMPT_NAMES) -> dict[str, JudgePrompt]:
     """The prompts ``names`` (default: the four single-grading ones) from a FastChat
     ``judge_prompts.jsonl`` (other records are ignored); a missing one is an error naming the file."""
-    from pipeline.eval.questions import read_jsonl
+    from pipeline.jsonl import read_jsonl
 
     prompts: dict[str, JudgePrompt] = {}
     for where, record in read_jsonl(path, "eval.judge.prompts"):

@@ -11,13 +11,13 @@ rest of the stage never sees where a question came from.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stages.base import StageError
+from pipeline.errors import StageError
+from pipeline.jsonl import read_jsonl
 
 if TYPE_CHECKING:
     from pipeline.config import EvalConfig
@@ -31,16 +31,11 @@ FINAL_ANSWER_TURN = "Now reply with only the final answer, nothing else."
 # Built-in generated task kinds -> the MT-Bench category whose judging rules fit them.
 TASK_CATEGORY_MAP = {
     "arithmetic": "math",
-    "math": "math",
     "unit_conversion": "math",
     "date": "math",
-    "date_arithmetic": "math",
     "string": "reasoning",
     "list": "reasoning",
-    "string_manipulation": "reasoning",
-    "list_manipulation": "reasoning",
     "json": "extraction",
-    "json_formatting": "extraction",
 }
 
 
@@ -53,10 +48,6 @@ class Question:
     turns: tuple[str, ...]
     reference: tuple[str, ...] | None = None
     exact_answer: tuple[str | None, ...] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        record = asdict(self)
-        return {key: (list(value) if isinstance(value, tuple) else value) for key, value in record.items()}
 
 
 def _question_from_record(record: Any, where: str) -> Question:
@@ -92,23 +83,6 @@ def _optional_turn_list(
     if not nullable and not any(v.strip() for v in value):
         return None  # the hub dataset stores [] or ["", ""] for "no reference"
     return tuple(value)
-
-
-def read_jsonl(path: Path, what: str) -> list[tuple[str, Any]]:
-    """Parsed JSONL rows with their ``file:line`` location, for error messages."""
-    if not path.is_file():
-        raise StageError(f"{what}: file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                rows.append((where, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise StageError(f"{where}: invalid JSON ({error.msg})") from None
-    return rows
 
 
 def read_question_file(path: Path) -> list[Question]:

@@ -19,22 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import StageError, StagePreempted
+
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-
-class StageError(RuntimeError):
-    """A stage failed for a reason the user can act on; the driver prints it as one line."""
-
-
-class StagePreempted(StageError):
-    """The stage stopped early on purpose (preemption signal) after saving its progress in
-    ``work_dir``; rerunning the same command resumes it. The driver exits 0 without marking the
-    stage complete, so a batch system's requeue, not a failure, follows."""
-
-
-class StageNotImplemented(StageError):
-    """The stage exists in the plan but has not been built yet; no output is faked."""
+__all__ = ["StageContext", "StageError", "StagePreempted", "StageResult"]
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,13 @@ from pipeline.eval.aggregate import (
     comparisons,
     flatten_metrics,
     markdown_table,
-    metric_name,
     pairwise_summary,
     per_question,
     verdict_lines,
     with_intervals,
 )
 from pipeline.eval.generate import GenerationSettings, generate_answers
-from pipeline.eval.identity import folder_digest, model_identity
+from pipeline.eval.identity import model_identity, weights_digest
 from pipeline.eval.judging import build_pair_tasks, build_tasks, pair_outcomes, run_judging
 from pipeline.eval.prompts import load_prompts
 from pipeline.eval.questions import (
@@ -53,6 +52,7 @@ from pipeline.eval.questions import (
     load_questions,
 )
 from pipeline.stages.base import StageContext, StageError, StageResult
+from pipeline.tracking import metric_name
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -288,7 +288,7 @@ def generate_all(
         if is_adapter(tuned_path):
             tokenizer = adapter_tokenizer(config, tuned_path)
             model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
-            identity = f"{base_identity}+adapter:{folder_digest(tuned_path)}" + ("+merged" if merged else "")
+            identity = f"{base_identity}+adapter:{weights_digest(tuned_path)}" + ("+merged" if merged else "")
         else:
             del model
             gc.collect()
@@ -297,7 +297,7 @@ def generate_all(
             )
             model = load_model(merged_cfg, device_map=_device_map()).eval()
             tokenizer = load_tokenizer(merged_cfg)
-            identity = f"merged:{folder_digest(tuned_path)}"
+            identity = f"merged:{weights_digest(tuned_path)}"
         answers["tuned"] = generate_answers(
             model,
             tokenizer,
@@ -337,15 +337,15 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
     unmerged model. Unmerged UORA generation costs more than the base's (extra operations per
     layer and token), merged costs exactly the base's. An 8-bit base stays unmerged: merging into
     int8 weights discards most of a low-rank update (see the export stage)."""
-    from pipeline.stages.export import DEFAULT_TOLERANCE, _logits, _verification_inputs, compare_logits
+    from pipeline.adapters import DEFAULT_TOLERANCE, compare_logits, logits_of, verification_inputs
 
     if config.model.load_in_8bit:
         log.info("evaluate: 8-bit base; the tuned model answers unmerged (no merge into int8 weights)")
         return model, False
-    inputs = _verification_inputs(tokenizer, 4, 96)
-    reference = _logits(model, inputs)
+    inputs = verification_inputs(tokenizer, 4, 96)
+    reference = logits_of(model, inputs)
     model.merge_adapter()
-    report = compare_logits(reference, _logits(model, inputs))
+    report = compare_logits(reference, logits_of(model, inputs))
     tolerance = DEFAULT_TOLERANCE[config.model.dtype]
     if report["rel_error"] > tolerance:
         model.unmerge_adapter()

@@ -29,13 +29,14 @@ Outputs (in ``<run_dir>/export/``): ``merged/`` (unless ``export.mode: adapter_o
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.adapters import DEFAULT_TOLERANCE, compare_logits, logits_of, verification_inputs
+from pipeline.digests import folder_digest
 from pipeline.models import base_model_card
 from pipeline.stages.base import StageContext, StageError, StageResult
 
@@ -44,32 +45,6 @@ INPUTS: tuple[str, ...] = ("train",)
 CONFIG_SECTIONS: tuple[str, ...] = ("model", "export")
 
 log = logging.getLogger(__name__)
-
-# Relative tolerance on max |merged - reference| / max |reference| per saved dtype. Merging and
-# verification run in float32 (half-precision bases are upcast exactly), so the only difference
-# left is the one rounding of each merged weight to the saved dtype. Measured on SmolLM2-135M with
-# random LoRA/UORA/VeRA updates: float32 ~3e-6, bfloat16 ~7e-3, float16 ~1e-3.
-DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
-
-# Fixed verification prompts: varied enough to touch many tokens, short enough to run on CPU.
-VERIFY_PROMPTS: tuple[str, ...] = (
-    "Explain in two sentences why the sky is blue.",
-    "What is 17 multiplied by 23? Show your reasoning.",
-    "Write a haiku about autumn leaves.",
-    "Convert 5 kilometres to miles.",
-    "Reverse the list [3, 1, 4, 1, 5] and return it as JSON.",
-    "Give three tips for writing clear documentation.",
-    "What day of the week comes 10 days after a Monday?",
-    "Summarise the plot of Romeo and Juliet in one sentence.",
-    "Translate 'good morning' into French and Spanish.",
-    "List the first five prime numbers.",
-    "Describe a cat to someone who has never seen one.",
-    "Format the name 'ada lovelace' in title case.",
-    "Why do we use version control for source code?",
-    "What is the capital of Australia?",
-    "Write a Python one-liner that sums the squares of 1 to 10.",
-    "Suggest a name for a bakery that sells only bread.",
-)
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
 
@@ -100,7 +75,7 @@ def run(ctx: StageContext) -> StageResult:
 
     shutil.copytree(source, work / "adapter")
     lineage = {
-        "adapter_digest": _folder_digest(source),
+        "adapter_digest": folder_digest(source),
         "data_digests": data_digests(ctx.run_dir),
         "base_model": ctx.config.model.name_or_path,
         "base_gguf_file": ctx.config.model.gguf_file,
@@ -174,10 +149,10 @@ def _merge_verify_save(
     model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
     trainable, total = model.get_nb_trainable_parameters()
     model.eval()
-    prompts = _verification_inputs(tokenizer, cfg.verify_prompts, cfg.verify_max_tokens)
-    reference = _logits(model, prompts)
+    prompts = verification_inputs(tokenizer, cfg.verify_prompts, cfg.verify_max_tokens)
+    reference = logits_of(model, prompts)
     with model.disable_adapter():  # how far the adapter moves the base: the check's resolution
-        adapter_effect = compare_logits(reference, _logits(model, prompts))["rel_error"]
+        adapter_effect = compare_logits(reference, logits_of(model, prompts))["rel_error"]
 
     merged = model.merge_and_unload().to(dtype)
     staging = work / "merged.tmp"
@@ -189,7 +164,7 @@ def _merge_verify_save(
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, use_safetensors=True)
         reloaded = reloaded.float().eval()
-        report = compare_logits(reference, _logits(reloaded, prompts))
+        report = compare_logits(reference, logits_of(reloaded, prompts))
         del reloaded
         report.update(
             {
@@ -230,52 +205,6 @@ def _merge_verify_save(
         work / "merged",
     )
     return report
-
-
-# --------------------------------------------------------------------------------------------
-# verification
-# --------------------------------------------------------------------------------------------
-def _verification_inputs(tokenizer: Any, count: int, max_tokens: int) -> list[Any]:
-    """Token-id tensors for the first ``count`` fixed prompts, rendered with the chat template."""
-    import torch
-
-    inputs = []
-    for prompt in VERIFY_PROMPTS[:count]:
-        messages = [{"role": "user", "content": prompt}]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = prompt
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        inputs.append(torch.tensor([ids], dtype=torch.long))
-    return inputs
-
-
-def _logits(model: Any, inputs: list[Any]) -> list[Any]:
-    """Float32 logits for each prompt (one forward each: no padding, so nothing to mask)."""
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
-
-
-def compare_logits(reference: list[Any], candidate: list[Any]) -> dict[str, float]:
-    """Max and mean absolute logit error, the error relative to the reference's largest logit,
-    and how often the arg-max token agrees (over every position of every prompt)."""
-    import torch
-
-    ref = torch.cat(reference)
-    cand = torch.cat(candidate)
-    diff = (ref - cand).abs()
-    max_abs = float(diff.max())
-    return {
-        "max_abs_error": max_abs,
-        "mean_abs_error": float(diff.mean()),
-        "rel_error": max_abs / max(float(ref.abs().max()), 1e-12),
-        "top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).float().mean()),
-        "positions": int(ref.shape[0]),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,17 +292,7 @@ def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any
 def data_digests(run_dir: Path) -> dict[str, str]:
     """sha256 of the prepared dataset folder (content of every file, in path order), if present."""
     dataset = run_dir / "prepare" / "dataset"
-    return {"prepare/dataset": _folder_digest(dataset)} if dataset.is_dir() else {}
-
-
-def _folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return {"prepare/dataset": folder_digest(dataset)} if dataset.is_dir() else {}
 
 
 def _read_adapter_config(source: Path) -> dict[str, Any]:

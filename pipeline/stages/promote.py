@@ -28,12 +28,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.digests import digest_of
+from pipeline.eval.aggregate import flatten_metrics, units
+from pipeline.jsonl import read_jsonl
 from pipeline.registry import (
     PER_QUESTION_TAG,
-    config_digest,
     current_holder,
     eval_tags,
-    flatten_results,
     gate,
     pip_requirements,
     recorded_value,
@@ -104,7 +105,7 @@ def _promote(
         "lineage.run_id": run_id,
         "lineage.parent_run_id": str(parent_run_id),
         "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
-        "lineage.config_digest": config_digest(ctx.config),
+        "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
         "lineage.adapter_digest": str(lineage.get("adapter_digest")),
         "lineage.base_model": str(lineage.get("base_model")),
         "lineage.method": str(lineage.get("method")),
@@ -248,8 +249,6 @@ def gate_interval(
 
 
 def _units(rows: list[dict[str, Any]] | None, metric: str) -> Any:
-    from pipeline.eval.aggregate import units
-
     model, _, name = metric.partition(".")
     return None if rows is None else units(rows, model, name)
 
@@ -280,17 +279,14 @@ def _read_rows(path: Path, required: bool) -> list[dict[str, Any]] | None:
                 f"promote: {path} is missing (re-run evaluate, which writes it, or set promote.gate: point)"
             )
         return None
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except ValueError as error:
-        raise StageError(f"promote: {path} is not valid JSON lines: {error}") from error
+    return [row for _, row in read_jsonl(path, "promote")]
 
 
 def _read_results(path: Path) -> dict[str, float | None]:
     results = _read_json(path, "the evaluate stage writes it")
     if not isinstance(results.get("models"), dict):
         raise StageError(f"promote: {path} has no 'models' object")
-    return flatten_results(results)
+    return flatten_metrics(results["models"], keep_none=True)  # None kept: the gate names a null score
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:

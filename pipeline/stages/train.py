@@ -12,7 +12,6 @@ from its last complete checkpoint (``trainer_state.json`` present).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -127,13 +126,12 @@ def _identity(config: Any, prepare_dir: Path) -> str:
     """What a checkpoint in the work folder depends on: the config slice training reads (the one the
     driver's identity uses) and the prepared data. Nothing else: editing an eval-only setting of a
     preempted run must resume its checkpoints, not delete hours of training."""
-    from pipeline.config import config_slice, digest_of
+    from pipeline.config import config_slice
+    from pipeline.digests import digest_of, sha256
 
-    digest = hashlib.sha256(digest_of(config_slice(config, CONFIG_SECTIONS)).encode())
-    for name in ("manifest.json", "dataset/dataset_dict.json"):
-        if (prepare_dir / name).is_file():
-            digest.update((prepare_dir / name).read_bytes())
-    return digest.hexdigest()
+    files = [prepare_dir / name for name in ("manifest.json", "dataset/dataset_dict.json")]
+    data = [path.read_bytes() for path in files if path.is_file()]
+    return sha256(digest_of(config_slice(config, CONFIG_SECTIONS)), *data)
 
 
 def _same_attempt(spec_path: Path, identity: str) -> bool:

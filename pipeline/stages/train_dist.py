@@ -24,10 +24,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def cpu_threads(nproc: int, requested: int | None = None) -> int:
     """Threads per CPU worker: the request, else the usable cores split evenly between processes.
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-GENERATION_MARKER = "{% generation %}"
-
 # Probe conversations: with and without a system prompt, single- and multi-turn.
 _PROBES: tuple[list[dict[str, str]], ...] = (
     [

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -37,6 +36,7 @@ from pipeline.stages.train_dist import (  # noqa: E402
     remove_incomplete_checkpoints,
     training_args_for_device,
 )
+from pipeline.tracking import metric_name  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -102,7 +102,7 @@ def _prepare_datasets(dataset_dir: Path, tcfg: Any, completion_only: bool) -> tu
 
 
 def eval_sets(evals: Any) -> Any:
-    """The eval split as one dataset, or as ``{metric-safe source name: rows}`` for several sources."""
+    """The eval split as one dataset, or as ``{metric_name(source): rows}`` for several sources."""
     sources = sorted(set(evals["source"])) if "source" in evals.column_names else []
     if len(sources) < 2:
         return evals.select_columns(["messages"])
@@ -114,11 +114,6 @@ def eval_sets(evals: Any) -> Any:
         rows = evals.select([i for i, label in enumerate(evals["source"]) if label == source])
         by_name[name] = rows.select_columns(["messages"])
     return by_name
-
-
-def metric_name(source: str) -> str:
-    """A source label as a metric-name part (``gsm8k_train_alpaca.json`` → ``gsm8k_train_alpaca_json``)."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", source).strip("_") or "source"
 
 
 def eval_losses(metrics: dict[str, Any], names: list[str] | None) -> dict[str, float]:

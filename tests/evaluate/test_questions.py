@@ -148,3 +148,11 @@ def test_selection():
     assert [q.question_id for q in select_questions(qs, max_questions=1)] == [0]
     with pytest.raises(StageError, match=r"eval\.categories: unknown \['poetry'\]"):
         select_questions(qs, categories=["poetry"])
+
+
+def test_task_category_map_covers_exactly_the_builtin_categories():
+    """Every generated task kind has its judging category (none falls through to the default) and
+    the map names no kind the generator never produces."""
+    from pipeline.builtin_tasks import CATEGORIES
+
+    assert set(qmod.TASK_CATEGORY_MAP) == set(CATEGORIES)

@@ -344,7 +344,7 @@ def test_tuned_adapter_is_merged_in_memory_after_a_logit_check(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.stages import export
+    from pipeline import adapters
 
     caplog.set_level(logging.INFO)
     config = PipelineConfig.model_validate({"run": {"name": "m"}, "model": SMOLLM2})
@@ -353,23 +353,23 @@ def test_tuned_adapter_is_merged_in_memory_after_a_logit_check(
     def fresh():
         return evaluate.attach_adapter(AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), lora_adapter)
 
-    inputs = export._verification_inputs(tokenizer, 2, 32)
-    expected = export._logits(fresh(), inputs)
+    inputs = adapters.verification_inputs(tokenizer, 2, 32)
+    expected = adapters.logits_of(fresh(), inputs)
     merged, did_merge = evaluate.merge_verified(fresh(), tokenizer, config)
     assert did_merge and not isinstance(merged, PeftModel)
     assert not any("lora" in name for name, _ in merged.named_modules())  # plain weights, base speed
-    assert export.compare_logits(expected, export._logits(merged, inputs))["rel_error"] < 1e-4
-    assert export.compare_logits(expected, export._logits(merged, inputs))["top1_agreement"] == 1.0
+    assert adapters.compare_logits(expected, adapters.logits_of(merged, inputs))["rel_error"] < 1e-4
+    assert adapters.compare_logits(expected, adapters.logits_of(merged, inputs))["top1_agreement"] == 1.0
 
     # A failed check unmerges again (the base weights back up to rounding) and says so.
-    monkeypatch.setitem(export.DEFAULT_TOLERANCE, "float32", 0.0)
+    monkeypatch.setitem(adapters.DEFAULT_TOLERANCE, "float32", 0.0)
     kept, did_merge = evaluate.merge_verified(fresh(), tokenizer, config)
     assert (
         not did_merge
         and isinstance(kept, PeftModel)
         and not kept.base_model.model.model.layers[0].self_attn.q_proj.merged
     )
-    assert export.compare_logits(expected, export._logits(kept, inputs))["rel_error"] < 1e-4
+    assert adapters.compare_logits(expected, adapters.logits_of(kept, inputs))["rel_error"] < 1e-4
     assert "the tuned model answers unmerged" in caplog.text
 
     # An 8-bit base is never merged into (int8 weights cannot hold the update).

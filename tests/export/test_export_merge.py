@@ -20,6 +20,7 @@ from export_helpers import (
     write_eval_results,
 )
 
+from pipeline import adapters
 from pipeline.stages import export
 from pipeline.stages.base import StageError
 
@@ -95,7 +96,7 @@ def test_tiny_merge_matches_base_plus_adapter(tmp_path, tiny_base_dir, smollm2_t
     result, out = checked["result"], checked["out"]
     report = result.extra["verification"]
     assert report["passed"] and report["top1_agreement"] == 1.0
-    assert report["rel_error"] <= report["tolerance"] == export.DEFAULT_TOLERANCE["float32"]
+    assert report["rel_error"] <= report["tolerance"] == adapters.DEFAULT_TOLERANCE["float32"]
     assert result.metrics["verify_max_abs_error"] == report["max_abs_error"]
     assert result.outputs == {
         "adapter": "adapter",
@@ -136,7 +137,7 @@ def test_tiny_merge_matches_base_plus_adapter(tmp_path, tiny_base_dir, smollm2_t
 def test_bfloat16_export_uses_bf16_tolerance_and_weights(tmp_path, tiny_base_dir, smollm2_tokenizer):
     checked = export_and_check(tmp_path, tiny_base_dir, smollm2_tokenizer, "lora", dtype="bfloat16")
     report = checked["result"].extra["verification"]
-    assert report["dtype"] == "bfloat16" and report["tolerance"] == export.DEFAULT_TOLERANCE["bfloat16"]
+    assert report["dtype"] == "bfloat16" and report["tolerance"] == adapters.DEFAULT_TOLERANCE["bfloat16"]
     assert report["passed"]
     from safetensors import safe_open
 

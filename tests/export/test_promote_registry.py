@@ -16,6 +16,7 @@ from export_helpers import finish, make_config, make_ctx, per_question_rows, wri
 from test_export_merge import logits_on
 
 from pipeline import registry
+from pipeline.digests import digest_of
 from pipeline.stages import export, promote
 from pipeline.stages.base import StageError
 
@@ -110,12 +111,12 @@ def test_ci_gate_rule():
     )
 
 
-def test_flatten_results_and_pip_requirements():
+def test_flattened_results_keep_none_for_the_gate_and_pip_requirements():
     from pipeline.eval.aggregate import flatten_metrics
 
     models = {"tuned": {"score_overall": 7, "categories": {"math": 5.5, "writing": None}, "exact_match": None,
                         "exact_match_categories": {"gsm8k": 0.5}}}  # fmt: skip
-    flat = registry.flatten_results({"models": models})
+    flat = flatten_metrics(models, keep_none=True)
     assert flat == {"tuned.score_overall": 7.0, "tuned.category.math": 5.5, "tuned.category.writing": None,
                     "tuned.exact_match": None, "tuned.exact_match.gsm8k": 0.5}  # fmt: skip
     # the gate's names are evaluate's MLflow metric names: one flattening, None kept for the gate
@@ -204,7 +205,7 @@ def test_registry_champion_lifecycle(
     tags = client.get_model_version(name, "1").tags
     assert tags["eval.tuned.score_overall"] == "6.0" and tags["eval.base.score_overall"] == "5.0"
     assert tags["lineage.parent_run_id"] == parent_id and tags["lineage.run_id"] == child_id
-    assert tags["lineage.config_digest"] == registry.config_digest(config)
+    assert tags["lineage.config_digest"] == digest_of(config.model_dump(mode="json"))
     lineage = json.loads((exports["A"]["dir"] / "lineage.json").read_text())
     assert tags["lineage.data_digest.prepare/dataset"] == lineage["data_digests"]["prepare/dataset"]
     assert tags["lineage.adapter_digest"] == lineage["adapter_digest"]

@@ -23,7 +23,7 @@ import pytest
 from pipeline import stages as stage_registry
 from pipeline.config import PipelineConfig
 from pipeline.driver import run_pipeline
-from pipeline.stages.base import StageError, StageNotImplemented, StagePreempted, StageResult
+from pipeline.stages.base import StageError, StagePreempted, StageResult
 
 REPO = Path(__file__).resolve().parents[2]
 ORDER = ("prepare", "train", "evaluate", "export", "promote")
@@ -211,21 +211,6 @@ def test_preempted_stage_exits_zero_without_completing_and_resumes(tmp_path, sto
     assert go(config)[0] == 0
     assert resumed_from == ["step 2"]
     assert fakes.counts() == {"prepare": 1, "train": 2, "evaluate": 1, "export": 1, "promote": 0}
-
-
-def test_not_implemented_stage_stops_the_run(tmp_path, store, fakes, capsys):
-    def stub(ctx):
-        raise StageNotImplemented("stage 'evaluate' is not implemented yet")
-
-    fakes.behave["evaluate"] = stub
-    config = make_config(tmp_path, store)
-    code, summary = go(config)
-    assert code == 1
-    assert capsys.readouterr().err.splitlines() == [
-        "stage 'evaluate' is not implemented yet; no output was written"
-    ]
-    assert "not implemented" in summary and fakes.counts()["export"] == 0
-    assert not (config.run_dir / "evaluate").exists() and not (config.run_dir / "evaluate.partial").exists()
 
 
 def test_one_driver_per_run_dir(tmp_path, store, fakes, capsys):

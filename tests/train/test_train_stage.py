@@ -269,7 +269,8 @@ def test_eval_loss_per_source_and_step_timing(tmp_path, tiny_model_dir):
     config = make_config(run_dir, str(tiny_model_dir), train={"max_steps": 4, "max_eval_samples": 3})
     metrics = train.run(make_ctx(run_dir, config)).metrics
     for when in ("before", "after"):
-        per_source = [metrics[f"eval_loss_{when}.gsm8k"], metrics[f"eval_loss_{when}.role_play_json"]]
+        # source labels become metric names by MLflow's rule, as evaluate's categories do
+        per_source = [metrics[f"eval_loss_{when}.gsm8k"], metrics[f"eval_loss_{when}.role play.json"]]
         assert all(math.isfinite(v) for v in per_source) and per_source[0] != per_source[1]
         assert metrics[f"eval_loss_{when}"] == pytest.approx(sum(per_source) / 2)
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
@@ -278,6 +279,7 @@ def test_eval_loss_per_source_and_step_timing(tmp_path, tiny_model_dir):
     assert metrics["seconds_per_step_median"] > 0
     history = json.loads((run_dir / "train.partial" / "log_history.json").read_text())
     evaluated = [e for e in history if "eval_gsm8k_loss" in e]
+    assert [e["step"] for e in history if "eval_role play.json_loss" in e] == [0, 4]
     assert [e["step"] for e in evaluated] == [0, 4]  # before the first step and at the end
     assert all("seconds_per_step" not in e for e in evaluated)
 

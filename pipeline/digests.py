@@ -1,0 +1,52 @@
+"""sha256 digests, the one way the pipeline names content: bytes, a JSON value, a file, a folder.
+
+Their encodings are fixed: stage manifests' config digests, the train checkpoints' identity,
+evaluate's answer and judgment caches and export's lineage are persisted, and a changed encoding
+would re-run (or stop recognising) everything a user already has (tests/pipeline/test_digests.py
+pins the values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def sha256(*parts: bytes | str) -> str:
+    """sha256 of the parts one after the other (text as UTF-8), hex."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return digest.hexdigest()
+
+
+def digest_of(value: Any, *, compact: bool = True) -> str:
+    """sha256 of a JSON-able value with sorted keys. ``compact``: no spaces, ASCII escapes, other
+    values as ``str`` (config digests); else ``json.dumps``' default separators with non-ASCII
+    kept, the form evaluate's answer and judgment caches are keyed by."""
+    if compact:
+        return sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
+    return sha256(json.dumps(value, sort_keys=True, ensure_ascii=False))
+
+
+def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
+    """sha256 of a file's content, hex (read in 1 MiB chunks; fed into ``digest`` if given)."""
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: Path, paths: Iterable[Path] | None = None, separator: bytes = b"\0") -> str:
+    """sha256 over each file's path relative to ``folder`` (then ``separator``) and its content;
+    ``paths`` defaults to every file under ``folder``, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()) if paths is None else paths:
+        digest.update(path.relative_to(folder).as_posix().encode() + separator)
+        file_digest(path, digest)
+    return digest.hexdigest()
