@@ -52,7 +52,7 @@ class _DropMessage(logging.Filter):
 
 def install() -> None:
     """Add the filters (idempotent). Output that is not a terminal (a log file, a Slurm job) also
-    gets progress bars redrawn every 5 s rather than 10 times a second, each on its own line (a bar
+    gets progress bars redrawn every 5 s rather than 10 times a second, at one position (a bar
     nested under another moves the cursor up with ``ESC[A``: debris in a file), and no bars for
     datasets' preprocessing passes (seconds each, one per eval source)."""
     for name, start, _why in LOG_MESSAGES:
