@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import build_tiny_llama
+
 pytestmark = pytest.mark.gpu
 
 STEPS = 20
@@ -20,20 +22,8 @@ UPDATE_RTOL = 0.25  # ||Δ_bf16 - Δ_fp32|| / ||Δ_fp32|| for d and b (Δ = trai
 
 
 def tiny_llama(device: torch.device) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config).to(device)
+    shape = dict(vocab_size=256, hidden_size=128, intermediate_size=256, use_cache=False)
+    return build_tiny_llama(0, **shape).to(device)
 
 
 def batches(device: torch.device) -> list[torch.Tensor]:

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tests.conftest import build_tiny_llama
+
 pytestmark = pytest.mark.gpu
 
 RTOL = 2e-2  # bf16: |Δ| relative to the largest reference value
@@ -15,23 +17,12 @@ RTOL = 2e-2  # bf16: |Δ| relative to the largest reference value
 
 def pair(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same bf16 Llama twice (head dim 64): SDPA and eager attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    models = []
-    for attention in ("sdpa", "eager"):
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            use_cache=False,
-            attn_implementation=attention,
-        )
-        models.append(LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16))
+    shape = dict(vocab_size=256, hidden_size=256, intermediate_size=512, max_position_embeddings=256,
+                 use_cache=False)  # fmt: skip
+    models = [
+        build_tiny_llama(0, attn_implementation=attention, **shape).to(device=device, dtype=torch.bfloat16)
+        for attention in ("sdpa", "eager")
+    ]
     assert models[0].config._attn_implementation == "sdpa"
     assert models[1].config._attn_implementation == "eager"
     return models[0], models[1]

@@ -191,31 +191,18 @@ class _Terminated(BaseException):
 @pytest.mark.slow
 def test_in_process_sigterm_checkpoints_then_reaches_the_callers_handler(tmp_path, tiny_model_dir):
     import signal
-    import threading
-    import time
 
     run_dir = tmp_path / "term"
     write_prepared(run_dir, n_train=32, n_eval=2)
     config = make_config(run_dir, str(tiny_model_dir), train={"max_steps": 12})
     work = run_dir / "train.partial"
 
-    def send_sigterm_after_first_step() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if json.loads((work / "progress.json").read_text())["step"] >= 1:
-                    break
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
-
     def driver_handler(signum, frame):
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, driver_handler)
     try:
-        threading.Thread(target=send_sigterm_after_first_step, daemon=True).start()
+        _signal_after_first_step(work, signal.SIGTERM)
         with pytest.raises(_Terminated):
             train.run(make_ctx(run_dir, config))
     finally:
