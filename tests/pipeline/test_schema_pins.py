@@ -34,7 +34,8 @@ TRAIN_DEFAULTS_OF_OUR_OWN = {
     "eval_on_start": "the base model's held-out loss is the baseline of every run",
     "save_steps": "frequent checkpoints: a preempted job loses little",
     "save_total_limit": "bounded disk use",
-    "activation_checkpointing": "on: the 7B/13B configs need it (SFTConfig's None means off)",
+    "activation_checkpointing": "on, as TRL's SFTConfig default `gradient_checkpointing=True` (transformers'"
+    " deprecated alias, which warns) makes it; the field's own default is None",
     "bf16": "float32 unless asked (SFTConfig's None means bf16 whenever fp16 is off)",
 }
 

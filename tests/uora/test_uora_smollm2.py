@@ -100,6 +100,7 @@ def test_sft_trainer_with_uora_config_and_callback(smollm2_dir, shared_data, tmp
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
+        activation_checkpointing=True,  # TRL's default, under transformers' current (non-deprecated) name
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
