@@ -20,8 +20,6 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from pipeline.digests import digest_of  # here too: prepare imports it from config
-
 # The sections, imported from here across the code base (new code may use pipeline.schema).
 from pipeline.schema import (
     MT_BENCH_TEMPERATURES,
@@ -34,7 +32,7 @@ from pipeline.schema import (
 )
 
 __all__ = ["MT_BENCH_TEMPERATURES", "RENAMED", "ConfigError", "DataSource", "EvalConfig", "JudgeConfig",
-           "ModelConfig", "PipelineConfig", "StrictModel", "apply_override", "config_slice", "digest_of",
+           "ModelConfig", "PipelineConfig", "StrictModel", "apply_override", "config_slice",
            "flatten", "format_validation_error", "load_config", "read_yaml", "reference_markdown",
            "to_yaml"]  # fmt: skip
 

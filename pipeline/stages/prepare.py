@@ -19,7 +19,6 @@ tokenizer and template, seed), so reruns, other ranks and other nodes reuse the 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import random
 import re
@@ -30,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.digests import digest_of, file_digest, sha256
 from pipeline.numbers import canonical, last_number
 from pipeline.stages.base import StageContext, StageError, StageResult
 
@@ -147,13 +147,11 @@ def source_digest(source: DataSource, seed: int) -> str:
     reproducibility); files by their sha256.
     """
     if source.path is not None:
-        from pipeline.models import file_digest
-
         return file_digest(source.path)
     spec = source.model_dump(mode="json", include={"hub", "config", "split", "revision", "builtin"})
     if source.builtin is not None:
         spec["seed"] = seed
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return sha256(json.dumps(spec, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +342,7 @@ def tokenizer_identity(tokenizer: Any) -> str:
     parts = [type(tokenizer).__name__, tokenizer.chat_template or ""]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts.append(backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items())))
-    return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
+    return sha256("\x00".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +393,7 @@ def hash_order(rows: list[Row], seed: int) -> list[Row]:
     Hash order (rather than shuffled positions, as ``train_test_split`` does) keeps a row's side
     of a split stable when other rows are added or removed.
     """
-    return sorted(rows, key=lambda row: hashlib.sha256(f"{seed}\x00{key(row)}".encode()).hexdigest())
+    return sorted(rows, key=lambda row: sha256(f"{seed}\x00{key(row)}"))
 
 
 def hold_out_per_source(
@@ -514,10 +512,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
 
 
 def digest_rows(rows: list[Row]) -> str:
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps([row["messages"], row["source"], row["answer"]], sort_keys=True).encode())
-    return digest.hexdigest()
+    return sha256(*(json.dumps([r["messages"], r["source"], r["answer"]], sort_keys=True) for r in rows))
 
 
 def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
@@ -540,8 +535,6 @@ def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
 
 def cache_key(config: PipelineConfig, tokenizer: Any) -> str:
     """Everything the prepared dataset depends on (the cache location itself excluded)."""
-    from pipeline.config import digest_of
-
     data = config.data.model_dump(mode="json", exclude={"cache_dir"})
     sources = [source_digest(source, data_seed(config)) for source in config.data.sources]
     return digest_of({"data": data, "sources": sources, "seed": data_seed(config),
