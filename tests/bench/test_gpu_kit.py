@@ -31,6 +31,12 @@ def test_flop_count_of_llama2_7b():
     assert flops["hardware"] == flops["model"] + 2 * 6_476_005_376 + attention
 
 
+def test_the_7b_shape_is_the_plans_llama2_7b_config():
+    """The throughput shape and `pipeline plan`'s offline Llama-2-7B config are one model."""
+    shipped = json.loads((REPO / "configs" / "model_shapes" / "Llama-2-7b-hf" / "config.json").read_text())
+    assert {key: shipped[key] for key in throughput.LLAMA2_7B} == throughput.LLAMA2_7B
+
+
 def test_peak_of_known_cards():
     assert throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert throughput.peak_tflops("NVIDIA H200") == 989.4
