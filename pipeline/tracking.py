@@ -1,11 +1,9 @@
 """MLflow lineage: one parent run per pipeline run, one child run per executed stage.
 
-Why here and not in the stages: every run must carry the same record (resolved config, git
-commit, package versions, dataset digests) no matter which stages ran, and the store must be
-checked before any model loads. Stages only log their own metrics and artifacts into the active
-child run with plain ``mlflow.log_*`` calls.
-
-``mlflow`` is imported lazily so that config validation stays fast.
+Here and not in the stages: every run must carry the same record (resolved config, git commit,
+package versions) whichever stages ran, and the store must be checked before any model loads.
+Stages log their own metrics and artifacts into the active child run with plain ``mlflow.log_*``
+calls. ``mlflow`` is imported lazily so that config validation stays fast.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ if TYPE_CHECKING:
 PARENT_RECORD = "mlflow_run.json"
 PACKAGES = ("uora-pipeline", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow",
             "deepspeed", "bitsandbytes")  # fmt: skip
-_PARAM_LIMIT = 6000
 
 
 class TrackingUnavailable(RuntimeError):
@@ -65,38 +62,33 @@ def ui_command(uri: str) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, with one line, if the store at ``uri`` cannot be used.
-
-    A remote server's default client retries for minutes; here a single short probe decides.
-    """
+    """Fail fast, with one line, if the store at ``uri`` cannot be used (a remote server's default
+    client retries for minutes; here a single short probe decides)."""
     parsed = urllib.parse.urlparse(uri)
+    problem = None
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            message = f"tracking.uri: cannot create {folder} ({error}) (got {uri!r})"
-            raise TrackingUnavailable(message) from None
-        if not os.access(folder, os.W_OK):
-            raise TrackingUnavailable(f"tracking.uri: folder {folder} is not writable (got {uri!r})")
+            problem = f"cannot create {folder} ({error})"
+        if problem is None and not os.access(folder, os.W_OK):
+            problem = f"folder {folder} is not writable"
     elif parsed.scheme in ("http", "https"):
-        probe = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(probe, timeout=timeout):
-                pass
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         except urllib.error.HTTPError:
             pass  # the server answered (auth or routing aside): it is reachable
         except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise TrackingUnavailable(
-                f"tracking.uri: MLflow tracking server unreachable ({reason}) (got {uri!r})"
-            ) from None
+            problem = f"MLflow tracking server unreachable ({getattr(error, 'reason', error)})"
     elif parsed.scheme.startswith(("postgresql", "mysql")):
         port = parsed.port or (5432 if parsed.scheme.startswith("postgresql") else 3306)
         try:
             socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout).close()
         except OSError as error:
-            raise TrackingUnavailable(f"tracking.uri: database unreachable ({error}) (got {uri!r})") from None
+            problem = f"database unreachable ({error})"
+    if problem:
+        raise TrackingUnavailable(f"tracking.uri: {problem} (got {uri!r})")
 
 
 def git_commit(repo: Path | None = None) -> str | None:
@@ -112,15 +104,6 @@ def git_commit(repo: Path | None = None) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages that determine a run's result."""
-    versions = {}
-    for name in PACKAGES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
-    return versions
-
-
 def active_mlflow() -> Any:
     """``mlflow`` while a run is active, else None; a process that never imported mlflow has no
     active run, so with tracking off the stages log nothing and need no mlflow installed."""
@@ -128,29 +111,15 @@ def active_mlflow() -> Any:
     return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
 
-def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
-    """The experiment's id, created with artifacts next to a sqlite store (not in ./mlruns)."""
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
-
-
 class Tracker:
-    """The MLflow side of one pipeline invocation (see module docstring)."""
+    """The MLflow side of one pipeline invocation (see module docstring); with tracking off, every
+    method does nothing."""
 
     def __init__(self, config: PipelineConfig, config_path: str | None = None):
-        self.config = config
-        self.config_path = config_path
-        self.uri = resolve_uri(config)
-        self.enabled = config.tracking.enabled
+        self.config, self.config_path = config, config_path
+        self.uri, self.enabled = resolve_uri(config), config.tracking.enabled
         self.parent_id: str | None = None
-        self.resumed = False
 
-    # -- parent run ---------------------------------------------------------------------------
     def start(self) -> str | None:
         """Start (or resume, for the same run dir and config) the parent run and log lineage."""
         if not self.enabled:
@@ -162,27 +131,28 @@ class Tracker:
 
         os.environ["MLFLOW_TRACKING_URI"] = self.uri  # worker processes inherit the store
         mlflow.set_tracking_uri(self.uri)
-        experiment_id = _experiment_id(mlflow, self.config.tracking.experiment, self.uri)
+        name = self.config.tracking.experiment
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:  # created with its artifacts next to a sqlite store (not in ./mlruns)
+            store = Path(self.uri[len("sqlite:///") :]).parent if self.uri.startswith("sqlite:///") else None
+            location = (store / "mlartifacts").as_uri() if store else None
+            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
         mlflow.set_experiment(experiment_id=experiment_id)
         config_digest = digest_of(self.config.model_dump(mode="json"))
         record_file = self.config.run_dir / PARENT_RECORD
         previous = self._previous_parent(record_file, config_digest, mlflow)
         if previous:
-            mlflow.start_run(run_id=previous)
-            self.resumed = True
+            run = mlflow.start_run(run_id=previous)
         else:
-            mlflow.start_run(run_name=self.config.run.name, experiment_id=experiment_id)
-        run = mlflow.active_run()
-        assert run is not None
+            run = mlflow.start_run(run_name=self.config.run.name, experiment_id=experiment_id)
         self.parent_id = run.info.run_id
         record_file.parent.mkdir(parents=True, exist_ok=True)
         record_file.write_text(json.dumps({"run_id": self.parent_id, "uri": self.uri,
                                            "config_digest": config_digest}))  # fmt: skip
-        if not self.resumed:
-            params = {key: value[:_PARAM_LIMIT] for key, value in flatten(self.config).items()}
-            items = list(params.items())
-            for start in range(0, len(items), 100):
-                mlflow.log_params(dict(items[start : start + 100]))
+        if not previous:  # MLflow logs params in batches and refuses values over 6000 characters
+            mlflow.log_params({key: value[:6000] for key, value in flatten(self.config).items()})
             mlflow.log_text(to_yaml(self.config), "config.yaml")
             if self.config_path and Path(self.config_path).is_file():
                 mlflow.log_artifact(self.config_path, "config_source")
@@ -191,24 +161,21 @@ class Tracker:
         if commit:
             tags["git.commit"] = commit
             tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
-        tags.update({f"version.{name}": version for name, version in package_versions().items()})
+        for package in PACKAGES:  # the versions that determine a run's result
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                tags[f"version.{package}"] = importlib.metadata.version(package)
         mlflow.set_tags(tags)
         return self.parent_id
 
     def _previous_parent(self, record_file: Path, config_digest: str, mlflow: Any) -> str | None:
-        if not record_file.is_file():
-            return None
+        """The parent run recorded in the run dir, if it has this store and config and still exists."""
         try:
             record = json.loads(record_file.read_text())
-        except ValueError:
+            if record.get("uri") != self.uri or record.get("config_digest") != config_digest:
+                return None
+            return mlflow.get_run(record["run_id"]).info.run_id
+        except Exception:  # none, unreadable, deleted or a different store: start a new parent run
             return None
-        if record.get("uri") != self.uri or record.get("config_digest") != config_digest:
-            return None
-        try:
-            mlflow.get_run(record["run_id"])
-        except Exception:  # deleted or a different store: start a new parent run
-            return None
-        return record["run_id"]
 
     def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
         if not self.enabled:
@@ -220,15 +187,11 @@ class Tracker:
         while mlflow.active_run() is not None:
             mlflow.end_run(status=status)
 
-    # -- child runs ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def stage_run(self, stage: str) -> Iterator[str | None]:
-        """A child run for one stage execution, active for the duration of the block (None with
-        tracking off).
-
-        Ends FINISHED on success, FAILED if the block raises, KILLED if it is interrupted or
-        preempted (the exception propagates).
-        """
+        """A child run for one stage execution, active for the duration of the block. It ends
+        FINISHED on success, FAILED if the block raises, KILLED if it is interrupted (Ctrl-C,
+        SIGTERM) or preempted (stopped on purpose after saving progress; a rerun resumes)."""
         if not self.enabled:
             yield None
             return
@@ -239,14 +202,9 @@ class Tracker:
         run = mlflow.start_run(run_name=stage, nested=True, tags={"pipeline.stage": stage})
         try:
             yield run.info.run_id
-        except StagePreempted:  # stopped on purpose after saving progress; a rerun resumes
-            mlflow.end_run(status="KILLED")
-            raise
-        except Exception:
-            mlflow.end_run(status="FAILED")
-            raise
-        except BaseException:  # Ctrl-C, SIGTERM
-            mlflow.end_run(status="KILLED")
+        except BaseException as error:
+            failed = isinstance(error, Exception) and not isinstance(error, StagePreempted)
+            mlflow.end_run(status="FAILED" if failed else "KILLED")
             raise
         mlflow.end_run(status="FINISHED")
 
@@ -257,7 +215,8 @@ class Tracker:
             return
         import mlflow
 
-        clean = {key: float(value) for key, value in metrics.items() if _is_number(value)}
+        clean = {key: float(value) for key, value in metrics.items()  # numbers, not bools or NaN
+                 if isinstance(value, int | float) and not isinstance(value, bool) and value == value}
         if clean:
             mlflow.log_metrics(clean)
         mlflow.log_artifact(str(manifest_path))
@@ -265,10 +224,6 @@ class Tracker:
             client = mlflow.MlflowClient()
             for key, value in clean.items():
                 client.log_metric(self.parent_id, f"{stage}.{key}", value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def log_dataset(dataset: Any, name: str, context: str, digest: str | None = None,

@@ -1,51 +1,114 @@
-"""The 'promote' stage: log the exported model to MLflow, register a version, gate the alias.
+"""The 'promote' stage: log the exported model(s) to MLflow, register a version, gate the alias.
 
-Read top to bottom:
-
-1. read the evaluate stage's ``results.json`` and the export stage's ``lineage.json``;
-2. log the exported model(s) to the stage's MLflow run with the transformers flavor: the merged
-   folder as a standalone model and/or the adapter as a PEFT model that references the local
-   base (``promote.log``), with explicit pip requirements;
-3. register the ``promote.register_from`` one as a new version of ``promote.registered_model``,
-   tagged with the evaluation scores (``eval.*``) and lineage (``lineage.*``: parent run, data
-   digests, config digest, adapter digest);
-4. gate: move ``promote.alias`` (``champion``) to the new version only when ``gate_metric`` is at
-   or above ``threshold`` and not worse than the current champion by more than ``margin``: with
-   ``promote.gate: ci`` (the default) the lower bound of the 95% interval of (candidate -
-   champion), paired over the questions both were asked (per-question results are stored with
-   every version), must be above ``-margin``; before there is a champion, of (candidate - base)
-   from this run's evaluation. ``--force`` overrides. The decision, its reason (quoting the
-   interval) and the interval are printed, tagged on the version and the run, and written to
-   ``decision.json``.
-
-``mlflow.transformers.load_model("models:/NAME@champion")`` then loads the promoted model.
+The version is tagged with the evaluation scores (``eval.<metric>``), lineage (``lineage.*``), the
+per-question results' URI (``evaluation.per_question``: the next candidate's ci gate pairs its
+questions with them) and the decision (``promotion.*``). ``gate`` is a pure function, so its rule can
+be read and tested without MLflow. ``mlflow.transformers.load_model("models:/NAME@champion")`` then
+loads the promoted model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pipeline.digests import digest_of
 from pipeline.eval.aggregate import flatten_metrics, units
 from pipeline.jsonl import read_jsonl
-from pipeline.registry import (
-    PER_QUESTION_TAG,
-    current_holder,
-    eval_tags,
-    gate,
-    pip_requirements,
-    recorded_value,
-)
 from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "promote"
 INPUTS: tuple[str, ...] = ("evaluate", "export")
 CONFIG_SECTIONS: tuple[str, ...] = ("promote",)
+EVAL_TAG = "eval."
+PER_QUESTION_TAG = "evaluation.per_question"
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether a candidate version takes the alias, and why (recorded verbatim as tags)."""
+
+    promote: bool
+    reason: str
+    forced: bool
+    metric: str
+    value: float | None
+    champion_version: str | None
+    champion_value: float | None
+    gate: str = "point"
+    interval: dict[str, Any] | None = None  # the ci gate's: diff, ci95, n, against, paired, note
+
+    def as_tags(self) -> dict[str, str]:
+        return {"promotion.decision": "promoted" if self.promote else "refused",
+                "promotion.reason": self.reason, "promotion.forced": str(self.forced).lower(),
+                "promotion.gate": self.gate}  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gate(*, metric: str, value: float | None, threshold: float | None, margin: float,
+         champion_version: str | None, champion_value: float | None, force: bool = False,
+         mode: str = "point", interval: dict[str, Any] | None = None) -> GateDecision:  # fmt: skip
+    """The promotion rule: ``value`` (higher is better) must be present, at or above
+    ``threshold`` when one is set, and not below the current champion's value by more than
+    ``margin``. A champion without a recorded value cannot be compared, so it is kept.
+    ``mode="ci"``: instead of the two values, the ``interval`` of (candidate - champion), or of
+    (candidate - base) before there is a champion, must have its lower bound above ``-margin``.
+    ``force`` promotes regardless and says what the gate would have decided."""
+    passed, reason = _rule(metric, value, threshold, margin, champion_version, champion_value)
+    comparable = value is not None and (threshold is None or value >= threshold)  # else: the point rule's
+    if mode == "ci" and comparable and interval is not None:
+        low, high = interval["ci95"]
+        kind = "shared" if interval["paired"] else "(unpaired)"
+        passed = low > -margin
+        reason = (
+            (f"{interval['note']}; " if interval.get("note") else "")
+            + f"{metric}: candidate - {interval['against']} = {interval['diff']:+.4g}, 95% interval "
+            f"[{low:+.4g}, {high:+.4g}] over {interval['n']} {kind} questions; its lower bound is "
+            f"{'' if passed else 'not '}above -margin ({-margin or 0.0:g})"
+        )
+    if force:
+        reason = f"forced with --force (gate {'passed' if passed else 'failed'}: {reason})"
+        passed = True
+    return GateDecision(passed, reason, force, metric, value, champion_version, champion_value, mode,
+                        interval)
+
+
+def _rule(metric: str, value: float | None, threshold: float | None, margin: float,
+          champion_version: str | None, champion_value: float | None) -> tuple[bool, str]:  # fmt: skip
+    if value is None:
+        return False, f"{metric} is missing from the evaluation results (null)"
+    if threshold is not None and value < threshold:
+        return False, f"{metric}={value:g} is below the threshold {threshold:g}"
+    if champion_version is None:
+        floor = f" and meets the threshold {threshold:g}" if threshold is not None else ""
+        return True, f"no current champion; {metric}={value:g}{floor}"
+    if champion_value is None:
+        return False, (f"the current champion (version {champion_version}) has no recorded {metric} "
+                       "to compare with")
+    champion = f"champion's {champion_value:g} (version {champion_version})"
+    if value < champion_value - margin:
+        return False, f"{metric}={value:g} is worse than the {champion} by more than the margin {margin:g}"
+    return True, f"{metric}={value:g} is within the margin {margin:g} of or better than the {champion}"
+
+
+def pip_requirements(*, peft: bool) -> list[str]:
+    """Explicit requirements for a logged model. MLflow's transformers flavor would otherwise
+    infer them and add torchvision, which these text models never use."""
+    names = ["transformers", "torch", "accelerate", "safetensors", "tokenizers"] + (["peft"] if peft else [])
+    requirements = []
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):  # drop local tags such as +cpu:
+            requirements.append(f"{name}=={metadata.version(name).split('+')[0]}")
+    return requirements
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -56,10 +119,8 @@ def run(ctx: StageContext) -> StageResult:
     metrics = _read_results(ctx.input_dir("evaluate") / "results.json")
     if cfg.gate_metric not in metrics:
         available = ", ".join(sorted(k for k in metrics if ".category." not in k)) or "none"
-        raise StageError(
-            f"promote.gate_metric: {cfg.gate_metric!r} is not in the evaluate results "
-            f"(available: {available})"
-        )
+        raise StageError(f"promote.gate_metric: {cfg.gate_metric!r} is not in the evaluate results "
+                         f"(available: {available})")  # fmt: skip
     rows = _read_rows(ctx.input_dir("evaluate") / "per_question.jsonl", required=cfg.gate == "ci")
     if cfg.gate == "ci" and _units(rows, cfg.gate_metric) is None:
         raise StageError(
@@ -84,26 +145,19 @@ def run(ctx: StageContext) -> StageResult:
             mlflow.end_run()
 
 
-def _promote(
-    ctx: StageContext,
-    metrics: dict[str, float | None],
-    lineage: dict[str, Any],
-    export_dir: Path,
-    rows: list[dict[str, Any]] | None,
-) -> StageResult:
+def _promote(ctx: StageContext, metrics: dict[str, float | None], lineage: dict[str, Any],
+             export_dir: Path, rows: list[dict[str, Any]] | None) -> StageResult:  # fmt: skip
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     cfg = ctx.config.promote
     client = mlflow.MlflowClient()
-    run = mlflow.active_run()
-    run_id = run.info.run_id
-    parent_run_id = mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
-
+    run_id = mlflow.active_run().info.run_id
     logged = {kind: _log_model(ctx, export_dir, kind, lineage) for kind in cfg.log}
     tags = {
-        **eval_tags(metrics),
+        **{EVAL_TAG + name: str(value) for name, value in metrics.items() if value is not None},
         "lineage.run_id": run_id,
-        "lineage.parent_run_id": str(parent_run_id),
+        "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
         "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
         "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
         "lineage.adapter_digest": str(lineage.get("adapter_digest")),
@@ -115,23 +169,20 @@ def _promote(
     if rows is not None:  # the next candidate's gate pairs its questions with these
         mlflow.log_artifact(str(ctx.input_dir("evaluate") / "per_question.jsonl"), artifact_path="evaluation")
         tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
-    holder = current_holder(client, cfg.registered_model, cfg.alias)
+    try:  # the version that holds the alias now, if any
+        holder = client.get_model_version_by_alias(cfg.registered_model, cfg.alias)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        holder = None
     version = mlflow.register_model(logged[cfg.register_from], cfg.registered_model, tags=tags)
 
-    champion_value = recorded_value(holder, cfg.gate_metric)
-    decision = gate(
-        metric=cfg.gate_metric,
-        value=metrics.get(cfg.gate_metric),
-        threshold=cfg.threshold,
-        margin=cfg.margin,
-        champion_version=holder.version if holder is not None else None,
-        champion_value=champion_value,
-        force=ctx.force,
-        mode=cfg.gate,
-        interval=gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics)
-        if cfg.gate == "ci"
-        else None,
-    )
+    champion_value = _recorded_value(holder, cfg.gate_metric)
+    interval = (gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics)
+                if cfg.gate == "ci" else None)  # fmt: skip
+    decision = gate(metric=cfg.gate_metric, value=metrics.get(cfg.gate_metric), threshold=cfg.threshold,
+                    margin=cfg.margin, champion_version=holder.version if holder is not None else None,
+                    champion_value=champion_value, force=ctx.force, mode=cfg.gate, interval=interval)
     if decision.promote:
         client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
     for key, value in decision.as_tags().items():
@@ -139,26 +190,25 @@ def _promote(
     mlflow.set_tags({**decision.as_tags(), "promotion.version": version.version})
 
     verdict = "promoted to" if decision.promote else "not promoted to"
-    message = (
-        f"promote: {cfg.registered_model} version {version.version} {verdict} @{cfg.alias}: {decision.reason}"
-    )
+    message = f"promote: {cfg.registered_model} version {version.version} {verdict} @{cfg.alias}: "
+    message += decision.reason
     print(message)
     log.info(message)
-
-    record = {
-        "registered_model": cfg.registered_model,
-        "version": version.version,
-        "alias": cfg.alias,
-        "logged_models": logged,
-        **decision.as_dict(),
-    }
+    record = {"registered_model": cfg.registered_model, "version": version.version, "alias": cfg.alias,
+              "logged_models": logged, **decision.as_dict()}  # fmt: skip
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     (ctx.work_dir / "decision.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return StageResult(
-        metrics={"version": float(version.version), "promoted": float(decision.promote)},
-        outputs={"decision": "decision.json"},
-        extra=record,
-    )
+    return StageResult(metrics={"version": float(version.version), "promoted": float(decision.promote)},
+                       outputs={"decision": "decision.json"}, extra=record)  # fmt: skip
+
+
+def _recorded_value(version: Any | None, metric: str) -> float | None:
+    """The gate metric recorded on a version's tags at its registration."""
+    raw = None if version is None else (version.tags or {}).get(EVAL_TAG + metric)
+    try:
+        return None if raw in (None, "", "None") else float(raw)
+    except ValueError:
+        return None
 
 
 def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str, Any]) -> str:
@@ -168,13 +218,13 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str
     way, and the adapter needs its base model object anyway."""
     import mlflow
     import torch
+    from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder = export_dir / kind
+    extra: dict[str, Any] = {}
     if kind == "merged":
-        folder = export_dir / "merged"
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        extra: dict[str, Any] = {}
     else:
         from peft import PeftModel
 
@@ -182,36 +232,24 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str
 
         if lineage.get("method") == "uora":
             import uora  # noqa: F401  (registers UORA with PEFT)
-        folder = export_dir / "adapter"
         base = load_model(ctx.config.model.model_copy(update={"load_in_8bit": False}), quantize=False)
         model = PeftModel.from_pretrained(base, str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         # The base weights are referenced, not copied: the adapter is the small artifact.
         extra = {"base_model_path": resolve_model_dir(ctx.config.model)}
-    from huggingface_hub import ModelCard
-
     # Export's card (base model, licence, lineage): without one, MLflow looks the local folder up on
     # the hub for a card and a licence, and warns twice.
     card = ModelCard.load(folder / "README.md") if (folder / "README.md").is_file() else None
     with torch.no_grad():
         info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name=kind,
-            task="text-generation",
-            pip_requirements=pip_requirements(peft=kind == "adapter"),
-            model_card=card,
-            **extra,
-        )
+            transformers_model={"model": model, "tokenizer": AutoTokenizer.from_pretrained(folder)},
+            name=kind, task="text-generation", pip_requirements=pip_requirements(peft=kind == "adapter"),
+            model_card=card, **extra,
+        )  # fmt: skip
     return info.model_uri
 
 
-def gate_interval(
-    rows: list[dict[str, Any]],
-    metric: str,
-    holder: Any | None,
-    champion_value: float | None,
-    metrics: dict[str, float | None],
-) -> dict[str, Any] | None:
+def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, champion_value: float | None,
+                  metrics: dict[str, float | None]) -> dict[str, Any] | None:  # fmt: skip
     """The ci gate's evidence: candidate - champion on ``metric``, paired over the questions both
     were asked (matched by content); unpaired when they share none; the candidate's own interval
     minus the champion's recorded value when the champion has no per-question results; candidate -
@@ -273,13 +311,11 @@ def _champion_rows(holder: Any) -> list[dict[str, Any]] | None:
 
 
 def _read_rows(path: Path, required: bool) -> list[dict[str, Any]] | None:
-    if not path.is_file():
-        if required:
-            raise StageError(
-                f"promote: {path} is missing (re-run evaluate, which writes it, or set promote.gate: point)"
-            )
-        return None
-    return [row for _, row in read_jsonl(path, "promote")]
+    if not path.is_file() and required:
+        raise StageError(
+            f"promote: {path} is missing (re-run evaluate, which writes it, or set promote.gate: point)"
+        )
+    return [row for _, row in read_jsonl(path, "promote")] if path.is_file() else None
 
 
 def _read_results(path: Path) -> dict[str, float | None]:

@@ -15,7 +15,6 @@ import torch
 from export_helpers import finish, make_config, make_ctx, per_question_rows, write_adapter, write_eval_results
 from test_export_merge import logits_on
 
-from pipeline import registry
 from pipeline.digests import digest_of
 from pipeline.stages import export, promote
 from pipeline.stages.base import StageError
@@ -27,7 +26,7 @@ from pipeline.stages.base import StageError
 def decide(value, champion=None, threshold=None, margin=0.0, force=False, version=None):
     if champion is not None and version is None:
         version = "1"
-    return registry.gate(
+    return promote.gate(
         metric="tuned.score_overall",
         value=value,
         threshold=threshold,
@@ -70,7 +69,7 @@ CI = {"diff": -0.02, "n": 200, "verdict": "no detectable difference", "against":
 
 
 def decide_ci(ci95, value=0.5, champion="1", threshold=None, **interval):
-    return registry.gate(
+    return promote.gate(
         metric="tuned.exact_match",
         value=value,
         threshold=threshold,
@@ -103,9 +102,9 @@ def test_ci_gate_rule():
     # the threshold and a missing value still refuse; no interval at all: the point rule's answer
     assert decide_ci([0.1, 0.2], threshold=0.6).reason == "tuned.exact_match=0.5 is below the threshold 0.6"
     assert decide_ci(None, champion=None).reason == "no current champion; tuned.exact_match=0.5"
-    forced = registry.gate(metric="m", value=0.1, threshold=None, margin=0.0, champion_version="2",
-                           champion_value=0.5, mode="ci", force=True,
-                           interval={**CI, "ci95": [-0.5, -0.3]})  # fmt: skip
+    forced = promote.gate(metric="m", value=0.1, threshold=None, margin=0.0, champion_version="2",
+                          champion_value=0.5, mode="ci", force=True,
+                          interval={**CI, "ci95": [-0.5, -0.3]})  # fmt: skip
     assert forced.promote and forced.reason.startswith(
         "forced with --force (gate failed: m: candidate - champion"
     )
@@ -121,7 +120,7 @@ def test_flattened_results_keep_none_for_the_gate_and_pip_requirements():
                     "tuned.exact_match": None, "tuned.exact_match.gsm8k": 0.5}  # fmt: skip
     # the gate's names are evaluate's MLflow metric names: one flattening, None kept for the gate
     assert {k: v for k, v in flat.items() if v is not None} == flatten_metrics(models)
-    requirements = registry.pip_requirements(peft=True)
+    requirements = promote.pip_requirements(peft=True)
     names = [r.split("==")[0] for r in requirements]
     assert names[:2] == ["transformers", "torch"] and "peft" in names
     assert "torchvision" not in names and all("+" not in r for r in requirements)
@@ -339,7 +338,7 @@ def test_ci_gate_pairs_with_the_champion_and_records_the_interval(
     assert (
         first["interval"]["diff"] == 0.5 and first["interval"]["ci95"][0] > 0 and first["interval"]["n"] == 40
     )
-    stored = client.get_model_version(name, "1").tags[registry.PER_QUESTION_TAG]
+    stored = client.get_model_version(name, "1").tags[promote.PER_QUESTION_TAG]
     assert stored.startswith("runs:/") and stored.endswith("/evaluation/per_question.jsonl")
 
     # 2. Two questions lost against the champion: -0.05, an interval that crosses -margin: refused.
@@ -369,7 +368,7 @@ def test_ci_gate_pairs_with_the_champion_and_records_the_interval(
     assert note in capsys.readouterr().out
 
     # 5. A champion registered before per-question results were stored: its recorded value instead.
-    client.delete_model_version_tag(name, "3", registry.PER_QUESTION_TAG)
+    client.delete_model_version_tag(name, "3", promote.PER_QUESTION_TAG)
     old = attempt("r5", champion_hits[:30] + [1] * 10)
     note = (
         "champion version 3 has no per-question results (registered before they were stored): the "
