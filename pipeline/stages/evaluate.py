@@ -1,25 +1,13 @@
-"""The 'evaluate' stage: did fine-tuning make the model better?
-
-MT-Bench's recipe (FastChat ``llm_judge``), top to bottom:
-
-1. questions: the built-in set, a local ``question.jsonl`` or the hub dataset (``eval.questions``),
-   plus optionally held-out rows of the prepared eval split with a checkable answer
-   (``eval.heldout_questions``, e.g. GSM8K: exact match on the final number);
-2. answers: the untouched base model and the tuned model (base + the train stage's adapter, merged
-   in memory after checking its logits against the unmerged adapter, so it answers at the base's
-   speed; or a merged folder) answer every question, turn 2 in the context of turn 1; answers
-   are cached per model identity + question + generation settings, so a rerun resumes;
-3. judgments (``eval.judge.mode``): single-answer grading 1-10 and/or pairwise tuned-vs-base
-   verdicts in both orders, by an OpenAI-compatible endpoint or a local model, with
-   reference-guided prompts for math/reasoning/coding; cached the same way;
-4. results: ``results.json`` (``models.<base|tuned>.score_overall`` etc. with 95% bootstrap
-   intervals, paired tuned-base ``comparisons``, ``pairwise`` win/tie/loss rates),
-   ``per_question.jsonl`` (what the intervals and promote's gate are computed from),
-   ``results.md``, ``radar.png``, ``comparisons.png``; metrics and artifacts on the MLflow run.
-
-Everything goes to ``ctx.work_dir`` (the driver renames it when this returns), under:
-``answers/<model>.jsonl`` (FastChat answer format), ``judgments/single.jsonl`` (FastChat
-single-judgment format), ``judgments/pairwise.jsonl`` and the results files.
+"""The 'evaluate' stage: did fine-tuning make the model better? MT-Bench's recipe (FastChat
+``llm_judge``): the base and the tuned model (base + the train stage's adapter, merged in memory
+once its logits match the unmerged adapter's; or a merged folder) answer ``eval.questions`` and
+optionally held-out rows of the prepared eval split with a checkable answer (exact match); a judge
+grades them (``eval.judge.mode``: single 1-10 and/or pairwise in both orders). Answers and
+judgments are cached by model identity, question and settings, so a rerun resumes. Everything goes
+to ``ctx.work_dir``: ``answers/<model>.jsonl``, ``judgments/{single,pairwise}.jsonl`` (FastChat's
+formats), ``results.json`` (scores with 95% bootstrap intervals, paired tuned-base comparisons,
+pairwise rates), ``per_question.jsonl`` (what the intervals and promote's gate use), ``results.md``
+and the plots; metrics, tags and artifacts on the MLflow run.
 """
 
 from __future__ import annotations
@@ -27,30 +15,17 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.eval.aggregate import (
-    aggregate,
-    comparisons,
-    flatten_metrics,
-    markdown_table,
-    pairwise_summary,
-    per_question,
-    verdict_lines,
-    with_intervals,
-)
+from pipeline.eval import aggregate
 from pipeline.eval.generate import GenerationSettings, generate_answers
 from pipeline.eval.identity import model_identity, weights_digest
 from pipeline.eval.judging import build_pair_tasks, build_tasks, pair_outcomes, run_judging
 from pipeline.eval.prompts import load_prompts
-from pipeline.eval.questions import (
-    Question,
-    is_verifiable,
-    load_heldout_questions,
-    load_questions,
-)
+from pipeline.eval.questions import Question, is_verifiable, load_heldout_questions, load_questions
 from pipeline.stages.base import StageContext, StageError, StageResult
 from pipeline.tracking import metric_name
 
@@ -60,17 +35,19 @@ if TYPE_CHECKING:
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
 CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
+# StageResult.outputs and MLflow artifacts (under evaluate/), each when it exists: no radar or
+# judgments when nothing went to the judge.
+OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",
+           "per_question": "per_question.jsonl", "comparisons_plot": "comparisons.png", "answers": "answers",
+           "judgments": "judgments"}  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 def inputs(config: PipelineConfig) -> tuple[str, ...]:
     """``INPUTS`` under this config: the base model alone (or a ``tuned_path`` folder) is evaluated
     without a train stage, e.g. the untrained baseline of a method comparison."""
-    if "tuned" in config.eval.models and not config.eval.tuned_path:
-        return INPUTS
-    return ("prepare",)
-
-
-log = logging.getLogger(__name__)
+    return INPUTS if "tuned" in config.eval.models and not config.eval.tuned_path else ("prepare",)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -92,92 +69,57 @@ def run(ctx: StageContext) -> StageResult:
     tuned_path = tuned_model_path(ctx) if "tuned" in cfg.models else None
     # Verifiable questions (every turn has an exact answer) may skip the judge: exact match scores them.
     judged = questions if cfg.judge_verifiable else [q for q in questions if not is_verifiable(q)]
-    log.info(
-        "evaluate: %d questions (%d held-out, %d to the judge), models %s",
-        len(questions),
-        len(heldout),
-        len(judged),
-        ", ".join(cfg.models),
-    )
+    log.info("evaluate: %d questions (%d held-out, %d to the judge), models %s",
+             len(questions), len(heldout), len(judged), ", ".join(cfg.models))  # fmt: skip
 
     answers = generate_all(ctx.config, questions, work / "answers", tuned_path, greedy=heldout)
 
-    judgments: list[dict[str, Any]] = []
-    pairs: list[dict[str, Any]] = []
-    samples = cfg.judge.samples
+    found: dict[str, list[dict[str, Any]]] = {"single": [], "pairwise": []}
     if judged:
         judge = http_judge or _local_judge(ctx.config)
-        if cfg.judge.mode != "pairwise":
-            tasks = build_tasks(judged, answers, prompts, judge.identity(), samples)
-            judgments = run_judging(judge, tasks, work / "judgments" / "single.jsonl", samples)
-        if cfg.judge.mode != "single":
-            tasks = build_pair_tasks(judged, answers, prompts, judge.identity(), samples)
-            pairs = run_judging(judge, tasks, work / "judgments" / "pairwise.jsonl", samples, pairwise=True)
+        for mode, build in (("single", build_tasks), ("pairwise", build_pair_tasks)):
+            if cfg.judge.mode in (mode, "both"):
+                tasks = build(judged, answers, prompts, judge.identity(), cfg.judge.samples)
+                cache = work / "judgments" / f"{mode}.jsonl"
+                found[mode] = run_judging(judge, tasks, cache, cfg.judge.samples, pairwise=mode == "pairwise")
         del judge
         gc.collect()
 
-    outcomes, pair_failures = pair_outcomes(pairs)
-    rows = per_question(questions, answers, judgments, outcomes, judged_questions=judged)
-    models = aggregate(questions, answers, judgments, judged_questions=judged)
+    outcomes, pair_failures = pair_outcomes(found["pairwise"])
+    rows = aggregate.per_question(questions, answers, found["single"], outcomes, judged_questions=judged)
+    models = aggregate.aggregate(questions, answers, found["single"], judged_questions=judged)
     results = {
-        "models": with_intervals(models, rows),
-        "comparisons": comparisons(models, rows),
-        "pairwise": pairwise_summary(rows, pair_failures),
+        "models": aggregate.with_intervals(models, rows),
+        "comparisons": aggregate.comparisons(models, rows),
+        "pairwise": aggregate.pairwise_summary(rows, pair_failures),
         "judge": judge_summary(ctx.config),
-        "questions": {
-            "source": cfg.questions,
-            "count": len(questions),
-            "categories": sorted({q.category for q in questions}),
-            "heldout": len(heldout),
-            "heldout_sources": sorted({q.category for q in heldout}),
-            "judged": len(judged),
-        },
-    }
+        "questions": {"source": cfg.questions, "count": len(questions),
+                      "categories": sorted({q.category for q in questions}), "heldout": len(heldout),
+                      "heldout_sources": sorted({q.category for q in heldout}), "judged": len(judged)},
+    }  # fmt: skip
     write_results(work, results, rows)
-    metrics = flatten_metrics(results["models"])  # the driver logs these to this stage's MLflow run
-    for name, found in results["comparisons"].get("tuned-base", {}).items():
+    metrics = aggregate.flatten_metrics(results["models"])  # the driver logs these to this stage's MLflow run
+    for name, found_ci in results["comparisons"].get("tuned-base", {}).items():
         prefix = metric_name(f"tuned-base.{name}")
-        metrics |= {f"{prefix}.diff": found["diff"], f"{prefix}.ci95_low": found["ci95"][0],
-                    f"{prefix}.ci95_high": found["ci95"][1]}  # fmt: skip
-    log_to_mlflow(work, results)
-    return StageResult(
-        metrics=metrics,
-        outputs={
-            name: path
-            for name, path in (
-                ("results", "results.json"),
-                ("table", "results.md"),
-                ("radar", "radar.png"),
-                ("per_question", "per_question.jsonl"),
-                ("comparisons_plot", "comparisons.png"),
-                ("answers", "answers"),
-                ("judgments", "judgments"),
-            )
-            if (work / path).exists()  # no radar/judgments when nothing went to the judge
-        },
-        extra={"questions": len(questions), "judge": results["judge"]},
-    )
+        metrics |= {f"{prefix}.diff": found_ci["diff"], f"{prefix}.ci95_low": found_ci["ci95"][0],
+                    f"{prefix}.ci95_high": found_ci["ci95"][1]}  # fmt: skip
+    outputs = {name: path for name, path in OUTPUTS.items() if (work / path).exists()}
+    log_to_mlflow(work, results, outputs.values())
+    return StageResult(metrics=metrics, outputs=outputs,
+                       extra={"questions": len(questions), "judge": results["judge"]})  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------
-# inputs
-# --------------------------------------------------------------------------------------------
 def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
     """``eval.questions`` (selected by categories/question_ids/max_questions) and the held-out rows
-    of the prepared eval split (``eval.heldout_questions``), asked in that order. The held-out ones
-    have their own count and sources: the selection above names ``eval.questions``' ids and
-    categories and does not apply to them."""
+    of the prepared eval split (``eval.heldout_questions``, with their own count and sources), asked
+    in that order."""
     cfg = ctx.config.eval
     questions = load_questions(cfg, exclude_instructions=training_instructions(ctx.run_dir))
-    heldout = load_heldout_questions(
-        ctx.run_dir / "prepare" / "dataset", cfg.heldout_questions, cfg.heldout_sources
-    )
+    heldout = load_heldout_questions(ctx.run_dir / "prepare" / "dataset", cfg.heldout_questions,
+                                     cfg.heldout_sources)  # fmt: skip
     if heldout and len(heldout) < cfg.heldout_questions:
-        log.warning(
-            "eval.heldout_questions: %d asked for, the eval split has %d eligible rows",
-            cfg.heldout_questions,
-            len(heldout),
-        )
+        log.warning("eval.heldout_questions: %d asked for, the eval split has %d eligible rows",
+                    cfg.heldout_questions, len(heldout))  # fmt: skip
     taken = {str(q.question_id) for q in questions}
     clash = [q.question_id for q in heldout if str(q.question_id) in taken]
     if clash:
@@ -197,23 +139,14 @@ def training_instructions(run_dir: Path) -> list[str]:
 
 
 def reuse_previous_caches(previous: Path, work: Path) -> None:
-    """Start from the answer/judgment caches of the last completed evaluation of this run.
-
-    The driver starts a fresh ``evaluate.partial`` when a config change re-runs the stage; the
-    cache keys decide what is still valid, so e.g. a new judge re-judges without regenerating a
-    single answer. ``--force`` skips this (the partial folder's own caches are still used).
-    """
-    import shutil
-
-    for folder in ("answers", "judgments"):
-        source = previous / folder
-        if not source.is_dir():
-            continue
-        for path in source.glob("*.jsonl"):
-            target = work / folder / path.name
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
+    """Start from the answer/judgment caches of the last completed evaluation of this run: a config
+    change re-runs the stage in a fresh ``evaluate.partial``, and the cache keys decide what is
+    still valid (a new judge re-judges without regenerating an answer). ``--force`` skips this."""
+    for path in [*previous.glob("answers/*.jsonl"), *previous.glob("judgments/*.jsonl")]:
+        target = work / path.relative_to(previous)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def tuned_model_path(ctx: StageContext) -> Path:
@@ -229,91 +162,56 @@ def tuned_model_path(ctx: StageContext) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------
-# answers
-# --------------------------------------------------------------------------------------------
 def generation_settings(config: PipelineConfig, greedy: Iterable[Question] = ()) -> GenerationSettings:
     """Sampling settings; the categories of ``greedy`` (held-out questions) are decoded greedily
     unless ``eval.temperatures`` names them: an exact-match accuracy should not depend on sampling
     luck (MT-Bench, too, answers math and reasoning at temperature 0)."""
     cfg = config.eval
-    temperatures = {q.category: 0.0 for q in greedy} | dict(cfg.temperatures)
-    return GenerationSettings(
-        max_new_tokens=cfg.max_new_tokens,
-        seed=config.run.seed,
-        batch_size=cfg.batch_size,
-        temperatures=temperatures,
-        default_temperature=cfg.default_temperature,
-        verifiable_max_new_tokens=cfg.verifiable_max_new_tokens,
-    )
+    return GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=config.run.seed,
+                              batch_size=cfg.batch_size, default_temperature=cfg.default_temperature,
+                              temperatures={q.category: 0.0 for q in greedy} | dict(cfg.temperatures),
+                              verifiable_max_new_tokens=cfg.verifiable_max_new_tokens)  # fmt: skip
 
 
-def _device_map() -> Any:
+def generate_all(config: PipelineConfig, questions: list[Question], answers_dir: Path,
+                 tuned_path: Path | None, greedy: Iterable[Question] = ()) -> dict[str, dict[str, Any]]:
+    """Answers of every configured model (``base`` first, then ``tuned``), cached in ``answers_dir``.
+    One base model is loaded: it answers as ``base``, then the adapter is put on top of it and
+    merged for ``tuned`` (a merged ``tuned`` folder is loaded on its own instead)."""
     import torch
 
-    return "auto" if torch.cuda.is_available() else None
-
-
-def generate_all(
-    config: PipelineConfig,
-    questions: list[Question],
-    answers_dir: Path,
-    tuned_path: Path | None,
-    greedy: Iterable[Question] = (),
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Answers of every configured model (``base`` first, then ``tuned``), cached in ``answers_dir``.
-
-    One base model is loaded: it answers as ``base``, then the adapter is put on top of it and
-    merged for ``tuned`` (a merged ``tuned`` folder is loaded on its own instead).
-    """
     from pipeline.models import load_model, load_tokenizer
 
     settings = generation_settings(config, greedy)
+    device_map = "auto" if torch.cuda.is_available() else None
     base_identity = model_identity(config.model)
+    adapter = tuned_path is not None and (tuned_path / "adapter_config.json").is_file()
     answers: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def answer(name: str, model: Any, tokenizer: Any, identity: str) -> None:
+        answers[name] = generate_answers(model, tokenizer, questions, settings, model_id=name,
+                                         model_identity=identity, cache_path=answers_dir / f"{name}.jsonl")
+
     model = None
-    if "base" in config.eval.models or (tuned_path and is_adapter(tuned_path)):
-        model = load_model(config.model, device_map=_device_map()).eval()
+    if "base" in config.eval.models or adapter:
+        model = load_model(config.model, device_map=device_map).eval()
     if "base" in config.eval.models:
-        answers["base"] = generate_answers(
-            model,
-            load_tokenizer(config.model),
-            questions,
-            settings,
-            model_id="base",
-            model_identity=base_identity,
-            cache_path=answers_dir / "base.jsonl",
-        )
-    if tuned_path is not None:
-        if is_adapter(tuned_path):
-            tokenizer = adapter_tokenizer(config, tuned_path)
-            model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
-            identity = f"{base_identity}+adapter:{weights_digest(tuned_path)}" + ("+merged" if merged else "")
-        else:
-            del model
-            gc.collect()
-            merged_cfg = config.model.model_copy(
-                update={"name_or_path": str(tuned_path), "gguf_file": None, "revision": None}
-            )
-            model = load_model(merged_cfg, device_map=_device_map()).eval()
-            tokenizer = load_tokenizer(merged_cfg)
-            identity = f"merged:{weights_digest(tuned_path)}"
-        answers["tuned"] = generate_answers(
-            model,
-            tokenizer,
-            questions,
-            settings,
-            model_id="tuned",
-            model_identity=identity,
-            cache_path=answers_dir / "tuned.jsonl",
-        )
+        answer("base", model, load_tokenizer(config.model), base_identity)
+    if adapter:
+        tokenizer = adapter_tokenizer(config, tuned_path)
+        model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
+        suffix = f"+adapter:{weights_digest(tuned_path)}" + ("+merged" if merged else "")
+        answer("tuned", model, tokenizer, base_identity + suffix)
+    elif tuned_path is not None:
+        del model
+        gc.collect()
+        merged_cfg = config.model.model_copy(update={"name_or_path": str(tuned_path), "gguf_file": None,
+                                                     "revision": None})  # fmt: skip
+        model = load_model(merged_cfg, device_map=device_map).eval()
+        answer("tuned", model, load_tokenizer(merged_cfg), f"merged:{weights_digest(tuned_path)}")
     del model
     gc.collect()
     return answers
-
-
-def is_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
 
 
 def attach_adapter(model: Any, adapter_dir: Path) -> Any:
@@ -325,9 +223,8 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
         import uora  # noqa: F401  (registers UORA with PEFT)
     except ImportError:
         if str(peft_type).upper() == "UORA":
-            raise StageError(
-                f"{adapter_dir}: a UORA adapter needs the 'uora' package (pip install -e .)"
-            ) from None
+            message = f"{adapter_dir}: a UORA adapter needs the 'uora' package (pip install -e .)"
+            raise StageError(message) from None
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
 
 
@@ -345,23 +242,23 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
     inputs = verification_inputs(tokenizer, 4, 96)
     reference = logits_of(model, inputs)
     model.merge_adapter()
-    report = compare_logits(reference, logits_of(model, inputs))
+    error = compare_logits(reference, logits_of(model, inputs))["rel_error"]
     tolerance = DEFAULT_TOLERANCE[config.model.dtype]
-    if report["rel_error"] > tolerance:
+    if error > tolerance:
         model.unmerge_adapter()
         log.warning("evaluate: merged logits differ by %.3g (> %g); the tuned model answers unmerged",
-                    report["rel_error"], tolerance)  # fmt: skip
+                    error, tolerance)  # fmt: skip
         return model, False
-    log.info("evaluate: tuned model merged in memory (logits match the adapter to %.2g)", report["rel_error"])
+    log.info("evaluate: tuned model merged in memory (logits match the adapter to %.2g)", error)
     return model.unload(), True
 
 
 def adapter_tokenizer(config: PipelineConfig, adapter_dir: Path) -> Any:
     """The tokenizer saved with the adapter (it carries the chat template used in training), or
     the base model's when the adapter folder has none."""
-    if not (adapter_dir / "tokenizer_config.json").is_file():
-        from pipeline.models import load_tokenizer
+    from pipeline.models import load_tokenizer
 
+    if not (adapter_dir / "tokenizer_config.json").is_file():
         return load_tokenizer(config.model)
     from transformers import AutoTokenizer
 
@@ -371,9 +268,6 @@ def adapter_tokenizer(config: PipelineConfig, adapter_dir: Path) -> Any:
     return tokenizer
 
 
-# --------------------------------------------------------------------------------------------
-# judge and results
-# --------------------------------------------------------------------------------------------
 def _local_judge(config: PipelineConfig) -> Any:
     from pipeline.judges import LocalJudge
 
@@ -381,72 +275,50 @@ def _local_judge(config: PipelineConfig) -> Any:
 
 
 def judge_summary(config: PipelineConfig) -> dict[str, Any]:
-    """What graded the answers, for the report (no secrets: the key's variable name is not even
-    needed here)."""
+    """What graded the answers, for the report (no secrets)."""
     judge = config.eval.judge
-    summary: dict[str, Any] = {
-        "backend": judge.backend,
-        "prompts": judge.prompts or "builtin",
-        "mode": judge.mode,
-        "samples": judge.samples,
-        "temperature": judge.temperature,
-    }
+    summary = {"backend": judge.backend, "prompts": judge.prompts or "builtin", "mode": judge.mode,
+               "samples": judge.samples, "temperature": judge.temperature}  # fmt: skip
     if judge.backend == "openai":
-        summary.update({"model": judge.model, "base_url": judge.base_url or "https://api.openai.com/v1"})
-    else:
-        local = judge.local_model or config.model
-        summary.update(
-            {"model": local.name_or_path, "gguf_file": local.gguf_file, "scoring": judge.local_scoring}
-        )
-    return summary
+        return summary | {"model": judge.model, "base_url": judge.base_url or "https://api.openai.com/v1"}
+    local = judge.local_model or config.model
+    return summary | {"model": local.name_or_path, "gguf_file": local.gguf_file,
+                      "scoring": judge.local_scoring}  # fmt: skip
 
 
 def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """results.json, per_question.jsonl, results.md and the plots (each written whole, then renamed)."""
     from pipeline.eval.plots import comparison_chart, radar_chart
 
-    for name, text in (
-        ("results.json", json.dumps(results, indent=2) + "\n"),
-        ("per_question.jsonl", "".join(json.dumps(row) + "\n" for row in rows)),
-    ):
+    judge, asked = results["judge"], results["questions"]
+    header = (f"# Evaluation\n\n{asked['count']} questions ({', '.join(asked['categories'])}), judge: "
+              f"{judge['backend']} {judge['model']}, prompts: {judge['prompts']}.\n\n")  # fmt: skip
+    table = aggregate.markdown_table(results["models"]) + "\n"
+    table += aggregate.verdict_lines(results["comparisons"], results["pairwise"])
+    for name, text in (("results.json", json.dumps(results, indent=2) + "\n"),
+                       ("per_question.jsonl", "".join(json.dumps(row) + "\n" for row in rows)),
+                       ("results.md", header + table)):  # fmt: skip
         (work / f"{name}.tmp").write_text(text, encoding="utf-8")
         (work / f"{name}.tmp").replace(work / name)
-    judge = results["judge"]
-    header = (
-        f"# Evaluation\n\n{results['questions']['count']} questions "
-        f"({', '.join(results['questions']['categories'])}), judge: {judge['backend']} "
-        f"{judge['model']}, prompts: {judge['prompts']}.\n\n"
-    )
-    table = (
-        markdown_table(results["models"]) + "\n" + verdict_lines(results["comparisons"], results["pairwise"])
-    )
-    (work / "results.md").write_text(header + table, encoding="utf-8")
     if any(row["categories"] for row in results["models"].values()):  # else nothing was judged
         radar_chart(results["models"], work / "radar.png")
     if results["comparisons"].get("tuned-base"):
         comparison_chart(results["comparisons"]["tuned-base"], work / "comparisons.png")
 
 
-def log_to_mlflow(work: Path, results: dict[str, Any]) -> None:
-    """Tags and artifacts on the active (evaluate child) run, if there is one; the metrics are
+def log_to_mlflow(work: Path, results: dict[str, Any], outputs: Iterable[str]) -> None:
+    """Tags and ``outputs`` on the active (evaluate child) run, if there is one; the metrics are
     ``StageResult.metrics``, which the driver logs to the same run."""
     from pipeline.tracking import active_mlflow
 
     mlflow = active_mlflow()
     if mlflow is None:
         return
-    judge = results["judge"]
-    mlflow.set_tags(
-        {
-            "eval.judge_backend": judge["backend"],
-            "eval.judge_model": str(judge["model"]),
-            "eval.questions": str(results["questions"]["source"]),
-            "eval.question_count": str(results["questions"]["count"]),
-        }
-    )
-    for name in ("results.json", "results.md", "per_question.jsonl", "radar.png", "comparisons.png"):
-        if (work / name).is_file():
-            mlflow.log_artifact(str(work / name), artifact_path="evaluate")
-    for folder in ("answers", "judgments"):
-        if (work / folder).is_dir():
-            mlflow.log_artifacts(str(work / folder), artifact_path=f"evaluate/{folder}")
+    judge, asked = results["judge"], results["questions"]
+    mlflow.set_tags({"eval.judge_backend": judge["backend"], "eval.judge_model": str(judge["model"]),
+                     "eval.questions": str(asked["source"]), "eval.question_count": str(asked["count"])})
+    for path in outputs:
+        if (work / path).is_dir():
+            mlflow.log_artifacts(str(work / path), artifact_path=f"evaluate/{path}")
+        else:
+            mlflow.log_artifact(str(work / path), artifact_path="evaluate")
