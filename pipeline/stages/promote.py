@@ -57,47 +57,41 @@ class GateDecision:
 def gate(*, metric: str, value: float | None, threshold: float | None, margin: float,
          champion_version: str | None, champion_value: float | None, force: bool = False,
          mode: str = "point", interval: dict[str, Any] | None = None) -> GateDecision:  # fmt: skip
-    """The promotion rule: ``value`` (higher is better) must be present, at or above
-    ``threshold`` when one is set, and not below the current champion's value by more than
-    ``margin``. A champion without a recorded value cannot be compared, so it is kept.
-    ``mode="ci"``: instead of the two values, the ``interval`` of (candidate - champion), or of
-    (candidate - base) before there is a champion, must have its lower bound above ``-margin``.
-    ``force`` promotes regardless and says what the gate would have decided."""
-    passed, reason = _rule(metric, value, threshold, margin, champion_version, champion_value)
-    comparable = value is not None and (threshold is None or value >= threshold)  # else: the point rule's
-    if mode == "ci" and comparable and interval is not None:
+    """The promotion rule: ``value`` (higher is better) must be present, at or above ``threshold``
+    when one is set, and not below the champion's value by more than ``margin`` (a champion without a
+    recorded value cannot be compared, so it is kept). ``mode="ci"``: instead, the lower bound of the
+    ``interval`` of (candidate - champion), or of (candidate - base) before there is a champion, must
+    be above ``-margin``. ``force`` promotes regardless and says what the gate would have decided."""
+    if value is None:
+        passed, reason = False, f"{metric} is missing from the evaluation results (null)"
+    elif threshold is not None and value < threshold:
+        passed, reason = False, f"{metric}={value:g} is below the threshold {threshold:g}"
+    elif mode == "ci" and interval is not None:
         low, high = interval["ci95"]
-        kind = "shared" if interval["paired"] else "(unpaired)"
-        passed = low > -margin
+        passed, kind = low > -margin, "shared" if interval["paired"] else "(unpaired)"
         reason = (
             (f"{interval['note']}; " if interval.get("note") else "")
             + f"{metric}: candidate - {interval['against']} = {interval['diff']:+.4g}, 95% interval "
             f"[{low:+.4g}, {high:+.4g}] over {interval['n']} {kind} questions; its lower bound is "
             f"{'' if passed else 'not '}above -margin ({-margin or 0.0:g})"
         )
+    elif champion_version is None:
+        floor = f" and meets the threshold {threshold:g}" if threshold is not None else ""
+        passed, reason = True, f"no current champion; {metric}={value:g}{floor}"
+    elif champion_value is None:
+        passed = False
+        reason = f"the current champion (version {champion_version}) has no recorded {metric} to compare with"
+    else:
+        passed = not value < champion_value - margin
+        champion = f"the champion's {champion_value:g} (version {champion_version})"
+        reason = f"{metric}={value:g} " + (
+            f"is within the margin {margin:g} of or better than {champion}" if passed
+            else f"is worse than {champion} by more than the margin {margin:g}")  # fmt: skip
     if force:
         reason = f"forced with --force (gate {'passed' if passed else 'failed'}: {reason})"
         passed = True
     return GateDecision(passed, reason, force, metric, value, champion_version, champion_value, mode,
                         interval)
-
-
-def _rule(metric: str, value: float | None, threshold: float | None, margin: float,
-          champion_version: str | None, champion_value: float | None) -> tuple[bool, str]:  # fmt: skip
-    if value is None:
-        return False, f"{metric} is missing from the evaluation results (null)"
-    if threshold is not None and value < threshold:
-        return False, f"{metric}={value:g} is below the threshold {threshold:g}"
-    if champion_version is None:
-        floor = f" and meets the threshold {threshold:g}" if threshold is not None else ""
-        return True, f"no current champion; {metric}={value:g}{floor}"
-    if champion_value is None:
-        return False, (f"the current champion (version {champion_version}) has no recorded {metric} "
-                       "to compare with")
-    champion = f"champion's {champion_value:g} (version {champion_version})"
-    if value < champion_value - margin:
-        return False, f"{metric}={value:g} is worse than the {champion} by more than the margin {margin:g}"
-    return True, f"{metric}={value:g} is within the margin {margin:g} of or better than the {champion}"
 
 
 def pip_requirements(*, peft: bool) -> list[str]:
@@ -114,14 +108,16 @@ def pip_requirements(*, peft: bool) -> list[str]:
 def run(ctx: StageContext) -> StageResult:
     """Register the exported model and move the alias if the gate passes (or ``--force``)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     cfg = ctx.config.promote
-    metrics = _read_results(ctx.input_dir("evaluate") / "results.json")
+    evaluated = ctx.input_dir("evaluate")
+    metrics = _read_results(evaluated / "results.json")
     if cfg.gate_metric not in metrics:
         available = ", ".join(sorted(k for k in metrics if ".category." not in k)) or "none"
         raise StageError(f"promote.gate_metric: {cfg.gate_metric!r} is not in the evaluate results "
                          f"(available: {available})")  # fmt: skip
-    rows = _read_rows(ctx.input_dir("evaluate") / "per_question.jsonl", required=cfg.gate == "ci")
+    rows = _read_rows(evaluated / "per_question.jsonl", required=cfg.gate == "ci")
     if cfg.gate == "ci" and _units(rows, cfg.gate_metric) is None:
         raise StageError(
             f"promote.gate_metric: {cfg.gate_metric!r} is not a mean over questions, which the ci gate needs "
@@ -139,59 +135,49 @@ def run(ctx: StageContext) -> StageResult:
     if active is None:  # run outside the driver: open (or reopen) the stage's own run
         mlflow.start_run(run_id=ctx.mlflow_run_id, run_name=None if ctx.mlflow_run_id else NAME)
     try:
-        return _promote(ctx, metrics, lineage, export_dir, rows)
+        client = mlflow.MlflowClient()
+        run_id = mlflow.active_run().info.run_id
+        logged = {kind: _log_model(ctx, export_dir, kind, lineage) for kind in cfg.log}
+        tags = {
+            **{EVAL_TAG + name: str(value) for name, value in metrics.items() if value is not None},
+            "lineage.run_id": run_id,
+            "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
+            "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
+            "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
+            "lineage.adapter_digest": str(lineage.get("adapter_digest")),
+            "lineage.base_model": str(lineage.get("base_model")),
+            "lineage.method": str(lineage.get("method")),
+            "lineage.artifact": cfg.register_from,
+            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
+        }
+        if rows is not None:  # the next candidate's gate pairs its questions with these
+            mlflow.log_artifact(str(evaluated / "per_question.jsonl"), artifact_path="evaluation")
+            tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
+        try:  # the version that holds the alias now, if any
+            holder = client.get_model_version_by_alias(cfg.registered_model, cfg.alias)
+        except MlflowException as error:
+            if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            holder = None
+        version = mlflow.register_model(logged[cfg.register_from], cfg.registered_model, tags=tags)
+        champion_value = None  # the gate metric recorded on the champion at its registration, if any
+        with contextlib.suppress(AttributeError, TypeError, ValueError):  # no champion, none recorded
+            champion_value = float((holder.tags or {}).get(EVAL_TAG + cfg.gate_metric))
+        interval = (gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics)
+                    if cfg.gate == "ci" else None)  # fmt: skip
+        decision = gate(metric=cfg.gate_metric, value=metrics.get(cfg.gate_metric), threshold=cfg.threshold,
+                        margin=cfg.margin, champion_version=holder.version if holder is not None else None,
+                        champion_value=champion_value, force=ctx.force, mode=cfg.gate, interval=interval)
+        if decision.promote:
+            client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
+        for key, value in decision.as_tags().items():
+            client.set_model_version_tag(cfg.registered_model, version.version, key, value)
+        mlflow.set_tags({**decision.as_tags(), "promotion.version": version.version})
     finally:
         if active is None:
             mlflow.end_run()
-
-
-def _promote(ctx: StageContext, metrics: dict[str, float | None], lineage: dict[str, Any],
-             export_dir: Path, rows: list[dict[str, Any]] | None) -> StageResult:  # fmt: skip
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    cfg = ctx.config.promote
-    client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    logged = {kind: _log_model(ctx, export_dir, kind, lineage) for kind in cfg.log}
-    tags = {
-        **{EVAL_TAG + name: str(value) for name, value in metrics.items() if value is not None},
-        "lineage.run_id": run_id,
-        "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
-        "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
-        "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
-        "lineage.adapter_digest": str(lineage.get("adapter_digest")),
-        "lineage.base_model": str(lineage.get("base_model")),
-        "lineage.method": str(lineage.get("method")),
-        "lineage.artifact": cfg.register_from,
-        **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
-    }
-    if rows is not None:  # the next candidate's gate pairs its questions with these
-        mlflow.log_artifact(str(ctx.input_dir("evaluate") / "per_question.jsonl"), artifact_path="evaluation")
-        tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
-    try:  # the version that holds the alias now, if any
-        holder = client.get_model_version_by_alias(cfg.registered_model, cfg.alias)
-    except MlflowException as error:
-        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        holder = None
-    version = mlflow.register_model(logged[cfg.register_from], cfg.registered_model, tags=tags)
-
-    champion_value = _recorded_value(holder, cfg.gate_metric)
-    interval = (gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics)
-                if cfg.gate == "ci" else None)  # fmt: skip
-    decision = gate(metric=cfg.gate_metric, value=metrics.get(cfg.gate_metric), threshold=cfg.threshold,
-                    margin=cfg.margin, champion_version=holder.version if holder is not None else None,
-                    champion_value=champion_value, force=ctx.force, mode=cfg.gate, interval=interval)
-    if decision.promote:
-        client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
-    for key, value in decision.as_tags().items():
-        client.set_model_version_tag(cfg.registered_model, version.version, key, value)
-    mlflow.set_tags({**decision.as_tags(), "promotion.version": version.version})
-
-    verdict = "promoted to" if decision.promote else "not promoted to"
-    message = f"promote: {cfg.registered_model} version {version.version} {verdict} @{cfg.alias}: "
-    message += decision.reason
+    message = (f"promote: {cfg.registered_model} version {version.version} "
+               f"{'' if decision.promote else 'not '}promoted to @{cfg.alias}: {decision.reason}")
     print(message)
     log.info(message)
     record = {"registered_model": cfg.registered_model, "version": version.version, "alias": cfg.alias,
@@ -200,15 +186,6 @@ def _promote(ctx: StageContext, metrics: dict[str, float | None], lineage: dict[
     (ctx.work_dir / "decision.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return StageResult(metrics={"version": float(version.version), "promoted": float(decision.promote)},
                        outputs={"decision": "decision.json"}, extra=record)  # fmt: skip
-
-
-def _recorded_value(version: Any | None, metric: str) -> float | None:
-    """The gate metric recorded on a version's tags at its registration."""
-    raw = None if version is None else (version.tags or {}).get(EVAL_TAG + metric)
-    try:
-        return None if raw in (None, "", "None") else float(raw)
-    except ValueError:
-        return None
 
 
 def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str, Any]) -> str:
@@ -254,6 +231,8 @@ def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, c
     were asked (matched by content); unpaired when they share none; the candidate's own interval
     minus the champion's recorded value when the champion has no per-question results; candidate -
     base from this run's rows before there is a champion. None when there is nothing to compare."""
+    import mlflow
+
     from pipeline.eval.stats import compare, interval, verdict
 
     candidate = _units(rows, metric)
@@ -262,8 +241,13 @@ def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, c
         base = _units(rows, f"base.{name}") if model != "base" else None
         found = compare(base, candidate) if base and candidate else None
         return found and {**found, "against": "base (no champion yet)", "paired": True, "note": None}
-    against, note = f"champion (version {holder.version})", None
-    champion_rows = _champion_rows(holder)
+    against, note, champion_rows = f"champion (version {holder.version})", None, None
+    if uri := (holder.tags or {}).get(PER_QUESTION_TAG):  # absent: registered before they were stored
+        try:
+            text = mlflow.artifacts.load_text(uri)
+            champion_rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except Exception as error:  # a deleted run or artifact store: compare as if it had none
+            log.warning("promote: cannot read the champion's per-question results at %s: %s", uri, error)
     if champion_rows is None:
         own, value = interval(candidate or {}), metrics.get(metric)
         if own is None or champion_value is None or value is None:
@@ -289,25 +273,6 @@ def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, c
 def _units(rows: list[dict[str, Any]] | None, metric: str) -> Any:
     model, _, name = metric.partition(".")
     return None if rows is None else units(rows, model, name)
-
-
-def _champion_rows(holder: Any) -> list[dict[str, Any]] | None:
-    """The champion's stored per-question results, or None (registered before they were stored,
-    or the artifact is gone)."""
-    import tempfile
-
-    import mlflow
-
-    uri = (holder.tags or {}).get(PER_QUESTION_TAG)
-    if not uri:
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
-        except Exception as error:  # a deleted run or artifact store: compare as if it had none
-            log.warning("promote: cannot read the champion's per-question results at %s: %s", uri, error)
-            return None
-        return _read_rows(Path(path), required=True)
 
 
 def _read_rows(path: Path, required: bool) -> list[dict[str, Any]] | None:
