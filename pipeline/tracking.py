@@ -132,21 +132,15 @@ class Tracker:
         os.environ["MLFLOW_TRACKING_URI"] = self.uri  # worker processes inherit the store
         mlflow.set_tracking_uri(self.uri)
         name = self.config.tracking.experiment
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:  # created with its artifacts next to a sqlite store (not in ./mlruns)
+        if mlflow.get_experiment_by_name(name) is None:  # artifacts next to a sqlite store, not in ./mlruns
             store = Path(self.uri[len("sqlite:///") :]).parent if self.uri.startswith("sqlite:///") else None
-            location = (store / "mlartifacts").as_uri() if store else None
-            experiment_id = mlflow.create_experiment(name, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        mlflow.set_experiment(experiment_id=experiment_id)
+            mlflow.create_experiment(name, artifact_location=store and (store / "mlartifacts").as_uri())
+        experiment_id = mlflow.set_experiment(name).experiment_id
         config_digest = digest_of(self.config.model_dump(mode="json"))
         record_file = self.config.run_dir / PARENT_RECORD
         previous = self._previous_parent(record_file, config_digest, mlflow)
-        if previous:
-            run = mlflow.start_run(run_id=previous)
-        else:
-            run = mlflow.start_run(run_name=self.config.run.name, experiment_id=experiment_id)
+        run = (mlflow.start_run(run_id=previous) if previous
+               else mlflow.start_run(run_name=self.config.run.name, experiment_id=experiment_id))  # fmt: skip
         self.parent_id = run.info.run_id
         record_file.parent.mkdir(parents=True, exist_ok=True)
         record_file.write_text(json.dumps({"run_id": self.parent_id, "uri": self.uri,
@@ -177,13 +171,11 @@ class Tracker:
         except Exception:  # none, unreadable, deleted or a different store: start a new parent run
             return None
 
-    def finish(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
         import mlflow
 
-        if tags:
-            mlflow.set_tags(tags)
         while mlflow.active_run() is not None:
             mlflow.end_run(status=status)
 
@@ -219,11 +211,9 @@ class Tracker:
                  if isinstance(value, int | float) and not isinstance(value, bool) and value == value}
         if clean:
             mlflow.log_metrics(clean)
+            if self.parent_id:
+                mlflow.log_metrics({f"{stage}.{k}": v for k, v in clean.items()}, run_id=self.parent_id)
         mlflow.log_artifact(str(manifest_path))
-        if clean and self.parent_id:
-            client = mlflow.MlflowClient()
-            for key, value in clean.items():
-                client.log_metric(self.parent_id, f"{stage}.{key}", value)
 
 
 def log_dataset(dataset: Any, name: str, context: str, digest: str | None = None,
