@@ -1,9 +1,6 @@
-"""MLflow lineage: one parent run per pipeline run, one child run per executed stage.
-
-Here and not in the stages: every run must carry the same record (resolved config, git commit,
-package versions) whichever stages ran, and the store must be checked before any model loads.
-Stages log their own metrics and artifacts into the active child run with plain ``mlflow.log_*``
-calls. ``mlflow`` is imported lazily so that config validation stays fast.
+"""MLflow lineage: one parent run per pipeline run (the same record, whichever stages ran: resolved
+config, git commit, package versions), one child run per executed stage, into which the stages log
+with plain ``mlflow.log_*`` calls. ``mlflow`` is imported lazily so that config validation stays fast.
 """
 
 from __future__ import annotations
@@ -70,10 +67,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         folder = Path(uri[len("sqlite:///") :]).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            problem = None if os.access(folder, os.W_OK) else f"folder {folder} is not writable"
         except OSError as error:
             problem = f"cannot create {folder} ({error})"
-        if problem is None and not os.access(folder, os.W_OK):
-            problem = f"folder {folder} is not writable"
     elif parsed.scheme in ("http", "https"):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
@@ -112,8 +108,7 @@ def active_mlflow() -> Any:
 
 
 class Tracker:
-    """The MLflow side of one pipeline invocation (see module docstring); with tracking off, every
-    method does nothing."""
+    """The MLflow side of one pipeline invocation; with tracking off, every method does nothing."""
 
     def __init__(self, config: PipelineConfig, config_path: str | None = None):
         self.config, self.config_path = config, config_path
@@ -138,7 +133,11 @@ class Tracker:
         experiment_id = mlflow.set_experiment(name).experiment_id
         config_digest = digest_of(self.config.model_dump(mode="json"))
         record_file = self.config.run_dir / PARENT_RECORD
-        previous = self._previous_parent(record_file, config_digest, mlflow)
+        previous = None  # the parent run recorded in the run dir, if it has this store and config
+        with contextlib.suppress(Exception):  # none, unreadable, deleted or a different store: a new one
+            record = json.loads(record_file.read_text())
+            if record.get("uri") == self.uri and record.get("config_digest") == config_digest:
+                previous = mlflow.get_run(record["run_id"]).info.run_id
         run = (mlflow.start_run(run_id=previous) if previous
                else mlflow.start_run(run_name=self.config.run.name, experiment_id=experiment_id))  # fmt: skip
         self.parent_id = run.info.run_id
@@ -160,16 +159,6 @@ class Tracker:
                 tags[f"version.{package}"] = importlib.metadata.version(package)
         mlflow.set_tags(tags)
         return self.parent_id
-
-    def _previous_parent(self, record_file: Path, config_digest: str, mlflow: Any) -> str | None:
-        """The parent run recorded in the run dir, if it has this store and config and still exists."""
-        try:
-            record = json.loads(record_file.read_text())
-            if record.get("uri") != self.uri or record.get("config_digest") != config_digest:
-                return None
-            return mlflow.get_run(record["run_id"]).info.run_id
-        except Exception:  # none, unreadable, deleted or a different store: start a new parent run
-            return None
 
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:

@@ -1,13 +1,9 @@
-"""The 'evaluate' stage: did fine-tuning make the model better? MT-Bench's recipe (FastChat
-``llm_judge``): the base and the tuned model (base + the train stage's adapter, merged in memory
-once its logits match the unmerged adapter's; or a merged folder) answer ``eval.questions`` and
-optionally held-out rows of the prepared eval split with a checkable answer (exact match); a judge
-grades them (``eval.judge.mode``: single 1-10 and/or pairwise in both orders). Answers and
-judgments are cached by model identity, question and settings, so a rerun resumes. Everything goes
-to ``ctx.work_dir``: ``answers/<model>.jsonl``, ``judgments/{single,pairwise}.jsonl`` (FastChat's
-formats), ``results.json`` (scores with 95% bootstrap intervals, paired tuned-base comparisons,
-pairwise rates), ``per_question.jsonl`` (what the intervals and promote's gate use), ``results.md``
-and the plots; metrics, tags and artifacts on the MLflow run.
+"""The 'evaluate' stage, MT-Bench's recipe (FastChat ``llm_judge``): the base and the tuned model
+answer ``eval.questions`` (plus held-out rows of the prepared eval split with a checkable answer),
+a judge grades them (single 1-10 and/or pairwise), and ``results.json`` / ``per_question.jsonl`` /
+``results.md`` / plots report scores with 95% bootstrap intervals and paired tuned-base comparisons.
+Answers and judgments (FastChat's formats) are cached by model identity, question and settings, so a
+rerun resumes.
 """
 
 from __future__ import annotations
@@ -54,8 +50,12 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.eval
     work = ctx.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    if not ctx.force:
-        reuse_previous_caches(ctx.run_dir / NAME, work)
+    if not ctx.force:  # start from the last completed evaluation's caches: their keys say what still holds
+        for path in (ctx.run_dir / NAME).glob("*/*.jsonl"):  # answers/ and judgments/
+            target = work / path.relative_to(ctx.run_dir / NAME)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
 
     # Everything that can be wrong with the inputs fails here, before a model loads.
     selected, heldout = all_questions(ctx)
@@ -112,11 +112,17 @@ def run(ctx: StageContext) -> StageResult:
 def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
     """``eval.questions`` (selected by categories/question_ids/max_questions) and the held-out rows
     of the prepared eval split (``eval.heldout_questions``, with their own count and sources), asked
-    in that order."""
+    in that order. Generated tasks leave out the user messages of the prepared training split."""
     cfg = ctx.config.eval
-    questions = load_questions(cfg, exclude_instructions=training_instructions(ctx.run_dir))
-    heldout = load_heldout_questions(ctx.run_dir / "prepare" / "dataset", cfg.heldout_questions,
-                                     cfg.heldout_sources)  # fmt: skip
+    dataset_dir = ctx.run_dir / "prepare" / "dataset"
+    trained: list[str] = []
+    if dataset_dir.is_dir():
+        from datasets import load_from_disk
+
+        train = load_from_disk(str(dataset_dir))["train"]
+        trained = [m["content"] for messages in train["messages"] for m in messages if m["role"] == "user"]
+    questions = load_questions(cfg, exclude_instructions=trained)
+    heldout = load_heldout_questions(dataset_dir, cfg.heldout_questions, cfg.heldout_sources)
     if heldout and len(heldout) < cfg.heldout_questions:
         log.warning("eval.heldout_questions: %d asked for, the eval split has %d eligible rows",
                     cfg.heldout_questions, len(heldout))  # fmt: skip
@@ -125,28 +131,6 @@ def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
     if clash:
         raise StageError(f"eval.heldout_questions: question ids {clash} already used by eval.questions")
     return questions, heldout
-
-
-def training_instructions(run_dir: Path) -> list[str]:
-    """User messages of the prepared training split, to keep generated eval tasks out of it."""
-    dataset_dir = run_dir / "prepare" / "dataset"
-    if not dataset_dir.is_dir():
-        return []
-    from datasets import load_from_disk
-
-    train = load_from_disk(str(dataset_dir))["train"]
-    return [m["content"] for messages in train["messages"] for m in messages if m["role"] == "user"]
-
-
-def reuse_previous_caches(previous: Path, work: Path) -> None:
-    """Start from the answer/judgment caches of the last completed evaluation of this run: a config
-    change re-runs the stage in a fresh ``evaluate.partial``, and the cache keys decide what is
-    still valid (a new judge re-judges without regenerating an answer). ``--force`` skips this."""
-    for path in [*previous.glob("answers/*.jsonl"), *previous.glob("judgments/*.jsonl")]:
-        target = work / path.relative_to(previous)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
 
 
 def tuned_model_path(ctx: StageContext) -> Path:
@@ -179,6 +163,7 @@ def generate_all(config: PipelineConfig, questions: list[Question], answers_dir:
     One base model is loaded: it answers as ``base``, then the adapter is put on top of it and
     merged for ``tuned`` (a merged ``tuned`` folder is loaded on its own instead)."""
     import torch
+    from transformers import AutoTokenizer
 
     from pipeline.models import load_model, load_tokenizer
 
@@ -198,7 +183,12 @@ def generate_all(config: PipelineConfig, questions: list[Question], answers_dir:
     if "base" in config.eval.models:
         answer("base", model, load_tokenizer(config.model), base_identity)
     if adapter:
-        tokenizer = adapter_tokenizer(config, tuned_path)
+        if (tuned_path / "tokenizer_config.json").is_file():  # saved with the adapter: its training template
+            tokenizer = AutoTokenizer.from_pretrained(str(tuned_path))
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer = load_tokenizer(config.model)
         model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
         suffix = f"+adapter:{weights_digest(tuned_path)}" + ("+merged" if merged else "")
         answer("tuned", model, tokenizer, base_identity + suffix)
@@ -218,13 +208,8 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     """``model`` with the PEFT adapter in ``adapter_dir`` on top, unmerged (as it was trained)."""
     from peft import PeftModel
 
-    peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "")
-    try:
-        import uora  # noqa: F401  (registers UORA with PEFT)
-    except ImportError:
-        if str(peft_type).upper() == "UORA":
-            message = f"{adapter_dir}: a UORA adapter needs the 'uora' package (pip install -e .)"
-            raise StageError(message) from None
+    import uora  # noqa: F401  (registers UORA with PEFT)
+
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
 
 
@@ -251,21 +236,6 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
         return model, False
     log.info("evaluate: tuned model merged in memory (logits match the adapter to %.2g)", error)
     return model.unload(), True
-
-
-def adapter_tokenizer(config: PipelineConfig, adapter_dir: Path) -> Any:
-    """The tokenizer saved with the adapter (it carries the chat template used in training), or
-    the base model's when the adapter folder has none."""
-    from pipeline.models import load_tokenizer
-
-    if not (adapter_dir / "tokenizer_config.json").is_file():
-        return load_tokenizer(config.model)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _local_judge(config: PipelineConfig) -> Any:

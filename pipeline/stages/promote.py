@@ -1,11 +1,7 @@
-"""The 'promote' stage: log the exported model(s) to MLflow, register a version, gate the alias.
-
-The version is tagged with the evaluation scores (``eval.<metric>``), lineage (``lineage.*``), the
-per-question results' URI (``evaluation.per_question``: the next candidate's ci gate pairs its
-questions with them) and the decision (``promotion.*``). ``gate`` is a pure function, so its rule can
-be read and tested without MLflow. ``mlflow.transformers.load_model("models:/NAME@champion")`` then
-loads the promoted model.
-"""
+"""The 'promote' stage: log the exported model(s) to MLflow, register a version tagged with the
+scores (``eval.*``), lineage (``lineage.*``) and per-question results' URI, and move the alias
+(``models:/NAME@champion``) only if the gate passes. ``gate`` is pure: readable and testable without
+MLflow."""
 
 from __future__ import annotations
 
@@ -112,12 +108,19 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config.promote
     evaluated = ctx.input_dir("evaluate")
-    metrics = _read_results(evaluated / "results.json")
+    results = _read_json(evaluated / "results.json", "the evaluate stage writes it")
+    if not isinstance(results.get("models"), dict):
+        raise StageError(f"promote: {evaluated / 'results.json'} has no 'models' object")
+    metrics = flatten_metrics(results["models"], keep_none=True)  # None kept: the gate names a null score
     if cfg.gate_metric not in metrics:
         available = ", ".join(sorted(k for k in metrics if ".category." not in k)) or "none"
         raise StageError(f"promote.gate_metric: {cfg.gate_metric!r} is not in the evaluate results "
                          f"(available: {available})")  # fmt: skip
-    rows = _read_rows(evaluated / "per_question.jsonl", required=cfg.gate == "ci")
+    per_question = evaluated / "per_question.jsonl"
+    if cfg.gate == "ci" and not per_question.is_file():
+        raise StageError(f"promote: {per_question} is missing (re-run evaluate, which writes it, or set "
+                         "promote.gate: point)")  # fmt: skip
+    rows = [row for _, row in read_jsonl(per_question, "promote")] if per_question.is_file() else None
     if cfg.gate == "ci" and _units(rows, cfg.gate_metric) is None:
         raise StageError(
             f"promote.gate_metric: {cfg.gate_metric!r} is not a mean over questions, which the ci gate needs "
@@ -137,21 +140,19 @@ def run(ctx: StageContext) -> StageResult:
     try:
         client = mlflow.MlflowClient()
         run_id = mlflow.active_run().info.run_id
-        logged = {kind: _log_model(ctx, export_dir, kind, lineage) for kind in cfg.log}
+        logged = {kind: _log_model(ctx, export_dir, kind) for kind in cfg.log}
         tags = {
             **{EVAL_TAG + name: str(value) for name, value in metrics.items() if value is not None},
             "lineage.run_id": run_id,
             "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
             "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
             "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
-            "lineage.adapter_digest": str(lineage.get("adapter_digest")),
-            "lineage.base_model": str(lineage.get("base_model")),
-            "lineage.method": str(lineage.get("method")),
+            **{f"lineage.{key}": str(lineage.get(key)) for key in ("adapter_digest", "base_model", "method")},
             "lineage.artifact": cfg.register_from,
             **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
         }
         if rows is not None:  # the next candidate's gate pairs its questions with these
-            mlflow.log_artifact(str(evaluated / "per_question.jsonl"), artifact_path="evaluation")
+            mlflow.log_artifact(str(per_question), artifact_path="evaluation")
             tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
         try:  # the version that holds the alias now, if any
             holder = client.get_model_version_by_alias(cfg.registered_model, cfg.alias)
@@ -188,30 +189,25 @@ def run(ctx: StageContext) -> StageResult:
                        outputs={"decision": "decision.json"}, extra=record)  # fmt: skip
 
 
-def _log_model(ctx: StageContext, export_dir: Path, kind: str, lineage: dict[str, Any]) -> str:
-    """Log one exported artifact with the transformers flavor; returns its model URI.
-
-    Model objects, not a folder path, are passed: transformers 5 models are logged reliably that
-    way, and the adapter needs its base model object anyway."""
+def _log_model(ctx: StageContext, export_dir: Path, kind: str) -> str:
+    """Log one exported artifact with the transformers flavor; returns its model URI. Model objects,
+    not a folder, are passed: transformers 5 models are logged reliably that way, and the adapter
+    needs its base model object anyway."""
     import mlflow
     import torch
     from huggingface_hub import ModelCard
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import uora  # noqa: F401  (registers UORA with PEFT)
+    from pipeline.models import load_model, resolve_model_dir
+
     folder = export_dir / kind
-    extra: dict[str, Any] = {}
     if kind == "merged":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
-    else:
-        from peft import PeftModel
-
-        from pipeline.models import load_model, resolve_model_dir
-
-        if lineage.get("method") == "uora":
-            import uora  # noqa: F401  (registers UORA with PEFT)
+        model, extra = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True), {}
+    else:  # the base weights are referenced, not copied: the adapter is the small artifact
         base = load_model(ctx.config.model.model_copy(update={"load_in_8bit": False}), quantize=False)
         model = PeftModel.from_pretrained(base, str(folder))
-        # The base weights are referenced, not copied: the adapter is the small artifact.
         extra = {"base_model_path": resolve_model_dir(ctx.config.model)}
     # Export's card (base model, licence, lineage): without one, MLflow looks the local folder up on
     # the hub for a card and a licence, and warns twice.
@@ -273,21 +269,6 @@ def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, c
 def _units(rows: list[dict[str, Any]] | None, metric: str) -> Any:
     model, _, name = metric.partition(".")
     return None if rows is None else units(rows, model, name)
-
-
-def _read_rows(path: Path, required: bool) -> list[dict[str, Any]] | None:
-    if not path.is_file() and required:
-        raise StageError(
-            f"promote: {path} is missing (re-run evaluate, which writes it, or set promote.gate: point)"
-        )
-    return [row for _, row in read_jsonl(path, "promote")] if path.is_file() else None
-
-
-def _read_results(path: Path) -> dict[str, float | None]:
-    results = _read_json(path, "the evaluate stage writes it")
-    if not isinstance(results.get("models"), dict):
-        raise StageError(f"promote: {path} has no 'models' object")
-    return flatten_metrics(results["models"], keep_none=True)  # None kept: the gate names a null score
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
