@@ -1,7 +1,6 @@
 """MLflow lineage: one parent run per pipeline run (the same record, whichever stages ran: resolved
 config, git commit, package versions), one child run per executed stage, into which the stages log
-with plain ``mlflow.log_*`` calls. ``mlflow`` is imported lazily so that config validation stays fast.
-"""
+with plain ``mlflow.log_*`` calls. ``mlflow`` is imported lazily so that config validation stays fast."""
 
 from __future__ import annotations
 
@@ -33,9 +32,8 @@ class TrackingUnavailable(RuntimeError):
 
 
 def metric_name(name: str) -> str:
-    """``name`` with every character MLflow refuses in a metric name (it allows letters, digits,
-    ``_ - . / `` and space) replaced by ``_``: the one rule for names built from data (evaluate's
-    categories, train's per-source eval losses, both from source labels)."""
+    """``name`` with every character MLflow refuses in a metric name replaced by ``_``: the one rule
+    for names built from data (evaluate's categories, train's per-source eval losses)."""
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
@@ -45,8 +43,8 @@ def resolve_uri(config: PipelineConfig) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store. ``mlflow`` is installed next to this
-    Python (the project's venv), which is often not on PATH: then it is named by its path."""
+    """The command that opens the MLflow UI on this store: ``mlflow`` next to this Python (the venv)
+    is named by its path when that folder is not on PATH."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     scripts = Path(sys.executable).parent
@@ -59,10 +57,8 @@ def ui_command(uri: str) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, with one line, if the store at ``uri`` cannot be used (a remote server's default
-    client retries for minutes; here a single short probe decides)."""
-    parsed = urllib.parse.urlparse(uri)
-    problem = None
+    """Fail fast, in one line, if the store at ``uri`` is unusable: one short probe, no minutes of retry."""
+    parsed, problem = urllib.parse.urlparse(uri), None
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent
         try:
@@ -101,8 +97,7 @@ def git_commit(repo: Path | None = None) -> str | None:
 
 
 def active_mlflow() -> Any:
-    """``mlflow`` while a run is active, else None; a process that never imported mlflow has no
-    active run, so with tracking off the stages log nothing and need no mlflow installed."""
+    """``mlflow`` while a run is active, else None, without importing it: tracking off needs no mlflow."""
     mlflow = sys.modules.get("mlflow")
     return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
@@ -150,10 +145,8 @@ class Tracker:
             if self.config_path and Path(self.config_path).is_file():
                 mlflow.log_artifact(self.config_path, "config_source")
         tags = {"pipeline.run_dir": str(self.config.run_dir), "pipeline.config_digest": config_digest}
-        commit = git_commit()
-        if commit:
-            tags["git.commit"] = commit
-            tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        if commit := git_commit():
+            tags |= {"git.commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty")}
         for package in PACKAGES:  # the versions that determine a run's result
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 tags[f"version.{package}"] = importlib.metadata.version(package)
@@ -170,9 +163,8 @@ class Tracker:
 
     @contextlib.contextmanager
     def stage_run(self, stage: str) -> Iterator[str | None]:
-        """A child run for one stage execution, active for the duration of the block. It ends
-        FINISHED on success, FAILED if the block raises, KILLED if it is interrupted (Ctrl-C,
-        SIGTERM) or preempted (stopped on purpose after saving progress; a rerun resumes)."""
+        """A child run for one stage execution, active for the duration of the block: FINISHED, FAILED
+        if the block raises, KILLED if interrupted (Ctrl-C, SIGTERM) or preempted (a rerun resumes)."""
         if not self.enabled:
             yield None
             return
@@ -190,8 +182,7 @@ class Tracker:
         mlflow.end_run(status="FINISHED")
 
     def log_stage_result(self, stage: str, metrics: dict[str, float], manifest_path: Path) -> None:
-        """In the active child run: the stage's metrics and manifest; on the parent: its metrics
-        prefixed with the stage name, so one run page shows the whole pipeline."""
+        """The stage's metrics and manifest in its child run; its metrics, prefixed, on the parent too."""
         if not self.enabled:
             return
         import mlflow

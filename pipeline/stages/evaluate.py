@@ -1,10 +1,8 @@
 """The 'evaluate' stage, MT-Bench's recipe (FastChat ``llm_judge``): the base and the tuned model
-answer ``eval.questions`` (plus held-out rows of the prepared eval split with a checkable answer),
-a judge grades them (single 1-10 and/or pairwise), and ``results.json`` / ``per_question.jsonl`` /
-``results.md`` / plots report scores with 95% bootstrap intervals and paired tuned-base comparisons.
-Answers and judgments (FastChat's formats) are cached by model identity, question and settings, so a
-rerun resumes.
-"""
+answer ``eval.questions`` (plus held-out rows of the eval split with a checkable answer), a judge
+grades them (single 1-10 and/or pairwise), and the results report scores with 95% bootstrap intervals
+and paired tuned-base comparisons. Answers and judgments (FastChat's formats) are cached by model
+identity, question and settings, so a rerun resumes."""
 
 from __future__ import annotations
 
@@ -31,8 +29,7 @@ if TYPE_CHECKING:
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
 CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
-# StageResult.outputs and MLflow artifacts (under evaluate/), each when it exists: no radar or
-# judgments when nothing went to the judge.
+# StageResult.outputs and MLflow artifacts, each when it exists (no radar or judgments without a judge)
 OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",
            "per_question": "per_question.jsonl", "comparisons_plot": "comparisons.png", "answers": "answers",
            "judgments": "judgments"}  # fmt: skip
@@ -41,14 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def inputs(config: PipelineConfig) -> tuple[str, ...]:
-    """``INPUTS`` under this config: the base model alone (or a ``tuned_path`` folder) is evaluated
-    without a train stage, e.g. the untrained baseline of a method comparison."""
+    """``INPUTS`` under this config: the base alone (or a ``tuned_path`` folder) needs no train stage."""
     return INPUTS if "tuned" in config.eval.models and not config.eval.tuned_path else ("prepare",)
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.config.eval
-    work = ctx.work_dir
+    cfg, work = ctx.config.eval, ctx.work_dir
     work.mkdir(parents=True, exist_ok=True)
     if not ctx.force:  # start from the last completed evaluation's caches: their keys say what still holds
         for path in (ctx.run_dir / NAME).glob("*/*.jsonl"):  # answers/ and judgments/
@@ -58,15 +53,21 @@ def run(ctx: StageContext) -> StageResult:
                 shutil.copyfile(path, target)
 
     # Everything that can be wrong with the inputs fails here, before a model loads.
-    selected, heldout = all_questions(ctx)
-    questions = selected + heldout
+    questions, heldout = all_questions(ctx)
     prompts = load_prompts(cfg.judge.prompts, cfg.judge.mode)
     http_judge = None
     if cfg.judge.backend == "openai":
         from pipeline.judges import OpenAIJudge
 
         http_judge = OpenAIJudge.from_config(cfg.judge)  # checks that the key's env var is set
-    tuned_path = tuned_model_path(ctx) if "tuned" in cfg.models else None
+    tuned_path = None
+    if "tuned" in cfg.models:  # eval.tuned_path (an adapter or merged folder) or the train stage's adapter
+        tuned_path = Path(cfg.tuned_path) if cfg.tuned_path else ctx.input_dir("train") / "adapter"
+        if cfg.tuned_path and not tuned_path.is_dir():
+            raise StageError(f"eval.tuned_path: {tuned_path} is not a directory")
+        if not cfg.tuned_path and not (tuned_path / "adapter_config.json").is_file():
+            missing = f"{tuned_path}/adapter_config.json (run the 'train' stage first)"
+            raise StageError(f"stage input missing: {missing}")
     # Verifiable questions (every turn has an exact answer) may skip the judge: exact match scores them.
     judged = questions if cfg.judge_verifiable else [q for q in questions if not is_verifiable(q)]
     log.info("evaluate: %d questions (%d held-out, %d to the judge), models %s",
@@ -97,22 +98,19 @@ def run(ctx: StageContext) -> StageResult:
                       "categories": sorted({q.category for q in questions}), "heldout": len(heldout),
                       "heldout_sources": sorted({q.category for q in heldout}), "judged": len(judged)},
     }  # fmt: skip
-    write_results(work, results, rows)
+    outputs = write_results(work, results, rows)
     metrics = aggregate.flatten_metrics(results["models"])  # the driver logs these to this stage's MLflow run
-    for name, found_ci in results["comparisons"].get("tuned-base", {}).items():
-        prefix = metric_name(f"tuned-base.{name}")
-        metrics |= {f"{prefix}.diff": found_ci["diff"], f"{prefix}.ci95_low": found_ci["ci95"][0],
-                    f"{prefix}.ci95_high": found_ci["ci95"][1]}  # fmt: skip
-    outputs = {name: path for name, path in OUTPUTS.items() if (work / path).exists()}
-    log_to_mlflow(work, results, outputs.values())
+    for name, diff in results["comparisons"].get("tuned-base", {}).items():
+        prefix, (low, high) = metric_name(f"tuned-base.{name}"), diff["ci95"]
+        metrics |= {f"{prefix}.diff": diff["diff"], f"{prefix}.ci95_low": low, f"{prefix}.ci95_high": high}
     return StageResult(metrics=metrics, outputs=outputs,
                        extra={"questions": len(questions), "judge": results["judge"]})  # fmt: skip
 
 
 def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
-    """``eval.questions`` (selected by categories/question_ids/max_questions) and the held-out rows
-    of the prepared eval split (``eval.heldout_questions``, with their own count and sources), asked
-    in that order. Generated tasks leave out the user messages of the prepared training split."""
+    """(every question, the held-out ones): ``eval.questions`` (selected by categories/question_ids/
+    max_questions; generated tasks leave out the training split's user messages), then held-out rows
+    of the prepared eval split (``eval.heldout_questions``, with their own count and sources)."""
     cfg = ctx.config.eval
     dataset_dir = ctx.run_dir / "prepare" / "dataset"
     trained: list[str] = []
@@ -130,26 +128,12 @@ def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
     clash = [q.question_id for q in heldout if str(q.question_id) in taken]
     if clash:
         raise StageError(f"eval.heldout_questions: question ids {clash} already used by eval.questions")
-    return questions, heldout
-
-
-def tuned_model_path(ctx: StageContext) -> Path:
-    """The tuned model: ``eval.tuned_path`` (adapter or merged folder) or the train stage's adapter."""
-    if ctx.config.eval.tuned_path:
-        path = Path(ctx.config.eval.tuned_path)
-        if not path.is_dir():
-            raise StageError(f"eval.tuned_path: {path} is not a directory")
-        return path
-    path = ctx.input_dir("train") / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise StageError(f"stage input missing: {path}/adapter_config.json (run the 'train' stage first)")
-    return path
+    return questions + heldout, heldout
 
 
 def generation_settings(config: PipelineConfig, greedy: Iterable[Question] = ()) -> GenerationSettings:
-    """Sampling settings; the categories of ``greedy`` (held-out questions) are decoded greedily
-    unless ``eval.temperatures`` names them: an exact-match accuracy should not depend on sampling
-    luck (MT-Bench, too, answers math and reasoning at temperature 0)."""
+    """Sampling settings; ``greedy`` questions' categories (held-out, exact match: no sampling luck, as
+    MT-Bench's temperature 0 for math) are decoded greedily unless ``eval.temperatures`` names them."""
     cfg = config.eval
     return GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=config.run.seed,
                               batch_size=cfg.batch_size, default_temperature=cfg.default_temperature,
@@ -159,17 +143,15 @@ def generation_settings(config: PipelineConfig, greedy: Iterable[Question] = ())
 
 def generate_all(config: PipelineConfig, questions: list[Question], answers_dir: Path,
                  tuned_path: Path | None, greedy: Iterable[Question] = ()) -> dict[str, dict[str, Any]]:
-    """Answers of every configured model (``base`` first, then ``tuned``), cached in ``answers_dir``.
-    One base model is loaded: it answers as ``base``, then the adapter is put on top of it and
-    merged for ``tuned`` (a merged ``tuned`` folder is loaded on its own instead)."""
+    """Answers of ``base`` then ``tuned``, cached in ``answers_dir``. One base model is loaded: it
+    answers as ``base``, then carries the adapter for ``tuned`` (a merged folder is loaded instead)."""
     import torch
     from transformers import AutoTokenizer
 
     from pipeline.models import load_model, load_tokenizer
 
-    settings = generation_settings(config, greedy)
+    settings, base_identity = generation_settings(config, greedy), model_identity(config.model)
     device_map = "auto" if torch.cuda.is_available() else None
-    base_identity = model_identity(config.model)
     adapter = tuned_path is not None and (tuned_path / "adapter_config.json").is_file()
     answers: dict[str, dict[str, dict[str, Any]]] = {}
 
@@ -214,11 +196,9 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
 
 
 def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[Any, bool]:
-    """The adapter merged into the (already loaded) base weights, when the merged logits match the
-    unmerged adapter's on export's fixed prompts within export's tolerance for the dtype; else the
-    unmerged model. Unmerged UORA generation costs more than the base's (extra operations per
-    layer and token), merged costs exactly the base's. An 8-bit base stays unmerged: merging into
-    int8 weights discards most of a low-rank update (see the export stage)."""
+    """The adapter merged into the base weights (generation then costs exactly the base's), when the
+    merged logits match the unmerged adapter's on export's prompts within export's tolerance; else
+    unmerged. An 8-bit base stays unmerged: merging into int8 weights loses most of a low-rank update."""
     from pipeline.adapters import DEFAULT_TOLERANCE, compare_logits, logits_of, verification_inputs
 
     if config.model.load_in_8bit:
@@ -256,9 +236,11 @@ def judge_summary(config: PipelineConfig) -> dict[str, Any]:
                       "scoring": judge.local_scoring}  # fmt: skip
 
 
-def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """results.json, per_question.jsonl, results.md and the plots (each written whole, then renamed)."""
+def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
+    """results.json, per_question.jsonl, results.md and the plots (each written whole, then renamed);
+    returns the stage's outputs, also logged, with tags, to the active (evaluate child) run if any."""
     from pipeline.eval.plots import comparison_chart, radar_chart
+    from pipeline.tracking import active_mlflow
 
     judge, asked = results["judge"], results["questions"]
     header = (f"# Evaluation\n\n{asked['count']} questions ({', '.join(asked['categories'])}), judge: "
@@ -274,21 +256,15 @@ def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]
         radar_chart(results["models"], work / "radar.png")
     if results["comparisons"].get("tuned-base"):
         comparison_chart(results["comparisons"]["tuned-base"], work / "comparisons.png")
-
-
-def log_to_mlflow(work: Path, results: dict[str, Any], outputs: Iterable[str]) -> None:
-    """Tags and ``outputs`` on the active (evaluate child) run, if there is one; the metrics are
-    ``StageResult.metrics``, which the driver logs to the same run."""
-    from pipeline.tracking import active_mlflow
-
-    mlflow = active_mlflow()
+    outputs = {name: path for name, path in OUTPUTS.items() if (work / path).exists()}
+    mlflow = active_mlflow()  # the metrics are StageResult.metrics, which the driver logs to the same run
     if mlflow is None:
-        return
-    judge, asked = results["judge"], results["questions"]
+        return outputs
     mlflow.set_tags({"eval.judge_backend": judge["backend"], "eval.judge_model": str(judge["model"]),
                      "eval.questions": str(asked["source"]), "eval.question_count": str(asked["count"])})
-    for path in outputs:
+    for path in outputs.values():
         if (work / path).is_dir():
             mlflow.log_artifacts(str(work / path), artifact_path=f"evaluate/{path}")
         else:
             mlflow.log_artifact(str(work / path), artifact_path="evaluate")
+    return outputs

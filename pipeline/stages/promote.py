@@ -46,18 +46,14 @@ class GateDecision:
                 "promotion.reason": self.reason, "promotion.forced": str(self.forced).lower(),
                 "promotion.gate": self.gate}  # fmt: skip
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def gate(*, metric: str, value: float | None, threshold: float | None, margin: float,
          champion_version: str | None, champion_value: float | None, force: bool = False,
          mode: str = "point", interval: dict[str, Any] | None = None) -> GateDecision:  # fmt: skip
-    """The promotion rule: ``value`` (higher is better) must be present, at or above ``threshold``
-    when one is set, and not below the champion's value by more than ``margin`` (a champion without a
-    recorded value cannot be compared, so it is kept). ``mode="ci"``: instead, the lower bound of the
-    ``interval`` of (candidate - champion), or of (candidate - base) before there is a champion, must
-    be above ``-margin``. ``force`` promotes regardless and says what the gate would have decided."""
+    """The promotion rule: ``value`` (higher is better) present, at or above any ``threshold``, and not
+    below the champion's by more than ``margin`` (a champion without a recorded value is kept). With
+    ``mode="ci"``, instead, the ``interval`` of candidate - champion (or - base before there is one)
+    must have its lower bound above ``-margin``. ``force`` promotes and says what the gate decided."""
     if value is None:
         passed, reason = False, f"{metric} is missing from the evaluation results (null)"
     elif threshold is not None and value < threshold:
@@ -65,12 +61,10 @@ def gate(*, metric: str, value: float | None, threshold: float | None, margin: f
     elif mode == "ci" and interval is not None:
         low, high = interval["ci95"]
         passed, kind = low > -margin, "shared" if interval["paired"] else "(unpaired)"
-        reason = (
-            (f"{interval['note']}; " if interval.get("note") else "")
-            + f"{metric}: candidate - {interval['against']} = {interval['diff']:+.4g}, 95% interval "
-            f"[{low:+.4g}, {high:+.4g}] over {interval['n']} {kind} questions; its lower bound is "
-            f"{'' if passed else 'not '}above -margin ({-margin or 0.0:g})"
-        )
+        note = f"{interval['note']}; " if interval.get("note") else ""
+        reason = (f"{note}{metric}: candidate - {interval['against']} = {interval['diff']:+.4g}, 95% "
+                  f"interval [{low:+.4g}, {high:+.4g}] over {interval['n']} {kind} questions; its lower "
+                  f"bound is {'' if passed else 'not '}above -margin ({-margin or 0.0:g})")  # fmt: skip
     elif champion_version is None:
         floor = f" and meets the threshold {threshold:g}" if threshold is not None else ""
         passed, reason = True, f"no current champion; {metric}={value:g}{floor}"
@@ -84,19 +78,17 @@ def gate(*, metric: str, value: float | None, threshold: float | None, margin: f
             f"is within the margin {margin:g} of or better than {champion}" if passed
             else f"is worse than {champion} by more than the margin {margin:g}")  # fmt: skip
     if force:
-        reason = f"forced with --force (gate {'passed' if passed else 'failed'}: {reason})"
-        passed = True
+        reason, passed = f"forced with --force (gate {'passed' if passed else 'failed'}: {reason})", True
     return GateDecision(passed, reason, force, metric, value, champion_version, champion_value, mode,
                         interval)
 
 
 def pip_requirements(*, peft: bool) -> list[str]:
-    """Explicit requirements for a logged model. MLflow's transformers flavor would otherwise
-    infer them and add torchvision, which these text models never use."""
+    """Explicit requirements for a logged model: MLflow would infer them, torchvision included."""
     names = ["transformers", "torch", "accelerate", "safetensors", "tokenizers"] + (["peft"] if peft else [])
     requirements = []
     for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):  # drop local tags such as +cpu:
+        with contextlib.suppress(metadata.PackageNotFoundError):  # local tags such as +cpu dropped
             requirements.append(f"{name}=={metadata.version(name).split('+')[0]}")
     return requirements
 
@@ -106,8 +98,7 @@ def run(ctx: StageContext) -> StageResult:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    cfg = ctx.config.promote
-    evaluated = ctx.input_dir("evaluate")
+    cfg, evaluated = ctx.config.promote, ctx.input_dir("evaluate")
     results = _read_json(evaluated / "results.json", "the evaluate stage writes it")
     if not isinstance(results.get("models"), dict):
         raise StageError(f"promote: {evaluated / 'results.json'} has no 'models' object")
@@ -182,7 +173,7 @@ def run(ctx: StageContext) -> StageResult:
     print(message)
     log.info(message)
     record = {"registered_model": cfg.registered_model, "version": version.version, "alias": cfg.alias,
-              "logged_models": logged, **decision.as_dict()}  # fmt: skip
+              "logged_models": logged, **asdict(decision)}  # fmt: skip
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     (ctx.work_dir / "decision.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return StageResult(metrics={"version": float(version.version), "promoted": float(decision.promote)},
@@ -191,8 +182,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def _log_model(ctx: StageContext, export_dir: Path, kind: str) -> str:
     """Log one exported artifact with the transformers flavor; returns its model URI. Model objects,
-    not a folder, are passed: transformers 5 models are logged reliably that way, and the adapter
-    needs its base model object anyway."""
+    not a folder: transformers 5 models log reliably that way, and the adapter needs its base's."""
     import mlflow
     import torch
     from huggingface_hub import ModelCard
@@ -209,8 +199,7 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str) -> str:
         base = load_model(ctx.config.model.model_copy(update={"load_in_8bit": False}), quantize=False)
         model = PeftModel.from_pretrained(base, str(folder))
         extra = {"base_model_path": resolve_model_dir(ctx.config.model)}
-    # Export's card (base model, licence, lineage): without one, MLflow looks the local folder up on
-    # the hub for a card and a licence, and warns twice.
+    # Export's card (base model, licence, lineage): else MLflow looks for one on the hub, and warns twice.
     card = ModelCard.load(folder / "README.md") if (folder / "README.md").is_file() else None
     with torch.no_grad():
         info = mlflow.transformers.log_model(
@@ -223,10 +212,9 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str) -> str:
 
 def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, champion_value: float | None,
                   metrics: dict[str, float | None]) -> dict[str, Any] | None:  # fmt: skip
-    """The ci gate's evidence: candidate - champion on ``metric``, paired over the questions both
-    were asked (matched by content); unpaired when they share none; the candidate's own interval
-    minus the champion's recorded value when the champion has no per-question results; candidate -
-    base from this run's rows before there is a champion. None when there is nothing to compare."""
+    """The ci gate's evidence: candidate - champion on ``metric``, paired over shared questions (else
+    unpaired; else the candidate's own interval minus the champion's recorded value), or candidate -
+    base before there is a champion. None when there is nothing to compare."""
     import mlflow
 
     from pipeline.eval.stats import compare, interval, verdict
@@ -248,10 +236,8 @@ def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, c
         own, value = interval(candidate or {}), metrics.get(metric)
         if own is None or champion_value is None or value is None:
             return None
-        note = (
-            f"champion version {holder.version} has no per-question results (registered before they were "
-            f"stored): the candidate's own interval minus the champion's recorded {metric}"
-        )
+        note = (f"champion version {holder.version} has no per-question results (registered before they "
+                f"were stored): the candidate's own interval minus the champion's recorded {metric}")
         ci95 = [round(bound - champion_value, 4) for bound in own]
         found = {"diff": round(value - champion_value, 4), "ci95": ci95, "n": len(candidate or {}),
                  "verdict": verdict(ci95)}  # fmt: skip

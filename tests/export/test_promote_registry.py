@@ -91,7 +91,7 @@ def test_ci_gate_rule():
     cleared = decide_ci([-0.04, 0.06])
     assert cleared.promote and cleared.reason.endswith("its lower bound is above -margin (-0.05)")
     assert not decide_ci([-0.05, 0.01]).promote  # at -margin is not above it
-    assert cleared.as_tags()["promotion.gate"] == "ci" and cleared.as_dict()["interval"]["n"] == 200
+    assert cleared.as_tags()["promotion.gate"] == "ci" and cleared.interval["n"] == 200
     noted = decide_ci(
         [-0.04, 0.06], paired=False, note="too few questions shared with champion version 1: unpaired"
     )
