@@ -1,15 +1,9 @@
 """The 'export' stage: copy the trained adapter, merge it into its base, verify, write a standalone model.
 
-The base is reloaded in a floating-point dtype (never int8: rounding merged weights back to 8 bits
-discards most of a low-rank update). Reference logits of base + adapter on fixed chat prompts are
-compared with the merged folder reloaded from disk by plain ``transformers``; only when they match
-within the dtype's tolerance is ``merged.tmp/`` renamed to ``merged/`` (a failed check leaves none).
-
-The card holds only what export depends on (adapter, model and export settings), no evaluation
-scores: re-judging would otherwise invalidate a multi-GB merged model that did not change, and a
-card quoting evaluate's results went stale whenever evaluate re-ran alone. Scores live in evaluate's
-MLflow run and the registered version's ``eval.*`` tags (promote). Outputs: ``merged/`` (unless
-``export.mode: adapter_only``), ``adapter/``, ``verification.json``, ``lineage.json`` (read by promote).
+The merged folder, reloaded from disk by plain ``transformers``, must reproduce base + adapter's
+logits within the dtype's tolerance, else no ``merged/`` is left. The model card holds no evaluation
+scores: depending on evaluate would make re-judging invalidate a multi-GB model that did not change
+(scores live in evaluate's MLflow run and the registered version's ``eval.*`` tags, set by promote).
 """
 
 from __future__ import annotations
@@ -35,18 +29,22 @@ log = logging.getLogger(__name__)
 
 def run(ctx: StageContext) -> StageResult:
     """Export the trained adapter: adapter copy, verified merged model, model card, lineage."""
+    from pipeline.tracking import active_mlflow
+
     final_dir = ctx.run_dir / NAME
     if final_dir.exists() and any(final_dir.iterdir()) and not ctx.force:
         raise StageError(f"export: {final_dir} already exists; pass --force to overwrite it")
     source = ctx.input_dir("train") / "adapter"
-    adapter_config = _read_adapter_config(source)
+    config_path = source / "adapter_config.json"
+    if not config_path.is_file():
+        raise StageError(f"export: {config_path} is missing (the train stage writes it)")
+    if not (source / "adapter_model.safetensors").is_file():
+        raise StageError(f"export: {source / 'adapter_model.safetensors'} is missing (safetensors only)")
+    try:
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise StageError(f"export: {config_path} is not valid JSON: {error}") from error
     method = str(adapter_config.get("peft_type", "?")).lower()
-    if method == "uora":
-        try:
-            import uora  # noqa: F401  (registers UORA with PEFT so the adapter can load)
-        except ImportError as error:
-            raise StageError(f"export: {source} is a UORA adapter but 'uora' is not importable") from error
-
     work = ctx.work_dir
     work.mkdir(parents=True, exist_ok=True)
     for stale in ("adapter", "merged", "merged.tmp", "verification.json", "lineage.json"):
@@ -58,20 +56,22 @@ def run(ctx: StageContext) -> StageResult:
         "base_card": base_model_card(ctx.config.model), "method": method, "r": adapter_config.get("r"),
         "mlflow_run_id": ctx.mlflow_run_id, "mlflow_parent_run_id": _parent_run_id(ctx.mlflow_run_id),
     }  # fmt: skip
-    outputs = {"adapter": "adapter", "lineage": "lineage.json"}
-    metrics: dict[str, float] = {}
+    outputs, metrics, report = {"adapter": "adapter", "lineage": "lineage.json"}, {}, None
     extra: dict[str, Any] = {"method": method, "mode": ctx.config.export.mode}
-    report = None
     if ctx.config.export.mode == "merged":
-        report = _merge_verify_save(ctx, source, work, lineage)
+        report = extra["verification"] = _merge_verify_save(ctx, source, work, lineage)
         metrics = {f"verify_{k}": report[k] for k in ("max_abs_error", "rel_error", "top1_agreement")}
         metrics["trainable_params"] = float(report["trainable_params"])
-        extra["verification"] = report
         outputs.update({"merged": "merged", "verification": "verification.json"})
     # PEFT's save_pretrained left its empty template (and a local path as base_model) here.
     (work / "adapter" / "README.md").write_text(model_card(ctx, lineage, report, "adapter"), encoding="utf-8")
     (work / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
-    _log_artifacts(work)
+    if (mlflow := active_mlflow()) is not None:  # metrics: the driver logs the StageResult's (once)
+        for name in ("verification.json", "lineage.json"):
+            if (work / name).is_file():
+                mlflow.log_artifact(str(work / name))
+        if (work / "merged" / "README.md").is_file():
+            mlflow.log_artifact(str(work / "merged" / "README.md"), artifact_path="model_card")
     return StageResult(metrics=metrics, outputs=outputs, extra=extra)
 
 
@@ -87,9 +87,10 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
     """Merge into a float base, save to ``merged.tmp``, verify from disk, then rename to ``merged``."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import load_model
+    import uora  # noqa: F401  (registers UORA with PEFT, so a UORA adapter loads)
+    from pipeline.models import load_model, load_tokenizer
 
     cfg, eight_bit = ctx.config.export, ctx.config.model.load_in_8bit
     dtype_name = cfg.dtype or ctx.config.model.dtype
@@ -99,7 +100,11 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
         log.warning("export: training used an 8-bit base (model.load_in_8bit); reloading the base "
                     "unquantised in %s for the merge, since merging into int8 weights discards most of "
                     "the adapter's update", dtype_name)  # fmt: skip
-    tokenizer = _load_tokenizer(ctx, source)
+    if (source / "tokenizer_config.json").is_file():  # saved beside the adapter: the training chat template
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    else:
+        log.warning("export: %s has no tokenizer; using the base model's", source)
+        tokenizer = load_tokenizer(ctx.config.model)
     base_cfg = ctx.config.model.model_copy(update={"dtype": dtype_name, "load_in_8bit": False})
     base = load_model(base_cfg, quantize=False)  # in the dtype we ship: that rounding is real
     # Merge and verify in float32 (an exact upcast), so the shipped weights are rounded once, at save
@@ -111,7 +116,6 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
     reference = logits_of(model, prompts)
     with model.disable_adapter():  # how far the adapter moves the base: the check's resolution
         adapter_effect = compare_logits(reference, logits_of(model, prompts))["rel_error"]
-
     merged = model.merge_and_unload().to(dtype)
     staging = work / "merged.tmp"
     merged.save_pretrained(staging, max_shard_size=cfg.max_shard_size, safe_serialization=True)
@@ -132,11 +136,9 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
                         adapter_effect, tolerance)  # fmt: skip
         (work / "verification.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if not report["passed"]:
-            raise StageError(
-                f"export: verification failed: merged logits differ from base + adapter by "
-                f"{report['rel_error']:.3g} (relative; max |Δ| {report['max_abs_error']:.3g}) > "
-                f"tolerance {tolerance:g} for {dtype_name}"
-            )
+            raise StageError(f"export: verification failed: merged logits differ from base + adapter by "
+                             f"{report['rel_error']:.3g} (relative; max |Δ| {report['max_abs_error']:.3g}) > "
+                             f"tolerance {tolerance:g} for {dtype_name}")  # fmt: skip
         lineage["trainable_params"] = int(trainable)
         (staging / "README.md").write_text(model_card(ctx, lineage, report, "merged"), encoding="utf-8")
         staging.rename(work / "merged")
@@ -166,55 +168,13 @@ def data_digests(run_dir: Path) -> dict[str, str]:
     return {"prepare/dataset": folder_digest(dataset)} if dataset.is_dir() else {}
 
 
-def _read_adapter_config(source: Path) -> dict[str, Any]:
-    config_path = source / "adapter_config.json"
-    if not config_path.is_file():
-        raise StageError(f"export: {config_path} is missing (the train stage writes it)")
-    if not (source / "adapter_model.safetensors").is_file():
-        raise StageError(f"export: {source / 'adapter_model.safetensors'} is missing (safetensors only)")
-    try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise StageError(f"export: {config_path} is not valid JSON: {error}") from error
-
-
-def _load_tokenizer(ctx: StageContext, source: Path) -> Any:
-    """The tokenizer saved beside the adapter (it carries the training chat template); the
-    configured base tokenizer only if training saved none."""
-    from transformers import AutoTokenizer
-
-    from pipeline.models import load_tokenizer
-
-    if (source / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(source))
-    log.warning("export: %s has no tokenizer; using the base model's", source)
-    return load_tokenizer(ctx.config.model)
-
-
 def _parent_run_id(run_id: str | None) -> str | None:
-    if not run_id:
-        return None
     try:
         import mlflow
 
-        return mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        return mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
     except Exception:  # tracking unavailable: lineage simply lacks the parent
         return None
-
-
-def _log_artifacts(work: Path) -> None:
-    """Verification, lineage and model card on the active run; the metrics are the StageResult's,
-    which the driver logs (logging them here too recorded every metric twice)."""
-    from pipeline.tracking import active_mlflow
-
-    mlflow = active_mlflow()
-    if mlflow is None:
-        return
-    for name in ("verification.json", "lineage.json"):
-        if (work / name).is_file():
-            mlflow.log_artifact(str(work / name))
-    if (work / "merged" / "README.md").is_file():
-        mlflow.log_artifact(str(work / "merged" / "README.md"), artifact_path="model_card")
 
 
 def _remove(path: Path) -> None:
