@@ -37,9 +37,8 @@ SHAREGPT_ROLES = ROLES | {"human": "user", "gpt": "assistant", "chatgpt": "assis
 TURNS = {"sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
          "messages": ("messages", "role", "content", ROLES)}
 # format: the keys that identify it (``format: auto`` takes the first whose keys a row has)
-FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-               "prompt_completion": ("prompt", "completion")}  # fmt: skip
-PERCENTILES = (50, 90, 95, 99)
+FORMAT_KEYS = {"messages": {"messages"}, "sharegpt": {"conversations"}, "alpaca": {"instruction", "output"},
+               "prompt_completion": {"prompt", "completion"}}  # fmt: skip
 Row = dict[str, Any]  # one example as saved: {"messages", "source", "answer"}
 
 
@@ -195,17 +194,16 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[st
         for number, record in records:
             if isinstance(record, dict):  # a table gives every row every column: absent ones are None
                 record = {key: value for key, value in record.items() if value is not None}
-            if fmt == "auto":
-                if not isinstance(record, dict):
-                    malformed.append({"source": label, "row": number, "reason": "row must be an object"})
-                    continue
-                fmt = next((f for f, keys in FORMAT_KEYS.items() if all(k in record for k in keys)), "auto")
+            try:
+                if fmt == "auto" and not isinstance(record, dict):
+                    raise Malformed("row must be an object")
+                if fmt == "auto":
+                    fmt = next((name for name, keys in FORMAT_KEYS.items() if keys <= record.keys()), "auto")
                 if fmt == "auto":
                     keys = ", ".join(sorted(map(str, record))[:8])
                     raise StageError(f"data.sources.{index}.format: cannot detect the format of {label} (row "
                                      f"{number} has keys: {keys}); set it to alpaca, sharegpt, messages or "
                                      "prompt_completion")  # fmt: skip
-            try:
                 messages, answer = normalise(record, fmt)
             except Malformed as problem:
                 malformed.append({"source": label, "row": number, "reason": str(problem)})
@@ -271,36 +269,13 @@ def key(row: Row) -> str:
     return json.dumps(row["messages"], sort_keys=True, ensure_ascii=False)
 
 
-def mix(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) -> list[Row]:
-    """Apply ``samples`` and ``weight`` per source (sampling without replacement, seeded)."""
-    data = config.data
-    rng = random.Random(data_seed(config))
-    weighted = [i for i, source in enumerate(data.sources) if source.weight is not None]
-    targets: dict[int, int] = {}
-    if weighted:
-        total_weight = sum(float(data.sources[i].weight or 0) for i in weighted)
-        shares = {i: float(data.sources[i].weight or 0) / total_weight for i in weighted}
-        total = data.max_samples or int(min(len(per_source[i]) / shares[i] for i in weighted))
-        targets = {i: min(len(per_source[i]), round(shares[i] * total)) for i in weighted}
-    mixed: list[Row] = []
-    for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
-        want = source.samples if source.samples is not None else targets.get(index)
-        if want is None or want >= len(rows):
-            if want is not None and want > len(rows):
-                counts[f"short_of_requested:{source.label}"] += want - len(rows)
-            mixed.extend(rows)
-            continue
-        counts["sampled_out"] += len(rows) - want
-        mixed.extend(rows[i] for i in sorted(rng.sample(range(len(rows)), want)))
-    return mixed
-
-
 def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) -> tuple[list[Row], ...]:
-    """Train and eval rows. Each source's ``eval_samples`` slice is held out before mixing, so it stays
-    fixed when the mixture changes (methods and mixtures compare on the same rows); otherwise the first
+    """Train and eval rows. Each source's ``eval_samples`` slice is held out first, so it stays fixed
+    when the mixture changes (methods and mixtures compare on the same rows); ``samples`` and ``weight``
+    then sample each source (without replacement, seeded); without per-source slices, the first
     ``eval_size`` / ``eval_fraction`` of the mixture in hash order (:func:`hash_order`) are eval."""
     data, seed = config.data, data_seed(config)
-    held_out: list[Row] = []
+    rng, held_out, mixed = random.Random(seed), [], []
     for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
         k = source.eval_samples or 0
         if k and k >= len(rows):
@@ -310,16 +285,24 @@ def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) 
         held_out.extend(ordered[:k])
         kept = {id(row) for row in ordered[k:]}
         rows[:] = [row for row in rows if id(row) in kept]  # source order
-    mixed = mix(per_source, config, counts)
+    weights = {i: float(source.weight) for i, source in enumerate(data.sources) if source.weight is not None}
+    shares = {i: weight / sum(weights.values()) for i, weight in weights.items()}
+    total = data.max_samples or min((len(per_source[i]) / share for i, share in shares.items()), default=0)
+    targets = {i: min(len(per_source[i]), round(share * int(total))) for i, share in shares.items()}
+    for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
+        want = source.samples or targets.get(index, len(rows))
+        if want > len(rows):
+            counts[f"short_of_requested:{source.label}"] += want - len(rows)
+        if want >= len(rows):
+            mixed.extend(rows)
+        else:
+            counts["sampled_out"] += len(rows) - want
+            mixed.extend(rows[i] for i in sorted(rng.sample(range(len(rows)), want)))
     if not mixed:
         raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
-    n = len(mixed)
-    if held_out:
-        k = 0
-    elif data.eval_size is not None:
-        k = data.eval_size
-    else:
-        k = max(round(data.eval_fraction * n), int(data.eval_fraction > 0 and n >= 2))
+    n, fraction = len(mixed), data.eval_fraction
+    k = 0 if held_out else data.eval_size if data.eval_size is not None else max(
+        round(fraction * n), int(fraction > 0 and n >= 2))  # fmt: skip
     if k >= n:
         raise StageError(f"data.eval_size: {k} eval rows leave no training rows ({n} rows after filtering)")
     ordered = hash_order(mixed, seed)
@@ -335,14 +318,6 @@ def hash_order(rows: list[Row], seed: int) -> list[Row]:
 def data_seed(config: PipelineConfig) -> int:
     """The seed of everything data-related: ``data.seed``, else ``run.seed``."""
     return config.data.seed if config.data.seed is not None else config.run.seed
-
-
-def percentiles(values: list[int]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered, n = sorted(values), len(values)
-    result = {f"p{p}": float(ordered[min(n - 1, int(p / 100 * n))]) for p in PERCENTILES}
-    return result | {"min": float(ordered[0]), "max": float(ordered[-1]), "mean": round(sum(values) / n, 2)}
 
 
 def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
@@ -383,13 +358,16 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
         if bars:
             datasets.enable_progress_bars()
     kept_lengths = [lengths[key(row)] for row in train + held_out]
+    ordered, n = sorted(kept_lengths), len(kept_lengths)  # never empty: split() leaves a row or fails
+    token_length = {f"p{p}": float(ordered[min(n - 1, int(p / 100 * n))]) for p in (50, 90, 95, 99)}
     out_per_source = sorted(Counter(row["source"] for row in train + held_out).items())
     stats = {
         "rows_in": {"total": sum(rows_in.values()), **{f"source:{k}": v for k, v in rows_in.items()}},
         "rows_out": {"total": len(kept_lengths), "train": len(train), "eval": len(held_out),
                      **{f"source:{k}": v for k, v in out_per_source}},
         "dropped": {name: counts[name] for name in sorted(counts) if counts[name]},
-        "token_length": percentiles(kept_lengths),
+        "token_length": token_length | {"min": float(ordered[0]), "max": float(ordered[-1]),
+                                        "mean": round(sum(ordered) / n, 2)},
         "formats": {config.data.sources[i].label: fmt for i, fmt in enumerate(formats)},
         "digests": {name: sha256(*(json.dumps([r["messages"], r["source"], r["answer"]], sort_keys=True)
                                    for r in rows)) for name, rows in splits.items()}
@@ -406,19 +384,16 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
 
 def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
     """Histogram of kept examples' token lengths, with the filter limit marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.subplots()
     axes.hist(lengths, bins=40, color="#4C72B0")
     axes.axvline(limit, color="#C44E52", linestyle="--", label=f"max_length={limit}")
     axes.set(xlabel="tokens per example (rendered with the chat template)", ylabel="examples")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def cache_key(config: PipelineConfig, tokenizer: Any) -> str:
