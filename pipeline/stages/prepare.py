@@ -26,9 +26,8 @@ if TYPE_CHECKING:
 
 NAME = "prepare"
 INPUTS: tuple[str, ...] = ()
-CONFIG_SECTIONS: tuple[str, ...] = (
-    "run.seed", "data", "model.name_or_path", "model.gguf_file", "model.revision", "model.chat_template",
-)  # fmt: skip
+CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "data", "model.name_or_path", "model.gguf_file",
+                                   "model.revision", "model.chat_template")  # fmt: skip
 
 ROLES = {role: role for role in ("system", "user", "assistant")}
 SHAREGPT_ROLES = ROLES | {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
@@ -48,11 +47,8 @@ class Malformed(ValueError):
 
 def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, Any]]:
     """The numbered raw records of one source (from 1; JSONL: by line); a failure is one StageError line.
-
-    Local files go through ``datasets``' packaged builders. Arrow wants one type per column, so a
-    JSON/JSONL file that is not one table (a line that is not JSON, a row that is not an object) is
-    read row by row instead, and each bad row reported.
-    """
+    Files go through ``datasets``' builders; Arrow wants one type per column, so a JSON/JSONL file that
+    is not one table (a line not JSON, a row not an object) is read row by row, each bad row reported."""
     import datasets
 
     from pipeline.builtin_tasks import generate_tasks
@@ -184,9 +180,7 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
 def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[str, Any]], list[str], Counter]:
     """Per source: the usable rows and the detected format; the malformed-row reports; rows read per label."""
     data, seed = config.data, data_seed(config)
-    per_source: list[list[Row]] = []
-    malformed: list[dict[str, Any]] = []
-    formats, rows_in = [], Counter()
+    per_source, malformed, formats, rows_in = [], [], [], Counter()
     for index, source in enumerate(data.sources):
         label, fmt, rows = source.label, source.format, []
         records = read_source(source, index, seed)
@@ -421,12 +415,10 @@ def prepare_cached(config: PipelineConfig, tokenizer: Any) -> tuple[Path, bool]:
     with FileLock(str(target) + ".lock"):
         if (target / "stats.json").is_file():
             return target, True
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
-        try:
-            build(config, tokenizer, staging)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        staging = tempfile.TemporaryDirectory(dir=root, prefix=f"{target.name}.", ignore_cleanup_errors=True)
+        with staging as tmp:  # removed unless renamed
+            build(config, tokenizer, Path(tmp))
+            Path(tmp).rename(target)  # the rest of the cache sees the folder complete or not at all
     return target, False
 
 
@@ -440,8 +432,9 @@ def run(ctx: StageContext) -> StageResult:
     except (OSError, ValueError) as error:
         raise StageError(f"model.name_or_path: cannot load the tokenizer: {error}") from None
     built, hit = prepare_cached(ctx.config, tokenizer)
-    shutil.rmtree(ctx.work_dir / "dataset", ignore_errors=True)  # an earlier attempt's: never merged into
-    shutil.copytree(built, ctx.work_dir, dirs_exist_ok=True)
+    for item in built.iterdir():  # an earlier attempt's folder is replaced, never merged into
+        shutil.rmtree(ctx.work_dir / item.name, ignore_errors=True)
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, ctx.work_dir / item.name)
     stats = json.loads((ctx.work_dir / "stats.json").read_text(encoding="utf-8"))
     dropped = ", ".join(f"{k}={v}" for k, v in stats["dropped"].items()) or "nothing"
     print(f"prepare: {stats['rows_in']['total']} rows in → {stats['rows_out']['train']} train + "
