@@ -1,9 +1,6 @@
-"""A built-in instruction dataset with verifiable answers, generated from a seed: the CPU default
-runs offline on data that ships with the project, and evaluation checks answers exactly (no judge).
-
-Every task is ``{"category", "instruction", "output", "answer"}``; ``output`` is a short worked
-solution ending in ``Answer: <answer>``. Generation is deterministic per seed and prefix-stable
-(``generate_tasks(k, s)`` is the first ``k`` of ``generate_tasks(n, s)``): more rows keep the old ones.
+"""Built-in tasks with verifiable answers, generated from a seed: the CPU default runs offline on data
+that ships with the project, and evaluation checks answers exactly (no judge). Generation is
+deterministic and prefix-stable (``generate_tasks(k, s)`` is the first ``k`` of ``generate_tasks(n, s)``).
 """
 
 from __future__ import annotations
@@ -11,10 +8,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import random
-from collections.abc import Callable
 from pathlib import Path
 
-ANSWER_PREFIX = "Answer: "
 # names, items, words, cities; units as (from, to, factor): integer factors keep answers exact
 _VOCABULARY = json.loads((Path(__file__).parent / "builtin" / "task_vocabulary.json").read_text("utf-8"))
 _NAMES, _ITEMS, _WORDS, _CITIES, _UNITS = map(_VOCABULARY.get, ("names", "items", "words", "cities", "units"))
@@ -118,7 +113,7 @@ def _json_formatting(rng: random.Random) -> Task:
     return question, "", json.dumps(items)
 
 
-GENERATORS: dict[str, Callable[[random.Random], Task]] = {
+GENERATORS = {
     "arithmetic": _arithmetic, "unit_conversion": _unit_conversion, "string": _string_manipulation,
     "list": _list_manipulation, "date": _date_arithmetic, "json": _json_formatting,
 }  # fmt: skip
@@ -126,13 +121,14 @@ CATEGORIES: tuple[str, ...] = tuple(GENERATORS)
 
 
 def generate_tasks(n: int, seed: int) -> list[dict[str, str]]:
-    """``n`` tasks, categories in round-robin order, deterministic and prefix-stable per ``seed``."""
+    """``n`` tasks ``{"category", "instruction", "output", "answer"}``, categories in round-robin order;
+    ``output`` is a short worked solution ending in ``Answer: <answer>``."""
     if n < 0:
         raise ValueError(f"n must be >= 0 (got {n})")
     rng, tasks = random.Random(seed), []
     for i in range(n):
         category = CATEGORIES[i % len(CATEGORIES)]
         instruction, steps, answer = GENERATORS[category](rng)
-        output = f"{steps}\n{ANSWER_PREFIX}{answer}" if steps else f"{ANSWER_PREFIX}{answer}"
+        output = f"{steps}\nAnswer: {answer}" if steps else f"Answer: {answer}"
         tasks.append({"category": category, "instruction": instruction, "output": output, "answer": answer})
     return tasks

@@ -177,10 +177,10 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
     return messages, answer if isinstance(answer, str) else None
 
 
-def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[str, Any]], list[str], Counter]:
-    """Per source: the usable rows and the detected format; the malformed-row reports; rows read per label."""
+def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], dict[str, str], Counter]:
+    """The usable rows per source; malformed-row reports; the (detected) format and rows read per label."""
     data, seed = config.data, data_seed(config)
-    per_source, malformed, formats, rows_in = [], [], [], Counter()
+    per_source, malformed, formats, rows_in = [], [], {}, Counter()
     for index, source in enumerate(data.sources):
         label, fmt, rows = source.label, source.format, []
         records = read_source(source, index, seed)
@@ -211,7 +211,7 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[st
             rows.append({"messages": messages, "source": f"builtin:{category}" if category else label,
                          "answer": answer})  # fmt: skip
         per_source.append(rows)
-        formats.append(fmt)
+        formats[label] = fmt
     if data.strict and malformed:
         first = malformed[0]
         raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row "
@@ -362,7 +362,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
         "dropped": {name: counts[name] for name in sorted(counts) if counts[name]},
         "token_length": token_length | {"min": float(ordered[0]), "max": float(ordered[-1]),
                                         "mean": round(sum(ordered) / n, 2)},
-        "formats": {config.data.sources[i].label: fmt for i, fmt in enumerate(formats)},
+        "formats": formats,
         "digests": {name: sha256(*(json.dumps([r["messages"], r["source"], r["answer"]], sort_keys=True)
                                    for r in rows)) for name, rows in splits.items()}
                    | {"sources": {s.label: source_digest(s, data_seed(config)) for s in config.data.sources}},
