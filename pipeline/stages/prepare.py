@@ -351,10 +351,12 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     finally:
         if bars:
             datasets.enable_progress_bars()
-    kept_lengths = [lengths[key(row)] for row in train + held_out]
+    kept_lengths, seed = [lengths[key(row)] for row in train + held_out], data_seed(config)
     ordered, n = sorted(kept_lengths), len(kept_lengths)  # never empty: split() leaves a row or fails
     token_length = {f"p{p}": float(ordered[min(n - 1, int(p / 100 * n))]) for p in (50, 90, 95, 99)}
     out_per_source = sorted(Counter(row["source"] for row in train + held_out).items())
+    digests = {name: sha256(*(json.dumps([row[column] for column in features], sort_keys=True)
+                                  for row in rows)) for name, rows in splits.items()}
     stats = {
         "rows_in": {"total": sum(rows_in.values()), **{f"source:{k}": v for k, v in rows_in.items()}},
         "rows_out": {"total": len(kept_lengths), "train": len(train), "eval": len(held_out),
@@ -363,9 +365,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
         "token_length": token_length | {"min": float(ordered[0]), "max": float(ordered[-1]),
                                         "mean": round(sum(ordered) / n, 2)},
         "formats": formats,
-        "digests": {name: sha256(*(json.dumps([r["messages"], r["source"], r["answer"]], sort_keys=True)
-                                   for r in rows)) for name, rows in splits.items()}
-                   | {"sources": {s.label: source_digest(s, data_seed(config)) for s in config.data.sources}},
+        "digests": digests | {"sources": {s.label: source_digest(s, seed) for s in config.data.sources}},
         "malformed_examples": malformed[:20],
     }  # fmt: skip
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
