@@ -1,6 +1,5 @@
-"""Numbers written in text, for answers checked by value: GSM8K-style solutions put the result
-last, so the last number is the answer ("... she earned $10.00." → 10). Shared by prepare (the
-checkable answer of a training/eval row) and evaluate (matching a response against it)."""
+"""Numbers in text, for answers checked by value: GSM8K-style solutions put the result last
+("... she earned $10.00." → 10). Shared by prepare (a row's answer) and evaluate (matching it)."""
 
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ NUMBER = re.compile(r"(?:(?<![\w])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 def parse_number(text: str) -> Decimal | None:
     """``text`` as a number when all of it is one ("1,000", "$12", "-3", "0.5", "10."), else None."""
     text = text.strip().rstrip(".")
-    if not NUMBER.fullmatch(text):
-        return None
-    return Decimal(text.replace(",", "").replace("$", ""))
+    return Decimal(text.replace(",", "").replace("$", "")) if NUMBER.fullmatch(text) else None
 
 
 def last_number(text: str) -> Decimal | None:

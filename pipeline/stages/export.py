@@ -1,29 +1,9 @@
-"""The 'export' stage: merge the trained adapter into its base, verify, and write a standalone model.
+"""The 'export' stage: copy the trained adapter, merge it into its base, verify, write a standalone model.
 
-Read top to bottom, this is the whole recipe:
-
-1. refuse to replace an existing export unless ``--force``;
-2. copy the adapter folder (adapter weights + config + the training tokenizer): the small
-   artifact most people share;
-3. reload the base in a floating-point dtype (never int8: rounding the merged weights back to
-   8 bits discards most of a low-rank update) and attach the adapter;
-4. record reference logits of base + adapter on a fixed set of chat prompts;
-5. merge, save a sharded safetensors HF folder into a temporary folder, reload it from disk
-   with plain ``transformers`` and compare its logits with the reference;
-6. only when they match within the dtype's tolerance: write the model card and rename the
-   temporary folder to ``merged/``. A failed check raises ``StageError`` and leaves no
-   ``merged/`` folder behind.
-
-The card holds only what export itself depends on (the train stage's adapter, the model and export
-settings): no evaluation scores. Export does not depend on evaluate, on purpose: re-judging (a new
-judge, more questions) would otherwise invalidate a multi-GB merged model that did not change, and
-a card quoting ``evaluate/results.json`` went stale whenever evaluate re-ran alone. The scores live
-where they are always current: evaluate's MLflow run, and the registered version's ``eval.*`` tags,
-written by promote, which depends on evaluate.
-
-Outputs (in ``<run_dir>/export/``): ``merged/`` (unless ``export.mode: adapter_only``),
-``adapter/``, ``verification.json`` and ``lineage.json`` (data and adapter digests, read by
-``promote``).
+The merged folder, reloaded from disk by plain ``transformers``, must reproduce base + adapter's
+logits within the dtype's tolerance, else no ``merged/`` is left. The model card holds no evaluation
+scores: depending on evaluate would make re-judging invalidate a multi-GB model that did not change
+(scores live in evaluate's MLflow run and the registered version's ``eval.*`` tags, set by promote).
 """
 
 from __future__ import annotations
@@ -46,66 +26,52 @@ CONFIG_SECTIONS: tuple[str, ...] = ("model", "export")
 
 log = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
 
-
-# --------------------------------------------------------------------------------------------
-# the stage
-# --------------------------------------------------------------------------------------------
 def run(ctx: StageContext) -> StageResult:
     """Export the trained adapter: adapter copy, verified merged model, model card, lineage."""
-    cfg = ctx.config.export
+    from pipeline.tracking import active_mlflow
+
     final_dir = ctx.run_dir / NAME
     if final_dir.exists() and any(final_dir.iterdir()) and not ctx.force:
         raise StageError(f"export: {final_dir} already exists; pass --force to overwrite it")
-
     source = ctx.input_dir("train") / "adapter"
-    adapter_config = _read_adapter_config(source)
+    config_path = source / "adapter_config.json"
+    if not config_path.is_file():
+        raise StageError(f"export: {config_path} is missing (the train stage writes it)")
+    if not (source / "adapter_model.safetensors").is_file():
+        raise StageError(f"export: {source / 'adapter_model.safetensors'} is missing (safetensors only)")
+    try:
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise StageError(f"export: {config_path} is not valid JSON: {error}") from error
     method = str(adapter_config.get("peft_type", "?")).lower()
-    if method == "uora":
-        try:
-            import uora  # noqa: F401  (registers UORA with PEFT so the adapter can load)
-        except ImportError as error:
-            raise StageError(f"export: {source} is a UORA adapter but 'uora' is not importable") from error
-
     work = ctx.work_dir
     work.mkdir(parents=True, exist_ok=True)
     for stale in ("adapter", "merged", "merged.tmp", "verification.json", "lineage.json"):
         _remove(work / stale)  # an interrupted attempt's leftovers are never trusted
-
     shutil.copytree(source, work / "adapter")
     lineage = {
-        "adapter_digest": folder_digest(source),
-        "data_digests": data_digests(ctx.run_dir),
-        "base_model": ctx.config.model.name_or_path,
-        "base_gguf_file": ctx.config.model.gguf_file,
-        "base_card": base_model_card(ctx.config.model),
-        "method": method,
-        "r": adapter_config.get("r"),
-        "mlflow_run_id": ctx.mlflow_run_id,
-        "mlflow_parent_run_id": _parent_run_id(ctx.mlflow_run_id),
-    }
-    outputs = {"adapter": "adapter", "lineage": "lineage.json"}
-    metrics: dict[str, float] = {}
-    extra: dict[str, Any] = {"method": method, "mode": cfg.mode}
-    report = None
-    if cfg.mode == "merged":
-        report = _merge_verify_save(ctx, source, work, lineage)
-        metrics.update(
-            {
-                "verify_max_abs_error": report["max_abs_error"],
-                "verify_rel_error": report["rel_error"],
-                "verify_top1_agreement": report["top1_agreement"],
-                "trainable_params": float(report["trainable_params"]),
-            }
-        )
-        extra["verification"] = report
+        "adapter_digest": folder_digest(source), "data_digests": data_digests(ctx.run_dir),
+        "base_model": ctx.config.model.name_or_path, "base_gguf_file": ctx.config.model.gguf_file,
+        "base_card": base_model_card(ctx.config.model), "method": method, "r": adapter_config.get("r"),
+        "mlflow_run_id": ctx.mlflow_run_id, "mlflow_parent_run_id": _parent_run_id(ctx.mlflow_run_id),
+    }  # fmt: skip
+    outputs, metrics, report = {"adapter": "adapter", "lineage": "lineage.json"}, {}, None
+    extra: dict[str, Any] = {"method": method, "mode": ctx.config.export.mode}
+    if ctx.config.export.mode == "merged":
+        report = extra["verification"] = _merge_verify_save(ctx, source, work, lineage)
+        metrics = {f"verify_{k}": report[k] for k in ("max_abs_error", "rel_error", "top1_agreement")}
+        metrics["trainable_params"] = float(report["trainable_params"])
         outputs.update({"merged": "merged", "verification": "verification.json"})
-
     # PEFT's save_pretrained left its empty template (and a local path as base_model) here.
     (work / "adapter" / "README.md").write_text(model_card(ctx, lineage, report, "adapter"), encoding="utf-8")
     (work / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
-    _log_artifacts(work)
+    if (mlflow := active_mlflow()) is not None:  # metrics: the driver logs the StageResult's (once)
+        for name in ("verification.json", "lineage.json"):
+            if (work / name).is_file():
+                mlflow.log_artifact(str(work / name))
+        if (work / "merged" / "README.md").is_file():
+            mlflow.log_artifact(str(work / "merged" / "README.md"), artifact_path="model_card")
     return StageResult(metrics=metrics, outputs=outputs, extra=extra)
 
 
@@ -117,176 +83,83 @@ def summary(metrics: dict[str, float]) -> str:
             f"{metrics['verify_top1_agreement']:.3f}")  # fmt: skip
 
 
-def _merge_verify_save(
-    ctx: StageContext, source: Path, work: Path, lineage: dict[str, Any]
-) -> dict[str, Any]:
+def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dict[str, Any]) -> dict:
     """Merge into a float base, save to ``merged.tmp``, verify from disk, then rename to ``merged``."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import load_model
+    import uora  # noqa: F401  (registers UORA with PEFT, so a UORA adapter loads)
+    from pipeline.models import load_model, load_tokenizer
 
-    cfg = ctx.config.export
+    cfg, eight_bit = ctx.config.export, ctx.config.model.load_in_8bit
     dtype_name = cfg.dtype or ctx.config.model.dtype
     dtype = getattr(torch, dtype_name)
     tolerance = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE[dtype_name]
-    if ctx.config.model.load_in_8bit:
-        log.warning(
-            "export: training used an 8-bit base (model.load_in_8bit); reloading the base "
-            "unquantised in %s for the merge, since merging into int8 weights discards most of "
-            "the adapter's update",
-            dtype_name,
-        )
-
-    tokenizer = _load_tokenizer(ctx, source)
+    if eight_bit:
+        log.warning("export: training used an 8-bit base (model.load_in_8bit); reloading the base "
+                    "unquantised in %s for the merge, since merging into int8 weights discards most of "
+                    "the adapter's update", dtype_name)  # fmt: skip
+    if (source / "tokenizer_config.json").is_file():  # saved beside the adapter: the training chat template
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    else:
+        log.warning("export: %s has no tokenizer; using the base model's", source)
+        tokenizer = load_tokenizer(ctx.config.model)
     base_cfg = ctx.config.model.model_copy(update={"dtype": dtype_name, "load_in_8bit": False})
     base = load_model(base_cfg, quantize=False)  # in the dtype we ship: that rounding is real
-    if dtype != torch.float32:
-        # Merge and verify in float32 (an exact upcast), so the shipped weights are rounded once,
-        # at save time, and the check measures that rounding rather than half-precision compute.
-        base = base.float()
-    model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
+    # Merge and verify in float32 (an exact upcast), so the shipped weights are rounded once, at save
+    # time, and the check measures that rounding rather than half-precision compute.
+    model = PeftModel.from_pretrained(base.float(), str(source), is_trainable=True)
     trainable, total = model.get_nb_trainable_parameters()
     model.eval()
     prompts = verification_inputs(tokenizer, cfg.verify_prompts, cfg.verify_max_tokens)
     reference = logits_of(model, prompts)
     with model.disable_adapter():  # how far the adapter moves the base: the check's resolution
         adapter_effect = compare_logits(reference, logits_of(model, prompts))["rel_error"]
-
     merged = model.merge_and_unload().to(dtype)
     staging = work / "merged.tmp"
     merged.save_pretrained(staging, max_shard_size=cfg.max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     del model, merged, base
     gc.collect()
-
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, use_safetensors=True)
-        reloaded = reloaded.float().eval()
-        report = compare_logits(reference, logits_of(reloaded, prompts))
+        report = compare_logits(reference, logits_of(reloaded.float().eval(), prompts))
         del reloaded
-        report.update(
-            {
-                "dtype": dtype_name,
-                "tolerance": tolerance,
-                "prompts": len(prompts),
-                "passed": report["rel_error"] <= tolerance,
-                "adapter_effect_rel": adapter_effect,
-                "trainable_params": int(trainable),
-                "total_params": int(total),
-                "merged_from_8bit_training": ctx.config.model.load_in_8bit,
-            }
-        )
+        report.update(dtype=dtype_name, tolerance=tolerance, prompts=len(prompts),
+                      passed=report["rel_error"] <= tolerance, adapter_effect_rel=adapter_effect,
+                      trainable_params=int(trainable), total_params=int(total),
+                      merged_from_8bit_training=eight_bit)  # fmt: skip
         if adapter_effect <= tolerance:
-            log.warning(
-                "export: the adapter changes the logits by only %.3g (relative), within the "
-                "verification tolerance %g: the check cannot tell a merged from an unmerged model",
-                adapter_effect,
-                tolerance,
-            )
+            log.warning("export: the adapter changes the logits by only %.3g (relative), within the "
+                        "verification tolerance %g: the check cannot tell a merged from an unmerged model",
+                        adapter_effect, tolerance)  # fmt: skip
         (work / "verification.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if not report["passed"]:
-            raise StageError(
-                f"export: verification failed: merged logits differ from base + adapter by "
-                f"{report['rel_error']:.3g} (relative; max |Δ| {report['max_abs_error']:.3g}) > "
-                f"tolerance {tolerance:g} for {dtype_name}"
-            )
+            raise StageError(f"export: verification failed: merged logits differ from base + adapter by "
+                             f"{report['rel_error']:.3g} (relative; max |Δ| {report['max_abs_error']:.3g}) > "
+                             f"tolerance {tolerance:g} for {dtype_name}")  # fmt: skip
         lineage["trainable_params"] = int(trainable)
         (staging / "README.md").write_text(model_card(ctx, lineage, report, "merged"), encoding="utf-8")
         staging.rename(work / "merged")
     except BaseException:
         _remove(staging)
         raise
-    log.info(
-        "export: merged model verified (relative error %.3g, top-1 agreement %.3f) -> %s",
-        report["rel_error"],
-        report["top1_agreement"],
-        work / "merged",
-    )
+    log.info("export: merged model verified (relative error %.3g, top-1 agreement %.3f) -> %s",
+             report["rel_error"], report["top1_agreement"], work / "merged")  # fmt: skip
     return report
 
 
-# --------------------------------------------------------------------------------------------
-# model card, lineage, helpers
-# --------------------------------------------------------------------------------------------
 def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any] | None, kind: str) -> str:
-    """A Hugging Face model card (YAML front matter + Markdown) for ``merged/`` or ``adapter/``;
-    ``report`` is the merge verification (None in ``adapter_only`` mode)."""
-    model_cfg = ctx.config.model
-    base = model_cfg.name_or_path + (f" ({model_cfg.gguf_file})" if model_cfg.gguf_file else "")
-    card, method, merged = lineage["base_card"], lineage["method"].upper(), kind == "merged"
-    hub_id = card.get("base_model")
-    lines = [
-        "---",
-        *(f"{key}: {value}" for key, value in card.items()),
-        f"library_name: {'transformers' if merged else 'peft'}",
-        "pipeline_tag: text-generation",
-        f"tags: [peft, {'merged, ' if merged else ''}{lineage['method']}, instruction-tuning]",
-        "---",
-        "",
-        f"# {ctx.config.run.name} ({'merged ' if merged else ''}{method} adapter)",
-        "",
-        "A standalone causal LM: the adapter's update is merged into the base weights, so it loads\n"
-        "with `AutoModelForCausalLM.from_pretrained(folder)` and needs no PEFT or project code."
-        if merged
-        else f"A PEFT {method} adapter: load it on its base model (below) with `PeftModel.from_pretrained`.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Base model | `{base}` |",
-    ]
-    if hub_id and hub_id != model_cfg.name_or_path:  # e.g. a GGUF file in a Python package
-        lines.append(f"| Base model id | `{hub_id}` (from the GGUF metadata; weights de-quantised) |")
-    lines += [f"| Method | {method} |", f"| Rank r | {lineage['r']} |"]
-    if report is not None:
-        params = f"{report['trainable_params']:,} of {report['total_params']:,}"
-        lines.append(f"| Trainable parameters | {params} |")
-    if report is not None and merged:
-        eight_bit = "yes (merged into an unquantised reload)" if report["merged_from_8bit_training"] else "no"
-        lines += [f"| Weights dtype | {report['dtype']} |", f"| Trained on an 8-bit base | {eight_bit} |"]
-    lines += [
-        f"| MLflow run (export) | `{lineage['mlflow_run_id']}` |",
-        f"| MLflow parent run | `{lineage['mlflow_parent_run_id']}` |",
-        f"| Adapter digest (sha256) | `{lineage['adapter_digest']}` |",
-        *(f"| Data digest `{name}` | `{digest}` |" for name, digest in lineage["data_digests"].items()),
-    ]
-    if merged and report is not None:
-        lines += [
-            "",
-            "## Merge verification",
-            "",
-            f"On {report['prompts']} fixed chat prompts ({report['positions']} positions) the merged "
-            f"model's logits match base + adapter: max |Δ| {report['max_abs_error']:.3g} "
-            f"(relative {report['rel_error']:.3g}, tolerance {report['tolerance']:g}), top-1 agreement "
-            f"{report['top1_agreement']:.4f}.",
-        ]
-    load = (
-        ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-         "model = AutoModelForCausalLM.from_pretrained(FOLDER)"]
-        if merged
-        else [*(["import uora  # registers UORA with PEFT (pip install this project)"] * (method == "UORA")),
-              "from peft import PeftModel",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",
-              "model = PeftModel.from_pretrained(base, FOLDER)"]
-    )  # fmt: skip
-    lines += [
-        "",
-        "## Evaluation",
-        "",
-        "Scores are recorded in MLflow, not here (a card would go stale when evaluation re-runs): the",
-        "evaluate run of the parent run above, and the registered model version's `eval.*` tags.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        *load,
-        "tokenizer = AutoTokenizer.from_pretrained(FOLDER)  # carries the training chat template",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    """A Hugging Face model card (YAML front matter + Markdown, rendered from builtin/model_card.md.jinja
+    as huggingface_hub renders its cards) for ``merged/`` or ``adapter/``; ``report`` is the merge
+    verification (None in ``adapter_only`` mode)."""
+    import jinja2
+
+    text = (Path(__file__).parents[1] / "builtin" / "model_card.md.jinja").read_text(encoding="utf-8")
+    template = jinja2.Template(text, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    return template.render(lineage=lineage, report=report, merged=kind == "merged", model=ctx.config.model,
+                           run_name=ctx.config.run.name)  # fmt: skip
 
 
 def data_digests(run_dir: Path) -> dict[str, str]:
@@ -295,59 +168,14 @@ def data_digests(run_dir: Path) -> dict[str, str]:
     return {"prepare/dataset": folder_digest(dataset)} if dataset.is_dir() else {}
 
 
-def _read_adapter_config(source: Path) -> dict[str, Any]:
-    config_path = source / "adapter_config.json"
-    if not config_path.is_file():
-        raise StageError(f"export: {config_path} is missing (the train stage writes it)")
-    if not any((source / name).is_file() for name in ADAPTER_WEIGHTS):
-        raise StageError(f"export: {source / ADAPTER_WEIGHTS[0]} is missing (safetensors only)")
-    try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise StageError(f"export: {config_path} is not valid JSON: {error}") from error
-
-
-def _load_tokenizer(ctx: StageContext, source: Path) -> Any:
-    """The tokenizer saved beside the adapter (it carries the training chat template); the
-    configured base tokenizer only if training saved none."""
-    from transformers import AutoTokenizer
-
-    if (source / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(source))
-    from pipeline.models import load_tokenizer
-
-    log.warning("export: %s has no tokenizer; using the base model's", source)
-    return load_tokenizer(ctx.config.model)
-
-
 def _parent_run_id(run_id: str | None) -> str | None:
-    if not run_id:
-        return None
     try:
         import mlflow
 
-        return mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        return mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
     except Exception:  # tracking unavailable: lineage simply lacks the parent
         return None
 
 
-def _log_artifacts(work: Path) -> None:
-    """Verification, lineage and model card on the active run; the metrics are the StageResult's,
-    which the driver logs (logging them here too recorded every metric twice)."""
-    from pipeline.tracking import active_mlflow
-
-    mlflow = active_mlflow()
-    if mlflow is None:
-        return
-    for name in ("verification.json", "lineage.json"):
-        if (work / name).is_file():
-            mlflow.log_artifact(str(work / name))
-    if (work / "merged" / "README.md").is_file():
-        mlflow.log_artifact(str(work / "merged" / "README.md"), artifact_path="model_card")
-
-
 def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

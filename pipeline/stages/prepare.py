@@ -1,19 +1,8 @@
 """The 'prepare' stage: sources → chat messages → checked, filtered, deduplicated, split dataset.
 
-Read top to bottom, this is the recipe:
-
-1. load every source with ``datasets`` (local JSON/JSONL/Parquet/CSV through its packaged
-   builders, a hub dataset, or the built-in tasks);
-2. normalise each row to chat ``messages`` (alpaca, sharegpt, messages, prompt/completion;
-   ``auto`` detects the format from the keys); malformed rows are reported with file and row
-   (JSONL: line);
-3. drop exact duplicates, render with the chat template (``Dataset.map``) and drop rows over
-   ``data.max_length``;
-4. mix sources (``samples`` / ``weight``), split train/eval deterministically by a seeded hash;
-5. save a ``DatasetDict`` (``messages``, ``source``, ``answer``) and ``stats.json``.
-
-Steps 1–5 are cached by a digest of everything they depend on (data config, source contents,
-tokenizer and template, seed), so reruns, other ranks and other nodes reuse the result.
+Files load through ``datasets``' builders; malformed rows are reported by file and row (JSONL: line).
+The result is cached by a digest of everything it depends on (data config, source contents,
+tokenizer and template, seed), so reruns, other ranks and other nodes reuse it.
 """
 
 from __future__ import annotations
@@ -25,7 +14,6 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,20 +26,18 @@ if TYPE_CHECKING:
 
 NAME = "prepare"
 INPUTS: tuple[str, ...] = ()
-CONFIG_SECTIONS: tuple[str, ...] = (
-    "run.seed", "data", "model.name_or_path", "model.gguf_file", "model.revision", "model.chat_template",
-)  # fmt: skip
+CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "data", "model.name_or_path", "model.gguf_file",
+                                   "model.revision", "model.chat_template")  # fmt: skip
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-}  # fmt: skip
-TURNS = {  # format: the field holding its turns, their role and text keys, its role names → ours
-    "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
-    "messages": ("messages", "role", "content", {role: role for role in ROLES}),
-}
-PERCENTILES = (50, 90, 95, 99)
+ROLES = {role: role for role in ("system", "user", "assistant")}
+SHAREGPT_ROLES = ROLES | {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                          "bing": "assistant"}  # fmt: skip
+# format: the field holding its turns, their role and text keys, its role names → ours
+TURNS = {"sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
+         "messages": ("messages", "role", "content", ROLES)}
+# format: the keys that identify it (``format: auto`` takes the first whose keys a row has)
+FORMAT_KEYS = {"messages": {"messages"}, "sharegpt": {"conversations"}, "alpaca": {"instruction", "output"},
+               "prompt_completion": {"prompt", "completion"}}  # fmt: skip
 Row = dict[str, Any]  # one example as saved: {"messages", "source", "answer"}
 
 
@@ -59,19 +45,25 @@ class Malformed(ValueError):
     """One row cannot be used; the message says why (the caller adds file and row)."""
 
 
-# --------------------------------------------------------------------------------------------
-# 1. reading sources
-# --------------------------------------------------------------------------------------------
-def read_local(path: Path, field: str) -> list[tuple[int, Any]]:
-    """``(row number, record)`` pairs of a local file, read by ``datasets``' packaged builders;
-    row numbers are 1-based (JSONL: the line number).
-
-    Arrow wants one type per column, so a JSON/JSONL file that is not one table (a line that is not
-    JSON, a row that is not an object) is read again by :func:`read_json_rows`, which reports each
-    bad row. Any other file that cannot be read is a StageError naming the config field.
-    """
+def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, Any]]:
+    """The numbered raw records of one source (from 1; JSONL: by line); a failure is one StageError line.
+    Files go through ``datasets``' builders; Arrow wants one type per column, so a JSON/JSONL file that
+    is not one table (a line not JSON, a row not an object) is read row by row, each bad row reported."""
     import datasets
 
+    from pipeline.builtin_tasks import generate_tasks
+
+    if source.builtin is not None:
+        return list(enumerate(generate_tasks(source.builtin, seed), start=1))
+    if (hub := source.hub) is not None:
+        try:
+            rows = datasets.load_dataset(hub, source.config, split=source.split, revision=source.revision)
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise StageError(f"data.sources.{index}.hub: cannot load {hub!r} (split {source.split!r}): "
+                             f"{first}") from None  # fmt: skip
+        return list(enumerate(rows, start=1))
+    path, field, rows = Path(source.path or ""), f"data.sources.{index}.path", None
     suffix = path.suffix.lower()
     builder, options = "json", {"parse_agent_traces": False}  # an agent-trace look-alike stays as written
     try:
@@ -84,97 +76,53 @@ def read_local(path: Path, field: str) -> list[tuple[int, Any]]:
         with tempfile.TemporaryDirectory() as scratch:  # datasets' Arrow files: not in the user's HF cache
             rows = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=scratch,
                                          **options).to_list()  # fmt: skip
-        if suffix == ".json" and len(rows) == 1 and isinstance(rows[0].get("data"), list):
-            rows = rows[0]["data"]  # {"data": [rows]}
-        numbers: Iterable[int] = range(1, len(rows) + 1)
-        if suffix == ".jsonl":  # datasets skips blank lines; a report names the line
-            numbers = [n for n, line in enumerate(path.read_bytes().splitlines(), start=1) if line.strip()]
-        return list(zip(numbers, rows, strict=True))
     except Exception as error:  # datasets wraps the reader's error (pandas, pyarrow: no useful base)
-        if suffix in (".json", ".jsonl"):
-            return read_json_rows(path, field)
         cause = error.__cause__ or error
-        raise StageError(f"{field}: cannot read {path}: {type(cause).__name__}: {cause}") from None
-
-
-def read_json_rows(path: Path, field: str) -> list[tuple[int, Any]]:
-    """A JSON/JSONL file row by row: a JSONL line that is not JSON becomes a Malformed row."""
+        if builder != "json":
+            raise StageError(f"{field}: cannot read {path}: {type(cause).__name__}: {cause}") from None
     try:
-        if path.suffix.lower() == ".jsonl":
+        if suffix == ".jsonl":  # datasets skips blank lines; a report names the line
             with path.open(encoding="utf-8") as handle:
-                return [(number, parse_line(line)) for number, line in enumerate(handle, 1) if line.strip()]
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+                lines = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+            if rows is not None and len(rows) == len(lines):
+                return [(number, row) for (number, _), row in zip(lines, rows, strict=True)]
+            records = []
+            for number, line in lines:
+                try:
+                    records.append((number, json.loads(line)))
+                except ValueError as error:
+                    records.append((number, Malformed(f"invalid JSON ({error})")))
+            return records
+        if rows is None:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+                rows = rows["data"]
+            elif not isinstance(rows, list):
+                kind = type(rows).__name__
+                raise StageError(f"{field}: {path} must hold a JSON array of rows (got {kind})")
+        elif suffix == ".json" and len(rows) == 1 and isinstance(rows[0].get("data"), list):
+            rows = rows[0]["data"]  # {"data": [rows]}
+    except (OSError, ValueError) as error:
         raise StageError(f"{field}: cannot read {path}: {type(error).__name__}: {error}") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise StageError(f"{field}: {path} must hold a JSON array of rows (got {type(data).__name__})")
-    return list(enumerate(data, start=1))
-
-
-def parse_line(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError as error:
-        return Malformed(f"invalid JSON ({error})")
-
-
-def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, Any]]:
-    """The numbered raw records of one source, whatever its kind; hub failures become one line."""
-    field = f"data.sources.{index}"
-    if source.path is not None:
-        return read_local(Path(source.path), f"{field}.path")
-    if source.builtin is not None:
-        from pipeline.builtin_tasks import generate_tasks
-
-        return list(enumerate(generate_tasks(source.builtin, seed), start=1))
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
-    except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        message = f"{field}.hub: cannot load {source.hub!r} (split {source.split!r}): {first}"
-        raise StageError(message) from None
     return list(enumerate(rows, start=1))
 
 
 def source_digest(source: DataSource, seed: int) -> str:
-    """What identifies a source's content: file bytes, hub coordinates, or generator settings.
-
-    Hub datasets are identified by name/config/split/revision (pin ``revision`` for exact
-    reproducibility); files by their sha256.
-    """
+    """What identifies a source: file bytes (sha256), generator settings, or hub coordinates
+    (name/config/split/revision: pin ``revision`` for exact reproducibility)."""
     if source.path is not None:
         return file_digest(source.path)
     spec = source.model_dump(mode="json", include={"hub", "config", "split", "revision", "builtin"})
-    if source.builtin is not None:
-        spec["seed"] = seed
-    return sha256(json.dumps(spec, sort_keys=True))
-
-
-# --------------------------------------------------------------------------------------------
-# 2. normalising rows to chat messages
-# --------------------------------------------------------------------------------------------
-FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-               "prompt_completion": ("prompt", "completion")}  # fmt: skip
-
-
-def detect_format(record: dict[str, Any]) -> str | None:
-    """The first format (in FORMAT_KEYS order) whose keys the row has, or None."""
-    return next((fmt for fmt, keys in FORMAT_KEYS.items() if all(key in record for key in keys)), None)
+    return sha256(json.dumps(spec | ({"seed": seed} if source.builtin is not None else {}), sort_keys=True))
 
 
 def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
-    if key not in record or record[key] is None:
-        if required:
-            raise Malformed(f"missing field '{key}'")
-        return ""
-    value = record[key]
-    if not isinstance(value, str):
+    value = record.get(key)
+    if value is None and required:
+        raise Malformed(f"missing field '{key}'")
+    if value is not None and not isinstance(value, str):
         raise Malformed(f"field '{key}' must be a string (got {type(value).__name__})")
-    return value.strip()
+    return (value or "").strip()
 
 
 def _turns(items: Any, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
@@ -184,49 +132,36 @@ def _turns(items: Any, key: str, role_key: str, text_key: str, roles: dict[str, 
     for number, turn in enumerate(items, start=1):
         if not isinstance(turn, dict):
             raise Malformed(f"{key}[{number}] must be an object (got {type(turn).__name__})")
-        role = turn.get(role_key)
-        if role not in roles:
-            raise Malformed(f"{key}[{number}] has bad role {role!r}")
-        content = turn.get(text_key)
-        if not isinstance(content, str):
+        if turn.get(role_key) not in roles:
+            raise Malformed(f"{key}[{number}] has bad role {turn.get(role_key)!r}")
+        if not isinstance(content := turn.get(text_key), str):
             raise Malformed(f"{key}[{number}].{text_key} must be a string (got {type(content).__name__})")
-        messages.append({"role": roles[role], "content": content.strip()})
+        messages.append({"role": roles[turn[role_key]], "content": content.strip()})
     return messages
 
 
 def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
-    """``(messages, answer)`` for one row in format ``fmt``; raises Malformed."""
+    """``(messages, answer)`` for one row in format ``fmt``; raises Malformed. Turns: an optional
+    system turn, then user/assistant alternating, ending with the assistant."""
     if isinstance(record, Malformed):
         raise record
     if not isinstance(record, dict):
         raise Malformed(f"row must be an object (got {type(record).__name__})")
-    if fmt == "alpaca":
-        instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
-        output = _text(record, "output")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    if fmt == "prompt_completion" and any(isinstance(record.get(k), list) for k in ("prompt", "completion")):
+        keys = TURNS["messages"][1:]  # TRL's conversational variant
+        messages = [turn for part in ("prompt", "completion")
+                    for turn in _turns(record.get(part), part, *keys)]
     elif fmt in TURNS:
         field, *keys = TURNS[fmt]
         if field not in record:
             raise Malformed(f"missing field '{field}'")
         messages = _turns(record[field], field, *keys)
-    elif fmt == "prompt_completion":
-        prompt, completion = record.get("prompt"), record.get("completion")
-        if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational variant
-            keys = TURNS["messages"][1:]
-            messages = _turns(prompt, "prompt", *keys) + _turns(completion, "completion", *keys)
-        else:
-            messages = [{"role": "user", "content": _text(record, "prompt")},
-                        {"role": "assistant", "content": _text(record, "completion")}]  # fmt: skip
-    else:
-        raise StageError(f"unknown data format {fmt!r}")
-    check_turns(messages)
-    answer = record.get("answer")
-    return messages, answer if isinstance(answer, str) else None
-
-
-def check_turns(messages: list[dict[str, str]]) -> None:
-    """Optional system turn first, then user/assistant alternating, ending with the assistant."""
+    else:  # alpaca (its optional input follows the instruction), prompt_completion
+        user, extra = _text(record, "instruction" if fmt == "alpaca" else "prompt"), ""
+        if fmt == "alpaca" and (extra := _text(record, "input", required=False)):
+            user = f"{user}\n\n{extra}"
+        reply = _text(record, "output" if fmt == "alpaca" else "completion")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise Malformed("no user/assistant turns")
@@ -234,20 +169,18 @@ def check_turns(messages: list[dict[str, str]]) -> None:
         if not message["content"]:
             raise Malformed(f"empty {message['role']} turn (turn {number})")
     for position, message in enumerate(body):
-        expected = "user" if position % 2 == 0 else "assistant"
-        if message["role"] != expected:
+        if message["role"] != ("user", "assistant")[position % 2]:
             raise Malformed(f"turns must alternate user/assistant (turn {position + 1} is {message['role']})")
     if body[-1]["role"] != "assistant":
         raise Malformed("last turn must be from the assistant")
+    answer = record.get("answer")
+    return messages, answer if isinstance(answer, str) else None
 
 
-def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[str, Any]], list[str], Counter]:
-    """Per source: the usable rows and the detected format; the malformed-row reports; rows read per label."""
+def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], dict[str, str], Counter]:
+    """The usable rows per source; malformed-row reports; the (detected) format and rows read per label."""
     data, seed = config.data, data_seed(config)
-    per_source: list[list[Row]] = []
-    malformed: list[dict[str, Any]] = []
-    formats: list[str] = []
-    rows_in: Counter = Counter()
+    per_source, malformed, formats, rows_in = [], [], {}, Counter()
     for index, source in enumerate(data.sources):
         label, fmt, rows = source.label, source.format, []
         records = read_source(source, index, seed)
@@ -255,20 +188,16 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[st
         for number, record in records:
             if isinstance(record, dict):  # a table gives every row every column: absent ones are None
                 record = {key: value for key, value in record.items() if value is not None}
-            if fmt == "auto":
-                if not isinstance(record, dict):
-                    malformed.append({"source": label, "row": number, "reason": "row must be an object"})
-                    continue
-                detected = detect_format(record)
-                if detected is None:
-                    keys = ", ".join(sorted(map(str, record))[:8])
-                    raise StageError(
-                        f"data.sources.{index}.format: cannot detect the format of {label} "
-                        f"(row {number} has keys: {keys}); set it to alpaca, sharegpt, messages "
-                        "or prompt_completion"
-                    )
-                fmt = detected
             try:
+                if fmt == "auto" and not isinstance(record, dict):
+                    raise Malformed("row must be an object")
+                if fmt == "auto":
+                    fmt = next((name for name, keys in FORMAT_KEYS.items() if keys <= record.keys()), "auto")
+                if fmt == "auto":
+                    keys = ", ".join(sorted(map(str, record))[:8])
+                    raise StageError(f"data.sources.{index}.format: cannot detect the format of {label} (row "
+                                     f"{number} has keys: {keys}); set it to alpaca, sharegpt, messages or "
+                                     "prompt_completion")  # fmt: skip
                 messages, answer = normalise(record, fmt)
             except Malformed as problem:
                 malformed.append({"source": label, "row": number, "reason": str(problem)})
@@ -282,7 +211,7 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[st
             rows.append({"messages": messages, "source": f"builtin:{category}" if category else label,
                          "answer": answer})  # fmt: skip
         per_source.append(rows)
-        formats.append(fmt)
+        formats[label] = fmt
     if data.strict and malformed:
         first = malformed[0]
         raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row "
@@ -290,15 +219,11 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict[st
     return per_source, malformed, formats, rows_in
 
 
-# --------------------------------------------------------------------------------------------
-# 3. template check, token lengths
-# --------------------------------------------------------------------------------------------
 def check_template(tokenizer: Any) -> None:
     """The chat template must exist and render every turn's content (else training is wrong)."""
     if not getattr(tokenizer, "chat_template", None):
         raise StageError("model.chat_template: the tokenizer has no chat template; set model.chat_template")
-    probe = [{"role": "system", "content": "PROBE-SYSTEM"}, {"role": "user", "content": "PROBE-USER"},
-             {"role": "assistant", "content": "PROBE-ASSISTANT"}]  # fmt: skip
+    probe = [{"role": role, "content": f"PROBE-{role.upper()}"} for role in ROLES]
     try:
         text = tokenizer.apply_chat_template(probe, tokenize=False)
     except Exception as error:
@@ -313,13 +238,14 @@ def token_lengths(tokenizer: Any, rows: list[Row]) -> list[int | None]:
     from datasets import Dataset
     from tqdm.auto import tqdm
 
+    def render(messages: list[dict[str, str]]) -> str | None:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:
+            return None
+
     def measure(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        texts: list[str | None] = []
-        for messages in batch["messages"]:
-            try:
-                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-            except Exception:
-                texts.append(None)
+        texts = [render(messages) for messages in batch["messages"]]
         ids = tokenizer([text or "" for text in texts], add_special_tokens=False)["input_ids"]
         bar.update(len(texts))
         return {"length": [len(i) if text is not None else None for text, i in zip(texts, ids, strict=True)]}
@@ -337,87 +263,50 @@ def key(row: Row) -> str:
     return json.dumps(row["messages"], sort_keys=True, ensure_ascii=False)
 
 
-def tokenizer_identity(tokenizer: Any) -> str:
-    """Digest of what decides rendering and lengths: template, vocabulary and merges."""
-    parts = [type(tokenizer).__name__, tokenizer.chat_template or ""]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts.append(backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items())))
-    return sha256("\x00".join(parts))
-
-
-# --------------------------------------------------------------------------------------------
-# 4. mixing and splitting
-# --------------------------------------------------------------------------------------------
-def mix(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) -> list[Row]:
-    """Apply ``samples`` and ``weight`` per source (sampling without replacement, seeded)."""
-    data = config.data
-    rng = random.Random(data_seed(config))
-    weighted = [i for i, source in enumerate(data.sources) if source.weight is not None]
-    targets: dict[int, int] = {}
-    if weighted:
-        total_weight = sum(float(data.sources[i].weight or 0) for i in weighted)
-        shares = {i: float(data.sources[i].weight or 0) / total_weight for i in weighted}
-        total = data.max_samples or int(min(len(per_source[i]) / shares[i] for i in weighted))
-        targets = {i: min(len(per_source[i]), round(shares[i] * total)) for i in weighted}
-    mixed: list[Row] = []
+def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) -> tuple[list[Row], ...]:
+    """Train and eval rows. Each source's ``eval_samples`` slice is held out first, so it stays fixed
+    when the mixture changes (methods and mixtures compare on the same rows); ``samples`` and ``weight``
+    then sample each source (without replacement, seeded); without per-source slices, the first
+    ``eval_size`` / ``eval_fraction`` of the mixture in hash order (:func:`hash_order`) are eval."""
+    data, seed = config.data, data_seed(config)
+    rng, held_out, mixed = random.Random(seed), [], []
     for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
-        want = source.samples if source.samples is not None else targets.get(index)
-        if want is None or want >= len(rows):
-            if want is not None and want > len(rows):
-                counts[f"short_of_requested:{source.label}"] += want - len(rows)
+        k = source.eval_samples or 0
+        if k and k >= len(rows):
+            raise StageError(f"data.sources.{index}.eval_samples: {k} eval rows leave no training rows of "
+                             f"{source.label} ({len(rows)} rows after filtering)")  # fmt: skip
+        ordered = hash_order(rows, seed)
+        held_out.extend(ordered[:k])
+        kept = {id(row) for row in ordered[k:]}
+        rows[:] = [row for row in rows if id(row) in kept]  # source order
+    weights = {i: float(source.weight) for i, source in enumerate(data.sources) if source.weight is not None}
+    shares = {i: weight / sum(weights.values()) for i, weight in weights.items()}
+    total = data.max_samples or min((len(per_source[i]) / share for i, share in shares.items()), default=0)
+    targets = {i: min(len(per_source[i]), round(share * int(total))) for i, share in shares.items()}
+    for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
+        want = source.samples or targets.get(index, len(rows))
+        if want > len(rows):
+            counts[f"short_of_requested:{source.label}"] += want - len(rows)
+        if want >= len(rows):
             mixed.extend(rows)
-            continue
-        counts["sampled_out"] += len(rows) - want
-        mixed.extend(rows[i] for i in sorted(rng.sample(range(len(rows)), want)))
-    return mixed
-
-
-def split(rows: list[Row], config: PipelineConfig) -> tuple[list[Row], list[Row]]:
-    """Deterministic split: in seeded hash order (:func:`hash_order`), the first k rows are eval."""
-    data, n = config.data, len(rows)
-    if data.eval_size is not None:
-        k = data.eval_size
-    else:
-        k = round(data.eval_fraction * n)
-        if data.eval_fraction > 0 and n >= 2:
-            k = max(k, 1)
+        else:
+            counts["sampled_out"] += len(rows) - want
+            mixed.extend(rows[i] for i in sorted(rng.sample(range(len(rows)), want)))
+    if not mixed:
+        raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
+    n, fraction = len(mixed), data.eval_fraction
+    k = 0 if held_out else data.eval_size if data.eval_size is not None else max(
+        round(fraction * n), int(fraction > 0 and n >= 2))  # fmt: skip
     if k >= n:
         raise StageError(f"data.eval_size: {k} eval rows leave no training rows ({n} rows after filtering)")
-    ordered = hash_order(rows, data_seed(config))
-    return ordered[k:], ordered[:k]
+    ordered = hash_order(mixed, seed)
+    return ordered[k:], ordered[:k] + held_out
 
 
 def hash_order(rows: list[Row], seed: int) -> list[Row]:
-    """Rows ordered by a seeded hash of their content.
-
-    Hash order (rather than shuffled positions, as ``train_test_split`` does) keeps a row's side
-    of a split stable when other rows are added or removed.
-    """
+    """Rows ordered by a seeded hash of their content: unlike shuffled positions (``train_test_split``),
+    a row's side of a split stays when other rows are added or removed."""
     return sorted(rows, key=lambda row: sha256(f"{seed}\x00{key(row)}"))
-
-
-def hold_out_per_source(
-    per_source: list[list[Row]], config: PipelineConfig
-) -> tuple[list[list[Row]], list[Row]]:
-    """Each source's ``eval_samples`` slice, taken before mixing, and what is left to train on.
-
-    Taking the slice before ``samples``/``weight`` sampling keeps it fixed when the mixture
-    changes, so methods and mixtures are compared on the same held-out rows.
-    """
-    remaining: list[list[Row]] = []
-    held_out: list[Row] = []
-    for index, (source, rows) in enumerate(zip(config.data.sources, per_source, strict=True)):
-        k = source.eval_samples or 0
-        if k and k >= len(rows):
-            raise StageError(
-                f"data.sources.{index}.eval_samples: {k} eval rows leave no training rows of "
-                f"{source.label} ({len(rows)} rows after filtering)"
-            )
-        ordered = hash_order(rows, data_seed(config))
-        held_out.extend(ordered[:k])
-        kept = {id(row) for row in ordered[k:]}
-        remaining.append([row for row in rows if id(row) in kept])  # source order
-    return remaining, held_out
 
 
 def data_seed(config: PipelineConfig) -> int:
@@ -425,19 +314,6 @@ def data_seed(config: PipelineConfig) -> int:
     return config.data.seed if config.data.seed is not None else config.run.seed
 
 
-def percentiles(values: list[int]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    last = len(ordered) - 1
-    result = {f"p{p}": float(ordered[min(last, int(p / 100 * len(ordered)))]) for p in PERCENTILES}
-    result.update(min=float(ordered[0]), max=float(ordered[-1]), mean=round(sum(ordered) / len(ordered), 2))
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# 5. the whole build, and its cache
-# --------------------------------------------------------------------------------------------
 def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
     """Build ``out_dir/dataset`` + ``stats.json`` (+ ``malformed.jsonl``, ``token_lengths.png``)."""
     import datasets
@@ -455,29 +331,16 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
         for rows in per_source:
             kept = []
             for row in rows:
-                if config.data.dedupe and key(row) in seen:
-                    counts["duplicate"] += 1
-                    continue
-                seen.add(key(row))
                 length = lengths[key(row)]
-                if length is None:
-                    counts["template_error"] += 1
-                elif length > config.data.max_length:
-                    counts["too_long"] += 1
+                reason = ("duplicate" if config.data.dedupe and key(row) in seen else "template_error"
+                          if length is None else "too_long" if length > config.data.max_length else "")
+                seen.add(key(row))
+                if reason:
+                    counts[reason] += 1
                 else:
                     kept.append(row)
             rows[:] = kept
-        per_source_eval = any(source.eval_samples for source in config.data.sources)
-        if per_source_eval:
-            per_source, held_out = hold_out_per_source(per_source, config)
-        mixed = mix(per_source, config, counts)
-        if not mixed:
-            raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
-        if per_source_eval:
-            train = hash_order(mixed, data_seed(config))  # the same order split() gives
-            mixed = mixed + held_out
-        else:
-            train, held_out = split(mixed, config)
+        train, held_out = split(per_source, config, counts)
         features = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
                              "source": Value("string"), "answer": Value("string")})  # fmt: skip
         # One shard per split: an empty eval split (eval_fraction 0) must still load back.
@@ -488,72 +351,63 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     finally:
         if bars:
             datasets.enable_progress_bars()
-    kept_lengths = [lengths[key(row)] for row in mixed]
+    kept_lengths, seed = [lengths[key(row)] for row in train + held_out], data_seed(config)
+    ordered, n = sorted(kept_lengths), len(kept_lengths)  # never empty: split() leaves a row or fails
+    token_length = {f"p{p}": float(ordered[min(n - 1, int(p / 100 * n))]) for p in (50, 90, 95, 99)}
+    out_per_source = sorted(Counter(row["source"] for row in train + held_out).items())
+    digests = {name: sha256(*(json.dumps([row[column] for column in features], sort_keys=True)
+                                  for row in rows)) for name, rows in splits.items()}
     stats = {
         "rows_in": {"total": sum(rows_in.values()), **{f"source:{k}": v for k, v in rows_in.items()}},
-        "rows_out": {"total": len(mixed), "train": len(train), "eval": len(held_out),
-                     **{f"source:{k}": v for k, v in sorted(Counter(r["source"] for r in mixed).items())}},
+        "rows_out": {"total": len(kept_lengths), "train": len(train), "eval": len(held_out),
+                     **{f"source:{k}": v for k, v in out_per_source}},
         "dropped": {name: counts[name] for name in sorted(counts) if counts[name]},
-        "token_length": percentiles(kept_lengths),
-        "formats": {config.data.sources[i].label: fmt for i, fmt in enumerate(formats)},
-        "digests": {
-            "train": digest_rows(train), "eval": digest_rows(held_out),
-            "sources": {s.label: source_digest(s, data_seed(config)) for s in config.data.sources},
-        },
+        "token_length": token_length | {"min": float(ordered[0]), "max": float(ordered[-1]),
+                                        "mean": round(sum(ordered) / n, 2)},
+        "formats": formats,
+        "digests": digests | {"sources": {s.label: source_digest(s, seed) for s in config.data.sources}},
         "malformed_examples": malformed[:20],
     }  # fmt: skip
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
     if malformed:
-        with (out_dir / "malformed.jsonl").open("w", encoding="utf-8") as handle:
-            for item in malformed:
-                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in malformed)
+        (out_dir / "malformed.jsonl").write_text(text, encoding="utf-8")
     plot_lengths(kept_lengths, config.data.max_length, out_dir / "token_lengths.png")
     return stats
 
 
-def digest_rows(rows: list[Row]) -> str:
-    return sha256(*(json.dumps([r["messages"], r["source"], r["answer"]], sort_keys=True) for r in rows))
-
-
 def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
     """Histogram of kept examples' token lengths, with the filter limit marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.subplots()
     axes.hist(lengths, bins=40, color="#4C72B0")
     axes.axvline(limit, color="#C44E52", linestyle="--", label=f"max_length={limit}")
-    axes.set_xlabel("tokens per example (rendered with the chat template)")
-    axes.set_ylabel("examples")
+    axes.set(xlabel="tokens per example (rendered with the chat template)", ylabel="examples")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def cache_key(config: PipelineConfig, tokenizer: Any) -> str:
-    """Everything the prepared dataset depends on (the cache location itself excluded)."""
-    data = config.data.model_dump(mode="json", exclude={"cache_dir"})
-    sources = [source_digest(source, data_seed(config)) for source in config.data.sources]
-    return digest_of({"data": data, "sources": sources, "seed": data_seed(config),
-                      "tokenizer": tokenizer_identity(tokenizer), "version": 1})  # fmt: skip
-
-
-def cache_dir(config: PipelineConfig) -> Path:
-    if config.data.cache_dir:
-        return Path(config.data.cache_dir)
-    from pipeline.models import cache_root
-
-    return cache_root() / "prepared"
+    """Everything the prepared dataset depends on (the cache location itself excluded); of the
+    tokenizer, what decides rendering and lengths: template, vocabulary and merges."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
+    identity = sha256("\x00".join([type(tokenizer).__name__, tokenizer.chat_template or "", vocabulary]))
+    data, seed = config.data.model_dump(mode="json", exclude={"cache_dir"}), data_seed(config)
+    sources = [source_digest(source, seed) for source in config.data.sources]
+    return digest_of({"data": data, "sources": sources, "seed": seed, "tokenizer": identity, "version": 1})
 
 
 def prepare_cached(config: PipelineConfig, tokenizer: Any) -> tuple[Path, bool]:
     """The cached build folder for this config, building it once (file-locked, atomic rename)."""
     from filelock import FileLock
 
-    root = cache_dir(config)
+    from pipeline.models import cache_root
+
+    root = Path(config.data.cache_dir) if config.data.cache_dir else cache_root() / "prepared"
     root.mkdir(parents=True, exist_ok=True)
     target = root / cache_key(config, tokenizer)[:24]
     if (target / "stats.json").is_file():
@@ -561,68 +415,57 @@ def prepare_cached(config: PipelineConfig, tokenizer: Any) -> tuple[Path, bool]:
     with FileLock(str(target) + ".lock"):
         if (target / "stats.json").is_file():
             return target, True
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
-        try:
-            build(config, tokenizer, staging)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        staging = tempfile.TemporaryDirectory(dir=root, prefix=f"{target.name}.", ignore_cleanup_errors=True)
+        with staging as tmp:  # removed unless renamed
+            build(config, tokenizer, Path(tmp))
+            Path(tmp).rename(target)  # the rest of the cache sees the folder complete or not at all
     return target, False
 
 
 def run(ctx: StageContext) -> StageResult:
+    """Prepare the dataset (or reuse the cached one) and say what came in, what went out, what was
+    dropped and why."""
     from pipeline.models import load_tokenizer
 
-    config = ctx.config
     try:
-        tokenizer = load_tokenizer(config.model)
+        tokenizer = load_tokenizer(ctx.config.model)
     except (OSError, ValueError) as error:
         raise StageError(f"model.name_or_path: cannot load the tokenizer: {error}") from None
-    built, hit = prepare_cached(config, tokenizer)
-    for item in built.iterdir():
-        destination = ctx.work_dir / item.name
-        if destination.is_dir():
-            shutil.rmtree(destination)
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, destination)
+    built, hit = prepare_cached(ctx.config, tokenizer)
+    for item in built.iterdir():  # an earlier attempt's folder is replaced, never merged into
+        shutil.rmtree(ctx.work_dir / item.name, ignore_errors=True)
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, ctx.work_dir / item.name)
     stats = json.loads((ctx.work_dir / "stats.json").read_text(encoding="utf-8"))
-    report(stats, ctx.work_dir, hit)
-    log_to_mlflow(ctx, stats)
-    metrics = {"rows_in": stats["rows_in"]["total"], "rows_train": stats["rows_out"]["train"],
-               "rows_eval": stats["rows_out"]["eval"], "cache_hit": float(hit),
-               **{f"dropped.{k}": v for k, v in stats["dropped"].items() if ":" not in k},
-               **{f"token_length.{k}": v for k, v in stats["token_length"].items()}}  # fmt: skip
-    outputs = {"dataset": "dataset", "stats": "stats.json"}
-    return StageResult(metrics=metrics, outputs=outputs,
-                       extra={"cache": str(built), "digests": stats["digests"]})  # fmt: skip
-
-
-def report(stats: dict[str, Any], work_dir: Path, hit: bool) -> None:
-    """A few lines for the console: what came in, what went out, what was dropped and why."""
     dropped = ", ".join(f"{k}={v}" for k, v in stats["dropped"].items()) or "nothing"
     print(f"prepare: {stats['rows_in']['total']} rows in → {stats['rows_out']['train']} train + "
           f"{stats['rows_out']['eval']} eval; dropped {dropped}{' (cached)' if hit else ''}")  # fmt: skip
     for item in stats.get("malformed_examples", [])[:5]:
         print(f"  malformed: {item['source']} row {item['row']}: {item['reason']}")
     if stats["dropped"].get("malformed", 0) > 5:
-        print(f"  ... all malformed rows: {work_dir.parent / NAME / 'malformed.jsonl'}")
+        print(f"  ... all malformed rows: {ctx.run_dir / NAME / 'malformed.jsonl'}")
+    log_to_mlflow(ctx, stats)
+    metrics = {"rows_in": stats["rows_in"]["total"], "rows_train": stats["rows_out"]["train"],
+               "rows_eval": stats["rows_out"]["eval"], "cache_hit": float(hit),
+               **{f"dropped.{k}": v for k, v in stats["dropped"].items() if ":" not in k},
+               **{f"token_length.{k}": v for k, v in stats["token_length"].items()}}  # fmt: skip
+    return StageResult(metrics=metrics, outputs={"dataset": "dataset", "stats": "stats.json"},
+                       extra={"cache": str(built), "digests": stats["digests"]})  # fmt: skip
 
 
 def log_to_mlflow(ctx: StageContext, stats: dict[str, Any]) -> None:
     """stats.json, the length plot and the datasets (with digests) on the active child run."""
-    from pipeline.tracking import active_mlflow, log_dataset
-
-    mlflow = active_mlflow()
-    if mlflow is None:
-        return
     from datasets import load_from_disk
 
+    from pipeline.tracking import active_mlflow, log_dataset
+
+    if (mlflow := active_mlflow()) is None:
+        return
     for name in ("stats.json", "token_lengths.png", "malformed.jsonl"):
         if (ctx.work_dir / name).is_file():
             mlflow.log_artifact(str(ctx.work_dir / name))
     dataset = load_from_disk(str(ctx.work_dir / "dataset"))
-    final = str(ctx.run_dir / NAME / "dataset")
     for split_name, context in (("train", "training"), ("eval", "evaluation")):
         log_dataset(dataset[split_name], name=f"{ctx.config.run.name}-{split_name}", context=context,
-                    digest=stats["digests"][split_name][:16], source=final)  # fmt: skip
+                    digest=stats["digests"][split_name][:16], source=str(ctx.run_dir / NAME / "dataset"))
     safe = {re.sub(r"[^\w./ -]", "_", k): v[:16] for k, v in stats["digests"]["sources"].items()}
     mlflow.set_tags({f"data.digest.{k}": v for k, v in safe.items()})
