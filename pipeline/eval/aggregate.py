@@ -1,16 +1,13 @@
-"""From judgments to the numbers in the report: MT-Bench averages, exact match, a Markdown table.
+"""From judgments to the report's numbers: MT-Bench averages, exact match, intervals, a Markdown table.
 
-Averages follow FastChat's ``show_result``: a model's turn-1 (turn-2) score is the mean over its
-graded turn-1 (turn-2) answers, the overall score is the mean over all graded answers, a category
-score the mean over that category's graded answers (both turns). Failed judgments are counted,
-never averaged in. A number with nothing behind it is ``None`` (null in JSON), not 0.
+Averages follow FastChat's ``show_result``: the turn-1, turn-2, overall and per-category scores are
+means over the graded answers concerned. Failed judgments are counted, never averaged in. A number
+with nothing behind it is ``None`` (null in JSON), not 0.
 """
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Iterable
 from statistics import fmean
 from typing import Any
 
@@ -27,12 +24,9 @@ def _mean(values: list[float]) -> float | None:
 
 def normalise(text: str) -> str:
     """Case, surrounding quotes/backticks/punctuation and inner whitespace do not matter."""
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    return text.strip(" \"'`.!")
+    return re.sub(r"\s+", " ", text.strip().lower()).strip(" \"'`.!")
 
 
-# A number as a model writes it: optional sign and "$", thousands commas, decimals. The minus must
-# not follow a word or digit character ("pages 10-12" ends with 12, not -12).
 def is_exact_match(response: str, expected: str) -> bool:
     """The response is the expected answer, or ends with it ("... so the answer is 42."); or, for a
     numeric expected answer, the response's last number equals it ("... she earned $10.00 in
@@ -46,29 +40,23 @@ def is_exact_match(response: str, expected: str) -> bool:
     return number is not None and last_number(response) == number
 
 
-def _verifiable_turns(question: Question, turns: list[str]) -> list[tuple[str, str]]:
-    """(expected, response) for each answered turn of ``question`` that has an expected answer."""
-    return [(e, r) for e, r in zip(question.exact_answer or (), turns, strict=False) if e is not None]
-
-
-def exact_match(questions: Iterable[Question], answers: dict[str, dict[str, Any]]) -> float | None:
+def exact_match(questions: list[Question], answers: dict[str, dict[str, Any]]) -> float | None:
     """Share of verifiable answer turns that match their expected answer; None if none is verifiable."""
     hits: list[float] = []
     for q in questions:
-        turns = answers[str(q.question_id)]["choices"][0]["turns"] if q.exact_answer else []
-        hits += [1.0 if is_exact_match(r, e) else 0.0 for e, r in _verifiable_turns(q, turns)]
+        said = answers[str(q.question_id)]["choices"][0]["turns"] if q.exact_answer else []
+        pairs = zip(q.exact_answer or (), said, strict=False)
+        hits += [float(is_exact_match(r, e)) for e, r in pairs if e is not None]
     return _mean(hits)
 
 
 def exact_match_by_category(
-    questions: Iterable[Question], answers: dict[str, dict[str, Any]]
+    questions: list[Question], answers: dict[str, dict[str, Any]]
 ) -> dict[str, float | None]:
     """``exact_match`` per category, for the categories that have verifiable turns (sorted)."""
-    by_category: dict[str, list[Question]] = defaultdict(list)
-    for q in questions:
-        if q.exact_answer and any(a is not None for a in q.exact_answer):
-            by_category[q.category].append(q)
-    return {cat: exact_match(by_category[cat], answers) for cat in sorted(by_category)}
+    verifiable = [q for q in questions if any(a is not None for a in q.exact_answer or ())]
+    categories = sorted({q.category for q in verifiable})
+    return {cat: exact_match([q for q in verifiable if q.category == cat], answers) for cat in categories}
 
 
 def aggregate(
@@ -78,45 +66,33 @@ def aggregate(
     judged_questions: list[Question] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per model: overall/turn-1/turn-2/per-category scores, judge failures, exact match (overall
-    and per category), spread.
-
-    ``judged_questions`` (default: all) are those sent to the judge: only their categories get a
-    judge-score entry, so questions scored by exact match alone add no empty axis to the report.
-    A model without any judgment gets None scores, not an error.
+    and per category), spread. Only the categories of ``judged_questions`` (default: all), those
+    sent to the judge, get a score entry: questions scored by exact match alone add no empty axis.
     """
-    judged_categories = sorted(
-        {q.category for q in (questions if judged_questions is None else judged_questions)}
-    )
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in judgments:
-        by_model[record["model"]].append(record)
+    judged = questions if judged_questions is None else judged_questions
     results: dict[str, dict[str, Any]] = {}
-    for model_id in answers:
-        records = by_model.get(model_id, [])
+    for model_id, said in answers.items():
+        records = [r for r in judgments if r["model"] == model_id]
         graded = [r for r in records if not r["failed"]]
-        categories: dict[str, list[float]] = defaultdict(list)
-        for r in graded:
-            categories[r["category"]].append(r["score"])
-        spreads = [
-            r["spread"] for r in graded if r.get("spread") is not None and len(r.get("scores", [])) > 1
-        ]
+        spreads = [r["spread"] for r in graded if r.get("spread") is not None and len(r["scores"]) > 1]
         results[model_id] = {
             "score_overall": _mean([r["score"] for r in graded]),
             "score_turn1": _mean([r["score"] for r in graded if r["turn"] == 1]),
             "score_turn2": _mean([r["score"] for r in graded if r["turn"] == 2]),
-            "categories": {cat: _mean(categories[cat]) for cat in judged_categories},
-            "judge_failures": sum(1 for r in records if r["failed"]),
-            "exact_match": exact_match(questions, answers[model_id]),
-            "exact_match_categories": exact_match_by_category(questions, answers[model_id]),
+            "categories": {
+                cat: _mean([r["score"] for r in graded if r["category"] == cat])
+                for cat in sorted({q.category for q in judged})
+            },
+            "judge_failures": len(records) - len(graded),
+            "exact_match": exact_match(questions, said),
+            "exact_match_categories": exact_match_by_category(questions, said),
             "judged": len(records),
             "judge_spread_mean": _mean(spreads),
         }
     return results
 
 
-# --------------------------------------------------------------------------------------------
 # per-question results: what intervals, comparisons and the promote gate are computed from
-# --------------------------------------------------------------------------------------------
 def question_key(question: Question) -> str:
     """The question's content (turns and expected answers), not its id: held-out ids count rows
     of one run's eval split, so only content says that two runs asked the same question."""
@@ -133,21 +109,15 @@ def per_question(
     """One row per question: per model and turn the judge score, exact-match hit (1/0) and answer
     length in words (None where there is none); the pairwise outcome per turn (+1 tuned won in
     both orders, -1 base did, 0 a tie or a verdict that flipped with the order)."""
-    scores = {
-        (r["model"], str(r["question_id"]), r["turn"]): r["score"] for r in judgments if not r["failed"]
-    }
+    scores = {(r["model"], str(r["question_id"]), r["turn"]): r["score"]
+              for r in judgments if not r["failed"]}  # fmt: skip
     judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}
     rows = []
     for q in questions:
         qid, turns = str(q.question_id), range(1, len(q.turns) + 1)
         expected = list(q.exact_answer or ()) + [None] * len(q.turns)
-        row: dict[str, Any] = {
-            "question_id": q.question_id,
-            "key": question_key(q),
-            "category": q.category,
-            "judged": qid in judged,
-            "models": {},
-        }
+        row: dict[str, Any] = {"question_id": q.question_id, "key": question_key(q), "category": q.category,
+                               "judged": qid in judged, "models": {}}  # fmt: skip
         for model, records in answers.items():
             said = records[qid]["choices"][0]["turns"]
             row["models"][model] = {
@@ -168,6 +138,7 @@ def per_question(
 _FIELDS = {"score_overall": ("score", None), "score_turn1": ("score", 0), "score_turn2": ("score", 1),
            "categories": ("score", None), "category": ("score", None), "exact_match": ("exact", None),
            "exact_match_categories": ("exact", None)}  # fmt: skip
+_NESTED = {"categories": "category", "exact_match_categories": "exact_match"}  # results key -> metric name
 
 
 def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
@@ -185,9 +156,7 @@ def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
     }
 
 
-def with_intervals(
-    models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
+def with_intervals(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``models`` with ``<metric>_ci95`` after each score and exact-match rate (a dict of intervals
     after a dict of categories) and the judged answers' mean length in words."""
     out: dict[str, dict[str, Any]] = {}
@@ -195,10 +164,9 @@ def with_intervals(
         out[model] = {}
         for name, value in row.items():
             out[model][name] = value
-            if name in ("categories", "exact_match_categories"):
-                out[model][f"{name}_ci95"] = {
-                    c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value
-                }
+            if name in _NESTED:
+                cis = {c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value}
+                out[model][f"{name}_ci95"] = cis
             elif name in _FIELDS:
                 out[model][f"{name}_ci95"] = interval(units(rows, model, name) or {})
         words = [w for r in rows if r["judged"] for w in r["models"][model]["words"]]
@@ -216,25 +184,17 @@ def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
     every score and exact-match rate both have (and the pairwise preference, if judged)."""
     if not {"base", "tuned"} <= set(models):
         return {}
-    names = [
-        *("score_overall", "score_turn1", "score_turn2"),
-        *(f"categories.{c}" for c in models["tuned"]["categories"]),
-        "exact_match",
-        *(f"exact_match_categories.{c}" for c in models["tuned"]["exact_match_categories"]),
-    ]
-    found = {
-        name: compare(units(rows, "base", name) or {}, units(rows, "tuned", name) or {}) for name in names
-    }
+    tuned = models["tuned"]
+    categories = [f"categories.{c}" for c in tuned["categories"]]
+    exact = [f"exact_match_categories.{c}" for c in tuned["exact_match_categories"]]
+    names = ["score_overall", "score_turn1", "score_turn2", *categories, "exact_match", *exact]
+    found = {n: compare(units(rows, "base", n) or {}, units(rows, "tuned", n) or {}) for n in names}
     outcomes = _pair_units(rows)
     ci95 = interval(outcomes)
     if ci95 is not None:  # mean of +1/0/-1 per judged turn: win rate - loss rate
         values = [v for turns in outcomes.values() for v in turns if v is not None]
-        found["pairwise"] = {
-            "diff": _mean(values),
-            "ci95": ci95,
-            "n": len(outcomes),
-            "verdict": verdict(ci95),
-        }
+        found["pairwise"] = {"diff": _mean(values), "ci95": ci95, "n": len(outcomes),
+                             "verdict": verdict(ci95)}  # fmt: skip
     return {"tuned-base": {name: c for name, c in found.items() if c is not None}}
 
 
@@ -242,11 +202,9 @@ def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any
     """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates over the judged
     turns (with intervals); ``failures`` turns without a readable verdict in either order."""
     outcomes = _pair_units(rows)
-    summary: dict[str, Any] = {
-        "turns": sum(v is not None for t in outcomes.values() for v in t),
-        "failures": failures,
-    }
-    if not summary["turns"]:
+    turns = sum(v is not None for t in outcomes.values() for v in t)
+    summary: dict[str, Any] = {"turns": turns, "failures": failures}
+    if not turns:
         return None
     for name, value in (("win", 1), ("tie", 0), ("loss", -1)):
         hits = {k: [None if v is None else float(v == value) for v in turns] for k, turns in outcomes.items()}
@@ -260,11 +218,10 @@ def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) 
     ``<model>.exact_match.<cat>`` per verifiable category): the one naming of MLflow's metrics, the
     promote gate and the version tags. Intervals are left out; so are None values unless ``keep_none``."""
     metrics: dict[str, float | None] = {}
-    nested = {"categories": "category", "exact_match_categories": "exact_match"}
     for model_id, row in models.items():
         for name, value in row.items():
-            for cat, number in value.items() if name in nested else [(None, value)]:
-                key = f"{model_id}.{name}" if cat is None else f"{model_id}.{nested[name]}.{cat}"
+            for cat, number in value.items() if name in _NESTED else [(None, value)]:
+                key = f"{model_id}.{name}" if cat is None else f"{model_id}.{_NESTED[name]}.{cat}"
                 if isinstance(number, (int, float)) or (number is None and keep_none):
                     metrics[metric_name(key)] = None if number is None else float(number)
     return metrics
@@ -277,28 +234,22 @@ def _fmt(value: Any, ci95: list[float] | None = None) -> str:
     return text + (f" [{ci95[0]:.2f}, {ci95[1]:.2f}]" if ci95 else "")
 
 
+_LABELS = {"score_overall": "score (overall)", "score_turn1": "score (turn 1)",
+           "score_turn2": "score (turn 2)", "exact_match": "exact match", "judge_failures": "judge failures",
+           "mean_answer_words": "mean answer length (words, judged questions)"}  # fmt: skip
+
+
 def markdown_table(models: dict[str, dict[str, Any]]) -> str:
     """Models side by side: the headline numbers with their 95% intervals, then one row per category."""
     names = list(models)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    labels = {
-        "score_overall": "score (overall)",
-        "score_turn1": "score (turn 1)",
-        "score_turn2": "score (turn 2)",
-        "exact_match": "exact match",
-        "judge_failures": "judge failures",
-        "mean_answer_words": "mean answer length (words, judged questions)",
-    }
-    for name, label in labels.items():
+    for name, label in _LABELS.items():
         cells = " | ".join(_fmt(models[m].get(name), models[m].get(f"{name}_ci95")) for m in names)
         lines.append(f"| {label} | {cells} |")
     for key, prefix in (("categories", ""), ("exact_match_categories", "exact match: ")):
-        categories = sorted({cat for m in names for cat in models[m].get(key, {})})
-        for cat in categories:
-            cells = " | ".join(
-                _fmt(models[m].get(key, {}).get(cat), models[m].get(f"{key}_ci95", {}).get(cat))
-                for m in names
-            )
+        values = [(models[m].get(key, {}), models[m].get(f"{key}_ci95", {})) for m in names]
+        for cat in sorted({cat for value, _ in values for cat in value}):
+            cells = " | ".join(_fmt(value.get(cat), ci95.get(cat)) for value, ci95 in values)
             lines.append(f"| {prefix}{cat} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -307,16 +258,14 @@ def verdict_lines(comparisons: dict[str, Any], pairwise: dict[str, Any] | None) 
     """The report's last section: pairwise rates, then one line per paired comparison."""
     lines = []
     for pair, row in (pairwise or {}).items():
-        rates = ", ".join(
-            f"{name} {_fmt(row[f'{name}_rate'], row[f'{name}_rate_ci95'])}" for name in ("win", "tie", "loss")
-        )
-        lines.append(
-            f"Pairwise judge, {pair.replace('-', ' vs ')} ({row['turns']} turns judged in both orders, "
-            f"{row['failures']} failed): {rates}.\n"
-        )
+        rates = ", ".join(f"{n} {_fmt(row[f'{n}_rate'], row[f'{n}_rate_ci95'])}"
+                          for n in ("win", "tie", "loss"))  # fmt: skip
+        lines.append(f"Pairwise judge, {pair.replace('-', ' vs ')} ({row['turns']} turns judged in both "
+                     f"orders, {row['failures']} failed): {rates}.\n")  # fmt: skip
     for pair, metrics in comparisons.items():
         lines.append(f"## Verdicts: {pair.replace('-', ' − ')}, paired over the same questions\n")
         for name, c in metrics.items():
             low, high = c["ci95"]
-            lines.append(f"- {name}: {c['diff']:+.3f} [{low:+.3f}, {high:+.3f}], n={c['n']}: {c['verdict']}")
+            lines.append(f"- {name}: {c['diff']:+.3f} [{low:+.3f}, {high:+.3f}], n={c['n']}: "
+                         f"{c['verdict']}")  # fmt: skip
     return "\n".join(lines) + ("\n" if lines else "")
