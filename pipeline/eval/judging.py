@@ -1,17 +1,12 @@
 """Judging: build the judge chats, run a backend, parse and cache the verdicts.
 
-Single-answer grading: one judgment grades one answer turn of one model. Pairwise (FastChat's
-pairwise-baseline mode): one judgment compares the tuned and the base answer to one turn, once in
-each order (``model`` is ``"tuned|base"`` when tuned is assistant A); a verdict that flips with the
-order counts as a tie, so a judge that always prefers one position finds no difference at all.
-
-Records are FastChat's single-judgment format (``question_id``, ``model``, ``judge: [judge model,
-prompt name]``, ``user_prompt``, ``judgment``, ``score``, ``turn``, ``tstamp``) with a few
-additions: every sample's text and rating, the median and spread over samples, ``failed`` for
-verdicts without a readable rating (``score`` is then null, never a number), and the
-``cache_key``; pairwise records have ``winner`` (``A``, ``B``, ``tie``) instead of ``score``. The
-key covers the judge's identity, the prompt texts and the rendered prompt (which contains the
-answers), so a changed answer or judge is re-judged and nothing else is.
+Single grading: one judgment grades one answer turn of one model. Pairwise (FastChat's
+pairwise-baseline mode): one judgment compares two models' answers to one turn, once in each order
+(``model`` is ``"tuned|base"`` when tuned is assistant A); a verdict that flips with the order is a
+tie, so a judge that always prefers one position finds no difference at all. Records are FastChat's
+judgment format plus every sample's text and rating, their median and spread, ``failed`` (``score``
+is then null, never a number) or ``winner`` (pairwise), and a ``cache_key`` over the judge's identity,
+the prompt texts and the rendered prompt: a changed answer or judge is re-judged, nothing else is.
 """
 
 from __future__ import annotations
@@ -35,60 +30,44 @@ Chat = list[dict[str, str]]
 
 
 class JudgeBackend(Protocol):
-    """What the judging loop needs from a judge."""
+    """What the judging loop needs from a judge: its model ``name`` (FastChat's ``judge[0]``), an
+    ``identity`` (all that makes its outputs what they are, never secrets) and ``complete``:
+    ``samples`` outputs per chat as ``(index, outputs)`` in completion order (``pairwise``: the
+    chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating)."""
 
-    name: str  # the judge's model name, FastChat's ``judge[0]``
+    name: str
 
-    def identity(self) -> dict[str, Any]:
-        """Everything that makes this judge's outputs what they are (never secrets)."""
-        ...
+    def identity(self) -> dict[str, Any]: ...
 
     def complete(
         self, chats: list[Chat], samples: int, pairwise: bool = False
-    ) -> Iterator[tuple[int, list[str]]]:
-        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order;
-        ``pairwise``: the chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating."""
-        ...
+    ) -> Iterator[tuple[int, list[str]]]: ...
 
 
 @dataclass(frozen=True)
 class JudgeTask:
-    """One answer turn to grade."""
+    """One answer turn to grade (``turn`` is 1-based, like FastChat)."""
 
     question: Question
     model_id: str
-    turn: int  # 1-based, like FastChat
+    turn: int
     prompt: JudgePrompt
     user_prompt: str
     key: str
+
+    @classmethod
+    def build(cls, question: Question, model_id: str, turn: int, prompt: JudgePrompt,
+              fields: dict[str, str], identity: Any, samples: int) -> JudgeTask:  # fmt: skip
+        user_prompt = prompt.render(**fields)
+        payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
+                   "user_prompt": user_prompt, "samples": samples}  # fmt: skip
+        return cls(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
 
     @property
     def labels(self) -> dict[str, Any]:
         """The fields that say whose answer a judgment grades (a cached verdict may be shared)."""
         return {"question_id": self.question.question_id, "model": self.model_id, "turn": self.turn,
                 "category": self.question.category}  # fmt: skip
-
-    @property
-    def chat(self) -> list[dict[str, str]]:
-        return [
-            {"role": "system", "content": self.prompt.system_prompt},
-            {"role": "user", "content": self.user_prompt},
-        ]
-
-
-def _task(
-    question: Question,
-    model_id: str,
-    turn: int,
-    prompt: JudgePrompt,
-    fields: dict[str, str],
-    identity: Any,
-    samples: int,
-) -> JudgeTask:
-    user_prompt = prompt.render(**fields)
-    payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
-               "user_prompt": user_prompt, "samples": samples}  # fmt: skip
-    return JudgeTask(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
 
 
 def build_tasks(
@@ -106,7 +85,7 @@ def build_tasks(
             for turn in range(1, len(q.turns) + 1):
                 prompt = prompts[prompt_name(q.category, turn, q.reference is not None)]
                 fields = prompt_fields(q.turns, said, q.reference, turn)
-                tasks.append(_task(q, model_id, turn, prompt, fields, judge_identity, samples))
+                tasks.append(JudgeTask.build(q, model_id, turn, prompt, fields, judge_identity, samples))
     return tasks
 
 
@@ -126,7 +105,7 @@ def build_pair_tasks(
             prompt = prompts[prompt_name(q.category, turn, q.reference is not None, pairwise=True)]
             for a, b in (pair, pair[::-1]):
                 fields = pair_fields(q.turns, said[a], said[b], q.reference, turn)
-                tasks.append(_task(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
+                tasks.append(JudgeTask.build(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
     return tasks
 
 
@@ -134,13 +113,9 @@ def verdict(outputs: list[str]) -> dict[str, Any]:
     """Ratings of all samples, their median as the score and max-min as the spread."""
     ratings = [parse_rating(text) for text in outputs]
     valid = [r for r in ratings if r is not None]
-    return {
-        "score": statistics.median(valid) if valid else None,
-        "scores": ratings,
-        "spread": (max(valid) - min(valid)) if valid else None,
-        "failed": not valid,
-        "failed_samples": len(ratings) - len(valid),
-    }
+    return {"score": statistics.median(valid) if valid else None, "scores": ratings,
+            "spread": (max(valid) - min(valid)) if valid else None, "failed": not valid,
+            "failed_samples": len(ratings) - len(valid)}  # fmt: skip
 
 
 def pair_verdict(outputs: list[str]) -> dict[str, Any]:
@@ -185,24 +160,19 @@ def run_judging(
     # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
     # once; the verdict is then reported for every task that shares it, labelled with its model.
     todo = list({task.key: task for task in tasks if task.key not in cached}.values())
-    bar = tqdm(total=len(todo), desc="pairwise judgments" if pairwise else "judgments", disable=not progress)
+    chats = [[{"role": "system", "content": task.prompt.system_prompt},
+              {"role": "user", "content": task.user_prompt}] for task in todo]  # fmt: skip
     read = pair_verdict if pairwise else verdict
-    for index, outputs in backend.complete([task.chat for task in todo], samples, pairwise=pairwise):
-        task = todo[index]
-        record = {
-            **task.labels,
-            "judge": [backend.name, task.prompt.name],
-            "user_prompt": task.user_prompt,
-            "judgment": outputs[0],
-            "tstamp": time.time(),
-            "judgments": outputs,
-            **read(outputs),
-            "cache_key": task.key,
-        }
-        append_record(cache_path, record)
-        cached[task.key] = record
-        bar.update(1)
-    bar.close()
+    desc = "pairwise judgments" if pairwise else "judgments"
+    with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+        for index, outputs in backend.complete(chats, samples, pairwise=pairwise):
+            task = todo[index]
+            cached[task.key] = {**task.labels, "judge": [backend.name, task.prompt.name],
+                                "user_prompt": task.user_prompt, "judgment": outputs[0],
+                                "tstamp": time.time(), "judgments": outputs, **read(outputs),
+                                "cache_key": task.key}  # fmt: skip
+            append_record(cache_path, cached[task.key])
+            bar.update(1)
     records = [{**cached[task.key], **task.labels} for task in tasks]
     rewrite_records(cache_path, records)
     return records
