@@ -1,13 +1,11 @@
 """Multi-turn answer generation with an on-disk cache, as MT-Bench asks for it.
 
-Turn 2 is asked in the same conversation as turn 1: the prompt holds turn 1's question *and the
-model's own answer*, rendered through the model's chat template. Questions are generated in
-batches (left padding, so every row's answer starts at the same position) grouped by sampling
-temperature, since one ``generate`` call has one temperature.
-
-Every finished question is appended to a FastChat-format answer JSONL at once, keyed by the model's
-identity, the question and the generation settings; a rerun (after a crash, a kill, or a changed
-judge) regenerates only what is missing or stale.
+Turn 2 is asked in the same conversation as turn 1: the prompt holds turn 1's question and the
+model's own answer, through the model's chat template. Questions are generated in left-padded
+batches (every row's answer starts at the same position) grouped by temperature and budget, as one
+``generate`` call has one of each. Every finished question is appended at once to a FastChat-format
+answer JSONL keyed by the model's identity, the question and the generation settings: a rerun
+(after a crash, a kill, or a changed judge) regenerates only what is missing or stale.
 """
 
 from __future__ import annotations
@@ -51,17 +49,10 @@ class GenerationSettings:
 
 def messages_for_turn(question: Question, answers: list[str], turn: int) -> list[dict[str, str]]:
     """The chat for asking turn ``turn`` (0-based): earlier questions with the model's own answers."""
-    messages: list[dict[str, str]] = []
-    for index in range(turn):
-        messages.append({"role": "user", "content": question.turns[index]})
-        messages.append({"role": "assistant", "content": answers[index]})
-    messages.append({"role": "user", "content": question.turns[turn]})
-    return messages
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text the model sees, through its own chat template."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    earlier = zip(question.turns[:turn], answers[:turn], strict=True)
+    messages = [{"role": role, "content": text}
+                for q, a in earlier for role, text in (("user", q), ("assistant", a))]  # fmt: skip
+    return [*messages, {"role": "user", "content": question.turns[turn]}]
 
 
 class _StepCounter:
@@ -91,13 +82,9 @@ def generate_batch(
     """Answers for a batch of rendered prompts (left-padded), greedy when ``temperature`` is 0."""
     import torch
 
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        # The chat template already added BOS where the model wants one.
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = previous_side
+    # The chat template already added BOS where the model wants one.
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                      add_special_tokens=False)  # fmt: skip
     batch = {key: value.to(model.device) for key, value in batch.items()}
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature >= 1e-4:  # FastChat's rule: below this, greedy
@@ -107,23 +94,16 @@ def generate_batch(
         output = model.generate(
             **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling,
             streamer=_StepCounter(on_token) if on_token else None,
-        )
+        )  # fmt: skip
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def answer_key(model_identity: str, question: Question, settings: GenerationSettings) -> str:
     """Cache key of one question's answers: who answered what, with which settings."""
-    return digest_of(
-        {
-            "model": model_identity,
-            "turns": list(question.turns),
-            "temperature": settings.temperature(question.category),
-            "max_new_tokens": settings.max_tokens(question),
-            "seed": settings.seed,
-        },
-        compact=False,
-    )
+    return digest_of({"model": model_identity, "turns": list(question.turns), "seed": settings.seed,
+                      "temperature": settings.temperature(question.category),
+                      "max_new_tokens": settings.max_tokens(question)}, compact=False)  # fmt: skip
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:
@@ -133,8 +113,7 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _token_progress(bar: Any, label: str, total: int) -> Callable[[], None]:
-    """Per generation step: the bar shows ``label k/total`` (redrawn at most every mininterval), so it
-    moves while a batch is generated, not only when the batch is done."""
+    """Per generation step: the bar shows ``label k/total`` (redrawn at most every mininterval)."""
     steps = itertools.count(1)
 
     def on_token() -> None:
@@ -163,12 +142,10 @@ def generate_answers(
     cached = read_cache(cache_path)
     keys = {str(q.question_id): answer_key(model_identity, q, settings) for q in questions}
     results = {qid: cached[key] for qid, key in keys.items() if key in cached}
-    pending = [q for q in questions if str(q.question_id) not in results]
-
-    # One temperature and budget per generate() call: group by them, keep question order in a group.
-    groups: dict[tuple[float, int], list[Question]] = {}
-    for q in pending:
-        groups.setdefault((settings.temperature(q.category), settings.max_tokens(q)), []).append(q)
+    groups: dict[tuple[float, int], list[Question]] = {}  # question order kept within a group
+    for q in questions:
+        if str(q.question_id) not in results:
+            groups.setdefault((settings.temperature(q.category), settings.max_tokens(q)), []).append(q)
     bar = tqdm(total=len(questions), initial=len(results), desc=f"answers [{model_id}]", disable=not progress)
     for (temperature, max_new_tokens), group in groups.items():
         for start in range(0, len(group), settings.batch_size):
@@ -179,29 +156,24 @@ def generate_answers(
             turns = max(len(q.turns) for q in chunk)
             for turn in range(turns):
                 rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
-                prompts = [
-                    render_prompt(tokenizer, messages_for_turn(chunk[i], answers[i], turn)) for i in rows
-                ]
+                prompts = [tokenizer.apply_chat_template(messages_for_turn(chunk[i], answers[i], turn),
+                                                         tokenize=False, add_generation_prompt=True)
+                           for i in rows]  # fmt: skip
                 on_token = _token_progress(bar, f"turn {turn + 1}/{turns}, token", max_new_tokens)
                 outputs = generate_fn(
                     model, tokenizer, prompts, temperature, max_new_tokens, seed + turn, on_token
                 )
                 for i, text in zip(rows, outputs, strict=True):
                     answers[i].append(text)
-            for q, turns in zip(chunk, answers, strict=True):
+            for q, said in zip(chunk, answers, strict=True):
                 key = keys[str(q.question_id)]
-                record = {
-                    "question_id": q.question_id,
-                    "answer_id": key[:22],
-                    "model_id": model_id,
-                    "choices": [{"index": 0, "turns": turns}],
-                    "tstamp": time.time(),
-                    "category": q.category,
+                results[str(q.question_id)] = {
+                    "question_id": q.question_id, "answer_id": key[:22], "model_id": model_id,
+                    "choices": [{"index": 0, "turns": said}], "tstamp": time.time(), "category": q.category,
                     "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens},
                     "cache_key": key,
-                }
-                append_record(cache_path, record)
-                results[str(q.question_id)] = record
+                }  # fmt: skip
+                append_record(cache_path, results[str(q.question_id)])
             bar.update(len(chunk))
     bar.close()
     rewrite_records(cache_path, [results[str(q.question_id)] for q in questions])
