@@ -1,20 +1,17 @@
-"""Reading the judge's verdict: the ``[[rating]]`` (or pairwise ``[[A]]``) it was told to write, or nothing.
-
-A judgment without a readable rating is recorded as a failure and never turned into a score:
-guessing would bias the averages toward whatever the guess favours.
-"""
+"""Reading the judge's verdict: the ``[[rating]]`` (or pairwise ``[[A]]``) it was told to write, or
+nothing. A judgment without one is recorded as a failure, never turned into a score: a guess would
+bias the averages toward whatever the guess favours."""
 
 from __future__ import annotations
 
 import re
 
 MIN_RATING, MAX_RATING = 1.0, 10.0
-
 _NUMBER = r"\s*(\d+(?:\.\d+)?|\d+\.)\s*(?:/\s*10\s*)?"
-_DOUBLE = re.compile(r"\[\[" + _NUMBER + r"\]\]")
-_SINGLE = re.compile(r"\[" + _NUMBER + r"\]")
+_DOUBLE, _SINGLE = re.compile(r"\[\[" + _NUMBER + r"\]\]"), re.compile(r"\[" + _NUMBER + r"\]")
 # A lone "[7]" is accepted only where it is plainly the verdict, not a citation like "see [1]".
 _VERDICT_WORD = re.compile(r"(rating|score|grade|verdict)\W{0,12}$", re.IGNORECASE)
+_WINNER = re.compile(r"\[\[([ABC])\]\]")
 
 
 def parse_rating(text: str) -> float | None:
@@ -27,21 +24,12 @@ def parse_rating(text: str) -> float | None:
     """
     if not text:
         return None
-    matches = list(_DOUBLE.finditer(text))
-    if not matches:
-        matches = [
-            m
-            for m in _SINGLE.finditer(text)
-            if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()])
-            or not text[m.end() :].strip(" .\n")
-        ]
-    if not matches:
-        return None
-    value = float(matches[-1].group(1))
-    return value if MIN_RATING <= value <= MAX_RATING else None
-
-
-_WINNER = re.compile(r"\[\[([ABC])\]\]")
+    matches = list(_DOUBLE.finditer(text)) or [
+        m for m in _SINGLE.finditer(text)
+        if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()]) or not text[m.end() :].strip(" .\n")
+    ]  # fmt: skip
+    value = float(matches[-1].group(1)) if matches else None
+    return value if value is not None and MIN_RATING <= value <= MAX_RATING else None
 
 
 def parse_winner(text: str) -> str | None:
