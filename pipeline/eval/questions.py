@@ -88,12 +88,9 @@ def question_from_hub_row(row: dict[str, Any]) -> Question:
     """Map a ``HuggingFaceH4/mt_bench_prompts`` row to FastChat's fields: that dataset renamed
     ``turns`` to ``prompt`` and ``question_id`` to ``prompt_id`` (a hash of the turns, so FastChat
     reference files keyed by 81..160 do not match it; its own ``reference`` column is used)."""
-    record = {
-        "question_id": row.get("question_id", row.get("prompt_id")),
-        "category": row.get("category"),
-        "turns": row.get("turns", row.get("prompt")),
-        "reference": row.get("reference") or None,
-    }
+    record = {"question_id": row.get("question_id", row.get("prompt_id")), "category": row.get("category"),
+              "turns": row.get("turns", row.get("prompt")),
+              "reference": row.get("reference") or None}  # fmt: skip
     return _question_from_record(record, f"hub row {record['question_id']}")
 
 
@@ -109,24 +106,21 @@ def load_hub_questions(dataset: str, split: str) -> list[Question]:
 
 
 def builtin_questions(n_verifiable: int, exclude_instructions: Iterable[str] = ()) -> list[Question]:
-    """The project's offline question set: hand-written MT-Bench-style questions (one or more per
-    category) plus ``n_verifiable`` generated tasks with exact-match answers (those of the project's
-    task generator, which prepare can train on), skipping any whose instruction occurs in
-    ``exclude_instructions`` (the training split): a tuned model is never scored on its training data.
-    """
+    """The project's offline set: hand-written MT-Bench-style questions (one or more per category)
+    plus ``n_verifiable`` tasks of the project's task generator with exact-match answers, skipping any
+    whose instruction is in ``exclude_instructions`` (the training split) to keep the score clean."""
     from pipeline.builtin_tasks import generate_tasks
 
     excluded = {text.strip() for text in exclude_instructions}
     # Over-generate so that decontamination still leaves n_verifiable tasks.
     tasks = generate_tasks(n_verifiable * 4 + 8, BUILTIN_TASK_SEED)
     kept = [task for task in tasks if task["instruction"].strip() not in excluded][:n_verifiable]
-    generated = [
-        Question(BUILTIN_TASK_ID_OFFSET + index + 1, TASK_CATEGORY_MAP[task["category"]],
-                 (task["instruction"], FINAL_ANSWER_TURN), (task["output"], answer), (answer, answer))
-        for index, task in enumerate(kept)
-        for answer in [str(task["answer"])]
-    ]  # fmt: skip
-    return read_question_file(BUILTIN_FILE) + generated
+    questions = read_question_file(BUILTIN_FILE)
+    for index, task in enumerate(kept, start=BUILTIN_TASK_ID_OFFSET + 1):
+        answer, turns = str(task["answer"]), (task["instruction"], FINAL_ANSWER_TURN)
+        category = TASK_CATEGORY_MAP[task["category"]]
+        questions.append(Question(index, category, turns, (task["output"], answer), (answer, answer)))
+    return questions
 
 
 def load_reference_answers(path: Path) -> dict[str, tuple[str, ...]]:
@@ -143,12 +137,9 @@ def load_reference_answers(path: Path) -> dict[str, tuple[str, ...]]:
     return references
 
 
-def select_questions(
-    questions: list[Question],
-    categories: list[str] | None = None,
-    question_ids: list[int | str] | None = None,
-    max_questions: int | None = None,
-) -> list[Question]:
+def select_questions(questions: list[Question], categories: list[str] | None = None,
+                     question_ids: list[int | str] | None = None, max_questions: int | None = None,
+                     ) -> list[Question]:  # fmt: skip
     """The configured subset, in source order; an empty result is an error, not a silent no-op."""
     selected = questions
     if categories:
@@ -204,23 +195,19 @@ def heldout_question(row: dict[str, Any], k: int) -> Question | None:
     if not answer or len(users) != 1 or not str(users[0]).strip():
         return None
     replies = [m["content"] for m in messages if m.get("role") == "assistant"]
-    reference = (str(replies[0]),) if replies else None
-    source = str(row["source"])
+    source, reference = str(row["source"]), (str(replies[0]),) if replies else None
     return Question(f"heldout-{source}-{k}", source, (str(users[0]),), reference, (answer,))
 
 
 def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | None = None) -> list[Question]:
-    """Up to ``limit`` eligible rows of the prepared dataset's ``eval`` split, in split order.
-
-    ``k`` in ``heldout-<source>-<k>`` counts a source's eligible rows from 0, so a row keeps its id
-    when ``limit`` or ``sources`` change (the ids are a prefix of the same sequence).
-    """
+    """Up to ``limit`` eligible rows of the prepared dataset's ``eval`` split, in split order. ``k`` in
+    ``heldout-<source>-<k>`` counts a source's eligible rows from 0, so a row keeps its id when
+    ``limit`` or ``sources`` change (the ids are a prefix of the same sequence)."""
     if limit <= 0:
         return []
     if not dataset_dir.is_dir():
-        raise StageError(
-            f"eval.heldout_questions: no prepared dataset at {dataset_dir} (run the 'prepare' stage first)"
-        )
+        raise StageError(f"eval.heldout_questions: no prepared dataset at {dataset_dir} (run the 'prepare' "
+                         "stage first)")  # fmt: skip
     from datasets import load_from_disk
 
     dataset = load_from_disk(str(dataset_dir))
@@ -245,8 +232,6 @@ def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | N
         if len(questions) == limit:
             break
     if not questions:
-        raise StageError(
-            f"eval.heldout_questions: no row of the eval split in {dataset_dir} (sources {sorted(wanted)}) "
-            "has an 'answer' and exactly one user turn"
-        )
+        raise StageError(f"eval.heldout_questions: no row of the eval split in {dataset_dir} (sources "
+                         f"{sorted(wanted)}) has an 'answer' and exactly one user turn")  # fmt: skip
     return questions
