@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StageError
@@ -82,18 +82,13 @@ class OpenAIJudge:
     def complete(
         self, chats: list[Chat], samples: int, pairwise: bool = False
     ) -> Iterator[tuple[int, list[str]]]:
-        if not chats:
-            return
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
             futures = {pool.submit(self._samples, chat, samples): index for index, chat in enumerate(chats)}
-            pending = set(futures)
             try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield futures[future], future.result()  # re-raises the first failure
+                for future in as_completed(futures):
+                    yield futures[future], future.result()  # re-raises the first failure
             finally:
-                for future in pending:
+                for future in futures:
                     future.cancel()
 
     def _samples(self, chat: Chat, samples: int) -> list[str]:
@@ -129,8 +124,7 @@ class LocalJudge:
         return dict(self._identity)
 
     def render(self, chat: Chat) -> str:
-        """The judge's prompt text through its chat template (system message folded in if the
-        template has no system role)."""
+        """The prompt through the judge's chat template (the system message folded in if it has none)."""
         try:
             return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         except Exception:
@@ -163,9 +157,17 @@ class LocalJudge:
             return generate_batch(model, tokenizer, prompts, self.temperature, self.max_new_tokens, seed)
         if pairwise:
             return [self.pair_verdict(p) for p in prompts]
-        if self.scoring == "logits":
-            return [f"Rating: [[{self.most_likely_rating(p)}]]" for p in prompts]
-        return [f"Rating: [[{self.expected_rating(p):.2f}]]" for p in prompts]
+        scores = [self.rating_logprobs(p) for p in prompts]
+        if self.scoring == "logits":  # the most likely rating
+            return [f"Rating: [[{max(range(10), key=s.__getitem__) + 1}]]" for s in scores]
+        # "expected": the probability-weighted mean rating, as G-Eval scores. Small judges put most
+        # mass on one habitual number, so the arg-max barely moves; the expectation still follows
+        # how the judge's belief shifts between answers.
+        import torch
+
+        ratings = torch.arange(1, 11, dtype=torch.float64)
+        means = [float((torch.tensor(s, dtype=torch.float64).softmax(dim=0) * ratings).sum()) for s in scores]
+        return [f"Rating: [[{mean:.2f}]]" for mean in means]
 
     def rating_logprobs(self, prompt: str) -> list[float]:
         """log p("k]]" | prompt + "Rating: [[") for k = 1..10."""
@@ -180,11 +182,9 @@ class LocalJudge:
         return f"[[{'ABC'[int(probs.argmax())]}]] (p A {p_a:.3f}, B {p_b:.3f}, C {p_c:.3f})"
 
     def choice_logprobs(self, prompt: str, prefix_text: str, choices: list[str]) -> list[float]:
-        """log p(choice | prompt + prefix_text) for each choice.
-
-        The prompt is run once; its KV cache is repeated for the candidates, which are then
-        scored together in one small batch (right-padded, so padding never precedes a real token).
-        """
+        """log p(choice | prompt + prefix_text) for each choice. The prompt is run once; its KV cache is
+        repeated for the candidates, scored together in one batch (right-padded: padding never
+        precedes a real token)."""
         import torch
 
         prefix = self.tokenizer(prompt + prefix_text, add_special_tokens=False)["input_ids"]
@@ -214,16 +214,3 @@ class LocalJudge:
             rest_tokens = [rest_logprobs[row, i, token].item() for i, token in enumerate(cand[1:])]
             scores.append(sum([first_logprobs[cand[0]].item(), *rest_tokens]))
         return scores
-
-    def most_likely_rating(self, prompt: str) -> int:
-        scores = self.rating_logprobs(prompt)
-        return max(range(10), key=scores.__getitem__) + 1
-
-    def expected_rating(self, prompt: str) -> float:
-        """The probability-weighted mean rating over 1..10 (as G-Eval scores): small judges put
-        most mass on one habitual number, so the arg-max barely moves, while the expectation still
-        follows how the judge's belief shifts between answers."""
-        import torch
-
-        probs = torch.tensor(self.rating_logprobs(prompt), dtype=torch.float64).softmax(dim=0)
-        return float((probs * torch.arange(1, 11, dtype=torch.float64)).sum())
