@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,7 @@ from pipeline.errors import StageError
 
 if TYPE_CHECKING:
     from pipeline.config import JudgeConfig, ModelConfig
-    from pipeline.eval.judging import Chat
+    from pipeline.eval.judging import Chat, Completions
 
 # openai error class -> the line a user can act on; the first match wins (a timeout is also a
 # connection error, and every HTTP failure an APIStatusError).
@@ -79,9 +78,7 @@ class OpenAIJudge:
             raise
         return (response.choices[0].message.content or "") if response.choices else ""
 
-    def complete(
-        self, chats: list[Chat], samples: int, pairwise: bool = False
-    ) -> Iterator[tuple[int, list[str]]]:
+    def complete(self, chats: list[Chat], samples: int, pairwise: bool = False) -> Completions:
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
             futures = {pool.submit(self._samples, chat, samples): index for index, chat in enumerate(chats)}
             try:
@@ -131,9 +128,7 @@ class LocalJudge:
             merged = [{"role": "user", "content": "\n\n".join(m["content"] for m in chat)}]
             return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
-    def complete(
-        self, chats: list[Chat], samples: int, pairwise: bool = False
-    ) -> Iterator[tuple[int, list[str]]]:
+    def complete(self, chats: list[Chat], samples: int, pairwise: bool = False) -> Completions:
         if chats and self.model is None:
             import torch
 

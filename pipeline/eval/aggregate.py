@@ -17,6 +17,8 @@ from pipeline.eval.stats import Units, compare, interval, verdict
 from pipeline.numbers import last_number, parse_number
 from pipeline.tracking import metric_name
 
+Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastChat answer record
+
 
 def _mean(values: list[float]) -> float | None:
     return round(fmean(values), 4) if values else None
@@ -50,21 +52,16 @@ def exact_match(questions: list[Question], answers: dict[str, dict[str, Any]]) -
     return _mean(hits)
 
 
-def exact_match_by_category(
-    questions: list[Question], answers: dict[str, dict[str, Any]]
-) -> dict[str, float | None]:
+def exact_match_by_category(questions: list[Question], answers: dict[str, dict[str, Any]],
+                            ) -> dict[str, float | None]:  # fmt: skip
     """``exact_match`` per category, for the categories that have verifiable turns (sorted)."""
     verifiable = [q for q in questions if any(a is not None for a in q.exact_answer or ())]
     categories = sorted({q.category for q in verifiable})
     return {cat: exact_match([q for q in verifiable if q.category == cat], answers) for cat in categories}
 
 
-def aggregate(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    judgments: list[dict[str, Any]],
-    judged_questions: list[Question] | None = None,
-) -> dict[str, dict[str, Any]]:
+def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
+              judged_questions: list[Question] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per model: overall/turn-1/turn-2/per-category scores, judge failures, exact match (overall
     and per category), spread. Only the categories of ``judged_questions`` (default: all), those
     sent to the judge, get a score entry: questions scored by exact match alone add no empty axis.
@@ -99,13 +96,9 @@ def question_key(question: Question) -> str:
     return digest_of([list(question.turns), list(question.exact_answer or ())], compact=False)[:16]
 
 
-def per_question(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    judgments: list[dict[str, Any]],
-    pair_outcomes: dict[tuple[str, int], int | None] | None = None,
-    judged_questions: list[Question] | None = None,
-) -> list[dict[str, Any]]:
+def per_question(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
+                 pair_outcomes: dict[tuple[str, int], int | None] | None = None,
+                 judged_questions: list[Question] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One row per question: per model and turn the judge score, exact-match hit (1/0) and answer
     length in words (None where there is none); the pairwise outcome per turn (+1 tuned won in
     both orders, -1 base did, 0 a tie or a verdict that flipped with the order)."""

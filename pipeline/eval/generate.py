@@ -70,15 +70,8 @@ class _StepCounter:
         pass
 
 
-def generate_batch(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    on_token: Callable[[], None] | None = None,
-) -> list[str]:
+def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: float, max_new_tokens: int,
+                   seed: int, on_token: Callable[[], None] | None = None) -> list[str]:  # fmt: skip
     """Answers for a batch of rendered prompts (left-padded), greedy when ``temperature`` is 0."""
     import torch
 
@@ -123,18 +116,10 @@ def _token_progress(bar: Any, label: str, total: int) -> Callable[[], None]:
     return on_token
 
 
-def generate_answers(
-    model: Any,
-    tokenizer: Any,
-    questions: list[Question],
-    settings: GenerationSettings,
-    *,
-    model_id: str,
-    model_identity: str,
-    cache_path: Path,
-    generate_fn: GenerateFn = generate_batch,
-    progress: bool = True,
-) -> dict[str, dict[str, Any]]:
+def generate_answers(model: Any, tokenizer: Any, questions: list[Question], settings: GenerationSettings, *,
+                     model_id: str, model_identity: str, cache_path: Path,
+                     generate_fn: GenerateFn = generate_batch, progress: bool = True,
+                     ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """FastChat answer records for ``questions`` by ``str(question_id)``, from the cache where
     possible, generating the rest batch by batch (each finished batch is on disk before the next)."""
     from tqdm.auto import tqdm

@@ -27,6 +27,8 @@ from pipeline.eval.ratings import parse_rating, parse_winner
 from pipeline.jsonl import append_record, rewrite_records
 
 Chat = list[dict[str, str]]
+Completions = Iterator[tuple[int, list[str]]]  # (chat index, outputs), in completion order
+Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastChat answer record
 
 
 class JudgeBackend(Protocol):
@@ -39,9 +41,7 @@ class JudgeBackend(Protocol):
 
     def identity(self) -> dict[str, Any]: ...
 
-    def complete(
-        self, chats: list[Chat], samples: int, pairwise: bool = False
-    ) -> Iterator[tuple[int, list[str]]]: ...
+    def complete(self, chats: list[Chat], samples: int, pairwise: bool = False) -> Completions: ...
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,8 @@ class JudgeTask:
                 "category": self.question.category}  # fmt: skip
 
 
-def build_tasks(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    prompts: dict[str, JudgePrompt],
-    judge_identity: dict[str, Any],
-    samples: int,
-) -> list[JudgeTask]:
+def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
+                judge_identity: dict[str, Any], samples: int) -> list[JudgeTask]:  # fmt: skip
     """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record)."""
     tasks = []
     for model_id, records in answers.items():
@@ -89,14 +84,9 @@ def build_tasks(
     return tasks
 
 
-def build_pair_tasks(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    prompts: dict[str, JudgePrompt],
-    judge_identity: dict[str, Any],
-    samples: int,
-    pair: tuple[str, str] = ("tuned", "base"),
-) -> list[JudgeTask]:
+def build_pair_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
+                     judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] = ("tuned", "base"),
+                     ) -> list[JudgeTask]:  # fmt: skip
     """Pairwise tasks: every turn of every question, ``pair`` as assistants A/B and swapped."""
     tasks = []
     for q in questions:
@@ -143,14 +133,8 @@ def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], 
     return outcomes, sum(v is None for v in outcomes.values())
 
 
-def run_judging(
-    backend: JudgeBackend,
-    tasks: list[JudgeTask],
-    cache_path: Path,
-    samples: int = 1,
-    progress: bool = True,
-    pairwise: bool = False,
-) -> list[dict[str, Any]]:
+def run_judging(backend: JudgeBackend, tasks: list[JudgeTask], cache_path: Path, samples: int = 1,
+                progress: bool = True, pairwise: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Judgment records for ``tasks`` (same order): cached ones reused, the rest judged and appended
     to ``cache_path`` as each completes, so an interrupted run loses nothing already judged.
     ``pairwise``: the tasks compare two answers (``build_pair_tasks``)."""

@@ -15,9 +15,8 @@ import matplotlib.pyplot as plt
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def radar_chart(
-    models: dict[str, dict[str, Any]], path: Path, title: str = "MT-Bench score by category"
-) -> Path:
+def radar_chart(models: dict[str, dict[str, Any]], path: Path, title: str = "MT-Bench score by category",
+                ) -> Path:  # fmt: skip
     """Write a radar chart (one axis per category, 0-10, one polygon per model) as PNG.
 
     Categories a model has no score for are drawn at 0 and marked in the legend, so a gap is visible

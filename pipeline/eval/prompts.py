@@ -82,9 +82,8 @@ def prompt_name(category: str, turn: int, has_reference: bool, pairwise: bool = 
     return names[(2 if turn > 1 else 0) + guided]
 
 
-def prompt_fields(
-    turns: tuple[str, ...], answers: list[str], reference: tuple[str, ...] | None, turn: int
-) -> dict[str, str]:
+def prompt_fields(turns: tuple[str, ...], answers: list[str], reference: tuple[str, ...] | None, turn: int,
+                  ) -> dict[str, str]:  # fmt: skip
     """The placeholder values for grading answer ``turn`` (1-based) of one conversation."""
     ref = [*(reference or ()), "", ""]
     if turn == 1:
@@ -93,10 +92,8 @@ def prompt_fields(
             "ref_answer_1": ref[0], "ref_answer_2": ref[1]}  # fmt: skip
 
 
-def pair_fields(
-    turns: tuple[str, ...], answers_a: list[str], answers_b: list[str], reference: tuple[str, ...] | None,
-    turn: int,
-) -> dict[str, str]:
+def pair_fields(turns: tuple[str, ...], answers_a: list[str], answers_b: list[str],
+                reference: tuple[str, ...] | None, turn: int) -> dict[str, str]:  # fmt: skip
     """``prompt_fields`` for two assistants: ``answer`` becomes ``answer_a``/``answer_b``,
     ``answer_1`` becomes ``answer_a_1``/``answer_b_1`` (FastChat's pairwise placeholders)."""
     fields: dict[str, str] = {}

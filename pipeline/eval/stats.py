@@ -57,9 +57,8 @@ def verdict(ci95: list[float]) -> str:
     return "better" if ci95[0] > 0 else "worse" if ci95[1] < 0 else "no detectable difference"
 
 
-def compare(
-    reference: Units, candidate: Units, seed: int = SEED, paired: bool = True
-) -> dict[str, Any] | None:
+def compare(reference: Units, candidate: Units, seed: int = SEED, paired: bool = True,
+            ) -> dict[str, Any] | None:  # fmt: skip
     """``candidate - reference`` with a 95% interval; None when there are too few questions.
 
     Paired: over the questions both have, on the turns both have, with one resample of questions
