@@ -1,11 +1,10 @@
 """Multi-turn answer generation with an on-disk cache, as MT-Bench asks for it.
 
-Turn 2 is asked in the same conversation as turn 1: the prompt holds turn 1's question and the
-model's own answer, through the model's chat template. Questions are generated in left-padded
-batches (every row's answer starts at the same position) grouped by temperature and budget, as one
-``generate`` call has one of each. Every finished question is appended at once to a FastChat-format
-answer JSONL keyed by the model's identity, the question and the generation settings: a rerun
-(after a crash, a kill, or a changed judge) regenerates only what is missing or stale.
+Turn 2 is asked in the same conversation, after turn 1's question and the model's own answer.
+Questions are generated in left-padded batches (every answer starts at the same position), grouped
+by temperature and budget since one ``generate`` call has one of each. Each finished question is
+appended at once to a FastChat-format answer JSONL keyed by model identity, question and settings,
+so a rerun (after a crash, a kill, or a changed judge) regenerates only what is missing or stale.
 """
 
 from __future__ import annotations
@@ -13,9 +12,11 @@ from __future__ import annotations
 import itertools
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pipeline.digests import digest_of
@@ -55,21 +56,6 @@ def messages_for_turn(question: Question, answers: list[str], turn: int) -> list
     return [*messages, {"role": "user", "content": question.turns[turn]}]
 
 
-class _StepCounter:
-    """A ``generate`` streamer that only counts: the first ``put`` is the prompt, then one per step."""
-
-    def __init__(self, on_token: Callable[[], None]) -> None:
-        self.on_token, self.prompt_seen = on_token, False
-
-    def put(self, value: Any) -> None:
-        if self.prompt_seen:
-            self.on_token()
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-
 def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: float, max_new_tokens: int,
                    seed: int, on_token: Callable[[], None] | None = None) -> list[str]:  # fmt: skip
     """Answers for a batch of rendered prompts (left-padded), greedy when ``temperature`` is 0."""
@@ -77,17 +63,16 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: 
 
     # The chat template already added BOS where the model wants one.
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                      add_special_tokens=False)  # fmt: skip
-    batch = {key: value.to(model.device) for key, value in batch.items()}
+                      add_special_tokens=False).to(model.device)  # fmt: skip
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature >= 1e-4:  # FastChat's rule: below this, greedy
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    puts = itertools.count()  # a streamer's first put is the prompt, then one per generated token
+    streamer = on_token and SimpleNamespace(put=lambda _: next(puts) and on_token(), end=lambda: None)
     torch.manual_seed(seed)
     with torch.no_grad():
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling,
-            streamer=_StepCounter(on_token) if on_token else None,
-        )  # fmt: skip
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                streamer=streamer, **sampling)  # fmt: skip
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -105,15 +90,10 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
     return {r["cache_key"]: r for _, r in rows if isinstance(r, dict) and "cache_key" in r}
 
 
-def _token_progress(bar: Any, label: str, total: int) -> Callable[[], None]:
-    """Per generation step: the bar shows ``label k/total`` (redrawn at most every mininterval)."""
-    steps = itertools.count(1)
-
-    def on_token() -> None:
-        bar.set_postfix_str(f"{label} {next(steps)}/{total}", refresh=False)
-        bar.update(0)
-
-    return on_token
+def _show_step(bar: Any, label: str, total: int, steps: Iterator[int]) -> None:
+    """The bar shows ``label k/total`` (redrawn at most every mininterval) while a batch is generated."""
+    bar.set_postfix_str(f"{label} {next(steps)}/{total}", refresh=False)
+    bar.update(0)
 
 
 def generate_answers(model: Any, tokenizer: Any, questions: list[Question], settings: GenerationSettings, *,
@@ -144,7 +124,8 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[Question], sett
                 prompts = [tokenizer.apply_chat_template(messages_for_turn(chunk[i], answers[i], turn),
                                                          tokenize=False, add_generation_prompt=True)
                            for i in rows]  # fmt: skip
-                on_token = _token_progress(bar, f"turn {turn + 1}/{turns}, token", max_new_tokens)
+                label = f"turn {turn + 1}/{turns}, token"
+                on_token = partial(_show_step, bar, label, max_new_tokens, itertools.count(1))
                 outputs = generate_fn(
                     model, tokenizer, prompts, temperature, max_new_tokens, seed + turn, on_token
                 )
