@@ -1,16 +1,17 @@
-"""Judging: build the judge chats, run a backend, parse and cache the verdicts.
+"""Judging: build the judge chats, run a backend, read and cache the verdicts.
 
-Single grading: one judgment grades one answer turn of one model. Pairwise (FastChat's
-pairwise-baseline mode): one judgment compares two models' answers to one turn, once in each order
-(``model`` is ``"tuned|base"`` when tuned is assistant A); a verdict that flips with the order is a
-tie, so a judge that always prefers one position finds no difference at all. Records are FastChat's
-judgment format plus every sample's text and rating, their median and spread, ``failed`` (``score``
-is then null, never a number) or ``winner`` (pairwise), and a ``cache_key`` over the judge's identity,
-the prompt texts and the rendered prompt: a changed answer or judge is re-judged, nothing else is.
+Single grading rates one answer turn of one model; pairwise (FastChat's pairwise-baseline mode)
+compares two models' answers to one turn in both orders (``model`` is ``"tuned|base"`` when tuned is
+assistant A), and a verdict that flips with the order is a tie, so position bias finds no difference.
+Records are FastChat's judgment format plus all samples, their median and spread, ``failed`` and a
+``cache_key`` over the judge's identity, the prompt texts and the rendered prompt (so a changed
+answer or judge is re-judged, nothing else). A verdict without a readable rating is a failure, its
+``score`` null: a guessed score would bias the averages toward whatever the guess favours.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -23,7 +24,6 @@ from pipeline.digests import digest_of
 from pipeline.eval.generate import read_cache
 from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
 from pipeline.eval.questions import Question
-from pipeline.eval.ratings import parse_rating, parse_winner
 from pipeline.jsonl import append_record, rewrite_records
 
 Chat = list[dict[str, str]]
@@ -97,6 +97,39 @@ def build_pair_tasks(questions: list[Question], answers: Answers, prompts: dict[
                 fields = pair_fields(q.turns, said[a], said[b], q.reference, turn)
                 tasks.append(JudgeTask.build(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
     return tasks
+
+
+MIN_RATING, MAX_RATING = 1.0, 10.0
+_NUMBER = r"\s*(\d+(?:\.\d+)?|\d+\.)\s*(?:/\s*10\s*)?"
+_DOUBLE, _SINGLE = re.compile(r"\[\[" + _NUMBER + r"\]\]"), re.compile(r"\[" + _NUMBER + r"\]")
+# A lone "[7]" is accepted only where it is plainly the verdict, not a citation like "see [1]".
+_VERDICT_WORD = re.compile(r"(rating|score|grade|verdict)\W{0,12}$", re.IGNORECASE)
+_WINNER = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_rating(text: str) -> float | None:
+    """The rating in a judge's output, or ``None`` when there is no valid one.
+
+    Like FastChat, ``[[x]]`` first and ``[x]`` as fallback; unlike FastChat, the *last* match
+    wins (judges often quote the format, "e.g. Rating: [[5]]", before giving theirs), ``x/10`` is
+    read as ``x``, a single-bracket rating counts only after "rating"/"score" or at the very end,
+    and ratings outside 1-10 are rejected.
+    """
+    if not text:
+        return None
+    matches = list(_DOUBLE.finditer(text)) or [
+        m for m in _SINGLE.finditer(text)
+        if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()]) or not text[m.end() :].strip(" .\n")
+    ]  # fmt: skip
+    value = float(matches[-1].group(1)) if matches else None
+    return value if value is not None and MIN_RATING <= value <= MAX_RATING else None
+
+
+def parse_winner(text: str) -> str | None:
+    """A pairwise verdict: ``"A"``, ``"B"`` or ``"tie"`` (``[[C]]``) from the last ``[[A]]``/``[[B]]``/
+    ``[[C]]`` in the output (FastChat's format; the last one, as for ratings), else None."""
+    matches = _WINNER.findall(text or "")
+    return None if not matches else {"A": "A", "B": "B", "C": "tie"}[matches[-1]]
 
 
 def verdict(outputs: list[str]) -> dict[str, Any]:
