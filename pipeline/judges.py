@@ -1,14 +1,8 @@
-"""Judge backends: anything that turns judge chats into judge outputs (what the judging loop needs is
-``pipeline.eval.judging.JudgeBackend``; a backend's ``identity`` feeds the judgment cache key).
-
-- :class:`OpenAIJudge`: any OpenAI-compatible chat-completions endpoint through the ``openai``
-  client, which already retries with backoff (honouring ``Retry-After``) on 408/409/429/5xx and
-  connection errors; we add a concurrency limit and one clear line for the failures a user can act
-  on. The API key, read from the variable the config names, is held only by the client.
-- :class:`LocalJudge`: a transformers model in-process, generating a verdict, or ("logits"/
-  "expected") reading the ratings' probabilities after ``Rating: [[`` (small judges rarely write
-  the format unprompted); pairwise, both pick the most likely of A/B/C after ``Verdict: [[``.
-"""
+"""Judge backends (``pipeline.eval.judging.JudgeBackend``): an OpenAI-compatible endpoint through the
+``openai`` client, which already retries with backoff (honouring ``Retry-After``), or a local
+transformers model that generates a verdict or ("logits"/"expected") reads the ratings' probabilities
+after ``Rating: [[`` (small judges rarely write the format unprompted). The API key is read from the
+variable the config names and held only by the client; ``identity`` feeds the judgment cache key."""
 
 from __future__ import annotations
 
@@ -177,9 +171,8 @@ class LocalJudge:
         return f"[[{'ABC'[int(probs.argmax())]}]] (p A {p_a:.3f}, B {p_b:.3f}, C {p_c:.3f})"
 
     def choice_logprobs(self, prompt: str, prefix_text: str, choices: list[str]) -> list[float]:
-        """log p(choice | prompt + prefix_text) for each choice. The prompt is run once; its KV cache is
-        repeated for the candidates, scored together in one batch (right-padded: padding never
-        precedes a real token)."""
+        """log p(choice | prompt + prefix_text) for each choice: the prompt's KV cache is repeated for
+        the candidates, scored in one right-padded batch (padding never precedes a real token)."""
         import torch
 
         prefix = self.tokenizer(prompt + prefix_text, add_special_tokens=False)["input_ids"]

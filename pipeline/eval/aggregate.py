@@ -1,9 +1,6 @@
-"""From judgments to the report's numbers: MT-Bench averages, exact match, intervals, a Markdown table.
-
-Averages follow FastChat's ``show_result``: the turn-1, turn-2, overall and per-category scores are
-means over the graded answers concerned. Failed judgments are counted, never averaged in. A number
-with nothing behind it is ``None`` (null in JSON), not 0.
-"""
+"""From judgments to the report's numbers: MT-Bench averages (FastChat's ``show_result``: means over
+the graded answers; failed judgments are counted, never averaged in), exact match, intervals and a
+Markdown table. A number with nothing behind it is ``None`` (null in JSON), not 0."""
 
 from __future__ import annotations
 
@@ -62,10 +59,8 @@ def exact_match_by_category(questions: list[Question], answers: dict[str, dict[s
 
 def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
               judged_questions: list[Question] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Per model: overall/turn-1/turn-2/per-category scores, judge failures, exact match (overall
-    and per category), spread. Only the categories of ``judged_questions`` (default: all), those
-    sent to the judge, get a score entry: questions scored by exact match alone add no empty axis.
-    """
+    """Per model: overall/turn/category scores, judge failures, exact match, spread. Only categories of
+    ``judged_questions`` (default: all) get a score: exact-match-only questions add no empty axis."""
     judged = questions if judged_questions is None else judged_questions
     results: dict[str, dict[str, Any]] = {}
     for model_id, said in answers.items():

@@ -1,10 +1,7 @@
-"""Multi-turn answer generation with an on-disk cache, as MT-Bench asks for it.
-
-Turn 2 is asked in the same conversation, after turn 1's question and the model's own answer.
-Questions are generated in left-padded batches (every answer starts at the same position), grouped
-by temperature and budget since one ``generate`` call has one of each. Each finished question is
-appended at once to a FastChat-format answer JSONL keyed by model identity, question and settings,
-so a rerun (after a crash, a kill, or a changed judge) regenerates only what is missing or stale.
+"""Multi-turn answer generation as MT-Bench asks for it: turn 2 in the same conversation, after turn 1
+and the model's own answer; left-padded batches grouped by temperature and budget (one ``generate``
+call has one of each). Each finished question is appended at once to a FastChat-format answer JSONL
+keyed by model identity, question and settings, so a rerun regenerates only what is missing or stale.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Judging: build the judge chats, run a backend, read and cache the verdicts.
-
-Single grading rates one answer turn of one model; pairwise (FastChat's pairwise-baseline mode)
-compares two models' answers to one turn in both orders (``model`` is ``"tuned|base"`` when tuned is
-assistant A), and a verdict that flips with the order is a tie, so position bias finds no difference.
-Records are FastChat's judgment format plus all samples, their median and spread, ``failed`` and a
-``cache_key`` over the judge's identity, the prompt texts and the rendered prompt (so a changed
-answer or judge is re-judged, nothing else). A verdict without a readable rating is a failure, its
-``score`` null: a guessed score would bias the averages toward whatever the guess favours.
-"""
+"""Judging: build the judge chats, run a backend, read and cache the verdicts (FastChat's records,
+plus all samples and a ``cache_key`` over judge, prompt texts and rendered prompt: a changed answer
+or judge is re-judged, nothing else). Pairwise judging asks in both orders (``model`` ``"tuned|base"``:
+tuned is assistant A) and a verdict that flips with the order is a tie, so position bias finds no
+difference. An unreadable verdict is a failure with a null score: a guess would bias the averages."""
 
 from __future__ import annotations
 
@@ -32,10 +27,9 @@ Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastCh
 
 
 class JudgeBackend(Protocol):
-    """What the judging loop needs from a judge: its model ``name`` (FastChat's ``judge[0]``), an
-    ``identity`` (all that makes its outputs what they are, never secrets) and ``complete``:
-    ``samples`` outputs per chat as ``(index, outputs)`` in completion order (``pairwise``: the
-    chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating)."""
+    """A judge: its model ``name`` (FastChat's ``judge[0]``), an ``identity`` (all that makes its
+    outputs what they are, never secrets) and ``samples`` outputs per chat (``pairwise``: the chats
+    ask for ``[[A]]``/``[[B]]``/``[[C]]``)."""
 
     name: str
 
@@ -108,13 +102,10 @@ _WINNER = re.compile(r"\[\[([ABC])\]\]")
 
 
 def parse_rating(text: str) -> float | None:
-    """The rating in a judge's output, or ``None`` when there is no valid one.
-
-    Like FastChat, ``[[x]]`` first and ``[x]`` as fallback; unlike FastChat, the *last* match
-    wins (judges often quote the format, "e.g. Rating: [[5]]", before giving theirs), ``x/10`` is
-    read as ``x``, a single-bracket rating counts only after "rating"/"score" or at the very end,
-    and ratings outside 1-10 are rejected.
-    """
+    """The rating in a judge's output, or ``None``. Like FastChat, ``[[x]]`` first and ``[x]`` as
+    fallback; unlike it, the *last* match wins (judges quote the format, "e.g. Rating: [[5]]", before
+    giving theirs), ``x/10`` is ``x``, ``[x]`` counts only after "rating"/"score" or at the very end,
+    and ratings outside 1-10 are rejected."""
     if not text:
         return None
     matches = list(_DOUBLE.finditer(text)) or [

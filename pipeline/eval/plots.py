@@ -17,13 +17,9 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 def radar_chart(models: dict[str, dict[str, Any]], path: Path, title: str = "MT-Bench score by category",
                 ) -> Path:  # fmt: skip
-    """Write a radar chart (one axis per category, 0-10, one polygon per model) as PNG.
-
-    Categories a model has no score for are drawn at 0 and marked in the legend, so a gap is visible
-    instead of silently closing the polygon. Models that score alike would hide each other's
-    polygon: each gets its own line style and marker size (the first drawn widest), and interval
-    bars sit side by side around their axis.
-    """
+    """A radar chart (one axis per category, 0-10, one polygon per model) as PNG. Unscored categories
+    are drawn at 0 and counted in the legend, so a gap is visible; models that score alike get their
+    own line style and marker size and side-by-side interval bars, so neither hides the other."""
     categories = sorted({cat for row in models.values() for cat in row["categories"]})
     if not categories:
         raise ValueError("radar chart: no categories to draw")

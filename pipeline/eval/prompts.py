@@ -1,9 +1,6 @@
-"""Judge prompts in FastChat's ``judge_prompts.jsonl`` format: a general and a reference-guided
-(math/reasoning/coding) prompt, each with a multi-turn variant that grades the second answer, for
-single grading (``[[rating]]``) and pairwise (``[[A]]``/``[[B]]``/``[[C]]`` for a tie). The project's
-texts ship as ``pipeline/builtin/judge_prompts.jsonl``; FastChat's file has the same placeholders,
-so either works with either source of questions.
-"""
+"""Judge prompts in FastChat's ``judge_prompts.jsonl`` format: general and reference-guided, each with
+a multi-turn variant, for single grading and pairwise. The project's texts ship as
+``pipeline/builtin/judge_prompts.jsonl``; FastChat's file has the same placeholders."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Evaluation questions as FastChat's ``question.jsonl`` records: ``question_id``, ``category``,
-``turns`` (the user messages of one conversation) and optional ``reference`` answers for the judge,
-plus our optional per-turn ``exact_answer`` for answers a string match can check. Every source (the
-built-in set, a local JSONL, the hub, the prepared eval split) becomes a :class:`Question` here.
-"""
+"""Evaluation questions as FastChat's ``question.jsonl`` records (``question_id``, ``category``,
+``turns``, optional ``reference``) plus an optional per-turn ``exact_answer`` a string match can
+check; every source (built-in, JSONL, hub, the prepared eval split) becomes a :class:`Question`."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""How sure is a score? 95% percentile-bootstrap intervals over questions, and paired differences.
-
-The question is the unit of resampling (two answers in one conversation are not independent), the
-statistic the report's mean over all values. Pairing resamples the *same* questions for both models,
-so question difficulty cancels out. ``Units``: question key -> per-turn values (``None``: no value).
-Below ``MIN_QUESTIONS`` there is no interval: a two-sided sign test needs 6 questions to reach
-p < 0.05. Seeded: the same data gives the same interval.
-"""
+"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions
+(two answers in one conversation are not independent); paired comparisons resample the *same*
+questions for both models, so question difficulty cancels out. ``Units``: question key -> per-turn
+values (``None``: no value). Below ``MIN_QUESTIONS`` there is no interval: a two-sided sign test
+needs 6 questions to reach p < 0.05."""
 
 from __future__ import annotations
 
@@ -59,11 +56,8 @@ def verdict(ci95: list[float]) -> str:
 
 def compare(reference: Units, candidate: Units, seed: int = SEED, paired: bool = True,
             ) -> dict[str, Any] | None:  # fmt: skip
-    """``candidate - reference`` with a 95% interval; None when there are too few questions.
-
-    Paired: over the questions both have, on the turns both have, with one resample of questions
-    for both. Unpaired (no shared questions): each side resampled on its own.
-    """
+    """``candidate - reference`` with a 95% interval (None: too few questions). Paired: over the
+    questions and turns both have, one resample for both; unpaired: each side resampled on its own."""
     if paired:
         pairs = [
             [(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
