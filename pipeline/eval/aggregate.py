@@ -39,14 +39,17 @@ def is_exact_match(response: str, expected: str) -> bool:
     return number is not None and last_number(response) == number
 
 
+def _hits(question: Question, said: list[str]) -> list[float | None]:
+    """Per answer turn: 1.0 if it matches its expected answer, 0.0 if not, None if none is expected."""
+    expected = [*(question.exact_answer or ()), *[None] * len(said)]
+    pairs = zip(said, expected, strict=False)
+    return [None if want is None else float(is_exact_match(got, want)) for got, want in pairs]
+
+
 def exact_match(questions: list[Question], answers: dict[str, dict[str, Any]]) -> float | None:
     """Share of verifiable answer turns that match their expected answer; None if none is verifiable."""
-    hits: list[float] = []
-    for q in questions:
-        said = answers[str(q.question_id)]["choices"][0]["turns"] if q.exact_answer else []
-        pairs = zip(q.exact_answer or (), said, strict=False)
-        hits += [float(is_exact_match(r, e)) for e, r in pairs if e is not None]
-    return _mean(hits)
+    said = [(q, answers[str(q.question_id)]["choices"][0]["turns"]) for q in questions if q.exact_answer]
+    return _mean([hit for q, turns in said for hit in _hits(q, turns) if hit is not None])
 
 
 def exact_match_by_category(questions: list[Question], answers: dict[str, dict[str, Any]],
@@ -103,17 +106,13 @@ def per_question(questions: list[Question], answers: Answers, judgments: list[di
     rows = []
     for q in questions:
         qid, turns = str(q.question_id), range(1, len(q.turns) + 1)
-        expected = list(q.exact_answer or ()) + [None] * len(q.turns)
         row: dict[str, Any] = {"question_id": q.question_id, "key": question_key(q), "category": q.category,
                                "judged": qid in judged, "models": {}}  # fmt: skip
         for model, records in answers.items():
             said = records[qid]["choices"][0]["turns"]
             row["models"][model] = {
                 "score": [scores.get((model, qid, t)) for t in turns],
-                "exact": [
-                    None if want is None else float(is_exact_match(got, want))
-                    for got, want in zip(said, expected, strict=False)
-                ],
+                "exact": _hits(q, said),
                 "words": [len(text.split()) for text in said],
             }
         if pair_outcomes:

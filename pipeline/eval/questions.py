@@ -183,24 +183,10 @@ def is_verifiable(question: Question) -> bool:
     return len(answers) >= len(question.turns) and all(a is not None for a in answers[: len(question.turns)])
 
 
-def heldout_question(row: dict[str, Any], k: int) -> Question | None:
-    """One prepared eval row as a one-turn question, or None unless it has a non-empty ``answer`` and
-    exactly one user turn. A system message is left out on purpose: it is asked exactly like an
-    MT-Bench question (no system turn; the answer cache keys on the turns alone)."""
-    answer = "" if row.get("answer") is None else str(row["answer"]).strip()
-    messages = row.get("messages") or []
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    if not answer or len(users) != 1 or not str(users[0]).strip():
-        return None
-    replies = [m["content"] for m in messages if m.get("role") == "assistant"]
-    source, reference = str(row["source"]), (str(replies[0]),) if replies else None
-    return Question(f"heldout-{source}-{k}", source, (str(users[0]),), reference, (answer,))
-
-
 def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | None = None) -> list[Question]:
-    """Up to ``limit`` eligible rows of the prepared dataset's ``eval`` split, in split order. ``k`` in
-    ``heldout-<source>-<k>`` counts a source's eligible rows from 0, so a row keeps its id when
-    ``limit`` or ``sources`` change (the ids are a prefix of the same sequence)."""
+    """Up to ``limit`` rows of the prepared ``eval`` split with a non-empty ``answer`` and exactly one
+    user turn, as one-turn questions in split order. ``k`` in ``heldout-<source>-<k>`` counts a
+    source's eligible rows from 0, so a row keeps its id when ``limit`` or ``sources`` change."""
     if limit <= 0:
         return []
     if not dataset_dir.is_dir():
@@ -222,11 +208,17 @@ def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | N
     wanted, counters = set(sources or known), Counter[str]()
     questions: list[Question] = []
     for row in split.select_columns(list(HELDOUT_COLUMNS)):
-        source = str(row["source"])
-        question = heldout_question(row, counters[source]) if source in wanted else None
-        if question is not None:
-            counters[source] += 1
-            questions.append(question)
+        source, messages = str(row["source"]), row["messages"] or []
+        answer = "" if row["answer"] is None else str(row["answer"]).strip()
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if source not in wanted or not answer or len(users) != 1 or not str(users[0]).strip():
+            continue
+        # No system message: asked exactly like an MT-Bench question (the answer cache keys on turns).
+        replies = [m["content"] for m in messages if m.get("role") == "assistant"]
+        reference = (str(replies[0]),) if replies else None
+        qid = f"heldout-{source}-{counters[source]}"
+        questions.append(Question(qid, source, (str(users[0]),), reference, (answer,)))
+        counters[source] += 1
         if len(questions) == limit:
             break
     if not questions:
