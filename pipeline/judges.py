@@ -36,8 +36,7 @@ class OpenAIJudge:
                  ) -> None:  # fmt: skip
         import openai
 
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
+        if not (api_key := os.environ.get(api_key_env)):
             raise StageError(f"eval.judge.api_key_env: environment variable {api_key_env} is not set (it "
                              "must hold the judge endpoint's API key)")  # fmt: skip
         self.name, self.api_key_env, self.retries = model, api_key_env, retries
@@ -74,16 +73,14 @@ class OpenAIJudge:
 
     def complete(self, chats: list[Chat], samples: int, pairwise: bool = False) -> Completions:
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
-            futures = {pool.submit(self._samples, chat, samples): index for index, chat in enumerate(chats)}
+            futures = {pool.submit(lambda c=chat: [self._one(c) for _ in range(samples)]): index
+                       for index, chat in enumerate(chats)}  # fmt: skip
             try:
                 for future in as_completed(futures):
                     yield futures[future], future.result()  # re-raises the first failure
             finally:
                 for future in futures:
                     future.cancel()
-
-    def _samples(self, chat: Chat, samples: int) -> list[str]:
-        return [self._one(chat) for _ in range(samples)]
 
 
 class LocalJudge:

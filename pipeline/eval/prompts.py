@@ -49,8 +49,7 @@ def load_prompt_file(path: Path, names: tuple[str, ...] = PROMPT_NAMES) -> dict[
             )  # fmt: skip
         except KeyError as error:
             raise StageError(f"{where}: judge prompt record lacks {error}") from None
-    missing = [name for name in names if name not in prompts]
-    if missing:
+    if missing := [name for name in names if name not in prompts]:
         kind = "pairwise" if names == PAIR_NAMES else "single-grading"
         raise StageError(f"eval.judge.prompts: {path} lacks the {kind} prompts {missing}")
     return prompts

@@ -142,14 +142,12 @@ def select_questions(questions: list[Question], categories: list[str] | None = N
     selected = questions
     if categories:
         known = {q.category for q in questions}
-        unknown = sorted(set(categories) - known)
-        if unknown:
+        if unknown := sorted(set(categories) - known):
             raise StageError(f"eval.categories: unknown {unknown}; the questions have {sorted(known)}")
         selected = [q for q in selected if q.category in set(categories)]
     if question_ids:
         wanted = {str(i) for i in question_ids}
-        missing = sorted(wanted - {str(q.question_id) for q in selected})
-        if missing:
+        if missing := sorted(wanted - {str(q.question_id) for q in selected}):
             raise StageError(f"eval.question_ids: not among the selected questions: {missing}")
         selected = [q for q in selected if str(q.question_id) in wanted]
     selected = selected[:max_questions]
@@ -198,12 +196,10 @@ def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | N
     if "eval" not in dataset:
         raise StageError(f"eval.heldout_questions: {dataset_dir} has no 'eval' split (has {sorted(dataset)})")
     split = dataset["eval"]
-    missing = [c for c in HELDOUT_COLUMNS if c not in split.column_names]
-    if missing:
+    if missing := [c for c in HELDOUT_COLUMNS if c not in split.column_names]:
         raise StageError(f"eval.heldout_questions: {dataset_dir} eval split lacks columns {missing}")
     known = sorted({str(s) for s in split["source"]})
-    unknown = sorted(set(sources or ()) - set(known))
-    if unknown:
+    if unknown := sorted(set(sources or ()) - set(known)):
         raise StageError(f"eval.heldout_sources: unknown {unknown}; the eval split has sources {known}")
     wanted, counters = set(sources or known), Counter[str]()
     questions: list[Question] = []
