@@ -64,7 +64,7 @@ def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[
               judged_questions: list[Question] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per model: overall/turn/category scores, judge failures, exact match, spread. Only categories of
     ``judged_questions`` (default: all) get a score: exact-match-only questions add no empty axis."""
-    judged = questions if judged_questions is None else judged_questions
+    categories = sorted({q.category for q in (questions if judged_questions is None else judged_questions)})
     results: dict[str, dict[str, Any]] = {}
     for model_id, said in answers.items():
         records = [r for r in judgments if r["model"] == model_id]
@@ -74,10 +74,7 @@ def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[
             "score_overall": _mean([r["score"] for r in graded]),
             "score_turn1": _mean([r["score"] for r in graded if r["turn"] == 1]),
             "score_turn2": _mean([r["score"] for r in graded if r["turn"] == 2]),
-            "categories": {
-                cat: _mean([r["score"] for r in graded if r["category"] == cat])
-                for cat in sorted({q.category for q in judged})
-            },
+            "categories": {c: _mean([r["score"] for r in graded if r["category"] == c]) for c in categories},
             "judge_failures": len(records) - len(graded),
             "exact_match": exact_match(questions, said),
             "exact_match_categories": exact_match_by_category(questions, said),
@@ -110,11 +107,9 @@ def per_question(questions: list[Question], answers: Answers, judgments: list[di
                                "judged": qid in judged, "models": {}}  # fmt: skip
         for model, records in answers.items():
             said = records[qid]["choices"][0]["turns"]
-            row["models"][model] = {
-                "score": [scores.get((model, qid, t)) for t in turns],
-                "exact": _hits(q, said),
-                "words": [len(text.split()) for text in said],
-            }
+            words = [len(text.split()) for text in said]
+            row["models"][model] = {"score": [scores.get((model, qid, t)) for t in turns],
+                                    "exact": _hits(q, said), "words": words}  # fmt: skip
         if pair_outcomes:
             row["pairwise"] = [pair_outcomes.get((qid, t)) for t in turns]
         rows.append(row)
@@ -136,11 +131,8 @@ def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
     if name not in _FIELDS or (name in ("categories", "category", "exact_match_categories") and not category):
         return None
     field, turn = _FIELDS[name]
-    return {
-        row["key"]: [v if turn in (None, i) else None for i, v in enumerate(row["models"][model][field])]
-        for row in rows
-        if model in row["models"] and category in ("", row["category"])
-    }
+    return {row["key"]: [v if turn in (None, i) else None for i, v in enumerate(row["models"][model][field])]
+            for row in rows if model in row["models"] and category in ("", row["category"])}  # fmt: skip
 
 
 def with_intervals(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
