@@ -145,15 +145,13 @@ def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], 
     the second does, 0 otherwise (tie, or a verdict that flips with the order: FastChat's
     "inconsistent"); None when either order has no readable verdict. Also the number of those."""
     orders: dict[tuple[str, int], list[str | None]] = defaultdict(list)
-    first = {}
+    first: dict[tuple[str, int], str] = {}
     for r in records:
         a, b = r["model"].split("|")
-        first.setdefault((str(r["question_id"]), r["turn"]), a)
-        orders[(str(r["question_id"]), r["turn"])].append({"A": a, "B": b, "tie": "tie"}.get(r["winner"]))
-    outcomes: dict[tuple[str, int], int | None] = {}
-    for key, winners in orders.items():
-        same = winners[0] if len(set(winners)) == 1 else "tie"
-        outcomes[key] = None if None in winners else 0 if same == "tie" else (1 if same == first[key] else -1)
+        first.setdefault(key := (str(r["question_id"]), r["turn"]), a)
+        orders[key].append({"A": a, "B": b, "tie": "tie"}.get(r["winner"]))
+    outcomes = {key: None if None in won else 0 if len(set(won)) > 1 or won[0] == "tie" else
+                (1 if won[0] == first[key] else -1) for key, won in orders.items()}  # fmt: skip
     return outcomes, sum(v is None for v in outcomes.values())
 
 
