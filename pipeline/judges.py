@@ -10,7 +10,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
+import openai
+import torch
+
 from pipeline.errors import StageError
+from pipeline.eval.generate import generate_batch
+from pipeline.eval.identity import model_identity
+from pipeline.models import load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from pipeline.config import JudgeConfig, ModelConfig
@@ -34,8 +40,6 @@ class OpenAIJudge:
     def __init__(self, *, model: str, api_key_env: str, base_url: str | None = None, temperature: float = 0.0,
                  max_tokens: int = 512, concurrency: int = 4, retries: int = 5, timeout_s: float = 120.0,
                  ) -> None:  # fmt: skip
-        import openai
-
         if not (api_key := os.environ.get(api_key_env)):
             raise StageError(f"eval.judge.api_key_env: environment variable {api_key_env} is not set (it "
                              "must hold the judge endpoint's API key)")  # fmt: skip
@@ -56,8 +60,6 @@ class OpenAIJudge:
 
     def _one(self, chat: Chat) -> str:
         """One completion; the client retries transient failures, we translate the final ones."""
-        import openai
-
         try:
             response = self._client.chat.completions.create(
                 model=self.name, messages=chat, temperature=self.temperature, max_tokens=self.max_tokens
@@ -98,8 +100,6 @@ class LocalJudge:
     def from_config(cls, config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> LocalJudge:
         """The configured judge (``local_model``, or the base model when unset); its weights load
         on first use, so a fully cached evaluation never loads them."""
-        from pipeline.eval.identity import model_identity
-
         cfg = config.local_model or base_model
         settings = {"scoring": config.local_scoring, "temperature": config.temperature,
                     "max_new_tokens": config.max_new_tokens}  # fmt: skip
@@ -121,10 +121,6 @@ class LocalJudge:
 
     def complete(self, chats: list[Chat], samples: int, pairwise: bool = False) -> Completions:
         if chats and self.model is None:
-            import torch
-
-            from pipeline.models import load_model, load_tokenizer
-
             device_map = "auto" if torch.cuda.is_available() else None
             self.model = load_model(self._model_config, device_map=device_map).eval()
             self.tokenizer = load_tokenizer(self._model_config)
@@ -137,8 +133,6 @@ class LocalJudge:
     def _texts(self, prompts: list[str], pairwise: bool, seed: int) -> list[str]:
         """One sample of the judge's output for each prompt."""
         if self.scoring == "generate":
-            from pipeline.eval.generate import generate_batch
-
             model, tokenizer = self.model, self.tokenizer
             return generate_batch(model, tokenizer, prompts, self.temperature, self.max_new_tokens, seed)
         if pairwise:
@@ -149,8 +143,6 @@ class LocalJudge:
         # "expected": the probability-weighted mean rating, as G-Eval scores. Small judges put most
         # mass on one habitual number, so the arg-max barely moves; the expectation still follows
         # how the judge's belief shifts between answers.
-        import torch
-
         ratings = torch.arange(1, 11, dtype=torch.float64)
         means = [float((torch.tensor(s, dtype=torch.float64).softmax(dim=0) * ratings).sum()) for s in scores]
         return [f"Rating: [[{mean:.2f}]]" for mean in means]
@@ -161,8 +153,6 @@ class LocalJudge:
 
     def pair_verdict(self, prompt: str) -> str:
         """``[[A]]``, ``[[B]]`` or ``[[C]]``, whichever is most likely after ``Verdict: [[``."""
-        import torch
-
         probs = torch.tensor(self.choice_logprobs(prompt, "Verdict: [[", ["A]]", "B]]", "C]]"])).softmax(0)
         p_a, p_b, p_c = probs.tolist()
         return f"[[{'ABC'[int(probs.argmax())]}]] (p A {p_a:.3f}, B {p_b:.3f}, C {p_c:.3f})"
@@ -170,8 +160,6 @@ class LocalJudge:
     def choice_logprobs(self, prompt: str, prefix_text: str, choices: list[str]) -> list[float]:
         """log p(choice | prompt + prefix_text) for each choice: the prompt's KV cache is repeated for
         the candidates, scored in one right-padded batch (padding never precedes a real token)."""
-        import torch
-
         prefix = self.tokenizer(prompt + prefix_text, add_special_tokens=False)["input_ids"]
         candidates = [self.tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
         device = self.model.device
