@@ -16,6 +16,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from pipeline.digests import digest_of
 from pipeline.eval.questions import Question, is_verifiable
 from pipeline.jsonl import append_record, read_jsonl, rewrite_records
@@ -99,8 +101,6 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[Question], sett
                      ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """FastChat answer records for ``questions`` by ``str(question_id)``, from the cache where
     possible, generating the rest batch by batch (each finished batch is on disk before the next)."""
-    from tqdm.auto import tqdm
-
     cached = read_cache(cache_path)
     keys = {str(q.question_id): answer_key(model_identity, q, settings) for q in questions}
     results = {qid: cached[key] for qid, key in keys.items() if key in cached}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.digests import folder_digest, sha256
+from pipeline.models import read_chat_template, resolve_model_dir
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig
@@ -21,8 +22,6 @@ def weights_digest(folder: Path) -> str:
 
 def model_identity(config: ModelConfig) -> str:
     """The base model as configured: where its weights come from and how they are loaded."""
-    from pipeline.models import read_chat_template, resolve_model_dir
-
     payload = {  # a GGUF's cached folder name carries its content digest
         "location": resolve_model_dir(config), "revision": config.revision, "dtype": config.dtype,
         "load_in_8bit": config.load_in_8bit, "chat_template": sha256(read_chat_template(config) or ""),

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 from pipeline.digests import digest_of
 from pipeline.eval.generate import read_cache
 from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
@@ -160,8 +162,6 @@ def run_judging(backend: JudgeBackend, tasks: list[JudgeTask], cache_path: Path,
     """Judgment records for ``tasks`` (same order): cached ones reused, the rest judged and appended
     to ``cache_path`` as each completes, so an interrupted run loses nothing already judged.
     ``pairwise``: the tasks compare two answers (``build_pair_tasks``)."""
-    from tqdm.auto import tqdm
-
     cached = read_cache(cache_path)
     # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
     # once; the verdict is then reported for every task that shares it, labelled with its model.

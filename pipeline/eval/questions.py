@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.builtin_tasks import generate_tasks
 from pipeline.errors import StageError
 from pipeline.jsonl import read_jsonl
 
@@ -107,8 +108,6 @@ def builtin_questions(n_verifiable: int, exclude_instructions: Iterable[str] = (
     """The project's offline set: hand-written MT-Bench-style questions (one or more per category)
     plus ``n_verifiable`` tasks of the project's task generator with exact-match answers, skipping any
     whose instruction is in ``exclude_instructions`` (the training split) to keep the score clean."""
-    from pipeline.builtin_tasks import generate_tasks
-
     excluded = {text.strip() for text in exclude_instructions}
     # Over-generate so that decontamination still leaves n_verifiable tasks.
     tasks = generate_tasks(n_verifiable * 4 + 8, BUILTIN_TASK_SEED)
