@@ -162,28 +162,21 @@ class LocalJudge:
         the candidates, scored in one right-padded batch (padding never precedes a real token)."""
         prefix = self.tokenizer(prompt + prefix_text, add_special_tokens=False)["input_ids"]
         candidates = [self.tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
-        device = self.model.device
+        n, width, device = len(candidates), max(len(c) for c in candidates) - 1, self.model.device
         with torch.no_grad():
             first = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-            first_logprobs = torch.log_softmax(first.logits[0, -1].float(), dim=-1).cpu()
-            width = max(len(c) for c in candidates) - 1
-            rest_logprobs = None
+            logprobs = [torch.log_softmax(first.logits[:, -1:].float(), dim=-1).cpu().expand(n, -1, -1)]
             if width > 0:
-                pad = self.tokenizer.pad_token_id or 0
-                ids = torch.full((len(candidates), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(candidates), len(prefix) + width), dtype=torch.long)
+                ids = torch.full((n, width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+                mask = torch.zeros((n, len(prefix) + width), dtype=torch.long)
                 mask[:, : len(prefix)] = 1
                 for row, cand in enumerate(candidates):
                     ids[row, : len(cand) - 1] = torch.tensor(cand[:-1])
                     mask[row, len(prefix) : len(prefix) + len(cand) - 1] = 1
-                cache = first.past_key_values
-                cache.batch_repeat_interleave(len(candidates))
-                rest = self.model(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache
-                )
-                rest_logprobs = torch.log_softmax(rest.logits.float(), dim=-1).cpu()
-        scores = []
-        for row, cand in enumerate(candidates):
-            rest_tokens = [rest_logprobs[row, i, token].item() for i, token in enumerate(cand[1:])]
-            scores.append(sum([first_logprobs[cand[0]].item(), *rest_tokens]))
-        return scores
+                first.past_key_values.batch_repeat_interleave(n)
+                rest = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  past_key_values=first.past_key_values)  # fmt: skip
+                logprobs.append(torch.log_softmax(rest.logits.float(), dim=-1).cpu())
+        table = torch.cat(logprobs, dim=1)  # [candidate, position, vocab]: position i predicts token i
+        rows = enumerate(candidates)
+        return [sum([table[row, i, token].item() for i, token in enumerate(cand)]) for row, cand in rows]
