@@ -21,16 +21,12 @@ def _mean(values: list[float]) -> float | None:
     return round(fmean(values), 4) if values else None
 
 
-def normalise(text: str) -> str:
-    """Case, surrounding quotes/backticks/punctuation and inner whitespace do not matter."""
-    return re.sub(r"\s+", " ", text.strip().lower()).strip(" \"'`.!")
-
-
 def is_exact_match(response: str, expected: str) -> bool:
     """The response is the expected answer, or ends with it ("... so the answer is 42."); or, for a
     numeric expected answer, the response's last number equals it ("... she earned $10.00 in
     total." matches "10"), as GSM8K is scored: the reasoning comes first, the answer last."""
-    got, want = normalise(response), normalise(expected)
+    # Case, surrounding quotes/backticks/punctuation and inner whitespace do not matter.
+    got, want = (re.sub(r"\s+", " ", text.strip().lower()).strip(" \"'`.!") for text in (response, expected))
     if not want:
         return False
     if got == want or (got.endswith(want) and not got[: -len(want)][-1:].isalnum()):
@@ -84,26 +80,23 @@ def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[
     return results
 
 
-# per-question results: what intervals, comparisons and the promote gate are computed from
-def question_key(question: Question) -> str:
-    """The question's content (turns and expected answers), not its id: held-out ids count rows
-    of one run's eval split, so only content says that two runs asked the same question."""
-    return digest_of([list(question.turns), list(question.exact_answer or ())], compact=False)[:16]
-
-
 def per_question(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
                  pair_outcomes: dict[tuple[str, int], int | None] | None = None,
                  judged_questions: list[Question] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One row per question: per model and turn the judge score, exact-match hit (1/0) and answer
     length in words (None where there is none); the pairwise outcome per turn (+1 tuned won in
-    both orders, -1 base did, 0 a tie or a verdict that flipped with the order)."""
+    both orders, -1 base did, 0 a tie or a verdict that flipped with the order): what intervals,
+    comparisons and the promote gate are computed from. A row's ``key`` is the question's content,
+    not its id: held-out ids count rows of one run's eval split, so only content says that two runs
+    asked the same question."""
     scores = {(r["model"], str(r["question_id"]), r["turn"]): r["score"]
               for r in judgments if not r["failed"]}  # fmt: skip
     judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}
     rows = []
     for q in questions:
         qid, turns = str(q.question_id), range(1, len(q.turns) + 1)
-        row: dict[str, Any] = {"question_id": q.question_id, "key": question_key(q), "category": q.category,
+        key = digest_of([list(q.turns), list(q.exact_answer or ())], compact=False)[:16]
+        row: dict[str, Any] = {"question_id": q.question_id, "key": key, "category": q.category,
                                "judged": qid in judged, "models": {}}  # fmt: skip
         for model, records in answers.items():
             said = records[qid]["choices"][0]["turns"]
@@ -244,7 +237,6 @@ def verdict_lines(comparisons: dict[str, Any], pairwise: dict[str, Any] | None) 
     for pair, metrics in comparisons.items():
         lines.append(f"## Verdicts: {pair.replace('-', ' − ')}, paired over the same questions\n")
         for name, c in metrics.items():
-            low, high = c["ci95"]
-            lines.append(f"- {name}: {c['diff']:+.3f} [{low:+.3f}, {high:+.3f}], n={c['n']}: "
-                         f"{c['verdict']}")  # fmt: skip
+            line = "- {}: {:+.3f} [{:+.3f}, {:+.3f}], n={}: {}"
+            lines.append(line.format(name, c["diff"], *c["ci95"], c["n"], c["verdict"]))
     return "\n".join(lines) + ("\n" if lines else "")

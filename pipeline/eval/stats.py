@@ -59,11 +59,8 @@ def compare(reference: Units, candidate: Units, seed: int = SEED, paired: bool =
     """``candidate - reference`` with a 95% interval (None: too few questions). Paired: over the
     questions and turns both have, one resample for both; unpaired: each side resampled on its own."""
     if paired:
-        pairs = [
-            [(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
-            for key in candidate
-            if key in reference
-        ]
+        pairs = [[(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
+                 for key in candidate if key in reference]  # fmt: skip
         pairs = [p for p in pairs if p]
         sides = [[r for r, _ in p] for p in pairs], [[c for _, c in p] for p in pairs]
     else:
