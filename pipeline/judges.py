@@ -135,8 +135,11 @@ class LocalJudge:
         if self.scoring == "generate":
             model, tokenizer = self.model, self.tokenizer
             return generate_batch(model, tokenizer, prompts, self.temperature, self.max_new_tokens, seed)
-        if pairwise:
-            return [self.pair_verdict(p) for p in prompts]
+        if pairwise:  # whichever of [[A]], [[B]], [[C]] is most likely after "Verdict: [["
+            probs = [torch.tensor(self.choice_logprobs(p, "Verdict: [[", ["A]]", "B]]", "C]]"])).softmax(0)
+                     for p in prompts]  # fmt: skip
+            line = "[[{}]] (p A {:.3f}, B {:.3f}, C {:.3f})"
+            return [line.format("ABC"[int(p.argmax())], *p.tolist()) for p in probs]
         scores = [self.rating_logprobs(p) for p in prompts]
         if self.scoring == "logits":  # the most likely rating
             return [f"Rating: [[{max(range(10), key=s.__getitem__) + 1}]]" for s in scores]
@@ -150,12 +153,6 @@ class LocalJudge:
     def rating_logprobs(self, prompt: str) -> list[float]:
         """log p("k]]" | prompt + "Rating: [[") for k = 1..10."""
         return self.choice_logprobs(prompt, "Rating: [[", [f"{k}]]" for k in range(1, 11)])
-
-    def pair_verdict(self, prompt: str) -> str:
-        """``[[A]]``, ``[[B]]`` or ``[[C]]``, whichever is most likely after ``Verdict: [[``."""
-        probs = torch.tensor(self.choice_logprobs(prompt, "Verdict: [[", ["A]]", "B]]", "C]]"])).softmax(0)
-        p_a, p_b, p_c = probs.tolist()
-        return f"[[{'ABC'[int(probs.argmax())]}]] (p A {p_a:.3f}, B {p_b:.3f}, C {p_c:.3f})"
 
     def choice_logprobs(self, prompt: str, prefix_text: str, choices: list[str]) -> list[float]:
         """log p(choice | prompt + prefix_text) for each choice: the prompt's KV cache is repeated for

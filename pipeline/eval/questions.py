@@ -93,17 +93,6 @@ def question_from_hub_row(row: dict[str, Any]) -> Question:
     return _question_from_record(record, f"hub row {record['question_id']}")
 
 
-def load_hub_questions(dataset: str, split: str) -> list[Question]:
-    """Questions from a hub dataset in either FastChat or HuggingFaceH4 field names."""
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(dataset, split=split)
-    except Exception as error:  # network, missing split, offline mode: one clear line
-        raise StageError(f"eval.hub_dataset: cannot load {dataset!r} split {split!r}: {error}") from None
-    return _check_unique([question_from_hub_row(dict(row)) for row in rows], dataset)
-
-
 def builtin_questions(n_verifiable: int, exclude_instructions: Iterable[str] = ()) -> list[Question]:
     """The project's offline set: hand-written MT-Bench-style questions (one or more per category)
     plus ``n_verifiable`` tasks of the project's task generator with exact-match answers, skipping any
@@ -160,8 +149,15 @@ def load_questions(config: EvalConfig, exclude_instructions: Iterable[str] = ())
     file's answers replace the questions' own ``reference``."""
     if config.questions == "builtin":
         questions = builtin_questions(config.builtin_verifiable, exclude_instructions)
-    elif config.questions == "hub":
-        questions = load_hub_questions(config.hub_dataset, config.hub_split)
+    elif config.questions == "hub":  # in either FastChat or HuggingFaceH4 field names
+        import datasets
+
+        dataset, split = config.hub_dataset, config.hub_split
+        try:
+            rows = datasets.load_dataset(dataset, split=split)
+        except Exception as error:  # network, missing split, offline mode: one clear line
+            raise StageError(f"eval.hub_dataset: cannot load {dataset!r} split {split!r}: {error}") from None
+        questions = _check_unique([question_from_hub_row(dict(row)) for row in rows], dataset)
     else:
         questions = read_question_file(Path(config.questions))
     if config.reference_answers:
