@@ -41,8 +41,7 @@ def radar_chart(models: dict[str, dict[str, Any]], path: Path, title: str = "MT-
             if interval:
                 axes.plot([angle + shift] * 2, interval, color=line.get_color(), linewidth=3, alpha=0.5)
     axes.set_xticks(angles, categories)
-    axes.set_ylim(0, 10)
-    axes.set_yticks([2, 4, 6, 8, 10])
+    axes.set(ylim=(0, 10), yticks=[2, 4, 6, 8, 10])
     axes.set_title(title, pad=20)
     axes.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize="small")
     return _save(plt, figure, path)
@@ -51,9 +50,9 @@ def radar_chart(models: dict[str, dict[str, Any]], path: Path, title: str = "MT-
 def comparison_chart(comparisons: dict[str, dict[str, Any]], path: Path) -> Path:
     """Each metric's tuned - base difference as a dot with its paired 95% interval as a bar; judge
     scores (1-10 scale) and rates (exact match, pairwise preference) in separate panels."""
-    panels = [[n for n in comparisons if n.startswith(("exact_match", "pairwise")) == rate][::-1]
-              for rate in (False, True)]  # fmt: skip
-    panels = [names for names in panels if names]
+    rates = [n for n in comparisons if n.startswith(("exact_match", "pairwise"))][::-1]
+    scores = [n for n in comparisons if n not in rates][::-1]
+    panels = [names for names in (scores, rates) if names]
     heights = [len(names) for names in panels]
     figure, axes_list = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.35 * sum(heights)),
                                      height_ratios=heights, squeeze=False)  # fmt: skip
