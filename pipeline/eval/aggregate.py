@@ -133,16 +133,15 @@ def with_intervals(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]
     after a dict of categories) and the judged answers' mean length in words."""
     out: dict[str, dict[str, Any]] = {}
     for model, row in models.items():
-        out[model] = {}
+        out[model] = entry = {}
         for name, value in row.items():
-            out[model][name] = value
+            entry[name] = value
             if name in _NESTED:
-                cis = {c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value}
-                out[model][f"{name}_ci95"] = cis
+                entry[f"{name}_ci95"] = {c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value}
             elif name in _FIELDS:
-                out[model][f"{name}_ci95"] = interval(units(rows, model, name) or {})
+                entry[f"{name}_ci95"] = interval(units(rows, model, name) or {})
         words = [w for r in rows if r["judged"] for w in r["models"][model]["words"]]
-        out[model]["mean_answer_words"] = _mean(words)
+        entry["mean_answer_words"] = _mean(words)
     return out
 
 
