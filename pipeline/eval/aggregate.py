@@ -173,10 +173,9 @@ def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any
     """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates over the judged
     turns (with intervals); ``failures`` turns without a readable verdict in either order."""
     outcomes = _pair_units(rows)
-    turns = sum(v is not None for t in outcomes.values() for v in t)
-    summary: dict[str, Any] = {"turns": turns, "failures": failures}
-    if not turns:
+    if not (judged := sum(v is not None for t in outcomes.values() for v in t)):
         return None
+    summary: dict[str, Any] = {"turns": judged, "failures": failures}
     for name, value in (("win", 1), ("tie", 0), ("loss", -1)):
         hits = {k: [None if v is None else float(v == value) for v in turns] for k, turns in outcomes.items()}
         summary[f"{name}_rate"] = _mean([h for turns in hits.values() for h in turns if h is not None])
