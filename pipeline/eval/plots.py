@@ -15,8 +15,7 @@ import matplotlib.pyplot as plt
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def radar_chart(models: dict[str, dict[str, Any]], path: Path, title: str = "MT-Bench score by category",
-                ) -> Path:  # fmt: skip
+def radar_chart(models: dict[str, dict[str, Any]], path: Path) -> Path:
     """A radar chart (one axis per category, 0-10, one polygon per model) as PNG. Unscored categories
     are drawn at 0 and counted in the legend, so a gap is visible; models that score alike get their
     own line style and marker size and side-by-side interval bars, so neither hides the other."""
@@ -42,7 +41,7 @@ def radar_chart(models: dict[str, dict[str, Any]], path: Path, title: str = "MT-
                 axes.plot([angle + shift] * 2, interval, color=line.get_color(), linewidth=3, alpha=0.5)
     axes.set_xticks(angles, categories)
     axes.set(ylim=(0, 10), yticks=[2, 4, 6, 8, 10])
-    axes.set_title(title, pad=20)
+    axes.set_title("MT-Bench score by category", pad=20)
     axes.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize="small")
     return _save(plt, figure, path)
 
