@@ -1,3 +1,2 @@
-"""MT-Bench-style evaluation, as a library: questions, answer generation, judge prompts, rating
-parsing, aggregation and plots. ``pipeline.stages.evaluate`` is the recipe that strings them together;
-``pipeline.judges`` holds the judge backends."""
+"""MT-Bench-style evaluation as a library (questions, generation, judging, aggregation, plots);
+``pipeline.stages.evaluate`` strings it together, ``pipeline.judges`` holds the judge backends."""

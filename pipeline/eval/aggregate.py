@@ -1,16 +1,10 @@
-"""From judgments to the numbers in the report: MT-Bench averages, exact match, a Markdown table.
-
-Averages follow FastChat's ``show_result``: a model's turn-1 (turn-2) score is the mean over its
-graded turn-1 (turn-2) answers, the overall score is the mean over all graded answers, a category
-score the mean over that category's graded answers (both turns). Failed judgments are counted,
-never averaged in. A number with nothing behind it is ``None`` (null in JSON), not 0.
-"""
+"""From judgments to the report's numbers: MT-Bench averages (FastChat's ``show_result``: means over
+the graded answers; failed judgments are counted, never averaged in), exact match, intervals and a
+Markdown table. A number with nothing behind it is ``None`` (null in JSON), not 0."""
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Iterable
 from statistics import fmean
 from typing import Any
 
@@ -20,24 +14,19 @@ from pipeline.eval.stats import Units, compare, interval, verdict
 from pipeline.numbers import last_number, parse_number
 from pipeline.tracking import metric_name
 
+Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastChat answer record
+
 
 def _mean(values: list[float]) -> float | None:
     return round(fmean(values), 4) if values else None
 
 
-def normalise(text: str) -> str:
-    """Case, surrounding quotes/backticks/punctuation and inner whitespace do not matter."""
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    return text.strip(" \"'`.!")
-
-
-# A number as a model writes it: optional sign and "$", thousands commas, decimals. The minus must
-# not follow a word or digit character ("pages 10-12" ends with 12, not -12).
 def is_exact_match(response: str, expected: str) -> bool:
     """The response is the expected answer, or ends with it ("... so the answer is 42."); or, for a
     numeric expected answer, the response's last number equals it ("... she earned $10.00 in
     total." matches "10"), as GSM8K is scored: the reasoning comes first, the answer last."""
-    got, want = normalise(response), normalise(expected)
+    # Case, surrounding quotes/backticks/punctuation and inner whitespace do not matter.
+    got, want = (re.sub(r"\s+", " ", text.strip().lower()).strip(" \"'`.!") for text in (response, expected))
     if not want:
         return False
     if got == want or (got.endswith(want) and not got[: -len(want)][-1:].isalnum()):
@@ -46,118 +35,74 @@ def is_exact_match(response: str, expected: str) -> bool:
     return number is not None and last_number(response) == number
 
 
-def _verifiable_turns(question: Question, turns: list[str]) -> list[tuple[str, str]]:
-    """(expected, response) for each answered turn of ``question`` that has an expected answer."""
-    return [(e, r) for e, r in zip(question.exact_answer or (), turns, strict=False) if e is not None]
+def _hits(question: Question, said: list[str]) -> list[float | None]:
+    """Per answer turn: 1.0 if it matches its expected answer, 0.0 if not, None if none is expected."""
+    expected = [*(question.exact_answer or ()), *[None] * len(said)]
+    pairs = zip(said, expected, strict=False)
+    return [None if want is None else float(is_exact_match(got, want)) for got, want in pairs]
 
 
-def exact_match(questions: Iterable[Question], answers: dict[str, dict[str, Any]]) -> float | None:
+def exact_match(questions: list[Question], answers: dict[str, dict[str, Any]]) -> float | None:
     """Share of verifiable answer turns that match their expected answer; None if none is verifiable."""
-    hits: list[float] = []
-    for q in questions:
-        turns = answers[str(q.question_id)]["choices"][0]["turns"] if q.exact_answer else []
-        hits += [1.0 if is_exact_match(r, e) else 0.0 for e, r in _verifiable_turns(q, turns)]
-    return _mean(hits)
+    said = [(q, answers[str(q.question_id)]["choices"][0]["turns"]) for q in questions if q.exact_answer]
+    return _mean([hit for q, turns in said for hit in _hits(q, turns) if hit is not None])
 
 
-def exact_match_by_category(
-    questions: Iterable[Question], answers: dict[str, dict[str, Any]]
-) -> dict[str, float | None]:
+def exact_match_by_category(questions: list[Question], answers: dict[str, dict[str, Any]],
+                            ) -> dict[str, float | None]:  # fmt: skip
     """``exact_match`` per category, for the categories that have verifiable turns (sorted)."""
-    by_category: dict[str, list[Question]] = defaultdict(list)
-    for q in questions:
-        if q.exact_answer and any(a is not None for a in q.exact_answer):
-            by_category[q.category].append(q)
-    return {cat: exact_match(by_category[cat], answers) for cat in sorted(by_category)}
+    verifiable = [q for q in questions if any(a is not None for a in q.exact_answer or ())]
+    categories = sorted({q.category for q in verifiable})
+    return {cat: exact_match([q for q in verifiable if q.category == cat], answers) for cat in categories}
 
 
-def aggregate(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    judgments: list[dict[str, Any]],
-    judged_questions: list[Question] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Per model: overall/turn-1/turn-2/per-category scores, judge failures, exact match (overall
-    and per category), spread.
-
-    ``judged_questions`` (default: all) are those sent to the judge: only their categories get a
-    judge-score entry, so questions scored by exact match alone add no empty axis to the report.
-    A model without any judgment gets None scores, not an error.
-    """
-    judged_categories = sorted(
-        {q.category for q in (questions if judged_questions is None else judged_questions)}
-    )
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in judgments:
-        by_model[record["model"]].append(record)
+def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
+              judged_questions: list[Question] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per model: overall/turn/category scores, judge failures, exact match, spread. Only categories of
+    ``judged_questions`` (default: all) get a score: exact-match-only questions add no empty axis."""
+    categories = sorted({q.category for q in (questions if judged_questions is None else judged_questions)})
     results: dict[str, dict[str, Any]] = {}
-    for model_id in answers:
-        records = by_model.get(model_id, [])
+    for model_id, said in answers.items():
+        records = [r for r in judgments if r["model"] == model_id]
         graded = [r for r in records if not r["failed"]]
-        categories: dict[str, list[float]] = defaultdict(list)
-        for r in graded:
-            categories[r["category"]].append(r["score"])
-        spreads = [
-            r["spread"] for r in graded if r.get("spread") is not None and len(r.get("scores", [])) > 1
-        ]
+        spreads = [r["spread"] for r in graded if r.get("spread") is not None and len(r["scores"]) > 1]
         results[model_id] = {
             "score_overall": _mean([r["score"] for r in graded]),
             "score_turn1": _mean([r["score"] for r in graded if r["turn"] == 1]),
             "score_turn2": _mean([r["score"] for r in graded if r["turn"] == 2]),
-            "categories": {cat: _mean(categories[cat]) for cat in judged_categories},
-            "judge_failures": sum(1 for r in records if r["failed"]),
-            "exact_match": exact_match(questions, answers[model_id]),
-            "exact_match_categories": exact_match_by_category(questions, answers[model_id]),
+            "categories": {c: _mean([r["score"] for r in graded if r["category"] == c]) for c in categories},
+            "judge_failures": len(records) - len(graded),
+            "exact_match": exact_match(questions, said),
+            "exact_match_categories": exact_match_by_category(questions, said),
             "judged": len(records),
             "judge_spread_mean": _mean(spreads),
         }
     return results
 
 
-# --------------------------------------------------------------------------------------------
-# per-question results: what intervals, comparisons and the promote gate are computed from
-# --------------------------------------------------------------------------------------------
-def question_key(question: Question) -> str:
-    """The question's content (turns and expected answers), not its id: held-out ids count rows
-    of one run's eval split, so only content says that two runs asked the same question."""
-    return digest_of([list(question.turns), list(question.exact_answer or ())], compact=False)[:16]
-
-
-def per_question(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    judgments: list[dict[str, Any]],
-    pair_outcomes: dict[tuple[str, int], int | None] | None = None,
-    judged_questions: list[Question] | None = None,
-) -> list[dict[str, Any]]:
+def per_question(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
+                 pair_outcomes: dict[tuple[str, int], int | None] | None = None,
+                 judged_questions: list[Question] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One row per question: per model and turn the judge score, exact-match hit (1/0) and answer
     length in words (None where there is none); the pairwise outcome per turn (+1 tuned won in
-    both orders, -1 base did, 0 a tie or a verdict that flipped with the order)."""
-    scores = {
-        (r["model"], str(r["question_id"]), r["turn"]): r["score"] for r in judgments if not r["failed"]
-    }
+    both orders, -1 base did, 0 a tie or a verdict that flipped with the order): what intervals,
+    comparisons and the promote gate are computed from. A row's ``key`` is the question's content,
+    not its id: held-out ids count rows of one run's eval split, so only content says that two runs
+    asked the same question."""
+    scores = {(r["model"], str(r["question_id"]), r["turn"]): r["score"]
+              for r in judgments if not r["failed"]}  # fmt: skip
     judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}
     rows = []
     for q in questions:
         qid, turns = str(q.question_id), range(1, len(q.turns) + 1)
-        expected = list(q.exact_answer or ()) + [None] * len(q.turns)
-        row: dict[str, Any] = {
-            "question_id": q.question_id,
-            "key": question_key(q),
-            "category": q.category,
-            "judged": qid in judged,
-            "models": {},
-        }
+        key = digest_of([list(q.turns), list(q.exact_answer or ())], compact=False)[:16]
+        row: dict[str, Any] = {"question_id": q.question_id, "key": key, "category": q.category,
+                               "judged": qid in judged, "models": {}}  # fmt: skip
         for model, records in answers.items():
             said = records[qid]["choices"][0]["turns"]
-            row["models"][model] = {
-                "score": [scores.get((model, qid, t)) for t in turns],
-                "exact": [
-                    None if want is None else float(is_exact_match(got, want))
-                    for got, want in zip(said, expected, strict=False)
-                ],
-                "words": [len(text.split()) for text in said],
-            }
+            words = [len(text.split()) for text in said]
+            row["models"][model] = {"score": [scores.get((model, qid, t)) for t in turns],
+                                    "exact": _hits(q, said), "words": words}  # fmt: skip
         if pair_outcomes:
             row["pairwise"] = [pair_outcomes.get((qid, t)) for t in turns]
         rows.append(row)
@@ -168,6 +113,7 @@ def per_question(
 _FIELDS = {"score_overall": ("score", None), "score_turn1": ("score", 0), "score_turn2": ("score", 1),
            "categories": ("score", None), "category": ("score", None), "exact_match": ("exact", None),
            "exact_match_categories": ("exact", None)}  # fmt: skip
+_NESTED = {"categories": "category", "exact_match_categories": "exact_match"}  # results key -> metric name
 
 
 def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
@@ -178,31 +124,24 @@ def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
     if name not in _FIELDS or (name in ("categories", "category", "exact_match_categories") and not category):
         return None
     field, turn = _FIELDS[name]
-    return {
-        row["key"]: [v if turn in (None, i) else None for i, v in enumerate(row["models"][model][field])]
-        for row in rows
-        if model in row["models"] and category in ("", row["category"])
-    }
+    return {row["key"]: [v if turn in (None, i) else None for i, v in enumerate(row["models"][model][field])]
+            for row in rows if model in row["models"] and category in ("", row["category"])}  # fmt: skip
 
 
-def with_intervals(
-    models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
+def with_intervals(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``models`` with ``<metric>_ci95`` after each score and exact-match rate (a dict of intervals
     after a dict of categories) and the judged answers' mean length in words."""
     out: dict[str, dict[str, Any]] = {}
     for model, row in models.items():
-        out[model] = {}
+        out[model] = entry = {}
         for name, value in row.items():
-            out[model][name] = value
-            if name in ("categories", "exact_match_categories"):
-                out[model][f"{name}_ci95"] = {
-                    c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value
-                }
+            entry[name] = value
+            if name in _NESTED:
+                entry[f"{name}_ci95"] = {c: interval(units(rows, model, f"{name}.{c}") or {}) for c in value}
             elif name in _FIELDS:
-                out[model][f"{name}_ci95"] = interval(units(rows, model, name) or {})
+                entry[f"{name}_ci95"] = interval(units(rows, model, name) or {})
         words = [w for r in rows if r["judged"] for w in r["models"][model]["words"]]
-        out[model]["mean_answer_words"] = _mean(words)
+        entry["mean_answer_words"] = _mean(words)
     return out
 
 
@@ -216,25 +155,17 @@ def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
     every score and exact-match rate both have (and the pairwise preference, if judged)."""
     if not {"base", "tuned"} <= set(models):
         return {}
-    names = [
-        *("score_overall", "score_turn1", "score_turn2"),
-        *(f"categories.{c}" for c in models["tuned"]["categories"]),
-        "exact_match",
-        *(f"exact_match_categories.{c}" for c in models["tuned"]["exact_match_categories"]),
-    ]
-    found = {
-        name: compare(units(rows, "base", name) or {}, units(rows, "tuned", name) or {}) for name in names
-    }
+    tuned = models["tuned"]
+    categories = [f"categories.{c}" for c in tuned["categories"]]
+    exact = [f"exact_match_categories.{c}" for c in tuned["exact_match_categories"]]
+    names = ["score_overall", "score_turn1", "score_turn2", *categories, "exact_match", *exact]
+    found = {n: compare(units(rows, "base", n) or {}, units(rows, "tuned", n) or {}) for n in names}
     outcomes = _pair_units(rows)
     ci95 = interval(outcomes)
     if ci95 is not None:  # mean of +1/0/-1 per judged turn: win rate - loss rate
         values = [v for turns in outcomes.values() for v in turns if v is not None]
-        found["pairwise"] = {
-            "diff": _mean(values),
-            "ci95": ci95,
-            "n": len(outcomes),
-            "verdict": verdict(ci95),
-        }
+        found["pairwise"] = {"diff": _mean(values), "ci95": ci95, "n": len(outcomes),
+                             "verdict": verdict(ci95)}  # fmt: skip
     return {"tuned-base": {name: c for name, c in found.items() if c is not None}}
 
 
@@ -242,12 +173,9 @@ def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any
     """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates over the judged
     turns (with intervals); ``failures`` turns without a readable verdict in either order."""
     outcomes = _pair_units(rows)
-    summary: dict[str, Any] = {
-        "turns": sum(v is not None for t in outcomes.values() for v in t),
-        "failures": failures,
-    }
-    if not summary["turns"]:
+    if not (judged := sum(v is not None for t in outcomes.values() for v in t)):
         return None
+    summary: dict[str, Any] = {"turns": judged, "failures": failures}
     for name, value in (("win", 1), ("tie", 0), ("loss", -1)):
         hits = {k: [None if v is None else float(v == value) for v in turns] for k, turns in outcomes.items()}
         summary[f"{name}_rate"] = _mean([h for turns in hits.values() for h in turns if h is not None])
@@ -260,11 +188,10 @@ def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) 
     ``<model>.exact_match.<cat>`` per verifiable category): the one naming of MLflow's metrics, the
     promote gate and the version tags. Intervals are left out; so are None values unless ``keep_none``."""
     metrics: dict[str, float | None] = {}
-    nested = {"categories": "category", "exact_match_categories": "exact_match"}
     for model_id, row in models.items():
         for name, value in row.items():
-            for cat, number in value.items() if name in nested else [(None, value)]:
-                key = f"{model_id}.{name}" if cat is None else f"{model_id}.{nested[name]}.{cat}"
+            for cat, number in value.items() if name in _NESTED else [(None, value)]:
+                key = f"{model_id}.{name}" if cat is None else f"{model_id}.{_NESTED[name]}.{cat}"
                 if isinstance(number, (int, float)) or (number is None and keep_none):
                     metrics[metric_name(key)] = None if number is None else float(number)
     return metrics
@@ -277,28 +204,22 @@ def _fmt(value: Any, ci95: list[float] | None = None) -> str:
     return text + (f" [{ci95[0]:.2f}, {ci95[1]:.2f}]" if ci95 else "")
 
 
+_LABELS = {"score_overall": "score (overall)", "score_turn1": "score (turn 1)",
+           "score_turn2": "score (turn 2)", "exact_match": "exact match", "judge_failures": "judge failures",
+           "mean_answer_words": "mean answer length (words, judged questions)"}  # fmt: skip
+
+
 def markdown_table(models: dict[str, dict[str, Any]]) -> str:
     """Models side by side: the headline numbers with their 95% intervals, then one row per category."""
     names = list(models)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    labels = {
-        "score_overall": "score (overall)",
-        "score_turn1": "score (turn 1)",
-        "score_turn2": "score (turn 2)",
-        "exact_match": "exact match",
-        "judge_failures": "judge failures",
-        "mean_answer_words": "mean answer length (words, judged questions)",
-    }
-    for name, label in labels.items():
+    for name, label in _LABELS.items():
         cells = " | ".join(_fmt(models[m].get(name), models[m].get(f"{name}_ci95")) for m in names)
         lines.append(f"| {label} | {cells} |")
     for key, prefix in (("categories", ""), ("exact_match_categories", "exact match: ")):
-        categories = sorted({cat for m in names for cat in models[m].get(key, {})})
-        for cat in categories:
-            cells = " | ".join(
-                _fmt(models[m].get(key, {}).get(cat), models[m].get(f"{key}_ci95", {}).get(cat))
-                for m in names
-            )
+        values = [(models[m].get(key, {}), models[m].get(f"{key}_ci95", {})) for m in names]
+        for cat in sorted({cat for value, _ in values for cat in value}):
+            cells = " | ".join(_fmt(value.get(cat), ci95.get(cat)) for value, ci95 in values)
             lines.append(f"| {prefix}{cat} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -307,16 +228,13 @@ def verdict_lines(comparisons: dict[str, Any], pairwise: dict[str, Any] | None) 
     """The report's last section: pairwise rates, then one line per paired comparison."""
     lines = []
     for pair, row in (pairwise or {}).items():
-        rates = ", ".join(
-            f"{name} {_fmt(row[f'{name}_rate'], row[f'{name}_rate_ci95'])}" for name in ("win", "tie", "loss")
-        )
-        lines.append(
-            f"Pairwise judge, {pair.replace('-', ' vs ')} ({row['turns']} turns judged in both orders, "
-            f"{row['failures']} failed): {rates}.\n"
-        )
+        rates = ", ".join(f"{n} {_fmt(row[f'{n}_rate'], row[f'{n}_rate_ci95'])}"
+                          for n in ("win", "tie", "loss"))  # fmt: skip
+        lines.append(f"Pairwise judge, {pair.replace('-', ' vs ')} ({row['turns']} turns judged in both "
+                     f"orders, {row['failures']} failed): {rates}.\n")  # fmt: skip
     for pair, metrics in comparisons.items():
         lines.append(f"## Verdicts: {pair.replace('-', ' − ')}, paired over the same questions\n")
         for name, c in metrics.items():
-            low, high = c["ci95"]
-            lines.append(f"- {name}: {c['diff']:+.3f} [{low:+.3f}, {high:+.3f}], n={c['n']}: {c['verdict']}")
+            line = "- {}: {:+.3f} [{:+.3f}, {:+.3f}], n={}: {}"
+            lines.append(line.format(name, c["diff"], *c["ci95"], c["n"], c["verdict"]))
     return "\n".join(lines) + ("\n" if lines else "")

@@ -1,13 +1,7 @@
-"""Multi-turn answer generation with an on-disk cache, as MT-Bench asks for it.
-
-Turn 2 is asked in the same conversation as turn 1: the prompt holds turn 1's question *and the
-model's own answer*, rendered through the model's chat template. Questions are generated in
-batches (left padding, so every row's answer starts at the same position) grouped by sampling
-temperature, since one ``generate`` call has one temperature.
-
-Every finished question is appended to a FastChat-format answer JSONL at once, keyed by the model's
-identity, the question and the generation settings; a rerun (after a crash, a kill, or a changed
-judge) regenerates only what is missing or stale.
+"""Multi-turn answer generation as MT-Bench asks for it: turn 2 in the same conversation, after turn 1
+and the model's own answer; left-padded batches grouped by temperature and budget (one ``generate``
+call has one of each). Each finished question is appended at once to a FastChat-format answer JSONL
+keyed by model identity, question and settings, so a rerun regenerates only what is missing or stale.
 """
 
 from __future__ import annotations
@@ -15,10 +9,14 @@ from __future__ import annotations
 import itertools
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from pipeline.digests import digest_of
 from pipeline.eval.questions import Question, is_verifiable
@@ -51,79 +49,38 @@ class GenerationSettings:
 
 def messages_for_turn(question: Question, answers: list[str], turn: int) -> list[dict[str, str]]:
     """The chat for asking turn ``turn`` (0-based): earlier questions with the model's own answers."""
-    messages: list[dict[str, str]] = []
-    for index in range(turn):
-        messages.append({"role": "user", "content": question.turns[index]})
-        messages.append({"role": "assistant", "content": answers[index]})
-    messages.append({"role": "user", "content": question.turns[turn]})
-    return messages
+    earlier = zip(question.turns[:turn], answers[:turn], strict=True)
+    messages = [{"role": role, "content": text}
+                for q, a in earlier for role, text in (("user", q), ("assistant", a))]  # fmt: skip
+    return [*messages, {"role": "user", "content": question.turns[turn]}]
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text the model sees, through its own chat template."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-class _StepCounter:
-    """A ``generate`` streamer that only counts: the first ``put`` is the prompt, then one per step."""
-
-    def __init__(self, on_token: Callable[[], None]) -> None:
-        self.on_token, self.prompt_seen = on_token, False
-
-    def put(self, value: Any) -> None:
-        if self.prompt_seen:
-            self.on_token()
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-
-def generate_batch(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    on_token: Callable[[], None] | None = None,
-) -> list[str]:
+def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: float, max_new_tokens: int,
+                   seed: int, on_token: Callable[[], None] | None = None) -> list[str]:  # fmt: skip
     """Answers for a batch of rendered prompts (left-padded), greedy when ``temperature`` is 0."""
     import torch
 
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        # The chat template already added BOS where the model wants one.
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = previous_side
-    batch = {key: value.to(model.device) for key, value in batch.items()}
+    # The chat template already added BOS where the model wants one.
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                      add_special_tokens=False).to(model.device)  # fmt: skip
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature >= 1e-4:  # FastChat's rule: below this, greedy
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    puts = itertools.count()  # a streamer's first put is the prompt, then one per generated token
+    streamer = on_token and SimpleNamespace(put=lambda _: next(puts) and on_token(), end=lambda: None)
     torch.manual_seed(seed)
     with torch.no_grad():
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling,
-            streamer=_StepCounter(on_token) if on_token else None,
-        )
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                streamer=streamer, **sampling)  # fmt: skip
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def answer_key(model_identity: str, question: Question, settings: GenerationSettings) -> str:
     """Cache key of one question's answers: who answered what, with which settings."""
-    return digest_of(
-        {
-            "model": model_identity,
-            "turns": list(question.turns),
-            "temperature": settings.temperature(question.category),
-            "max_new_tokens": settings.max_tokens(question),
-            "seed": settings.seed,
-        },
-        compact=False,
-    )
+    return digest_of({"model": model_identity, "turns": list(question.turns), "seed": settings.seed,
+                      "temperature": settings.temperature(question.category),
+                      "max_new_tokens": settings.max_tokens(question)}, compact=False)  # fmt: skip
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:
@@ -132,43 +89,25 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
     return {r["cache_key"]: r for _, r in rows if isinstance(r, dict) and "cache_key" in r}
 
 
-def _token_progress(bar: Any, label: str, total: int) -> Callable[[], None]:
-    """Per generation step: the bar shows ``label k/total`` (redrawn at most every mininterval), so it
-    moves while a batch is generated, not only when the batch is done."""
-    steps = itertools.count(1)
-
-    def on_token() -> None:
-        bar.set_postfix_str(f"{label} {next(steps)}/{total}", refresh=False)
-        bar.update(0)
-
-    return on_token
+def _show_step(bar: Any, label: str, total: int, steps: Iterator[int]) -> None:
+    """The bar shows ``label k/total`` (redrawn at most every mininterval) while a batch is generated."""
+    bar.set_postfix_str(f"{label} {next(steps)}/{total}", refresh=False)
+    bar.update(0)
 
 
-def generate_answers(
-    model: Any,
-    tokenizer: Any,
-    questions: list[Question],
-    settings: GenerationSettings,
-    *,
-    model_id: str,
-    model_identity: str,
-    cache_path: Path,
-    generate_fn: GenerateFn = generate_batch,
-    progress: bool = True,
-) -> dict[str, dict[str, Any]]:
+def generate_answers(model: Any, tokenizer: Any, questions: list[Question], settings: GenerationSettings, *,
+                     model_id: str, model_identity: str, cache_path: Path,
+                     generate_fn: GenerateFn = generate_batch, progress: bool = True,
+                     ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """FastChat answer records for ``questions`` by ``str(question_id)``, from the cache where
     possible, generating the rest batch by batch (each finished batch is on disk before the next)."""
-    from tqdm.auto import tqdm
-
     cached = read_cache(cache_path)
     keys = {str(q.question_id): answer_key(model_identity, q, settings) for q in questions}
     results = {qid: cached[key] for qid, key in keys.items() if key in cached}
-    pending = [q for q in questions if str(q.question_id) not in results]
-
-    # One temperature and budget per generate() call: group by them, keep question order in a group.
-    groups: dict[tuple[float, int], list[Question]] = {}
-    for q in pending:
-        groups.setdefault((settings.temperature(q.category), settings.max_tokens(q)), []).append(q)
+    groups: dict[tuple[float, int], list[Question]] = {}  # question order kept within a group
+    for q in questions:
+        if str(q.question_id) not in results:
+            groups.setdefault((settings.temperature(q.category), settings.max_tokens(q)), []).append(q)
     bar = tqdm(total=len(questions), initial=len(results), desc=f"answers [{model_id}]", disable=not progress)
     for (temperature, max_new_tokens), group in groups.items():
         for start in range(0, len(group), settings.batch_size):
@@ -179,29 +118,25 @@ def generate_answers(
             turns = max(len(q.turns) for q in chunk)
             for turn in range(turns):
                 rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
-                prompts = [
-                    render_prompt(tokenizer, messages_for_turn(chunk[i], answers[i], turn)) for i in rows
-                ]
-                on_token = _token_progress(bar, f"turn {turn + 1}/{turns}, token", max_new_tokens)
+                prompts = [tokenizer.apply_chat_template(messages_for_turn(chunk[i], answers[i], turn),
+                                                         tokenize=False, add_generation_prompt=True)
+                           for i in rows]  # fmt: skip
+                label = f"turn {turn + 1}/{turns}, token"
+                on_token = partial(_show_step, bar, label, max_new_tokens, itertools.count(1))
                 outputs = generate_fn(
                     model, tokenizer, prompts, temperature, max_new_tokens, seed + turn, on_token
                 )
                 for i, text in zip(rows, outputs, strict=True):
                     answers[i].append(text)
-            for q, turns in zip(chunk, answers, strict=True):
+            for q, said in zip(chunk, answers, strict=True):
                 key = keys[str(q.question_id)]
-                record = {
-                    "question_id": q.question_id,
-                    "answer_id": key[:22],
-                    "model_id": model_id,
-                    "choices": [{"index": 0, "turns": turns}],
-                    "tstamp": time.time(),
-                    "category": q.category,
+                results[str(q.question_id)] = {
+                    "question_id": q.question_id, "answer_id": key[:22], "model_id": model_id,
+                    "choices": [{"index": 0, "turns": said}], "tstamp": time.time(), "category": q.category,
                     "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens},
                     "cache_key": key,
-                }
-                append_record(cache_path, record)
-                results[str(q.question_id)] = record
+                }  # fmt: skip
+                append_record(cache_path, results[str(q.question_id)])
             bar.update(len(chunk))
     bar.close()
     rewrite_records(cache_path, [results[str(q.question_id)] for q in questions])

@@ -1,21 +1,12 @@
-"""Judging: build the judge chats, run a backend, parse and cache the verdicts.
-
-Single-answer grading: one judgment grades one answer turn of one model. Pairwise (FastChat's
-pairwise-baseline mode): one judgment compares the tuned and the base answer to one turn, once in
-each order (``model`` is ``"tuned|base"`` when tuned is assistant A); a verdict that flips with the
-order counts as a tie, so a judge that always prefers one position finds no difference at all.
-
-Records are FastChat's single-judgment format (``question_id``, ``model``, ``judge: [judge model,
-prompt name]``, ``user_prompt``, ``judgment``, ``score``, ``turn``, ``tstamp``) with a few
-additions: every sample's text and rating, the median and spread over samples, ``failed`` for
-verdicts without a readable rating (``score`` is then null, never a number), and the
-``cache_key``; pairwise records have ``winner`` (``A``, ``B``, ``tie``) instead of ``score``. The
-key covers the judge's identity, the prompt texts and the rendered prompt (which contains the
-answers), so a changed answer or judge is re-judged and nothing else is.
-"""
+"""Judging: build the judge chats, run a backend, read and cache the verdicts (FastChat's records,
+plus all samples and a ``cache_key`` over judge, prompt texts and rendered prompt: a changed answer
+or judge is re-judged, nothing else). Pairwise judging asks in both orders (``model`` ``"tuned|base"``:
+tuned is assistant A) and a verdict that flips with the order is a tie, so position bias finds no
+difference. An unreadable verdict is a failure with a null score: a guess would bias the averages."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -24,43 +15,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 from pipeline.digests import digest_of
 from pipeline.eval.generate import read_cache
 from pipeline.eval.prompts import JudgePrompt, pair_fields, prompt_fields, prompt_name
 from pipeline.eval.questions import Question
-from pipeline.eval.ratings import parse_rating, parse_winner
 from pipeline.jsonl import append_record, rewrite_records
 
 Chat = list[dict[str, str]]
+Completions = Iterator[tuple[int, list[str]]]  # (chat index, outputs), in completion order
+Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastChat answer record
 
 
 class JudgeBackend(Protocol):
-    """What the judging loop needs from a judge."""
+    """A judge: its model ``name`` (FastChat's ``judge[0]``), an ``identity`` (all that makes its
+    outputs what they are, never secrets) and ``samples`` outputs per chat (``pairwise``: the chats
+    ask for ``[[A]]``/``[[B]]``/``[[C]]``)."""
 
-    name: str  # the judge's model name, FastChat's ``judge[0]``
+    name: str
 
-    def identity(self) -> dict[str, Any]:
-        """Everything that makes this judge's outputs what they are (never secrets)."""
-        ...
+    def identity(self) -> dict[str, Any]: ...
 
-    def complete(
-        self, chats: list[Chat], samples: int, pairwise: bool = False
-    ) -> Iterator[tuple[int, list[str]]]:
-        """``samples`` outputs for each chat, yielded as ``(index, outputs)`` in completion order;
-        ``pairwise``: the chats ask for ``[[A]]``/``[[B]]``/``[[C]]`` instead of a rating."""
-        ...
+    def complete(self, chats: list[Chat], samples: int, pairwise: bool = False) -> Completions: ...
 
 
 @dataclass(frozen=True)
 class JudgeTask:
-    """One answer turn to grade."""
+    """One answer turn to grade (``turn`` is 1-based, like FastChat)."""
 
     question: Question
     model_id: str
-    turn: int  # 1-based, like FastChat
+    turn: int
     prompt: JudgePrompt
     user_prompt: str
     key: str
+
+    @classmethod
+    def build(cls, question: Question, model_id: str, turn: int, prompt: JudgePrompt,
+              fields: dict[str, str], identity: Any, samples: int) -> JudgeTask:  # fmt: skip
+        user_prompt = prompt.render(**fields)
+        payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
+                   "user_prompt": user_prompt, "samples": samples}  # fmt: skip
+        return cls(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
 
     @property
     def labels(self) -> dict[str, Any]:
@@ -68,36 +65,9 @@ class JudgeTask:
         return {"question_id": self.question.question_id, "model": self.model_id, "turn": self.turn,
                 "category": self.question.category}  # fmt: skip
 
-    @property
-    def chat(self) -> list[dict[str, str]]:
-        return [
-            {"role": "system", "content": self.prompt.system_prompt},
-            {"role": "user", "content": self.user_prompt},
-        ]
 
-
-def _task(
-    question: Question,
-    model_id: str,
-    turn: int,
-    prompt: JudgePrompt,
-    fields: dict[str, str],
-    identity: Any,
-    samples: int,
-) -> JudgeTask:
-    user_prompt = prompt.render(**fields)
-    payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
-               "user_prompt": user_prompt, "samples": samples}  # fmt: skip
-    return JudgeTask(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
-
-
-def build_tasks(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    prompts: dict[str, JudgePrompt],
-    judge_identity: dict[str, Any],
-    samples: int,
-) -> list[JudgeTask]:
+def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
+                judge_identity: dict[str, Any], samples: int) -> list[JudgeTask]:  # fmt: skip
     """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record)."""
     tasks = []
     for model_id, records in answers.items():
@@ -106,18 +76,13 @@ def build_tasks(
             for turn in range(1, len(q.turns) + 1):
                 prompt = prompts[prompt_name(q.category, turn, q.reference is not None)]
                 fields = prompt_fields(q.turns, said, q.reference, turn)
-                tasks.append(_task(q, model_id, turn, prompt, fields, judge_identity, samples))
+                tasks.append(JudgeTask.build(q, model_id, turn, prompt, fields, judge_identity, samples))
     return tasks
 
 
-def build_pair_tasks(
-    questions: list[Question],
-    answers: dict[str, dict[str, dict[str, Any]]],
-    prompts: dict[str, JudgePrompt],
-    judge_identity: dict[str, Any],
-    samples: int,
-    pair: tuple[str, str] = ("tuned", "base"),
-) -> list[JudgeTask]:
+def build_pair_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
+                     judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] = ("tuned", "base"),
+                     ) -> list[JudgeTask]:  # fmt: skip
     """Pairwise tasks: every turn of every question, ``pair`` as assistants A/B and swapped."""
     tasks = []
     for q in questions:
@@ -126,21 +91,47 @@ def build_pair_tasks(
             prompt = prompts[prompt_name(q.category, turn, q.reference is not None, pairwise=True)]
             for a, b in (pair, pair[::-1]):
                 fields = pair_fields(q.turns, said[a], said[b], q.reference, turn)
-                tasks.append(_task(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
+                tasks.append(JudgeTask.build(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
     return tasks
+
+
+MIN_RATING, MAX_RATING = 1.0, 10.0
+_NUMBER = r"\s*(\d+(?:\.\d+)?|\d+\.)\s*(?:/\s*10\s*)?"
+_DOUBLE, _SINGLE = re.compile(r"\[\[" + _NUMBER + r"\]\]"), re.compile(r"\[" + _NUMBER + r"\]")
+# A lone "[7]" is accepted only where it is plainly the verdict, not a citation like "see [1]".
+_VERDICT_WORD = re.compile(r"(rating|score|grade|verdict)\W{0,12}$", re.IGNORECASE)
+_WINNER = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_rating(text: str) -> float | None:
+    """The rating in a judge's output, or ``None``. Like FastChat, ``[[x]]`` first and ``[x]`` as
+    fallback; unlike it, the *last* match wins (judges quote the format, "e.g. Rating: [[5]]", before
+    giving theirs), ``x/10`` is ``x``, ``[x]`` counts only after "rating"/"score" or at the very end,
+    and ratings outside 1-10 are rejected."""
+    if not text:
+        return None
+    matches = list(_DOUBLE.finditer(text)) or [
+        m for m in _SINGLE.finditer(text)
+        if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()]) or not text[m.end() :].strip(" .\n")
+    ]  # fmt: skip
+    value = float(matches[-1].group(1)) if matches else None
+    return value if value is not None and MIN_RATING <= value <= MAX_RATING else None
+
+
+def parse_winner(text: str) -> str | None:
+    """A pairwise verdict: ``"A"``, ``"B"`` or ``"tie"`` (``[[C]]``) from the last ``[[A]]``/``[[B]]``/
+    ``[[C]]`` in the output (FastChat's format; the last one, as for ratings), else None."""
+    matches = _WINNER.findall(text or "")
+    return None if not matches else {"A": "A", "B": "B", "C": "tie"}[matches[-1]]
 
 
 def verdict(outputs: list[str]) -> dict[str, Any]:
     """Ratings of all samples, their median as the score and max-min as the spread."""
     ratings = [parse_rating(text) for text in outputs]
     valid = [r for r in ratings if r is not None]
-    return {
-        "score": statistics.median(valid) if valid else None,
-        "scores": ratings,
-        "spread": (max(valid) - min(valid)) if valid else None,
-        "failed": not valid,
-        "failed_samples": len(ratings) - len(valid),
-    }
+    return {"score": statistics.median(valid) if valid else None, "scores": ratings,
+            "spread": (max(valid) - min(valid)) if valid else None, "failed": not valid,
+            "failed_samples": len(ratings) - len(valid)}  # fmt: skip
 
 
 def pair_verdict(outputs: list[str]) -> dict[str, Any]:
@@ -156,53 +147,38 @@ def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], 
     the second does, 0 otherwise (tie, or a verdict that flips with the order: FastChat's
     "inconsistent"); None when either order has no readable verdict. Also the number of those."""
     orders: dict[tuple[str, int], list[str | None]] = defaultdict(list)
-    first = {}
+    first: dict[tuple[str, int], str] = {}
     for r in records:
         a, b = r["model"].split("|")
-        first.setdefault((str(r["question_id"]), r["turn"]), a)
-        orders[(str(r["question_id"]), r["turn"])].append({"A": a, "B": b, "tie": "tie"}.get(r["winner"]))
-    outcomes: dict[tuple[str, int], int | None] = {}
-    for key, winners in orders.items():
-        same = winners[0] if len(set(winners)) == 1 else "tie"
-        outcomes[key] = None if None in winners else 0 if same == "tie" else (1 if same == first[key] else -1)
+        first.setdefault(key := (str(r["question_id"]), r["turn"]), a)
+        orders[key].append({"A": a, "B": b, "tie": "tie"}.get(r["winner"]))
+    outcomes = {key: None if None in won else 0 if len(set(won)) > 1 or won[0] == "tie" else
+                (1 if won[0] == first[key] else -1) for key, won in orders.items()}  # fmt: skip
     return outcomes, sum(v is None for v in outcomes.values())
 
 
-def run_judging(
-    backend: JudgeBackend,
-    tasks: list[JudgeTask],
-    cache_path: Path,
-    samples: int = 1,
-    progress: bool = True,
-    pairwise: bool = False,
-) -> list[dict[str, Any]]:
+def run_judging(backend: JudgeBackend, tasks: list[JudgeTask], cache_path: Path, samples: int = 1,
+                progress: bool = True, pairwise: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Judgment records for ``tasks`` (same order): cached ones reused, the rest judged and appended
     to ``cache_path`` as each completes, so an interrupted run loses nothing already judged.
     ``pairwise``: the tasks compare two answers (``build_pair_tasks``)."""
-    from tqdm.auto import tqdm
-
     cached = read_cache(cache_path)
     # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
     # once; the verdict is then reported for every task that shares it, labelled with its model.
     todo = list({task.key: task for task in tasks if task.key not in cached}.values())
-    bar = tqdm(total=len(todo), desc="pairwise judgments" if pairwise else "judgments", disable=not progress)
+    chats = [[{"role": "system", "content": task.prompt.system_prompt},
+              {"role": "user", "content": task.user_prompt}] for task in todo]  # fmt: skip
     read = pair_verdict if pairwise else verdict
-    for index, outputs in backend.complete([task.chat for task in todo], samples, pairwise=pairwise):
-        task = todo[index]
-        record = {
-            **task.labels,
-            "judge": [backend.name, task.prompt.name],
-            "user_prompt": task.user_prompt,
-            "judgment": outputs[0],
-            "tstamp": time.time(),
-            "judgments": outputs,
-            **read(outputs),
-            "cache_key": task.key,
-        }
-        append_record(cache_path, record)
-        cached[task.key] = record
-        bar.update(1)
-    bar.close()
+    desc = "pairwise judgments" if pairwise else "judgments"
+    with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+        for index, outputs in backend.complete(chats, samples, pairwise=pairwise):
+            task = todo[index]
+            cached[task.key] = {**task.labels, "judge": [backend.name, task.prompt.name],
+                                "user_prompt": task.user_prompt, "judgment": outputs[0],
+                                "tstamp": time.time(), "judgments": outputs, **read(outputs),
+                                "cache_key": task.key}  # fmt: skip
+            append_record(cache_path, cached[task.key])
+            bar.update(1)
     records = [{**cached[task.key], **task.labels} for task in tasks]
     rewrite_records(cache_path, records)
     return records

@@ -7,20 +7,18 @@ import math
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt
+
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def radar_chart(
-    models: dict[str, dict[str, Any]], path: Path, title: str = "MT-Bench score by category"
-) -> Path:
-    """Write a radar chart (one axis per category, 0-10, one polygon per model) as PNG.
-
-    Categories a model has no score for are drawn at 0 and marked in the legend, so a gap is visible
-    instead of silently closing the polygon. Models that score alike would hide each other's
-    polygon: each gets its own line style and marker size (the first drawn widest), and interval
-    bars sit side by side around their axis.
-    """
-    plt = _pyplot()
+def radar_chart(models: dict[str, dict[str, Any]], path: Path) -> Path:
+    """A radar chart (one axis per category, 0-10, one polygon per model) as PNG. Unscored categories
+    are drawn at 0 and counted in the legend, so a gap is visible; models that score alike get their
+    own line style and marker size and side-by-side interval bars, so neither hides the other."""
     categories = sorted({cat for row in models.values() for cat in row["categories"]})
     if not categories:
         raise ValueError("radar chart: no categories to draw")
@@ -29,25 +27,21 @@ def radar_chart(
     axes = figure.add_subplot(polar=True)
     for index, (name, row) in enumerate(models.items()):
         values = [row["categories"].get(cat) for cat in categories]
-        missing = sum(v is None for v in values)
-        points = [0.0 if v is None else float(v) for v in values]
+        missing, overall = sum(v is None for v in values), row.get("score_overall")
         label = name + (f" ({missing} categories unscored)" if missing else "")
-        overall = row.get("score_overall")
-        if overall is not None:
-            label += f" — overall {overall:.2f}"
-        (line,) = axes.plot([*angles, angles[0]], [*points, points[0]], label=label, linewidth=3.5 - index,
-                            linestyle=LINE_STYLES[index % len(LINE_STYLES)], marker="o",
+        label += "" if overall is None else f" — overall {overall:.2f}"
+        ring = [*angles, angles[0]], [0.0 if v is None else float(v) for v in [*values, values[0]]]
+        style = LINE_STYLES[index % len(LINE_STYLES)]
+        (line,) = axes.plot(*ring, label=label, linewidth=3.5 - index, linestyle=style, marker="o",
                             markersize=max(3.0, 9.0 - 2.5 * index), zorder=2 + index)  # fmt: skip
-        axes.fill([*angles, angles[0]], [*points, points[0]], alpha=0.1)
+        axes.fill(*ring, alpha=0.1)
         shift = (index - (len(models) - 1) / 2) * 0.06  # radians: side by side, not on top
         for angle, interval in zip(angles, map(row.get("categories_ci95", {}).get, categories), strict=True):
             if interval:
                 axes.plot([angle + shift] * 2, interval, color=line.get_color(), linewidth=3, alpha=0.5)
-    axes.set_xticks(angles)
-    axes.set_xticklabels(categories)
-    axes.set_ylim(0, 10)
-    axes.set_yticks([2, 4, 6, 8, 10])
-    axes.set_title(title, pad=20)
+    axes.set_xticks(angles, categories)
+    axes.set(ylim=(0, 10), yticks=[2, 4, 6, 8, 10])
+    axes.set_title("MT-Bench score by category", pad=20)
     axes.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize="small")
     return _save(plt, figure, path)
 
@@ -55,12 +49,9 @@ def radar_chart(
 def comparison_chart(comparisons: dict[str, dict[str, Any]], path: Path) -> Path:
     """Each metric's tuned - base difference as a dot with its paired 95% interval as a bar; judge
     scores (1-10 scale) and rates (exact match, pairwise preference) in separate panels."""
-    plt = _pyplot()
-    is_rate = [name.startswith(("exact_match", "pairwise")) for name in comparisons]
-    panels = [
-        [n for n, rate in zip(comparisons, is_rate, strict=True) if rate == kind] for kind in (False, True)
-    ]
-    panels = [names[::-1] for names in panels if names]
+    rates = [n for n in comparisons if n.startswith(("exact_match", "pairwise"))][::-1]
+    scores = [n for n in comparisons if n not in rates][::-1]
+    panels = [names for names in (scores, rates) if names]
     heights = [len(names) for names in panels]
     figure, axes_list = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.35 * sum(heights)),
                                      height_ratios=heights, squeeze=False)  # fmt: skip
@@ -74,15 +65,6 @@ def comparison_chart(comparisons: dict[str, dict[str, Any]], path: Path) -> Path
         axes.set_yticks(range(len(names)), names)
     axes_list[-1, 0].set_xlabel("tuned − base (paired, 95% bootstrap interval)")
     return _save(plt, figure, path)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(plt: Any, figure: Any, path: Path) -> Path:

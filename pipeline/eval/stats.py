@@ -1,16 +1,8 @@
-"""How sure is a score? 95% percentile-bootstrap intervals over questions, and paired differences.
-
-The unit of resampling is the question (its turns stay together: two answers in one conversation
-are not independent), and the statistic is the one the report shows, the mean over all values of
-the resampled questions. A paired comparison resamples the *same* questions for both models, so
-question difficulty cancels out and a small, consistent improvement is detectable where two
-overlapping unpaired intervals would say nothing. Seeded: the same data gives the same interval.
-
-``Units`` map a question key to that question's per-turn values (``None`` where a turn has no
-value, e.g. a failed judgment or a turn without an expected answer). Fewer than ``MIN_QUESTIONS``
-questions get no interval: the bootstrap of one question is a point, and below six not even a
-unanimous result would be significant (a two-sided sign test needs 6 to reach p < 0.05).
-"""
+"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions
+(two answers in one conversation are not independent); paired comparisons resample the *same*
+questions for both models, so question difficulty cancels out. ``Units``: question key -> per-turn
+values (``None``: no value). Below ``MIN_QUESTIONS`` there is no interval: a two-sided sign test
+needs 6 questions to reach p < 0.05."""
 
 from __future__ import annotations
 
@@ -43,13 +35,15 @@ def _bounds(statistics: np.ndarray) -> list[float]:
     return [round(float(low), 4), round(float(high), 4)]
 
 
-def _present(values: list[float | None]) -> list[float]:
-    return [v for v in values if v is not None]
+def _rows(units: Units) -> list[list[float]]:
+    """The questions' present values, for the questions that have any."""
+    rows = [[v for v in values if v is not None] for values in units.values()]
+    return [row for row in rows if row]
 
 
 def interval(units: Units, seed: int = SEED) -> list[float] | None:
     """95% interval of the mean over every value, resampling questions; None for too few questions."""
-    rows = [_present(v) for v in units.values() if _present(v)]
+    rows = _rows(units)
     if len(rows) < MIN_QUESTIONS:
         return None
     sums, counts = _sums(rows)
@@ -60,38 +54,23 @@ def verdict(ci95: list[float]) -> str:
     return "better" if ci95[0] > 0 else "worse" if ci95[1] < 0 else "no detectable difference"
 
 
-def compare(
-    reference: Units, candidate: Units, seed: int = SEED, paired: bool = True
-) -> dict[str, Any] | None:
-    """``candidate - reference`` with a 95% interval.
-
-    Paired: over the questions both have, on the turns both have, with one resample of questions
-    for both. Unpaired (no shared questions): each side resampled on its own. None when there are
-    too few questions to compare.
-    """
+def compare(reference: Units, candidate: Units, seed: int = SEED, paired: bool = True,
+            ) -> dict[str, Any] | None:  # fmt: skip
+    """``candidate - reference`` with a 95% interval (None: too few questions). Paired: over the
+    questions and turns both have, one resample for both; unpaired: each side resampled on its own."""
     if paired:
-        pairs = [
-            [(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
-            for key in candidate
-            if key in reference
-        ]
+        pairs = [[(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
+                 for key in candidate if key in reference]  # fmt: skip
         pairs = [p for p in pairs if p]
-        if len(pairs) < MIN_QUESTIONS:
-            return None
-        ref_sums, counts = _sums([[r for r, _ in p] for p in pairs])
-        cand_sums, _ = _sums([[c for _, c in p] for p in pairs])
-        indices = resample_indices(len(pairs), seed)
-        diffs = _means(cand_sums, counts, indices) - _means(ref_sums, counts, indices)
-        diff, n = cand_sums.sum() / counts.sum() - ref_sums.sum() / counts.sum(), len(pairs)
+        sides = [[r for r, _ in p] for p in pairs], [[c for _, c in p] for p in pairs]
     else:
-        sides = [[_present(v) for v in units.values() if _present(v)] for units in (reference, candidate)]
-        if min(map(len, sides)) < MIN_QUESTIONS:
-            return None
-        (ref_sums, ref_counts), (cand_sums, cand_counts) = _sums(sides[0]), _sums(sides[1])
-        diffs = _means(cand_sums, cand_counts, resample_indices(len(sides[1]), seed + 1)) - _means(
-            ref_sums, ref_counts, resample_indices(len(sides[0]), seed)
-        )
-        diff = cand_sums.sum() / cand_counts.sum() - ref_sums.sum() / ref_counts.sum()
-        n = len(sides[1])
+        sides = _rows(reference), _rows(candidate)
+    if min(map(len, sides)) < MIN_QUESTIONS:
+        return None
+    (ref_sums, ref_counts), (cand_sums, cand_counts) = map(_sums, sides)
+    ref_indices = resample_indices(len(sides[0]), seed)
+    cand_indices = ref_indices if paired else resample_indices(len(sides[1]), seed + 1)
+    diffs = _means(cand_sums, cand_counts, cand_indices) - _means(ref_sums, ref_counts, ref_indices)
+    diff = cand_sums.sum() / cand_counts.sum() - ref_sums.sum() / ref_counts.sum()
     ci95 = _bounds(diffs)
-    return {"diff": round(float(diff), 4), "ci95": ci95, "n": n, "verdict": verdict(ci95)}
+    return {"diff": round(float(diff), 4), "ci95": ci95, "n": len(sides[1]), "verdict": verdict(ci95)}

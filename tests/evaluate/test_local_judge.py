@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.eval.judging import parse_rating
 from pipeline.eval.prompts import BUILTIN_PROMPTS, prompt_fields
-from pipeline.eval.ratings import parse_rating
 from pipeline.judges import LocalJudge
 
 pytestmark = pytest.mark.slow
@@ -71,8 +71,8 @@ def test_generate_scoring_returns_the_judge_text(smollm2):
 
 
 def test_pairwise_scoring_picks_the_most_likely_verdict(smollm2):
+    from pipeline.eval.judging import parse_winner
     from pipeline.eval.prompts import BUILTIN_PAIR_PROMPTS, pair_fields
-    from pipeline.eval.ratings import parse_winner
 
     prompt = BUILTIN_PAIR_PROMPTS["pair-v2"]
     user = prompt.render(

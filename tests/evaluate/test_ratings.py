@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.eval.ratings import parse_rating, parse_winner
+from pipeline.eval.judging import parse_rating, parse_winner
 
 
 @pytest.mark.parametrize(
