@@ -1,18 +1,8 @@
-"""The run configuration's schema: one pydantic model per YAML section (loading, overrides and the
-error lines are ``pipeline.config``'s).
-
-Every section has ``extra="forbid"``, so a misspelt key is an error, not a silently ignored
-setting. Nothing heavy is imported (no torch, transformers, peft or trl): validating a config takes
-well under a second, before any model loads. A rule lives on the field it is about (a field
-validator, so pydantic's error location names it); only rules that span sections live on
-``PipelineConfig`` and name their own paths.
-
-Whose names: ``adapter:`` is one model per method whose fields are that method's PEFT config fields
-(``uora.UoraConfig``, ``peft.LoraConfig``, ``peft.VeraConfig``), handed to it unchanged
-(``pipeline.adapters``); ``SFTArgs``, the first part of ``train:``, holds ``trl.SFTConfig`` fields,
-handed to it unchanged (the train worker). tests/pipeline/test_schema_pins.py walks those
-libraries' dataclass fields and pins our names and defaults to theirs.
-"""
+"""The run configuration's schema: one pydantic model per YAML section, ``extra="forbid"`` (a misspelt
+key is an error) and torch-free (validation takes well under a second). A rule lives on its field, so
+pydantic's error location names it; only rules spanning sections live on ``PipelineConfig``.
+``adapter:`` fields are the method's PEFT config's and ``SFTArgs`` are ``trl.SFTConfig``'s, handed over
+unchanged (tests/pipeline/test_schema_pins.py pins names and defaults to those libraries')."""
 
 from __future__ import annotations
 
@@ -21,15 +11,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.functional_validators import AfterValidator, BeforeValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -63,7 +46,6 @@ class RunConfig(StrictModel):
 
     @property
     def run_dir(self) -> Path:
-        """``<output_dir>/<name>``, absolute."""
         return (Path(self.output_dir) / self.name).resolve()
 
 
@@ -76,24 +58,15 @@ def _package_dir(location: str) -> str | None:
 
 
 class ModelConfig(StrictModel):
-    """The base model and its tokenizer.
-
-    ``name_or_path`` is a hub id, a local folder, or ``pkg://<python package>`` for weights that
-    ship inside an installed Python package (the CPU default's SmolLM2 GGUF). With ``gguf_file``
-    the GGUF checkpoint is converted once to a safetensors folder and cached.
-    """
+    """The base model and its tokenizer (``pkg://<package>``: weights shipped in a Python package)."""
 
     name_or_path: str = Field(description="Hub id, local directory, or pkg://<package>.")
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype of the base weights (bfloat16/float16 need a GPU)."
-    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Base weights' dtype.")
     load_in_8bit: bool = Field(False, description="Load base weights in 8-bit via bitsandbytes.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repo to run.")
-    chat_template: str | None = Field(
-        None, description="Chat template override: Jinja text or a path to a .jinja file."
-    )
+    chat_template: str | None = Field(None, description="Chat template: Jinja text or a .jinja file.")
 
     @field_validator("name_or_path")
     def _location_exists(cls, value: str) -> str:
@@ -123,11 +96,7 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
 class DataSource(StrictModel):
-    """One source of examples: a local file, a hub dataset, or the built-in generated tasks.
-
-    Exactly one of ``path``, ``hub`` or ``builtin`` is set. ``samples`` takes exactly that many
-    rows (without replacement); ``weight`` gives the source a share of the weighted mixture.
-    """
+    """One source of examples: exactly one of a local file, a hub dataset or built-in generated tasks."""
 
     path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
     hub: str | None = Field(None, description="Hub dataset name, e.g. yahma/alpaca-cleaned.")
@@ -135,16 +104,12 @@ class DataSource(StrictModel):
     split: str = Field("train", description="Hub dataset split.")
     revision: str | None = Field(None, description="Hub dataset revision.")
     builtin: int | None = Field(None, gt=0, description="Number of built-in generated tasks.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = Field(
-        "auto", description="Row format; auto detects it from the keys."
-    )
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
     name: str | None = Field(None, description="Label stored in the `source` column.")
-    samples: int | None = Field(None, gt=0, description="Take exactly this many rows.")
+    samples: int | None = Field(None, gt=0, description="Take exactly this many rows (no replacement).")
     weight: float | None = Field(None, gt=0, description="Share of the weighted mixture.")
-    eval_samples: int | None = Field(None, gt=0, description="Hold out exactly this many of this source's "
-        "rows for eval, before mixing (a fixed slice by data.seed).")  # fmt: skip
-    answer_from: Literal["field", "last_number"] = Field("field", description="The row's checkable answer: "
-        "its `answer` field, or the last number of the reply.")  # fmt: skip
+    eval_samples: int | None = Field(None, gt=0, description="Rows held out for eval before mixing.")
+    answer_from: Literal["field", "last_number"] = Field("field", description="Its `answer`, or a number.")
 
     @field_validator("path")
     def _path_exists(cls, value: str | None) -> str | None:
@@ -178,30 +143,22 @@ class DataSource(StrictModel):
 class DataConfig(StrictModel):
     """Instruction data sources and the preparation rules (owned by the prepare stage)."""
 
-    sources: list[DataSource] = Field(
-        default_factory=lambda: [DataSource(builtin=1500)], min_length=1,
-        description="Where examples come from; several sources are mixed.",
-    )  # fmt: skip
-    max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture "
-        "(default: as many as the weights allow without repeating rows).")  # fmt: skip
+    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(builtin=1500)], min_length=1)
+    max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture.")
     eval_size: int | None = Field(None, ge=0, description="Exact eval rows; excludes eval_fraction.")
     eval_fraction: float = Field(0.05, ge=0, le=0.5, description="Share of rows held out for eval.")
     max_length: int = Field(2048, gt=0, description="Drop examples longer than this many tokens.")
-    seed: int | None = Field(None, description="Seed of sampling and of the train/eval split (None: "
-                             "run.seed); fix it to vary run.seed over identical data.")  # fmt: skip
+    seed: int | None = Field(None, description="Seed of sampling and the eval split (None: run.seed).")
     dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
     strict: bool = Field(False, description="Malformed rows are an error instead of dropped.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn when none.")
-    cache_dir: str | None = Field(None, description="Prepared-data cache (default: "
-                                  "~/.cache/uora-pipeline/prepared).")  # fmt: skip
+    cache_dir: str | None = Field(None, description="Prepared-data cache (~/.cache/uora-pipeline/prepared).")
 
     @field_validator("eval_size", "eval_fraction")
-    def _one_eval_rule(cls, value: Any, info: Any) -> Any:
-        # pydantic never validates a default, so this runs exactly when the key is set: two answers
-        # to "which rows are held out" must not mix.
+    def _one_eval_rule(cls, value: Any, info: Any) -> Any:  # runs only when the key is set (no default)
         if any(source.eval_samples is not None for source in info.data.get("sources", [])):
-            raise ValueError(f"sources set eval_samples: hold out rows per source or by {info.field_name}, "
-                             "not both")  # fmt: skip
+            rule = f"hold out rows per source or by {info.field_name}, not both"
+            raise ValueError(f"sources set eval_samples: {rule}")
         if info.field_name == "eval_fraction" and info.data.get("eval_size") is not None:
             raise ValueError("set eval_size or eval_fraction, not both")
         return value
@@ -218,18 +175,15 @@ class AdapterBase(StrictModel):
 
     method: str = Field(description=METHOD)
     r: int = Field(64, gt=0, description="Rank (64 for every method; PEFT's defaults differ).")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear (every linear but lm_head)."
-    )
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Or module names.")
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
 
 
 class UoraAdapter(AdapterBase):
     """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
 
-    Re-init rule: every ``reinit_patience`` checks (one per optimizer step) with
-    ``|d[i]| < reinit_threshold``, row i of A and column i of B move towards a target orthogonal pair,
-    ``A <- alpha * A + (1 - alpha) * R`` with ``alpha = reinit_alpha`` (see UORA.md).
+    Every ``reinit_patience`` checks with ``|d[i]| < reinit_threshold``, row i of A and column i of B move
+    towards a target orthogonal pair: ``A <- alpha * A + (1 - alpha) * R`` (see UORA.md).
     """
 
     method: Literal["uora"] = Field("uora", description=METHOD)
@@ -240,8 +194,7 @@ class UoraAdapter(AdapterBase):
     reinit_threshold: float = Field(1e-5, ge=0, description="A slot is dead while abs(d[i]) is below this.")
     reinit_alpha: float = Field(0.5, ge=0, lt=1, description="Share of the old direction kept per event.")
     reinit_patience: int = Field(1, ge=1, description="Dead checks (one per optimizer step) per event.")
-    reinit_target: Literal["fixed", "resample"] = Field("fixed", description="fixed: one seeded target "
-        "pair; resample: a fresh pair per check with events.")  # fmt: skip
+    reinit_target: Literal["fixed", "resample"] = Field("fixed", description="Resample: a pair per event.")
     reinit_seed: int = Field(0, description="Seed of the re-initialisation targets.")
 
 
@@ -249,8 +202,7 @@ class LoraAdapter(AdapterBase):
     """LoRA: ``peft.LoraConfig``'s fields."""
 
     method: Literal["lora"] = Field("lora", description=METHOD)
-    lora_alpha: int = Field(default_factory=lambda data: 2 * data.get("r", 64), gt=0,
-                            description="Scaling numerator; default 2*r (PEFT: 8): alpha/r = 2.")  # fmt: skip
+    lora_alpha: int = Field(default_factory=lambda data: 2 * data.get("r", 64), gt=0, description="2*r.")
     lora_dropout: float = Field(0.0, **DROPOUT)
 
 
@@ -289,9 +241,8 @@ class SFTArgs(StrictModel):
     warmup_steps: float = Field(0.03, ge=0, description="Warm-up steps; below 1: a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
-    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (needs a chat "
-                                      "template with generation markers).")  # fmt: skip
-    logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm/tokens per second every N steps.")
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only.")
+    logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm/throughput every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Eval every N steps (None: before/after).")
     eval_on_start: bool = Field(True, description="Eval before the first step (the base model's loss).")
     save_steps: int = Field(200, gt=0, description="Checkpoint every N steps (preemption also checkpoints).")
@@ -316,14 +267,11 @@ class SFTArgs(StrictModel):
 class TrainConfig(SFTArgs):
     """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
 
-    The keys inherited from ``SFTArgs`` go to ``trl.SFTConfig`` as they are (``sft_kwargs``). The
-    keys declared here are the pipeline's own (launching workers, the template fallback, eval rows,
-    ``use_cpu`` whose None means "no CUDA device") and never reach it. They stay flat in ``train:``,
-    where ``train.nproc_per_node`` has always been; the class boundary is what keeps them apart.
+    Inherited keys go to ``trl.SFTConfig`` as they are (``sft_kwargs``); the keys declared here are the
+    pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it.
     """
 
-    template_fallback: Literal["completion_only", "error"] = Field("completion_only", description="No "
-        "training template for this model: train on the last assistant turn only, or fail.")  # fmt: skip
+    template_fallback: Literal["completion_only", "error"] = "completion_only"  # no template: last turn only
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
     use_cpu: bool | None = Field(None, description="Train on CPU; None: when no CUDA device.")
     nproc_per_node: int = Field(1, gt=0, description="Processes on this node; > 1 launches torchrun.")
@@ -333,6 +281,12 @@ class TrainConfig(SFTArgs):
     def sft_kwargs(self) -> dict[str, Any]:
         """The ``trl.SFTConfig`` keyword arguments this section states."""
         return self.model_dump(include=set(SFTArgs.model_fields))
+
+    @property
+    def zero_stage(self) -> int:
+        """The DeepSpeed config's ZeRO stage (0 without one)."""
+        zero = json.loads(Path(self.deepspeed).read_text(encoding="utf-8")) if self.deepspeed else {}
+        return int(zero.get("zero_optimization", {}).get("stage", 0))
 
 
 # FastChat llm_judge's per-category sampling temperatures (0 = greedy).
@@ -344,31 +298,24 @@ MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "ext
 class JudgeConfig(StrictModel):
     """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
 
-    The API key itself never enters the config (configs are logged to MLflow): ``api_key_env``
-    names the environment variable that holds it.
+    The API key never enters the config (configs are logged to MLflow): ``api_key_env`` names the
+    environment variable that holds it.
     """
 
-    backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible "
-        "chat-completions endpoint; local: transformers.")  # fmt: skip
-    base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1 "
-                                 "(vLLM/TGI/llama.cpp); null = OpenAI.")  # fmt: skip
-    model: str | None = Field(None, description="Judge model name sent to the endpoint (openai backend).")
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API "
-                                    "key (openai backend).")  # fmt: skip
-    local_model: ModelConfig | None = Field(None, description="Local judge weights (like the model "
-                                            "section); null = the same as model.")  # fmt: skip
-    local_scoring: Literal["generate", "logits", "expected"] = Field("generate", description="local judge: "
-        "parse [[rating]] from its output; logits: the most likely rating; expected: the probability-"
-        "weighted mean rating (for small judges that never write the format).")  # fmt: skip
-    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl instead of the built-in "
-                                  "prompt texts.")  # fmt: skip
-    mode: Literal["single", "pairwise", "both"] = Field("single", description="single: grade each answer "
-        "1-10; pairwise: tuned vs base, in both orders (a verdict that flips is a tie); both.")  # fmt: skip
+    backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible API.")
+    base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1.")
+    model: str | None = Field(None, description="Judge model name sent to the endpoint.")
+    api_key_env: str | None = Field(None, description="NAME of the environment variable with the API key.")
+    local_model: ModelConfig | None = Field(None, description="Local judge weights; null = model's.")
+    local_scoring: Literal["generate", "logits", "expected"] = Field("generate", description="[[rating]] "
+        "from the output, the likeliest rating, or the probability-weighted mean.")  # fmt: skip
+    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl (default: built-in).")
+    mode: Literal["single", "pairwise", "both"] = Field("single", description="pairwise: tuned vs base.")
     samples: int = Field(1, ge=1, description="Judge samples per answer; the median is the score.")
     temperature: float = Field(0.0, ge=0.0, description="Judge sampling temperature (0 = greedy).")
     max_new_tokens: int = Field(512, gt=0, description="Judge output budget (explanation + rating).")
     concurrency: int = Field(4, ge=1, description="Parallel HTTP requests (openai backend).")
-    retries: int = Field(5, ge=0, description="HTTP retries with exponential backoff (429, 5xx, network).")
+    retries: int = Field(5, ge=0, description="HTTP retries with exponential backoff.")
     timeout_s: float = Field(120.0, gt=0, description="HTTP timeout per request in seconds.")
     batch_size: int = Field(4, gt=0, description="Prompts per forward pass (local backend).")
 
@@ -379,7 +326,7 @@ class JudgeConfig(StrictModel):
             raise ValueError("api_key_env must be the NAME of an environment variable, not the key itself")
         if self.backend == "openai" and not self.api_key_env:
             raise ValueError("api_key_env is required when backend is 'openai' (the NAME of the environment "
-                             "variable that holds the key, e.g. OPENAI_API_KEY)")  # fmt: skip
+                             "variable that holds the key, e.g. OPENAI_API_KEY)")
         if self.backend == "openai" and not self.model:
             raise ValueError("model is required when backend is 'openai' (e.g. gpt-4)")
         return self
@@ -388,36 +335,25 @@ class JudgeConfig(StrictModel):
 class EvalConfig(StrictModel):
     """MT-Bench-style evaluation and its judge (owned by the evaluate stage)."""
 
-    questions: str = Field("builtin", description="builtin (the project's offline set), hub "
-                           "(hub_dataset), or a path to an MT-Bench question.jsonl.")  # fmt: skip
+    questions: str = Field("builtin", description="builtin (offline), hub, or an MT-Bench question.jsonl.")
     hub_dataset: str = Field("HuggingFaceH4/mt_bench_prompts", description="Hub dataset for questions=hub.")
     hub_split: str = Field("train", description="Split of hub_dataset.")
-    reference_answers: ExistingFile = Field(None, description="FastChat reference-answer JSONL "
-                                            "(question_id, choices[0].turns) for grading.")  # fmt: skip
-    builtin_verifiable: int = Field(2, ge=0, description="builtin set: extra generated tasks with "
-                                    "exact-match answers.")  # fmt: skip
+    reference_answers: ExistingFile = Field(None, description="FastChat reference-answer JSONL.")
+    builtin_verifiable: int = Field(2, ge=0, description="builtin: extra tasks with exact answers.")
     categories: list[str] | None = Field(None, description="Evaluate only these categories.")
     question_ids: list[int | str] | None = Field(None, description="Evaluate only these question ids.")
     max_questions: int | None = Field(None, gt=0, description="Evaluate at most this many questions.")
-    heldout_questions: int = Field(0, ge=0, description="Also ask up to this many rows of the prepared eval "
-        "split that have an 'answer' and one user turn, as one-turn questions (category: the row's "
-        "source), after the eval.questions selection; greedy unless temperatures names it.")  # fmt: skip
-    heldout_sources: list[str] | None = Field(None, min_length=1, description="Held-out questions only "
-                                              "from these prepare sources (labels).")  # fmt: skip
-    judge_verifiable: bool = Field(True, description="Also judge questions whose every turn has an exact "
-                                   "answer; false: they count only in exact match.")  # fmt: skip
+    heldout_questions: int = Field(0, ge=0, description="Also ask this many answered eval-split rows.")
+    heldout_sources: list[str] | None = Field(None, min_length=1, description="Only from these sources.")
+    judge_verifiable: bool = Field(True, description="Also judge questions with exact answers.")
     max_new_tokens: int = Field(1024, gt=0, description="Answer budget per turn.")
-    verifiable_max_new_tokens: int | None = Field(None, gt=0, description="Answer budget for questions "
-        "whose every turn has an exact answer (None: max_new_tokens).")  # fmt: skip
+    verifiable_max_new_tokens: int | None = Field(None, gt=0, description="The same, exact-answer questions.")
     batch_size: int = Field(8, gt=0, description="Questions generated together (left-padded).")
-    temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES), description=
-        "Sampling temperature per category (0 = greedy); other MT-Bench categories: MT-Bench's.")  # fmt: skip
+    temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES))
     default_temperature: float = Field(0.7, ge=0.0, description="Temperature for unlisted categories.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"], min_length=1,
-                                                   description="Rows of the report.")  # fmt: skip
-    tuned_path: str | None = Field(None, description="Evaluate this adapter folder or merged model folder "
-                                   "as 'tuned' instead of <run_dir>/train/adapter.")  # fmt: skip
+    models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"], min_length=1)
+    tuned_path: str | None = Field(None, description="'tuned' from here, not <run_dir>/train/adapter.")
 
     @field_validator("questions")
     def _questions_exist(cls, value: str) -> str:  # now, not after an hour of generation
@@ -448,45 +384,32 @@ class EvalConfig(StrictModel):
 class ExportConfig(StrictModel):
     """Merge-and-export (owned by the export stage).
 
-    The merge always happens in a floating-point copy of the base (``dtype``), never in int8: when
-    training used an 8-bit base, export reloads it unquantised, because rounding the merged
-    weights back to int8 discards most of a low-rank update.
+    The merge happens in a floating-point copy of the base (``dtype``), never in int8: rounding merged
+    weights back to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised.
     """
 
-    mode: Literal["merged", "adapter_only"] = Field("merged", description="'merged': a standalone HF model "
-        "folder (plus the adapter); 'adapter_only': the adapter.")  # fmt: skip
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the merged "
-        "weights (merge and check run in float32); default model.dtype.")  # fmt: skip
+    mode: Literal["merged", "adapter_only"] = Field("merged", description="merged: a standalone model too.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Default model.dtype.")
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
     verify_prompts: int = Field(4, ge=1, le=16, description="Fixed prompts the merged logits are checked on.")
     verify_max_tokens: int = Field(96, ge=8, description="Tokens per verification prompt (truncated).")
-    tolerance: float | None = Field(None, gt=0, description="Largest allowed |merged - (base + adapter)| "
-        "logit difference, relative to the largest logit; default by dtype (fp32 1e-4, bf16 3e-2, "
-        "fp16 1e-2).")  # fmt: skip
+    tolerance: float | None = Field(None, gt=0, description="Relative logit error (default: by dtype).")
 
 
 class PromoteConfig(StrictModel):
     """Model-registry registration and alias promotion (owned by the promote stage).
 
-    The alias moves only when the gate passes: ``gate_metric`` (a flattened evaluate metric such
-    as ``tuned.score_overall``) is at or above ``threshold`` and not worse than the current
-    holder of the alias by more than ``margin`` (``gate: ci``: the lower bound of the paired 95%
-    interval of candidate - champion is above ``-margin``). ``--force`` moves it regardless.
+    The alias moves only when the gate passes (``--force``: regardless): ``gate_metric`` is at or above
+    ``threshold`` and not worse than the alias's current holder by more than ``margin``.
     """
 
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
-    log: list[Literal["merged", "adapter"]] = Field(
-        default_factory=lambda: ["merged"], min_length=1, description="Exported artifacts logged as models."
-    )
-    register_from: Literal["merged", "adapter"] = Field("merged", description="The logged model that "
-                                                        "becomes the new registered version.")  # fmt: skip
+    log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1)
+    register_from: Literal["merged", "adapter"] = Field("merged", description="Becomes the new version.")
     alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
-    gate_metric: str = Field("tuned.score_overall", description="Evaluate metric the gate reads "
-                             "('<model>.<name>').")  # fmt: skip
-    gate: Literal["point", "ci"] = Field("ci", description="ci: the 95% interval of candidate - champion, "
-        "paired over shared questions, must be above -margin (no champion: - base); point: values "
-        "alone.")  # fmt: skip
+    gate_metric: str = Field("tuned.score_overall", description="Evaluate metric the gate reads.")
+    gate: Literal["point", "ci"] = Field("ci", description="ci: paired 95% interval above -margin.")
     threshold: float | None = Field(None, description="Minimum gate_metric value; None: no floor.")
     margin: float = Field(0.0, ge=0, description="How much worse than the champion a candidate may be.")
 
@@ -500,14 +423,13 @@ class PromoteConfig(StrictModel):
 class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
 
-    enabled: bool = Field(True, description="Record the run in MLflow; false: no lineage, no promote, "
-                          "and MLflow need not be installed (e.g. a GPU node without it).")  # fmt: skip
+    enabled: bool = Field(True, description="Record the run in MLflow (false: no MLflow needed).")
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
     experiment: str = Field("uora-pipeline", description="MLflow experiment name.")
 
     @field_validator("uri")
     def _known_scheme(cls, value: str | None) -> str | None:
-        if value and not re.match(r"(sqlite:///|postgresql(\+\w+)?://|mysql(\+\w+)?://|https?://|file:|databricks)",
+        if value and not re.match(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks)",
                                   value):  # fmt: skip
             raise ValueError("unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, "
                              "mysql://, file:)")  # fmt: skip
@@ -530,11 +452,10 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _cross_section(self) -> PipelineConfig:
         """The rules that span sections; no one field owns them, so they name their own paths."""
-        lines, deepspeed = [], self.train.deepspeed
-        zero = json.loads(Path(deepspeed).read_text(encoding="utf-8")) if deepspeed else {}
-        if self.model.load_in_8bit and zero.get("zero_optimization", {}).get("stage") == 3:
-            lines.append(f"model.load_in_8bit: an 8-bit base cannot be sharded by ZeRO-3 ({deepspeed}); use "
-                         "ZeRO-2 or a full-precision base (got True)")  # fmt: skip
+        lines = []
+        if self.model.load_in_8bit and self.train.zero_stage == 3:
+            lines.append(f"model.load_in_8bit: an 8-bit base cannot be sharded by ZeRO-3 "
+                         f"({self.train.deepspeed}); use ZeRO-2 or a full-precision base (got True)")
         if self.promote.enabled and not self.tracking.enabled:
             lines.append("promote.enabled: promote registers in MLflow: needs tracking.enabled: true "
                          "(got True)")  # fmt: skip
