@@ -23,14 +23,11 @@ if TYPE_CHECKING:
 COMMANDS = ("run", *STAGE_ORDER, "validate", "plan")
 EXIT_CONFIG = 2
 
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like config errors."""
-
     def error(self, message: str) -> None:  # type: ignore[override]
         _fail([f"error: {message} (see python -m pipeline --help)"])
         raise SystemExit(EXIT_CONFIG)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description="UORA instruction-tuning pipeline: prepare -> "
@@ -49,12 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
     return parser
 
-
 def _fail(lines: list[str]) -> int:
     for line in lines:
         print(line, file=sys.stderr)
     return EXIT_CONFIG
-
 
 def select_stages(command: str, from_stage: str | None, only: str | None) -> list[str]:
     """The stages a command runs, in order; raises ValueError with a one-line reason."""
@@ -70,12 +65,10 @@ def select_stages(command: str, from_stage: str | None, only: str | None) -> lis
     end = start + 1 if command in STAGE_ORDER else len(STAGE_ORDER)
     return [name for name in STAGE_ORDER[start:end] if not only or name in only_stages]
 
-
 def readiness_warnings(config: Any) -> list[str]:
     """What a valid config will still trip over, found without network or torch: an unset judge key
     variable, hub weights that are not cached (validate warns; it cannot tell a download will fail)."""
     from pipeline.models import hub_cached, hub_model_id
-
     judge, lines = config.eval.judge, []
     if judge.backend == "openai" and not os.environ.get(judge.api_key_env):
         lines.append(f"eval.judge.api_key_env: ${judge.api_key_env} is not set; evaluate fails until it is")
@@ -88,7 +81,6 @@ def readiness_warnings(config: Any) -> list[str]:
                          "then set HF_TOKEN or run hf auth login)")  # fmt: skip
     return lines
 
-
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     quiet.install()
@@ -96,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in COMMANDS:
         return _fail([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
     from pipeline.config import ConfigError, load_config, to_yaml
-
     try:
         stages = select_stages(args.command, args.from_stage, args.only)
         config = load_config(args.config, args.overrides)
@@ -114,16 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return run_plan(config, args)
     from pipeline.driver import run_pipeline
-
     return run_pipeline(config, stages=stages, force=args.force, config_path=args.config)
-
 
 def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool = False) -> int:
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
     import json
 
     from pipeline.plan import PlanError, plan, print_table, verdict
-
     gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
     try:
         result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
@@ -136,7 +124,6 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
     if not result["fits"]:
         print(("warning: " if warn_only else "") + verdict(result), file=sys.stderr)
     return 0 if warn_only or result["fits"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,10 +32,8 @@ MANIFEST = "manifest.json"
 REPORT_THEMSELVES = ("prepare", "promote")  # stages that print their own result line
 EXIT_STAGE_FAILED, EXIT_TRACKING = 1, 2
 
-
 class Terminated(BaseException):
     """SIGTERM arrived (Slurm preemption, ``scancel``): stop like Ctrl-C, record it, exit 143."""
-
 
 # What a stage that raised: (status, summary detail, stderr line, exit code, MLflow status). Preemption
 # is no failure: progress is saved in <stage>.partial, and exit 0 lets a batch system requeue the job.
@@ -50,23 +48,19 @@ OUTCOMES = {
                 EXIT_STAGE_FAILED, "FAILED"),
 }  # fmt: skip
 
-
 @dataclass
 class StageReport:
     """What happened to one stage in this invocation, for the summary."""
-
     name: str
     status: str = "not run"  # ran | up to date | disabled | failed | preempted | not run
     seconds: float = 0.0
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
 
-
 def manifest_digest(stage_dir: Path) -> str | None:
     """sha256 of a completed stage's manifest file (its identity for downstream stages)."""
     path = stage_dir / MANIFEST
     return sha256(path.read_bytes()) if path.is_file() else None
-
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     try:
@@ -74,10 +68,8 @@ def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
 
-
 class Pipeline:
     """The stage bookkeeping for one run directory (no MLflow here; see ``run_pipeline``)."""
-
     def __init__(self, config: PipelineConfig):
         self.config, self.run_dir = config, config.run_dir
 
@@ -139,19 +131,16 @@ class Pipeline:
         shutil.rmtree(old, ignore_errors=True)
         return result, final / MANIFEST
 
-
 def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, force: bool = False,
                  config_path: str | None = None, console: Any = None) -> int:  # fmt: skip
     """Run ``stages`` (default: all, in order) and print a one-screen summary; returns an exit code."""
     from filelock import FileLock, Timeout
     from rich.console import Console
-
     order = stage_registry.STAGE_ORDER
     selected, pipeline = [name for name in order if name in (stages or order)], Pipeline(config)
     problems = pipeline.missing_inputs(selected)
     if not problems and any(force or not (pipeline.disabled(n) or pipeline.up_to_date(n)) for n in selected):
         from pipeline.models import hub_preflight
-
         judge = config.eval.judge  # before the run dir exists: a stage that never started leaves nothing
         models = {"model": config.model, "eval.judge.local_model": judge.local_model}
         if judge.backend != "local" or judge.local_model is None:
@@ -179,15 +168,12 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
             signal.signal(signal.SIGTERM, previous)
         lock.release()
 
-
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
-
 
 def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
                 config_path: str | None, console: Any) -> int:  # fmt: skip
     from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri
-
     uri = resolve_uri(config)
     tracker = Tracker(config, config_path)
     try:
@@ -237,7 +223,6 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
     print_summary(console, config, reports, uri, tracker.parent_id)
     return code
 
-
 def key_metrics(name: str, metrics: dict[str, Any]) -> str:
     """The few numbers that say how a stage went: its own ``summary(metrics)`` where it has one; else
     the headline numbers of ``base.*`` and ``tuned.*`` side by side (evaluate); else the first three."""
@@ -253,14 +238,12 @@ def key_metrics(name: str, metrics: dict[str, Any]) -> str:
     numbers = [(key, value) for key, value in metrics.items() if isinstance(value, int | float)][:3]
     return ", ".join(f"{key}={value:.4g}" for key, value in numbers)
 
-
 def print_summary(console: Any, config: PipelineConfig, reports: list[StageReport], uri: str,
                   parent_id: str | None) -> None:  # fmt: skip
     """One screen: what ran, how long, where the outputs are, how to open the MLflow UI."""
     from rich.table import Table
 
     from pipeline.tracking import ui_command
-
     colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
     table = Table("stage", "status", "time", "output / reason", "key metrics",
                   title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip

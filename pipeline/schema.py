@@ -18,22 +18,17 @@ from pydantic_core import PydanticCustomError
 
 class StrictModel(BaseModel):
     """Base for every section: unknown keys are errors, values are validated on assignment."""
-
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 def _existing_file(value: str | None) -> str | None:
     if value and not Path(value).is_file():
         raise ValueError("file does not exist")
     return value
 
-
 ExistingFile = Annotated[str | None, AfterValidator(_existing_file)]
-
 
 class RunConfig(StrictModel):
     """Where a run lives and how it is seeded."""
-
     name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(42, description="Seed for data splits, training and generation.")
@@ -48,18 +43,14 @@ class RunConfig(StrictModel):
     def run_dir(self) -> Path:
         return (Path(self.output_dir) / self.name).resolve()
 
-
 def _package_dir(location: str) -> str | None:
     """The folder of the installed package named by ``pkg://<package>``, or None."""
     import importlib.util
-
     spec = importlib.util.find_spec(location.removeprefix("pkg://"))
     return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
 
-
 class ModelConfig(StrictModel):
     """The base model and its tokenizer (``pkg://<package>``: weights shipped in a Python package)."""
-
     name_or_path: str = Field(description="Hub id, local directory, or pkg://<package>.")
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
@@ -91,13 +82,10 @@ class ModelConfig(StrictModel):
             raise ValueError("template file does not exist")
         return value
 
-
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-
 
 class DataSource(StrictModel):
     """One source of examples: exactly one of a local file, a hub dataset or built-in generated tasks."""
-
     path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
     hub: str | None = Field(None, description="Hub dataset name, e.g. yahma/alpaca-cleaned.")
     config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
@@ -139,10 +127,8 @@ class DataSource(StrictModel):
             return self.name or Path(self.path or "").name
         return self.hub + (f":{self.config}" if self.config else "") if self.hub else "builtin"
 
-
 class DataConfig(StrictModel):
     """Instruction data sources and the preparation rules (owned by the prepare stage)."""
-
     sources: list[DataSource] = Field(default_factory=lambda: [DataSource(builtin=1500)], min_length=1)
     max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture.")
     eval_size: int | None = Field(None, ge=0, description="Exact eval rows; excludes eval_fraction.")
@@ -163,21 +149,17 @@ class DataConfig(StrictModel):
             raise ValueError("set eval_size or eval_fraction, not both")
         return value
 
-
 # adapter: one model per method; field names, defaults and bounds are the method's PEFT config's.
 SEED = {"ge": -(2**63), "lt": 2**64, "description": "Seed of the frozen shared projections."}  # torch's
 DROPOUT = {"ge": 0, "lt": 1, "description": "Dropout on the adapter input."}
 METHOD = "The adapter method (default uora); it decides which other keys the section takes."
 
-
 class AdapterBase(StrictModel):
     """What every method's PEFT config takes."""
-
     method: str = Field(description=METHOD)
     r: int = Field(64, gt=0, description="Rank (64 for every method; PEFT's defaults differ).")
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Or module names.")
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
-
 
 class UoraAdapter(AdapterBase):
     """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
@@ -185,7 +167,6 @@ class UoraAdapter(AdapterBase):
     Every ``reinit_patience`` checks with ``|d[i]| < reinit_threshold``, row i of A and column i of B move
     towards a target orthogonal pair: ``A <- alpha * A + (1 - alpha) * R`` (see UORA.md).
     """
-
     method: Literal["uora"] = Field("uora", description=METHOD)
     uora_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
@@ -197,24 +178,19 @@ class UoraAdapter(AdapterBase):
     reinit_target: Literal["fixed", "resample"] = Field("fixed", description="Resample: a pair per event.")
     reinit_seed: int = Field(0, description="Seed of the re-initialisation targets.")
 
-
 class LoraAdapter(AdapterBase):
     """LoRA: ``peft.LoraConfig``'s fields."""
-
     method: Literal["lora"] = Field("lora", description=METHOD)
     lora_alpha: int = Field(default_factory=lambda data: 2 * data.get("r", 64), gt=0, description="2*r.")
     lora_dropout: float = Field(0.0, **DROPOUT)
 
-
 class VeraAdapter(AdapterBase):
     """VeRA: ``peft.VeraConfig``'s fields."""
-
     method: Literal["vera"] = Field("vera", description=METHOD)
     vera_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
     d_initial: float = Field(0.1, description="Initial value of the scaling vector d.")
     save_projection: bool = Field(True, description="Store projections in the checkpoint.")
-
 
 ADAPTERS: dict[str, type[AdapterBase]] = {"uora": UoraAdapter, "lora": LoraAdapter, "vera": VeraAdapter}
 AdapterConfig = Annotated[
@@ -223,10 +199,8 @@ AdapterConfig = Annotated[
     Field(discriminator="method"),
 ]
 
-
 class SFTArgs(StrictModel):
     """The ``trl.SFTConfig`` fields a run states, under SFTConfig's names, passed to it unchanged."""
-
     learning_rate: float = Field(4e-3, gt=0, description="Peak LR (UORA/VeRA ~1e-3..1e-2, LoRA ~2e-4).")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides num_train_epochs.")
@@ -263,14 +237,12 @@ class SFTArgs(StrictModel):
             raise ValueError("DeepSpeed config must be a JSON object")
         return value
 
-
 class TrainConfig(SFTArgs):
     """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
 
     Inherited keys go to ``trl.SFTConfig`` as they are (``sft_kwargs``); the keys declared here are the
     pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it.
     """
-
     template_fallback: Literal["completion_only", "error"] = "completion_only"  # no template: last turn only
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
     use_cpu: bool | None = Field(None, description="Train on CPU; None: when no CUDA device.")
@@ -288,12 +260,10 @@ class TrainConfig(SFTArgs):
         zero = json.loads(Path(self.deepspeed).read_text(encoding="utf-8")) if self.deepspeed else {}
         return int(zero.get("zero_optimization", {}).get("stage", 0))
 
-
 # FastChat llm_judge's per-category sampling temperatures (0 = greedy).
 MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0,
                                            "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1,
                                            "humanities": 0.1}  # fmt: skip
-
 
 class JudgeConfig(StrictModel):
     """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
@@ -301,7 +271,6 @@ class JudgeConfig(StrictModel):
     The API key never enters the config (configs are logged to MLflow): ``api_key_env`` names the
     environment variable that holds it.
     """
-
     backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible API.")
     base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1.")
     model: str | None = Field(None, description="Judge model name sent to the endpoint.")
@@ -331,10 +300,8 @@ class JudgeConfig(StrictModel):
             raise ValueError("model is required when backend is 'openai' (e.g. gpt-4)")
         return self
 
-
 class EvalConfig(StrictModel):
     """MT-Bench-style evaluation and its judge (owned by the evaluate stage)."""
-
     questions: str = Field("builtin", description="builtin (offline), hub, or an MT-Bench question.jsonl.")
     hub_dataset: str = Field("HuggingFaceH4/mt_bench_prompts", description="Hub dataset for questions=hub.")
     hub_split: str = Field("train", description="Split of hub_dataset.")
@@ -380,14 +347,12 @@ class EvalConfig(StrictModel):
             raise ValueError(f"judge.mode {mode!r} compares tuned with base: models needs both")
         return value
 
-
 class ExportConfig(StrictModel):
     """Merge-and-export (owned by the export stage).
 
     The merge happens in a floating-point copy of the base (``dtype``), never in int8: rounding merged
     weights back to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised.
     """
-
     mode: Literal["merged", "adapter_only"] = Field("merged", description="merged: a standalone model too.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Default model.dtype.")
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
@@ -395,14 +360,12 @@ class ExportConfig(StrictModel):
     verify_max_tokens: int = Field(96, ge=8, description="Tokens per verification prompt (truncated).")
     tolerance: float | None = Field(None, gt=0, description="Relative logit error (default: by dtype).")
 
-
 class PromoteConfig(StrictModel):
     """Model-registry registration and alias promotion (owned by the promote stage).
 
     The alias moves only when the gate passes (``--force``: regardless): ``gate_metric`` is at or above
     ``threshold`` and not worse than the alias's current holder by more than ``margin``.
     """
-
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
     log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1)
@@ -419,10 +382,8 @@ class PromoteConfig(StrictModel):
             raise ValueError(f"register_from={self.register_from!r} must be one of log={self.log}")
         return self
 
-
 class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
-
     enabled: bool = Field(True, description="Record the run in MLflow (false: no MLflow needed).")
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
     experiment: str = Field("uora-pipeline", description="MLflow experiment name.")
@@ -435,10 +396,8 @@ class TrackingConfig(StrictModel):
                              "mysql://, file:)")  # fmt: skip
         return value
 
-
 class PipelineConfig(StrictModel):
     """One run, all stages."""
-
     run: RunConfig
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)

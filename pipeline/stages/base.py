@@ -16,14 +16,12 @@ from pipeline.errors import StageError, StagePreempted  # noqa: F401 (re-exporte
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-
 @dataclass(frozen=True)
 class StageContext:
     """Everything a stage gets from the driver. It writes all its outputs to ``work_dir``
     (``<run_dir>/<stage>.partial``), which survives an interrupted attempt for the rerun to resume
     from; the driver renames it only after ``run`` returns. During ``run`` the stage's MLflow child run
     is active; ``mlflow_run_id`` is its id, for worker processes."""
-
     config: PipelineConfig
     run_dir: Path
     work_dir: Path
@@ -37,12 +35,10 @@ class StageContext:
             raise StageError(f"stage input missing: {path} (run the '{stage}' stage first)")
         return path
 
-
 @dataclass
 class StageResult:
     """What a stage reports back: metrics (MLflow, manifest), named outputs (paths relative to the
     stage folder) and anything else worth keeping in the manifest."""
-
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
