@@ -25,6 +25,7 @@ linear weights) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's coun
 
 from __future__ import annotations
 
+import bisect
 import json
 import warnings
 from pathlib import Path
@@ -189,14 +190,8 @@ def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int
 
 def max_batch(config: PipelineConfig, shape: dict[str, Any], world: int, capacity: float, device: str) -> int:
     """The largest per-device batch whose total fits ``capacity`` GiB (0: not even one sequence)."""
-    fits = lambda batch: memory(config, shape, world, batch, device)["total_gb"] <= capacity  # noqa: E731
-    low, high = 0, 1
-    while fits(high) and high < 1 << 20:
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+    too_big = lambda batch: memory(config, shape, world, batch, device)["total_gb"] > capacity  # noqa: E731
+    return bisect.bisect_left(range(1, 1 << 20), True, key=too_big)
 
 def mfu_from_results(method: str, base: str, r: int, results: Path | None = None) -> tuple[float, str] | None:
     """MFU from ``benchmarks/results/gpu_*.md`` rows of this method and base dtype (same rank preferred)."""
