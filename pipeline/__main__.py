@@ -1,10 +1,7 @@
 """Command line: ``python -m pipeline run|prepare|train|evaluate|export|promote|validate|plan CONFIG ...``.
-
-Every command validates the config before anything heavy is imported, so a typo costs a fraction of a
-second, not a model load. Exit codes: 0 success, 1 a stage failed (``plan``: it will not fit), 2 the
-config or command line is invalid (one line per problem). ``validate`` stays torch-free unless told the
-hardware (``--gpus-per-node``): then it also runs the plan and warns when the config will not fit.
-"""
+The config is validated before anything heavy is imported (a typo costs a fraction of a second); ``validate``
+also runs the plan when told the hardware (``--gpus-per-node``). Exit codes: 0 success, 1 a stage failed
+(``plan``: it will not fit), 2 the config or command line is invalid (one line per problem)."""
 
 from __future__ import annotations
 

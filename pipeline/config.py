@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from pipeline.schema import MT_BENCH_TEMPERATURES, DataSource, EvalConfig, JudgeConfig  # noqa: F401 (re-exports)
+from pipeline.schema import MT_BENCH_TEMPERATURES, DataSource, EvalConfig, JudgeConfig  # noqa: F401
 
 # isort: split
 from pipeline.schema import ModelConfig, PipelineConfig, StrictModel  # noqa: F401

@@ -1,10 +1,8 @@
 """Runs the stages in order, skips those whose output is still valid, owns the MLflow parent run.
-
 A stage's output is trusted only through its manifest (``<run_dir>/<stage>/manifest.json``): the digest
 of the config slice it reads and of its upstream manifests, so a changed upstream re-runs everything
 downstream. A stage writes into ``<stage>.partial``; only after ``run`` returns does the driver write the
-manifest and rename the folder, so an interrupted or failed stage never leaves output a rerun would trust.
-"""
+manifest and rename the folder, so an interrupted or failed stage never leaves output a rerun would trust."""
 
 from __future__ import annotations
 

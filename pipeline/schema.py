@@ -164,9 +164,8 @@ class AdapterBase(StrictModel):
 class UoraAdapter(AdapterBase):
     """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
 
-    Every ``reinit_patience`` checks with ``|d[i]| < reinit_threshold``, row i of A and column i of B move
-    towards a target orthogonal pair: ``A <- alpha * A + (1 - alpha) * R`` (see UORA.md).
-    """
+    Re-init (UORA.md): after ``reinit_patience`` checks with ``|d[i]| < reinit_threshold``, row i of A and
+    column i of B move towards a target orthogonal pair R: ``A <- alpha * A + (1 - alpha) * R``."""
     method: Literal["uora"] = Field("uora", description=METHOD)
     uora_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
@@ -241,8 +240,7 @@ class TrainConfig(SFTArgs):
     """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
 
     Inherited keys go to ``trl.SFTConfig`` as they are (``sft_kwargs``); the keys declared here are the
-    pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it.
-    """
+    pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it."""
     template_fallback: Literal["completion_only", "error"] = "completion_only"  # no template: last turn only
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
     use_cpu: bool | None = Field(None, description="Train on CPU; None: when no CUDA device.")
@@ -268,9 +266,7 @@ MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "ext
 class JudgeConfig(StrictModel):
     """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
 
-    The API key never enters the config (configs are logged to MLflow): ``api_key_env`` names the
-    environment variable that holds it.
-    """
+    The key never enters the config (it is logged to MLflow): ``api_key_env`` names its variable."""
     backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible API.")
     base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1.")
     model: str | None = Field(None, description="Judge model name sent to the endpoint.")
@@ -350,9 +346,8 @@ class EvalConfig(StrictModel):
 class ExportConfig(StrictModel):
     """Merge-and-export (owned by the export stage).
 
-    The merge happens in a floating-point copy of the base (``dtype``), never in int8: rounding merged
-    weights back to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised.
-    """
+    The merge happens in a floating-point copy of the base, never in int8: rounding merged weights back
+    to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised."""
     mode: Literal["merged", "adapter_only"] = Field("merged", description="merged: a standalone model too.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Default model.dtype.")
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
@@ -364,8 +359,7 @@ class PromoteConfig(StrictModel):
     """Model-registry registration and alias promotion (owned by the promote stage).
 
     The alias moves only when the gate passes (``--force``: regardless): ``gate_metric`` is at or above
-    ``threshold`` and not worse than the alias's current holder by more than ``margin``.
-    """
+    ``threshold`` and not worse than the alias's current holder by more than ``margin``."""
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
     log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1)
