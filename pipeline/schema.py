@@ -54,10 +54,11 @@ class ModelConfig(StrictModel):
     name_or_path: str = Field(description="Hub id, local directory, or pkg://<package>.")
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Base weights' dtype.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of the base weights (bfloat16, float16: a GPU).")  # fmt: skip
     load_in_8bit: bool = Field(False, description="Load base weights in 8-bit via bitsandbytes.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repo to run.")
-    chat_template: str | None = Field(None, description="Chat template: Jinja text or a .jinja file.")
+    chat_template: str | None = Field(None, description="Chat template override: Jinja text or .jinja file.")
 
     @field_validator("name_or_path")
     def _location_exists(cls, value: str) -> str:
@@ -92,12 +93,15 @@ class DataSource(StrictModel):
     split: str = Field("train", description="Hub dataset split.")
     revision: str | None = Field(None, description="Hub dataset revision.")
     builtin: int | None = Field(None, gt=0, description="Number of built-in generated tasks.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = Field(
+        "auto", description="Row format; auto detects it from the keys.")  # fmt: skip
     name: str | None = Field(None, description="Label stored in the `source` column.")
     samples: int | None = Field(None, gt=0, description="Take exactly this many rows (no replacement).")
     weight: float | None = Field(None, gt=0, description="Share of the weighted mixture.")
-    eval_samples: int | None = Field(None, gt=0, description="Rows held out for eval before mixing.")
-    answer_from: Literal["field", "last_number"] = Field("field", description="Its `answer`, or a number.")
+    eval_samples: int | None = Field(None, gt=0, description="Hold out exactly this many of this source's "
+        "rows for eval, before mixing (a fixed slice by data.seed).")  # fmt: skip
+    answer_from: Literal["field", "last_number"] = Field("field", description="The row's checkable answer: "
+        "its `answer` field, or the last number of the reply.")  # fmt: skip
 
     @field_validator("path")
     def _path_exists(cls, value: str | None) -> str | None:
@@ -129,12 +133,15 @@ class DataSource(StrictModel):
 
 class DataConfig(StrictModel):
     """Instruction data sources and the preparation rules (owned by the prepare stage)."""
-    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(builtin=1500)], min_length=1)
-    max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture.")
+    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(builtin=1500)], min_length=1,
+        description="Where examples come from; several sources are mixed.")  # fmt: skip
+    max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture "
+        "(default: as many as the weights allow without repeating rows).")  # fmt: skip
     eval_size: int | None = Field(None, ge=0, description="Exact eval rows; excludes eval_fraction.")
     eval_fraction: float = Field(0.05, ge=0, le=0.5, description="Share of rows held out for eval.")
     max_length: int = Field(2048, gt=0, description="Drop examples longer than this many tokens.")
-    seed: int | None = Field(None, description="Seed of sampling and the eval split (None: run.seed).")
+    seed: int | None = Field(None, description="Seed of sampling and of the train/eval split (None: "
+                             "run.seed); fix it to vary run.seed over identical data.")  # fmt: skip
     dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
     strict: bool = Field(False, description="Malformed rows are an error instead of dropped.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn when none.")
@@ -158,7 +165,8 @@ class AdapterBase(StrictModel):
     """What every method's PEFT config takes."""
     method: str = Field(description=METHOD)
     r: int = Field(64, gt=0, description="Rank (64 for every method; PEFT's defaults differ).")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Or module names.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to "
+        "adapt, or all-linear (every linear but lm_head).")  # fmt: skip
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
 
 class UoraAdapter(AdapterBase):
@@ -174,13 +182,15 @@ class UoraAdapter(AdapterBase):
     reinit_threshold: float = Field(1e-5, ge=0, description="A slot is dead while abs(d[i]) is below this.")
     reinit_alpha: float = Field(0.5, ge=0, lt=1, description="Share of the old direction kept per event.")
     reinit_patience: int = Field(1, ge=1, description="Dead checks (one per optimizer step) per event.")
-    reinit_target: Literal["fixed", "resample"] = Field("fixed", description="Resample: a pair per event.")
+    reinit_target: Literal["fixed", "resample"] = Field("fixed", description="fixed: one seeded target "
+        "pair; resample: a fresh pair per check with events.")  # fmt: skip
     reinit_seed: int = Field(0, description="Seed of the re-initialisation targets.")
 
 class LoraAdapter(AdapterBase):
     """LoRA: ``peft.LoraConfig``'s fields."""
     method: Literal["lora"] = Field("lora", description=METHOD)
-    lora_alpha: int = Field(default_factory=lambda data: 2 * data.get("r", 64), gt=0, description="2*r.")
+    lora_alpha: int = Field(default_factory=lambda data: 2 * data.get("r", 64), gt=0,
+                            description="Scaling numerator; default 2*r (PEFT: 8): alpha/r = 2.")  # fmt: skip
     lora_dropout: float = Field(0.0, **DROPOUT)
 
 class VeraAdapter(AdapterBase):
@@ -214,7 +224,8 @@ class SFTArgs(StrictModel):
     warmup_steps: float = Field(0.03, ge=0, description="Warm-up steps; below 1: a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
-    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only.")
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (needs a chat "
+                                      "template with generation markers).")  # fmt: skip
     logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm/throughput every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Eval every N steps (None: before/after).")
     eval_on_start: bool = Field(True, description="Eval before the first step (the base model's loss).")
@@ -241,7 +252,8 @@ class TrainConfig(SFTArgs):
 
     Inherited keys go to ``trl.SFTConfig`` as they are (``sft_kwargs``); the keys declared here are the
     pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it."""
-    template_fallback: Literal["completion_only", "error"] = "completion_only"  # no template: last turn only
+    template_fallback: Literal["completion_only", "error"] = Field("completion_only", description="No "
+        "training template for this model: train on the last assistant turn only, or fail.")  # fmt: skip
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
     use_cpu: bool | None = Field(None, description="Train on CPU; None: when no CUDA device.")
     nproc_per_node: int = Field(1, gt=0, description="Processes on this node; > 1 launches torchrun.")
@@ -267,20 +279,27 @@ class JudgeConfig(StrictModel):
     """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
 
     The key never enters the config (it is logged to MLflow): ``api_key_env`` names its variable."""
-    backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible API.")
-    base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1.")
-    model: str | None = Field(None, description="Judge model name sent to the endpoint.")
-    api_key_env: str | None = Field(None, description="NAME of the environment variable with the API key.")
-    local_model: ModelConfig | None = Field(None, description="Local judge weights; null = model's.")
-    local_scoring: Literal["generate", "logits", "expected"] = Field("generate", description="[[rating]] "
-        "from the output, the likeliest rating, or the probability-weighted mean.")  # fmt: skip
-    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl (default: built-in).")
-    mode: Literal["single", "pairwise", "both"] = Field("single", description="pairwise: tuned vs base.")
+    backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible "
+        "chat-completions endpoint; local: transformers.")  # fmt: skip
+    base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1 "
+                                 "(vLLM/TGI/llama.cpp); null = OpenAI.")  # fmt: skip
+    model: str | None = Field(None, description="Judge model name sent to the endpoint (openai backend).")
+    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API "
+                                    "key (openai backend).")  # fmt: skip
+    local_model: ModelConfig | None = Field(None, description="Local judge weights (like the model "
+                                            "section); null = the same as model.")  # fmt: skip
+    local_scoring: Literal["generate", "logits", "expected"] = Field("generate", description="local judge: "
+        "parse [[rating]] from its output; logits: the most likely rating; expected: the probability-"
+        "weighted mean rating (for small judges that never write the format).")  # fmt: skip
+    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl instead of the built-in "
+                                  "prompt texts.")  # fmt: skip
+    mode: Literal["single", "pairwise", "both"] = Field("single", description="single: grade each answer "
+        "1-10; pairwise: tuned vs base, in both orders (a verdict that flips is a tie); both.")  # fmt: skip
     samples: int = Field(1, ge=1, description="Judge samples per answer; the median is the score.")
     temperature: float = Field(0.0, ge=0.0, description="Judge sampling temperature (0 = greedy).")
     max_new_tokens: int = Field(512, gt=0, description="Judge output budget (explanation + rating).")
     concurrency: int = Field(4, ge=1, description="Parallel HTTP requests (openai backend).")
-    retries: int = Field(5, ge=0, description="HTTP retries with exponential backoff.")
+    retries: int = Field(5, ge=0, description="HTTP retries with exponential backoff (429, 5xx, network).")
     timeout_s: float = Field(120.0, gt=0, description="HTTP timeout per request in seconds.")
     batch_size: int = Field(4, gt=0, description="Prompts per forward pass (local backend).")
 
@@ -298,25 +317,36 @@ class JudgeConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     """MT-Bench-style evaluation and its judge (owned by the evaluate stage)."""
-    questions: str = Field("builtin", description="builtin (offline), hub, or an MT-Bench question.jsonl.")
+    questions: str = Field("builtin", description="builtin (the project's offline set), hub "
+                           "(hub_dataset), or a path to an MT-Bench question.jsonl.")  # fmt: skip
     hub_dataset: str = Field("HuggingFaceH4/mt_bench_prompts", description="Hub dataset for questions=hub.")
     hub_split: str = Field("train", description="Split of hub_dataset.")
-    reference_answers: ExistingFile = Field(None, description="FastChat reference-answer JSONL.")
-    builtin_verifiable: int = Field(2, ge=0, description="builtin: extra tasks with exact answers.")
+    reference_answers: ExistingFile = Field(None, description="FastChat reference-answer JSONL "
+                                            "(question_id, choices[0].turns) for grading.")  # fmt: skip
+    builtin_verifiable: int = Field(2, ge=0, description="builtin set: extra generated tasks with "
+                                    "exact-match answers.")  # fmt: skip
     categories: list[str] | None = Field(None, description="Evaluate only these categories.")
     question_ids: list[int | str] | None = Field(None, description="Evaluate only these question ids.")
     max_questions: int | None = Field(None, gt=0, description="Evaluate at most this many questions.")
-    heldout_questions: int = Field(0, ge=0, description="Also ask this many answered eval-split rows.")
-    heldout_sources: list[str] | None = Field(None, min_length=1, description="Only from these sources.")
-    judge_verifiable: bool = Field(True, description="Also judge questions with exact answers.")
+    heldout_questions: int = Field(0, ge=0, description="Also ask up to this many rows of the prepared eval "
+        "split that have an 'answer' and one user turn, as one-turn questions (category: the row's "
+        "source), after the eval.questions selection; greedy unless temperatures names it.")  # fmt: skip
+    heldout_sources: list[str] | None = Field(None, min_length=1, description="Held-out questions only "
+                                              "from these prepare sources (labels).")  # fmt: skip
+    judge_verifiable: bool = Field(True, description="Also judge questions whose every turn has an exact "
+                                   "answer; false: they count only in exact match.")  # fmt: skip
     max_new_tokens: int = Field(1024, gt=0, description="Answer budget per turn.")
-    verifiable_max_new_tokens: int | None = Field(None, gt=0, description="The same, exact-answer questions.")
+    verifiable_max_new_tokens: int | None = Field(None, gt=0, description="Answer budget for questions "
+        "whose every turn has an exact answer (None: max_new_tokens).")  # fmt: skip
     batch_size: int = Field(8, gt=0, description="Questions generated together (left-padded).")
-    temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES))
+    temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES), description=
+        "Sampling temperature per category (0 = greedy); other MT-Bench categories: MT-Bench's.")  # fmt: skip
     default_temperature: float = Field(0.7, ge=0.0, description="Temperature for unlisted categories.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"], min_length=1)
-    tuned_path: str | None = Field(None, description="'tuned' from here, not <run_dir>/train/adapter.")
+    models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"], min_length=1,
+                                                   description="Rows of the report.")  # fmt: skip
+    tuned_path: str | None = Field(None, description="Evaluate this adapter folder or merged model folder "
+                                   "as 'tuned' instead of <run_dir>/train/adapter.")  # fmt: skip
 
     @field_validator("questions")
     def _questions_exist(cls, value: str) -> str:  # now, not after an hour of generation
@@ -348,12 +378,16 @@ class ExportConfig(StrictModel):
 
     The merge happens in a floating-point copy of the base, never in int8: rounding merged weights back
     to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised."""
-    mode: Literal["merged", "adapter_only"] = Field("merged", description="merged: a standalone model too.")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Default model.dtype.")
+    mode: Literal["merged", "adapter_only"] = Field("merged", description="'merged': a standalone HF model "
+        "folder (plus the adapter); 'adapter_only': the adapter.")  # fmt: skip
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the merged "
+        "weights (merge and check run in float32); default model.dtype.")  # fmt: skip
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
     verify_prompts: int = Field(4, ge=1, le=16, description="Fixed prompts the merged logits are checked on.")
     verify_max_tokens: int = Field(96, ge=8, description="Tokens per verification prompt (truncated).")
-    tolerance: float | None = Field(None, gt=0, description="Relative logit error (default: by dtype).")
+    tolerance: float | None = Field(None, gt=0, description="Largest allowed |merged - (base + adapter)| "
+        "logit difference, relative to the largest logit; default by dtype (fp32 1e-4, bf16 3e-2, "
+        "fp16 1e-2).")  # fmt: skip
 
 class PromoteConfig(StrictModel):
     """Model-registry registration and alias promotion (owned by the promote stage).
@@ -362,11 +396,16 @@ class PromoteConfig(StrictModel):
     ``threshold`` and not worse than the alias's current holder by more than ``margin``."""
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
-    log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1)
-    register_from: Literal["merged", "adapter"] = Field("merged", description="Becomes the new version.")
+    log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1,
+        description="Exported artifacts logged as models.")  # fmt: skip
+    register_from: Literal["merged", "adapter"] = Field("merged", description="The logged model that "
+                                                        "becomes the new registered version.")  # fmt: skip
     alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
-    gate_metric: str = Field("tuned.score_overall", description="Evaluate metric the gate reads.")
-    gate: Literal["point", "ci"] = Field("ci", description="ci: paired 95% interval above -margin.")
+    gate_metric: str = Field("tuned.score_overall", description="Evaluate metric the gate reads "
+                             "('<model>.<name>').")  # fmt: skip
+    gate: Literal["point", "ci"] = Field("ci", description="ci: the 95% interval of candidate - champion, "
+        "paired over shared questions, must be above -margin (no champion: - base); point: values "
+        "alone.")  # fmt: skip
     threshold: float | None = Field(None, description="Minimum gate_metric value; None: no floor.")
     margin: float = Field(0.0, ge=0, description="How much worse than the champion a candidate may be.")
 
@@ -378,7 +417,8 @@ class PromoteConfig(StrictModel):
 
 class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
-    enabled: bool = Field(True, description="Record the run in MLflow (false: no MLflow needed).")
+    enabled: bool = Field(True, description="Record the run in MLflow; false: no lineage, no promote, "
+                          "and MLflow need not be installed (e.g. a GPU node without it).")  # fmt: skip
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
     experiment: str = Field("uora-pipeline", description="MLflow experiment name.")
 
