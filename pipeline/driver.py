@@ -121,8 +121,7 @@ class Pipeline:
         (work_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         # An old output is moved aside and deleted after: <name> is always old, absent or new, complete.
         final, old = self.run_dir / name, self.run_dir / f"{name}.old"
-        if old.exists():
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
         work_dir.rename(final)

@@ -39,7 +39,7 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DEFAULT_MFU = 0.35
 # Dense peak TFLOP/s, (bf16/fp16, fp32 without TF32), NVIDIA datasheets (SXM); unknown GPUs count as H100.
 PEAK_TFLOPS = {"h200": (989.0, 66.9), "h100": (989.0, 66.9), "a100": (312.0, 19.5)}
-RUNTIME_GIB = {"cuda": 1.0, "cpu": 0.6}  # CUDA context + cuBLAS/NCCL workspaces; CPU: RSS after imports
+RUNTIME_GIB = {"cuda": 1.0, "cpu": 0.6}  # CUDA context and workspaces; CPU: RSS after imports (measured)
 FRAGMENTATION = 0.10  # allocator slack on top of everything else
 CPU_LOGIT_TILES = 8.5  # fp32 tiles alive at once in TRL's CPU fallback (measured 8.34-8.48)
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob / trl.trainer.utils (pinned by a test)
