@@ -1,11 +1,7 @@
 """Command line: ``python -m pipeline run|prepare|train|evaluate|export|promote|validate|plan CONFIG ...``.
-
-Every command validates the config first, before anything heavy is imported, so a typo costs a
-fraction of a second rather than a model load. Exit codes: 0 success, 1 a stage failed (``plan``:
-the config will not fit), 2 the config or command line is invalid (one line per problem, no traceback).
-``validate`` stays torch-free unless it is told the hardware (``--gpus-per-node``): then it also
-runs the plan and warns when the config will not fit.
-"""
+The config is validated before anything heavy is imported (a typo costs a fraction of a second); ``validate``
+also runs the plan when told the hardware (``--gpus-per-node``). Exit codes: 0 success, 1 a stage failed
+(``plan``: it will not fit), 2 the config or command line is invalid (one line per problem)."""
 
 from __future__ import annotations
 
@@ -24,20 +20,15 @@ if TYPE_CHECKING:
 COMMANDS = ("run", *STAGE_ORDER, "validate", "plan")
 EXIT_CONFIG = 2
 
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like config errors."""
-
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see python -m pipeline --help)", file=sys.stderr)
+        _fail([f"error: {message} (see python -m pipeline --help)"])
         raise SystemExit(EXIT_CONFIG)
 
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m pipeline",
-        description="UORA instruction-tuning pipeline: prepare -> train -> evaluate -> export -> promote.",
-    )
+    parser = _Parser(prog="python -m pipeline", description="UORA instruction-tuning pipeline: prepare -> "
+                     "train -> evaluate -> export -> promote.")  # fmt: skip
     parser.add_argument("command", help=f"one of: {', '.join(COMMANDS)}")
     parser.add_argument("config", help="run config YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -52,12 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
     return parser
 
-
 def _fail(lines: list[str]) -> int:
     for line in lines:
         print(line, file=sys.stderr)
     return EXIT_CONFIG
-
 
 def select_stages(command: str, from_stage: str | None, only: str | None) -> list[str]:
     """The stages a command runs, in order; raises ValueError with a one-line reason."""
@@ -67,22 +56,16 @@ def select_stages(command: str, from_stage: str | None, only: str | None) -> lis
             raise ValueError(f"{flag}: unknown stage {value!r} (stages: {', '.join(STAGE_ORDER)})")
     if from_stage and only:
         raise ValueError("--from and --only cannot be combined")
-    if command in STAGE_ORDER:
-        if from_stage or (only and only != command):
-            raise ValueError(f"'{command}' runs one stage; use 'run' with --from/--only")
-        return [command]
-    if only:
-        return [name for name in STAGE_ORDER if name in only_stages]
-    if from_stage:
-        return list(STAGE_ORDER[STAGE_ORDER.index(from_stage) :])
-    return list(STAGE_ORDER)
-
+    if command in STAGE_ORDER and (from_stage or (only and only != command)):
+        raise ValueError(f"'{command}' runs one stage; use 'run' with --from/--only")
+    start = STAGE_ORDER.index(command if command in STAGE_ORDER else from_stage or "prepare")
+    end = start + 1 if command in STAGE_ORDER else len(STAGE_ORDER)
+    return [name for name in STAGE_ORDER[start:end] if not only or name in only_stages]
 
 def readiness_warnings(config: Any) -> list[str]:
     """What a valid config will still trip over, found without network or torch: an unset judge key
     variable, hub weights that are not cached (validate warns; it cannot tell a download will fail)."""
     from pipeline.models import hub_cached, hub_model_id
-
     judge, lines = config.eval.judge, []
     if judge.backend == "openai" and not os.environ.get(judge.api_key_env):
         lines.append(f"eval.judge.api_key_env: ${judge.api_key_env} is not set; evaluate fails until it is")
@@ -95,50 +78,37 @@ def readiness_warnings(config: Any) -> list[str]:
                          "then set HF_TOKEN or run hf auth login)")  # fmt: skip
     return lines
 
-
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     quiet.install()
     args = build_parser().parse_args(argv)
     if args.command not in COMMANDS:
         return _fail([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
-    if any("=" not in item for item in args.overrides):
-        bad = next(item for item in args.overrides if "=" not in item)
-        return _fail([f"override {bad!r}: expected key.sub=value, e.g. train.max_steps=2"])
+    from pipeline.config import ConfigError, load_config, to_yaml
     try:
         stages = select_stages(args.command, args.from_stage, args.only)
+        config = load_config(args.config, args.overrides)
     except ValueError as error:
         return _fail([str(error)])
-
-    from pipeline.config import ConfigError, load_config, to_yaml
-
-    try:
-        config = load_config(args.config, args.overrides)
     except ConfigError as error:
         return _fail(error.lines)
-
     if args.command == "validate":
         if args.print_config:
             print(to_yaml(config), end="")
-        for line in readiness_warnings(config):
-            print(f"warning: {line}", file=sys.stderr)
+        _fail([f"warning: {line}" for line in readiness_warnings(config)])
         elapsed = time.perf_counter() - started
         print(f"{args.config}: valid (run dir {config.run_dir}, validated in {elapsed:.2f} s)")
         return 0 if args.gpus_per_node is None else run_plan(config, args, warn_only=True)
     if args.command == "plan":
         return run_plan(config, args)
-
     from pipeline.driver import run_pipeline
-
     return run_pipeline(config, stages=stages, force=args.force, config_path=args.config)
-
 
 def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool = False) -> int:
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
     import json
 
     from pipeline.plan import PlanError, plan, print_table, verdict
-
     gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
     try:
         result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
@@ -151,7 +121,6 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
     if not result["fits"]:
         print(("warning: " if warn_only else "") + verdict(result), file=sys.stderr)
     return 0 if warn_only or result["fits"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

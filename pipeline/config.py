@@ -1,12 +1,7 @@
-"""Loading a run configuration: YAML file + ``key.sub=value`` overrides -> ``PipelineConfig``, or
-one ``dotted.path: reason (got value)`` line per problem; the config's records (flat params,
-slices, digests) and its generated reference (``python -m pipeline.config``).
-
-The schema itself is ``pipeline.schema``; its classes are re-exported here. Error lines take their
-path from pydantic's error locations (a union's tag dropped: ``adapter.r``, not
-``adapter.lora.r``); only rules that span sections write their own lines. Keys renamed when the
-adapter and train keys became PEFT's and TRL's fail with one line naming the new key.
-"""
+"""Loading a run configuration: YAML + ``key.sub=value`` overrides -> ``PipelineConfig`` (the schema is
+``pipeline.schema``, re-exported here), or one ``dotted.path: reason (got value)`` line per problem, the
+path from pydantic's error location with a union's tag dropped (``adapter.r``, not ``adapter.lora.r``).
+Also the config's records (flat params, slices) and its reference (``python -m pipeline.config``)."""
 
 from __future__ import annotations
 
@@ -20,21 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-# The sections, imported from here across the code base (new code may use pipeline.schema).
-from pipeline.schema import (
-    MT_BENCH_TEMPERATURES,
-    DataSource,
-    EvalConfig,
-    JudgeConfig,
-    ModelConfig,
-    PipelineConfig,
-    StrictModel,
-)
+from pipeline.schema import MT_BENCH_TEMPERATURES, DataSource, EvalConfig, JudgeConfig  # noqa: F401
 
-__all__ = ["MT_BENCH_TEMPERATURES", "RENAMED", "ConfigError", "DataSource", "EvalConfig", "JudgeConfig",
-           "ModelConfig", "PipelineConfig", "StrictModel", "apply_override", "config_slice",
-           "flatten", "format_validation_error", "load_config", "read_yaml", "reference_markdown",
-           "to_yaml"]  # fmt: skip
+# isort: split
+from pipeline.schema import ModelConfig, PipelineConfig, StrictModel  # noqa: F401
 
 RENAMED = {  # old key -> new key, for configs written before the keys became PEFT's and TRL's
     "adapter.dropout": "adapter.{method}_dropout",
@@ -44,58 +28,52 @@ RENAMED = {  # old key -> new key, for configs written before the keys became PE
     "train.gradient_checkpointing": "train.activation_checkpointing",
 }  # fmt: skip
 
-
 class ConfigError(Exception):
     """The config is invalid; ``lines`` holds one ``dotted.path: reason (got value)`` per problem."""
-
     def __init__(self, lines: list[str]):
         super().__init__("\n".join(lines))
         self.lines = lines
 
-
 def _line(path: str, reason: str, value: Any = ...) -> str:
     shown = "" if value is ... else repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
     return f"{path or '<config>'}: {reason}" + (f" (got {shown})" if shown else "")
-
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [model for arg in typing.get_args(annotation) for model in _models(arg)]
 
-
-def _node(field: FieldInfo) -> Any:
+def _node(field: FieldInfo | None) -> Any:
     """What a field holds: a section class, ``{tag: class}`` for a discriminated union, or None."""
-    models = _models(field.annotation)
-    if field.discriminator and models:
+    models = _models(field.annotation) if field is not None else []
+    if field is not None and field.discriminator and models:
         return {model.model_fields[field.discriminator].default: model for model in models}
     return models[0] if models else None
 
-
-def _locate(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[str, Any, Any, dict[str, Any]]:
-    """pydantic's error location as (dotted path, the model holding its last key, the union tag on
-    the way, that union's ``{tag: model}``). A union's tag is not a key: ``('adapter', 'lora', 'r')``
-    is ``adapter.r``; a plain union's branch names (``'list[str]'``) are dropped."""
-    node: Any = root
-    parent, tag, members, parts = node, None, {}, []
+def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any, Any, dict, FieldInfo | None]:
+    """A pydantic error location or an override's keys as (dotted path, the model holding the last key,
+    the union tag on the way, that union's ``{tag: model}``, the last key's field). A union's tag is
+    not a key (``('adapter', 'lora', 'r')`` is ``adapter.r``); without one, the first member that has
+    the key answers; a plain union's branch names (``'list[str]'``) are dropped."""
+    node, parent, tag, members, parts, field = root, None, None, {}, [], None
     for part in loc:
+        if isinstance(node, dict) and part in node:
+            members, tag, node = node, part, node[part]
+            continue
         if isinstance(node, dict):
-            members, tag, node = node, part, node.get(part)
-        elif isinstance(part, int) or re.fullmatch(r"\w+", part):
+            node = next((model for model in node.values() if part in model.model_fields), None)
+        if isinstance(part, int) or part.isdigit():
             parts.append(str(part))
-            if isinstance(part, str):
-                field = node.model_fields.get(part) if isinstance(node, type) else None
-                parent, node = node, (_node(field) if field is not None else None)
-    return ".".join(parts), parent, tag, members
+        elif re.fullmatch(r"\w+", part):
+            parts.append(part)
+            field = node.model_fields.get(part) if isinstance(node, type) else None
+            parent, node = node, _node(field)
+    return ".".join(parts), parent, tag, members, field
 
-
-def _unknown_key(
-    path: str, value: Any, model: Any, tag: Any, members: dict[str, Any], gone: str = ""
-) -> list[str]:
-    """One line per unknown key: its new name, the union member it belongs to, or the closest
-    name (``gone``: a section that became flat keys, e.g. ``reinit``)."""
+def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gone: str = "") -> list[str]:
+    """One line per unknown key: its new name, the union member it belongs to, or the closest name
+    (``gone``: a section that became flat keys, e.g. ``reinit``)."""
     import difflib
-
     if isinstance(value, dict) and any(old.startswith(path + ".") for old in RENAMED):
         gone = path.split(".")[-1]
         return [line for key, item in value.items()
@@ -111,17 +89,13 @@ def _unknown_key(
     match = difflib.get_close_matches(f"{gone}_{key}" if gone else key, names, n=1)
     return [_line(path, "unknown key" + (f"; did you mean '{match[0]}'?" if match else ""), value)]
 
-
-def format_validation_error(error: Any, root: type[BaseModel] | None = None) -> list[str]:
-    """pydantic's ValidationError as ``dotted.path: reason (got value)`` lines, one per problem.
-
-    A plain union (``list[str] | 'all-linear'``) reports one error per branch: merged into one
-    line. A section-level rule gets the whole section as its input, which is not echoed.
-    """
+def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) -> list[str]:
+    """pydantic's ValidationError as one line per problem. A plain union (``list[str] | 'all-linear'``)
+    reports one error per branch: merged into one line. A section's own rule is not echoed its input."""
     lines: list[str] = []
     merged: dict[str, tuple[int, list[str], Any]] = {}  # path -> (line index, reasons, value)
     for item in error.errors(include_url=False):
-        path, model, tag, members = _locate(tuple(item["loc"]), root or PipelineConfig)
+        path, model, tag, members, _ = _locate(item["loc"], root)
         kind, value, ctx = item["type"], item.get("input"), item.get("ctx", {})
         if kind == "cross_section":
             lines += ctx["lines"]
@@ -130,8 +104,7 @@ def format_validation_error(error: Any, root: type[BaseModel] | None = None) -> 
         elif kind == "missing":
             lines.append(_line(path, "required field is missing"))
         elif kind == "union_tag_invalid":  # a method that is none of the union's
-            expected = " or ".join(ctx["expected_tags"].rsplit(", ", 1))
-            key = ctx["discriminator"].strip("'")
+            expected, key = " or ".join(ctx["expected_tags"].rsplit(", ", 1)), ctx["discriminator"].strip("'")
             lines.append(_line(f"{path}.{key}", f"input should be {expected}", ctx["tag"]))
         elif kind != "default_factory_not_called":  # (that follows from another field's error)
             reason = item["msg"].removeprefix("Value error, ")
@@ -146,47 +119,23 @@ def format_validation_error(error: Any, root: type[BaseModel] | None = None) -> 
                 lines.append(_line(path, reason, shown))
     return lines
 
-
-def _field_at(parts: list[str]) -> FieldInfo | None:
-    """The schema field at a dotted path (list indices skipped; in a union, the first member that
-    has the key), or None."""
-    node: Any = PipelineConfig
-    field = None
-    for part in (part for part in parts if not part.isdigit()):
-        members = list(node.values()) if isinstance(node, dict) else [node] if isinstance(node, type) else []
-        field = next((model.model_fields[part] for model in members if part in model.model_fields), None)
-        if field is None:
-            return None
-        node = _node(field)
-    return field
-
-
-def _section_default(field: FieldInfo | None) -> Any:
-    """The JSON form of a section's default (so that ``data.sources.0.path=...`` can edit an item
-    of a default list), or an empty section."""
-    if field is None or _node(field) is None or field.default_factory is None:
-        return {}
-    value = field.get_default(call_default_factory=True)
+def _default_json(field: FieldInfo | None) -> Any:
+    """A section's default as JSON (so that ``data.sources.0.path=...`` edits the default list), or {}."""
+    value = field.get_default(call_default_factory=True) if _node(field) else None
     if isinstance(value, list):
         return [item.model_dump(mode="json", exclude_unset=True) for item in value]
-    return value.model_dump(mode="json", exclude_unset=True)
-
+    return value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else {}
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``key.sub=value`` override to the raw config mapping, in place.
-
-    The value is typed by the schema: string fields take it verbatim (``run.name=007`` stays the
-    string "007"), everything else is parsed as YAML (numbers, booleans, null, lists). Switching a
-    union's tag (``adapter.method=lora``) drops the keys that only the other members have.
-    """
+    """Apply one ``key.sub=value`` override to the raw config mapping, in place. String fields take the
+    value verbatim (``run.name=007`` stays "007"), others parse it as YAML. Switching a union's tag
+    (``adapter.method=lora``) drops the keys that only the other members have."""
     import yaml
-
     key, sep, raw = override.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.(\w+))*", key.strip()):
         raise ConfigError([f"override {override!r}: expected key.sub=value, e.g. train.max_steps=2"])
     parts = key.strip().split(".")
-    field = _field_at(parts)
-    value: Any = raw
+    field, value = _locate(parts)[-1], raw
     if field is None or field.annotation not in (str, str | None) or raw.strip() in ("null", "~"):
         with contextlib.suppress(yaml.YAMLError):
             value = yaml.safe_load(raw) if raw.strip() else ""
@@ -201,22 +150,20 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             node = node[int(part)]
         else:
             if node.get(part) is None:
-                node[part] = _section_default(_field_at(parts[: depth + 1]))
+                node[part] = _default_json(_locate(parts[: depth + 1])[-1])
             node = node[part]
             if not isinstance(node, dict | list):
                 raise ConfigError([_line(here, "is a value, not a section", override)])
-    section = _field_at(parts[:-1])
+    section = _locate(parts[:-1])[-1]
     members = _node(section) if section is not None and section.discriminator == parts[-1] else None
     if isinstance(members, dict) and isinstance(value, str) and value in members:  # keep what it shares
         for other in [k for k in node if k not in members[value].model_fields]:
             if any(other in model.model_fields for model in members.values()):
                 del node[other]
 
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The YAML file as a mapping; syntax errors become one line with the file and line number."""
     import yaml
-
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -229,16 +176,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError([f"{path}{where}: YAML syntax error: {problem}"]) from None
     if not isinstance(data, dict | None):
-        raise ConfigError(
-            [f"{path}: the config must be a YAML mapping of sections (got {type(data).__name__})"]
-        )
+        kind = type(data).__name__
+        raise ConfigError([f"{path}: the config must be a YAML mapping of sections (got {kind})"])
     return data or {}
-
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read, override and validate a run config; raises ConfigError with one line per problem."""
     from pydantic import ValidationError
-
     data = read_yaml(path)
     for override in overrides:
         apply_override(data, override)
@@ -247,31 +191,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
 
-
 def to_yaml(config: PipelineConfig) -> str:
     """The fully resolved config (defaults filled in) as YAML, for the record."""
     import yaml
-
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
-
 def flatten(config: PipelineConfig) -> dict[str, str]:
-    """``{"dotted.path": "value"}`` for every leaf (a list of sections counts by index), e.g. for
-    MLflow params."""
+    """``{"dotted.path": "value"}`` for every leaf (a list of sections by index), e.g. MLflow params."""
 
     def walk(prefix: str, value: Any) -> dict[str, str]:
         if isinstance(value, list) and any(isinstance(item, dict) for item in value):
             value = dict(enumerate(value))
         if isinstance(value, dict) and value:
-            return {
-                k: v
-                for key, item in value.items()
-                for k, v in walk(f"{prefix}.{key}".lstrip("."), item).items()
-            }
+            return {k: v for key, item in value.items()
+                    for k, v in walk(f"{prefix}.{key}".lstrip("."), item).items()}  # fmt: skip
         return {prefix: value if isinstance(value, str) else json.dumps(value)}
 
     return walk("", config.model_dump(mode="json"))
-
 
 def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The parts of the config named by ``keys`` (sections or dotted paths to fields)."""
@@ -283,8 +219,6 @@ def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> d
         result[key] = node
     return result
 
-
-# The reference documentation, generated from the schema (README's tables come from here).
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
@@ -295,7 +229,6 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
     return "section" if _models(annotation) else getattr(annotation, "__name__", str(annotation))
 
-
 def _default_text(field: FieldInfo) -> str:
     if field.is_required() or field.default_factory_takes_validated_data:
         return "**required**" if field.is_required() else "(see meaning)"
@@ -305,10 +238,9 @@ def _default_text(field: FieldInfo) -> str:
                  for item in value]  # fmt: skip
     return "(see below)" if isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
 
-
 def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
-    """Markdown tables (key, type, default, meaning) for the given sections, nested ones included;
-    a union section has one table per member (``adapter`` with ``method: uora``, ...)."""
+    """README's markdown tables (key, type, default, meaning) for the given sections, nested ones
+    included; a union section has one table per member (``adapter`` with ``method: uora``, ...)."""
     blocks: list[str] = []
 
     def tables(title: str, node: Any) -> None:
@@ -330,8 +262,6 @@ def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
         tables(name, _node(PipelineConfig.model_fields[name]))
     return "\n\n".join(blocks) + "\n"
 
-
 if __name__ == "__main__":  # python -m pipeline.config [SECTION ...]: print the reference
     import sys
-
     print(reference_markdown(tuple(sys.argv[1:]) or None), end="")

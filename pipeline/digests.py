@@ -1,10 +1,6 @@
-"""sha256 digests, the one way the pipeline names content: bytes, a JSON value, a file, a folder.
-
-Their encodings are fixed: stage manifests' config digests, the train checkpoints' identity,
-evaluate's answer and judgment caches and export's lineage are persisted, and a changed encoding
-would re-run (or stop recognising) everything a user already has (tests/pipeline/test_digests.py
-pins the values).
-"""
+"""sha256 digests, the one way the pipeline names content: bytes, a JSON value, a file, a folder. The
+encodings are persisted (manifests, the train identity, evaluate's caches, export's lineage): a change
+would re-run or orphan what users have (tests/pipeline/test_digests.py pins the values)."""
 
 from __future__ import annotations
 
@@ -23,15 +19,12 @@ def sha256(*parts: bytes | str) -> str:
         digest.update(part.encode() if isinstance(part, str) else part)
     return digest.hexdigest()
 
-
 def digest_of(value: Any, *, compact: bool = True) -> str:
-    """sha256 of a JSON-able value with sorted keys. ``compact``: no spaces, ASCII escapes, other
-    values as ``str`` (config digests); else ``json.dumps``' default separators with non-ASCII
-    kept, the form evaluate's answer and judgment caches are keyed by."""
+    """sha256 of a JSON-able value with sorted keys. ``compact``: no spaces, ASCII escapes, other values
+    as ``str`` (config digests); else json.dumps' separators, non-ASCII kept (evaluate's cache keys)."""
     if compact:
         return sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
     return sha256(json.dumps(value, sort_keys=True, ensure_ascii=False))
-
 
 def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
     """sha256 of a file's content, hex (read in 1 MiB chunks; fed into ``digest`` if given)."""
@@ -40,7 +33,6 @@ def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 def folder_digest(folder: Path, paths: Iterable[Path] | None = None, separator: bytes = b"\0") -> str:
     """sha256 over each file's path relative to ``folder`` (then ``separator``) and its content;

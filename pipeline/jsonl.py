@@ -1,6 +1,5 @@
-"""JSON Lines, the format of the per-record files (questions, prompts, answers, judgments,
-per-question results): one reader that names ``file:line`` in errors, and the two writers a cache
-needs (append and flush per record, so a kill loses at most one line; replace atomically)."""
+"""JSON Lines, the format of the per-record files (questions, prompts, answers, judgments, results):
+one reader that names ``file:line`` in errors, and the two writers a cache needs."""
 
 from __future__ import annotations
 
@@ -20,27 +19,22 @@ def read_jsonl(path: Path, what: str, skip_invalid: bool = False) -> list[tuple[
     rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
             try:
-                rows.append((where, json.loads(line)))
+                if line.strip():
+                    rows.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
                 if not skip_invalid:
-                    raise StageError(f"{where}: invalid JSON ({error.msg})") from None
+                    raise StageError(f"{path}:{number}: invalid JSON ({error.msg})") from None
     return rows
 
-
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk, so a kill loses at most the line being written."""
+    """Append one JSON line and flush it, so a kill loses at most the line being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-
 
 def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Replace the file with exactly ``records`` (drops stale and superseded lines)."""
+    """Replace the file, atomically, with exactly ``records`` (drops stale and superseded lines)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     tmp.replace(path)

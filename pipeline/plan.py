@@ -25,6 +25,7 @@ linear weights) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's coun
 
 from __future__ import annotations
 
+import bisect
 import json
 import warnings
 from pathlib import Path
@@ -38,70 +39,37 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DEFAULT_MFU = 0.35
 # Dense peak TFLOP/s, (bf16/fp16, fp32 without TF32), NVIDIA datasheets (SXM); unknown GPUs count as H100.
 PEAK_TFLOPS = {"h200": (989.0, 66.9), "h100": (989.0, 66.9), "a100": (312.0, 19.5)}
-GPU_RUNTIME_GIB = 1.0  # CUDA context, cuBLAS and NCCL workspaces
-CPU_RUNTIME_GIB = 0.6  # RSS after importing torch, transformers, TRL, PEFT, datasets, MLflow (measured 0.60)
+RUNTIME_GIB = {"cuda": 1.0, "cpu": 0.6}  # CUDA context and workspaces; CPU: RSS after imports (measured)
 FRAGMENTATION = 0.10  # allocator slack on top of everything else
 CPU_LOGIT_TILES = 8.5  # fp32 tiles alive at once in TRL's CPU fallback (measured 8.34-8.48)
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob / trl.trainer.utils (pinned by a test)
 SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
 MFU_HEADER = ("method", "r", "base", "seq len", "batch", "tokens/s", "MFU %", "peak GPU GiB")
 
-
 class PlanError(Exception):
     """Input the plan cannot work with: one line for the user, exit 2."""
 
-
 def model_config(model: ModelConfig, override: str | None = None) -> Any:
-    """The transformers config: ``--model-config``, the local folder, the GGUF header or the HF cache."""
+    """The transformers config, offline: ``--model-config``, the local folder, the GGUF header (no tensor
+    is read) or the HF cache."""
     from transformers import AutoConfig
 
-    if override:
-        file = Path(override) / "config.json" if Path(override).is_dir() else Path(override)
-        if not file.is_file():
-            raise PlanError(f"--model-config: {override} does not exist")
-    else:
-        from pipeline.models import resolve_package_dir
-
-        location = resolve_package_dir(model.name_or_path)
-        if model.gguf_file:
-            return gguf_config(Path(location) / model.gguf_file)
-        file = Path(location) / "config.json"
-        if not Path(location).is_dir():
-            from huggingface_hub import try_to_load_from_cache
-
-            try:
-                cached = try_to_load_from_cache(location, "config.json", revision=model.revision)
-            except ValueError:  # not a valid repo id either
-                cached = None
-            if not isinstance(cached, str):
-                raise PlanError(
-                    f"model.name_or_path: no config.json for {location!r} offline (not a local folder, not "
-                    "in the Hugging Face cache); pass --model-config path/to/config.json"
-                )
-            file = Path(cached)
+    from pipeline.models import resolve_package_dir
+    location = override or resolve_package_dir(model.name_or_path)
+    file = Path(location) / "config.json" if Path(location).is_dir() else Path(location)
+    if override and not file.is_file():
+        raise PlanError(f"--model-config: {override} does not exist")
+    gguf = {} if override or not model.gguf_file else {"gguf_file": model.gguf_file}
     try:
-        return AutoConfig.from_pretrained(str(file), trust_remote_code=model.trust_remote_code)
+        return AutoConfig.from_pretrained(location, revision=model.revision, local_files_only=True,
+                                          trust_remote_code=model.trust_remote_code, **gguf)  # fmt: skip
     except (OSError, ValueError, KeyError) as error:
+        if not Path(location).exists():
+            raise PlanError(f"model.name_or_path: no config.json for {location!r} offline (not a local "
+                            "folder, not in the Hugging Face cache); pass --model-config "
+                            "path/to/config.json") from None
+        file = Path(location) / gguf["gguf_file"] if gguf else file
         raise PlanError(f"{file}: not a usable model config ({str(error).splitlines()[0]})") from None
-
-
-def gguf_config(path: Path) -> Any:
-    """A config from a GGUF file's metadata only (transformers' own key mapping); no tensor is read."""
-    import gguf
-    from transformers import AutoConfig
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
-    if arch not in GGUF_CONFIG_MAPPING:
-        raise PlanError(f"model.gguf_file: architecture {arch!r} is not one transformers reads from GGUF")
-    mapping = GGUF_CONFIG_MAPPING[arch]
-    values = {mapping[key[len(arch) + 1 :]]: field.contents() for key, field in reader.fields.items()
-              if key.startswith(arch + ".") and mapping.get(key[len(arch) + 1 :])}  # fmt: skip
-    values.setdefault("vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))
-    values["tie_word_embeddings"] = all(tensor.name != "output.weight" for tensor in reader.tensors)
-    return AutoConfig.for_model(arch, **values)
-
 
 def peft_on_meta(build: Any, peft_config: Any) -> Any:
     """``get_peft_model(build(), peft_config)`` on the meta device: shapes and exact counts, no memory."""
@@ -109,17 +77,9 @@ def peft_on_meta(build: Any, peft_config: Any) -> Any:
     from peft import get_peft_model
 
     import uora  # noqa: F401  (registers UORA with PEFT)
-
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations, met inside PEFT
         return get_peft_model(build(), peft_config)
-
-
-def zero_stage(path: str | None) -> int:
-    if not path:
-        return 0
-    return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
-
 
 def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
     """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps
@@ -132,23 +92,17 @@ def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
     return {0: weight + rest, 1: weight + grads + (rest - grads) / world,
             2: weight + rest / world}.get(stage, (weight + rest) / world)  # fmt: skip
 
-
 def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
     """Everything the plan needs from the model, counted once on the meta device."""
     from torch import nn
+    from transformers import AutoModelForCausalLM
 
     from pipeline.adapters import build_peft_config
-
-    def build() -> Any:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.model.trust_remote_code)
-
-    model = peft_on_meta(build, build_peft_config(config.adapter))
+    trust = config.model.trust_remote_code
+    model = peft_on_meta(lambda: AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust),
+                         build_peft_config(config.adapter))  # fmt: skip
     trainable, total = model.get_nb_trainable_parameters()
-    text = hf_config.get_text_config()
-    hidden, heads = text.hidden_size, text.num_attention_heads
-    lm_head = model.get_output_embeddings()
+    text, lm_head = hf_config.get_text_config(), model.get_output_embeddings()
     eight_bit, dtype_bytes = config.model.load_in_8bit, 2 if config.model.dtype != "float32" else 4
     weights = matmul = largest = 0
     adapted: list[tuple[str, int, int]] = []
@@ -167,14 +121,13 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
                 weights += param.numel() * (4 if eight_bit else dtype_bytes)
         if isinstance(module, nn.Linear) and not module.weight.requires_grad:  # a tied lm_head too
             matmul += module.weight.numel()
-    buffers = sum(b.numel() for b in model.buffers()) * 4  # UORA/VeRA's shared projections stay fp32
     return {"total": total, "trainable": trainable, "frozen_bytes": weights, "largest_layer": largest,
-            "buffer_bytes": buffers, "matmul_params": matmul, "adapted": adapted,
+            "buffer_bytes": sum(b.numel() for b in model.buffers()) * 4,  # UORA/VeRA's projections: fp32
+            "matmul_params": matmul, "adapted": adapted,
             "adapter_matrices": sum(config.adapter.r * (fan_in + fan_out) for _, fan_in, fan_out in adapted),
-            "layers": text.num_hidden_layers, "hidden": hidden, "heads": heads,
-            "intermediate": getattr(text, "intermediate_size", None) or 4 * hidden,
+            "layers": text.num_hidden_layers, "hidden": text.hidden_size, "heads": text.num_attention_heads,
+            "intermediate": getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
             "vocab": text.vocab_size}  # fmt: skip
-
 
 def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointing: bool) -> float:
     """Bytes autograd keeps per token of a micro-batch (see the module docstring for the formula)."""
@@ -202,62 +155,43 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
         return layers * e * h + layer + adapters / max(layers, 1) + final_norm
     return layers * layer + adapters + final_norm
 
-
 def seq_len(config: PipelineConfig) -> int:
     """The longest sequence: train.max_length truncates, data.max_length drops longer rows."""
     return min(config.train.max_length, config.data.max_length)
 
-
 def mixed(config: PipelineConfig) -> bool:
     return config.train.bf16 or config.train.fp16
 
-
 def act_bytes(config: PipelineConfig) -> int:
     """Bytes per activation element: 16-bit under bf16/fp16 or a 16-bit base (an 8-bit one runs in fp32)."""
-    if mixed(config):
-        return 2
-    return 4 if config.model.load_in_8bit or config.model.dtype == "float32" else 2
-
-
-def logits_bytes(config: PipelineConfig, shape: dict[str, Any], batch: int, device: str) -> float:
-    tokens = batch * (seq_len(config) - 1)
-    tile = min(tokens, TOKEN_TILE) * min(shape["vocab"], VOCAB_TILE)
-    tiles = CPU_LOGIT_TILES * tile * 4 if device == "cpu" else tile * act_bytes(config)
-    return tiles + tokens * shape["hidden"] * (4 + act_bytes(config))
-
+    return 2 if mixed(config) or not (config.model.load_in_8bit or config.model.dtype == "float32") else 4
 
 def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int, device: str = "cuda",
            checkpointing: bool | None = None) -> dict[str, float]:  # fmt: skip
     """Per-GPU memory in GiB for one per-device batch size."""
-    tcfg = config.train
-    stage, weights = zero_stage(tcfg.deepspeed), shape["frozen_bytes"]
-    if stage == 3:  # partitioned, plus the gathered layer and the prefetched one in 16 bits
+    train, weights = config.train, shape["frozen_bytes"]
+    if train.zero_stage == 3:  # partitioned, plus the gathered layer and the prefetched one in 16 bits
         weights = weights / world + 4 * shape["largest_layer"]
-    states = shape["trainable"] * state_bytes(stage, world, mixed(config), bool(tcfg.deepspeed))
-    gc = tcfg.activation_checkpointing if checkpointing is None else checkpointing
+    states = shape["trainable"] * state_bytes(train.zero_stage, world, mixed(config), bool(train.deepspeed))
+    gc = train.activation_checkpointing if checkpointing is None else checkpointing
     activations = batch * seq_len(config) * activation_bytes(config, shape, gc)
-    if mixed(config) and not tcfg.deepspeed:  # autocast saves a 16-bit copy of each adapter matrix it uses
+    if mixed(config) and not train.deepspeed:  # autocast saves a 16-bit copy of each adapter matrix it uses
         activations += 2 * shape["adapter_matrices"] / (shape["layers"] if gc else 1)
-    logits = logits_bytes(config, shape, batch, device)
+    tokens = batch * (seq_len(config) - 1)  # the LM head's logits, in tiles, and the hidden states
+    tile = min(tokens, TOKEN_TILE) * min(shape["vocab"], VOCAB_TILE)
+    logits = CPU_LOGIT_TILES * tile * 4 if device == "cpu" else tile * act_bytes(config)
+    logits += tokens * shape["hidden"] * (4 + act_bytes(config))
     rest = weights + shape["buffer_bytes"] + states + activations + logits
-    overhead = (GPU_RUNTIME_GIB if device == "cuda" else CPU_RUNTIME_GIB) * GIB + FRAGMENTATION * rest
     parts = {"weights_gb": weights + shape["buffer_bytes"], "adapter_states_gb": states,
-             "activations_gb": activations, "logits_gb": logits, "overhead_gb": overhead}  # fmt: skip
+             "activations_gb": activations, "logits_gb": logits,
+             "overhead_gb": RUNTIME_GIB[device] * GIB + FRAGMENTATION * rest}  # fmt: skip
     parts["total_gb"] = sum(parts.values())
     return {key: value / GIB for key, value in parts.items()}
 
-
 def max_batch(config: PipelineConfig, shape: dict[str, Any], world: int, capacity: float, device: str) -> int:
     """The largest per-device batch whose total fits ``capacity`` GiB (0: not even one sequence)."""
-    fits = lambda batch: memory(config, shape, world, batch, device)["total_gb"] <= capacity  # noqa: E731
-    low, high = 0, 1
-    while fits(high) and high < 1 << 20:
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
-
+    too_big = lambda batch: memory(config, shape, world, batch, device)["total_gb"] > capacity  # noqa: E731
+    return bisect.bisect_left(range(1, 1 << 20), True, key=too_big)
 
 def mfu_from_results(method: str, base: str, r: int, results: Path | None = None) -> tuple[float, str] | None:
     """MFU from ``benchmarks/results/gpu_*.md`` rows of this method and base dtype (same rank preferred)."""
@@ -272,106 +206,79 @@ def mfu_from_results(method: str, base: str, r: int, results: Path | None = None
                 header = cells
             elif header and len(cells) == len(header) and not set(line) <= set("|-: "):
                 row = dict(zip(header, cells, strict=True))
-                if row["method"].lower() == method and row["base"].lower() == base:
-                    try:
-                        mfu = float(row["MFU %"]) / 100
-                    except ValueError:  # a failed cell ("—")
-                        continue
-                    found.append((row["r"] != str(r), mfu, f"{path.name}: {line.strip()}"))
-    if not found:
-        return None
-    _, mfu, source = min(found, key=lambda item: item[0])
-    return mfu, source
-
+                mfu, ours = row["MFU %"], (row["method"].lower(), row["base"].lower()) == (method, base)
+                if ours and mfu.replace(".", "").isdigit():  # not a failed cell ("—")
+                    found.append((row["r"] != str(r), float(mfu) / 100, f"{path.name}: {line.strip()}"))
+    return min(found, key=lambda item: item[0])[1:] if found else None
 
 def train_tokens(config: PipelineConfig, world: int) -> tuple[float | None, str]:
     """Tokens the configured steps or epochs process, and where the number comes from."""
-    tcfg, s = config.train, seq_len(config)
+    train, data, s = config.train, config.data, seq_len(config)
     stats_path = config.run_dir / "prepare" / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     per_row = min(stats["token_length"]["mean"], s) if stats else s
-    where = (
-        f"mean row {per_row:.0f} tokens ({stats_path})" if stats else f"{s} tokens per row (no prepare stats)"
-    )
-    if tcfg.max_steps > 0:
-        rows = tcfg.max_steps * tcfg.gradient_accumulation_steps * tcfg.per_device_train_batch_size * world
-        return rows * per_row, f"{tcfg.max_steps} steps × {rows // tcfg.max_steps} rows, {where}"
-    data, counts = config.data, [source.samples or source.builtin for source in config.data.sources]
+    where = (f"mean row {per_row:.0f} tokens ({stats_path})" if stats
+             else f"{s} tokens per row (no prepare stats)")  # fmt: skip
+    if train.max_steps > 0:
+        rows = train.max_steps * train.gradient_accumulation_steps * train.per_device_train_batch_size * world
+        return rows * per_row, f"{train.max_steps} steps × {rows // train.max_steps} rows, {where}"
+    counts = [source.samples or source.builtin for source in data.sources]
     if stats:
         rows = stats["rows_out"]["train"]
     elif all(counts) and data.eval_size is None:  # every source says how many rows it gives
         rows, where = round(sum(counts) * (1 - data.eval_fraction)), f"rows from data.sources, {where}"
     else:
         return None, "unknown: epochs need the row count (run `python -m pipeline prepare CONFIG` first)"
-    return (
-        rows * tcfg.num_train_epochs * per_row,
-        f"{tcfg.num_train_epochs:g} epoch(s) × {rows} rows, {where}",
-    )
-
+    epochs = train.num_train_epochs
+    return rows * epochs * per_row, f"{epochs:g} epoch(s) × {rows} rows, {where}"
 
 def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_memory: float | None = None,
          model_config_path: str | None = None, device: str = "cuda") -> dict[str, Any]:  # fmt: skip
     """The plan as a JSON-ready dict; raises PlanError for input it cannot work with."""
     if nodes < 1 or gpus_per_node < 1:
-        raise PlanError(
-            f"--nodes {nodes} --gpus-per-node {gpus_per_node}: the plan sizes GPU memory; give at least "
-            "one node and one GPU per node (CPU allocations are not planned)"
-        )
+        raise PlanError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: the plan sizes GPU memory; "
+                        "give at least one node and one GPU per node (CPU allocations are not planned)")
     if "max_length" not in config.train.model_fields_set:
         raise PlanError("train.max_length: not set in the config; the plan sizes activations by it (set it)")
     capacity, gpu_name = gpu_memory, ""
     if device == "cuda":
         import torch
-
         if torch.cuda.is_available():
             gpu_name = torch.cuda.get_device_name(0)
             capacity = capacity or torch.cuda.get_device_properties(0).total_memory / GIB
     if capacity is None:
         raise PlanError("no GPU here to read its memory size from: pass --gpu-memory GiB (an H100 80GB: 79)")
-    world = nodes * gpus_per_node
+    world, train = nodes * gpus_per_node, config.train
     shape = analyse(config, model_config(config.model, model_config_path))
-    batch = config.train.per_device_train_batch_size
+    batch = train.per_device_train_batch_size
     per_gpu = {**memory(config, shape, world, batch, device), "capacity_gb": capacity}
     other = {gc: memory(config, shape, world, batch, device, gc)["activations_gb"] for gc in (True, False)}
-    base = "int8" if config.model.load_in_8bit else "bf16"
-    measured = mfu_from_results(config.adapter.method, base, config.adapter.r)
+    measured = mfu_from_results(config.adapter.method, "int8" if config.model.load_in_8bit else "bf16",
+                                config.adapter.r)  # fmt: skip
     mfu, mfu_source = measured or (DEFAULT_MFU, "assumed (no matching row in benchmarks/results/gpu_*.md)")
     source_name = measured[1].split(":")[0] if measured else ""
     key = next((k for name in (gpu_name, source_name) for k in PEAK_TFLOPS if k in name.lower()), "h100")
     peak = PEAK_TFLOPS[key][0 if act_bytes(config) == 2 else 1] * 1e12
-    s = seq_len(config)
-    flops = 4 * shape["matmul_params"] + 12 * shape["layers"] * shape["hidden"] * s
+    flops = 4 * shape["matmul_params"] + 12 * shape["layers"] * shape["hidden"] * seq_len(config)
     flops += 6 * shape["adapter_matrices"]
-    tokens_per_s = world * mfu * peak / flops
-    tokens, tokens_source = train_tokens(config, world)
-    stage = zero_stage(config.train.deepspeed)
-    per_param = state_bytes(stage, world, mixed(config), bool(config.train.deepspeed))
-    runtime = GPU_RUNTIME_GIB if device == "cuda" else CPU_RUNTIME_GIB
+    tokens_per_s, (tokens, tokens_source) = world * mfu * peak / flops, train_tokens(config, world)
+    per_param = state_bytes(train.zero_stage, world, mixed(config), bool(train.deepspeed))
     assumptions = {
-        "units": "GiB (2^30 bytes), per GPU, all parts live at once",
-        "world_size": world,
-        "sequence_length": s,
-        "zero_stage": stage,
+        "units": "GiB (2^30 bytes), per GPU, all parts live at once", "world_size": world,
+        "sequence_length": seq_len(config), "zero_stage": train.zero_stage,
         "activations_gb_by_checkpointing": {"on": round(other[True], 3), "off": round(other[False], 3)},
         "adapter_states": f"{per_param:.2f} bytes per trainable parameter (weight, gradient, AdamW)",
-        "overhead": f"{runtime} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack",
-        "mfu": mfu,
-        "mfu_source": mfu_source,
-        "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}{', detected' if gpu_name else ', assumed'})",
-        "flops_per_token": flops,
-        "tokens": tokens_source,
+        "overhead": f"{RUNTIME_GIB[device]} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack",
+        "mfu": mfu, "mfu_source": mfu_source,
+        "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}, {'detected' if gpu_name else 'assumed'})",
+        "flops_per_token": flops, "tokens": tokens_source,
     }  # fmt: skip
-    return {
-        "total_params": shape["total"],
-        "trainable_params": shape["trainable"],
-        "per_gpu": per_gpu,
-        "fits": per_gpu["total_gb"] <= capacity,
-        "max_per_device_batch": max_batch(config, shape, world, capacity, device),
-        "tokens_per_second_estimate": tokens_per_s,
-        "hours_estimate": tokens / tokens_per_s / 3600 if tokens is not None else None,
-        "assumptions": assumptions,
-    }
-
+    return {"total_params": shape["total"], "trainable_params": shape["trainable"], "per_gpu": per_gpu,
+            "fits": per_gpu["total_gb"] <= capacity,
+            "max_per_device_batch": max_batch(config, shape, world, capacity, device),
+            "tokens_per_second_estimate": tokens_per_s,
+            "hours_estimate": tokens / tokens_per_s / 3600 if tokens is not None else None,
+            "assumptions": assumptions}  # fmt: skip
 
 def verdict(result: dict[str, Any]) -> str:
     """One line: fits or not, and why."""
@@ -383,11 +290,9 @@ def verdict(result: dict[str, Any]) -> str:
     hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
     return f"will not fit: needs {need} (largest part: {largest[:-3]} {gpu[largest]:.1f} GiB); {hint}"
 
-
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
-
     table = Table("per GPU", "GiB")
     for key, value in result["per_gpu"].items():
         table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")

@@ -1,18 +1,8 @@
-"""The run configuration's schema: one pydantic model per YAML section (loading, overrides and the
-error lines are ``pipeline.config``'s).
-
-Every section has ``extra="forbid"``, so a misspelt key is an error, not a silently ignored
-setting. Nothing heavy is imported (no torch, transformers, peft or trl): validating a config takes
-well under a second, before any model loads. A rule lives on the field it is about (a field
-validator, so pydantic's error location names it); only rules that span sections live on
-``PipelineConfig`` and name their own paths.
-
-Whose names: ``adapter:`` is one model per method whose fields are that method's PEFT config fields
-(``uora.UoraConfig``, ``peft.LoraConfig``, ``peft.VeraConfig``), handed to it unchanged
-(``pipeline.adapters``); ``SFTArgs``, the first part of ``train:``, holds ``trl.SFTConfig`` fields,
-handed to it unchanged (the train worker). tests/pipeline/test_schema_pins.py walks those
-libraries' dataclass fields and pins our names and defaults to theirs.
-"""
+"""The run configuration's schema: one pydantic model per YAML section, ``extra="forbid"`` (a misspelt
+key is an error) and torch-free (validation takes well under a second). A rule lives on its field, so
+pydantic's error location names it; only rules spanning sections live on ``PipelineConfig``.
+``adapter:`` fields are the method's PEFT config's and ``SFTArgs`` are ``trl.SFTConfig``'s, handed over
+unchanged (tests/pipeline/test_schema_pins.py pins names and defaults to those libraries')."""
 
 from __future__ import annotations
 
@@ -21,36 +11,24 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.functional_validators import AfterValidator, BeforeValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
 class StrictModel(BaseModel):
     """Base for every section: unknown keys are errors, values are validated on assignment."""
-
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 def _existing_file(value: str | None) -> str | None:
     if value and not Path(value).is_file():
         raise ValueError("file does not exist")
     return value
 
-
 ExistingFile = Annotated[str | None, AfterValidator(_existing_file)]
-
 
 class RunConfig(StrictModel):
     """Where a run lives and how it is seeded."""
-
     name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(42, description="Seed for data splits, training and generation.")
@@ -63,37 +41,24 @@ class RunConfig(StrictModel):
 
     @property
     def run_dir(self) -> Path:
-        """``<output_dir>/<name>``, absolute."""
         return (Path(self.output_dir) / self.name).resolve()
-
 
 def _package_dir(location: str) -> str | None:
     """The folder of the installed package named by ``pkg://<package>``, or None."""
     import importlib.util
-
     spec = importlib.util.find_spec(location.removeprefix("pkg://"))
     return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
 
-
 class ModelConfig(StrictModel):
-    """The base model and its tokenizer.
-
-    ``name_or_path`` is a hub id, a local folder, or ``pkg://<python package>`` for weights that
-    ship inside an installed Python package (the CPU default's SmolLM2 GGUF). With ``gguf_file``
-    the GGUF checkpoint is converted once to a safetensors folder and cached.
-    """
-
+    """The base model and its tokenizer (``pkg://<package>``: weights shipped in a Python package)."""
     name_or_path: str = Field(description="Hub id, local directory, or pkg://<package>.")
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype of the base weights (bfloat16/float16 need a GPU)."
-    )
+        "float32", description="Compute dtype of the base weights (bfloat16, float16: a GPU).")  # fmt: skip
     load_in_8bit: bool = Field(False, description="Load base weights in 8-bit via bitsandbytes.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repo to run.")
-    chat_template: str | None = Field(
-        None, description="Chat template override: Jinja text or a path to a .jinja file."
-    )
+    chat_template: str | None = Field(None, description="Chat template override: Jinja text or .jinja file.")
 
     @field_validator("name_or_path")
     def _location_exists(cls, value: str) -> str:
@@ -118,17 +83,10 @@ class ModelConfig(StrictModel):
             raise ValueError("template file does not exist")
         return value
 
-
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
-
 class DataSource(StrictModel):
-    """One source of examples: a local file, a hub dataset, or the built-in generated tasks.
-
-    Exactly one of ``path``, ``hub`` or ``builtin`` is set. ``samples`` takes exactly that many
-    rows (without replacement); ``weight`` gives the source a share of the weighted mixture.
-    """
-
+    """One source of examples: exactly one of a local file, a hub dataset or built-in generated tasks."""
     path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
     hub: str | None = Field(None, description="Hub dataset name, e.g. yahma/alpaca-cleaned.")
     config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
@@ -136,10 +94,9 @@ class DataSource(StrictModel):
     revision: str | None = Field(None, description="Hub dataset revision.")
     builtin: int | None = Field(None, gt=0, description="Number of built-in generated tasks.")
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = Field(
-        "auto", description="Row format; auto detects it from the keys."
-    )
+        "auto", description="Row format; auto detects it from the keys.")  # fmt: skip
     name: str | None = Field(None, description="Label stored in the `source` column.")
-    samples: int | None = Field(None, gt=0, description="Take exactly this many rows.")
+    samples: int | None = Field(None, gt=0, description="Take exactly this many rows (no replacement).")
     weight: float | None = Field(None, gt=0, description="Share of the weighted mixture.")
     eval_samples: int | None = Field(None, gt=0, description="Hold out exactly this many of this source's "
         "rows for eval, before mixing (a fixed slice by data.seed).")  # fmt: skip
@@ -174,14 +131,10 @@ class DataSource(StrictModel):
             return self.name or Path(self.path or "").name
         return self.hub + (f":{self.config}" if self.config else "") if self.hub else "builtin"
 
-
 class DataConfig(StrictModel):
     """Instruction data sources and the preparation rules (owned by the prepare stage)."""
-
-    sources: list[DataSource] = Field(
-        default_factory=lambda: [DataSource(builtin=1500)], min_length=1,
-        description="Where examples come from; several sources are mixed.",
-    )  # fmt: skip
+    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(builtin=1500)], min_length=1,
+        description="Where examples come from; several sources are mixed.")  # fmt: skip
     max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture "
         "(default: as many as the weights allow without repeating rows).")  # fmt: skip
     eval_size: int | None = Field(None, ge=0, description="Exact eval rows; excludes eval_fraction.")
@@ -192,46 +145,35 @@ class DataConfig(StrictModel):
     dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
     strict: bool = Field(False, description="Malformed rows are an error instead of dropped.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn when none.")
-    cache_dir: str | None = Field(None, description="Prepared-data cache (default: "
-                                  "~/.cache/uora-pipeline/prepared).")  # fmt: skip
+    cache_dir: str | None = Field(None, description="Prepared-data cache (~/.cache/uora-pipeline/prepared).")
 
     @field_validator("eval_size", "eval_fraction")
-    def _one_eval_rule(cls, value: Any, info: Any) -> Any:
-        # pydantic never validates a default, so this runs exactly when the key is set: two answers
-        # to "which rows are held out" must not mix.
+    def _one_eval_rule(cls, value: Any, info: Any) -> Any:  # runs only when the key is set (no default)
         if any(source.eval_samples is not None for source in info.data.get("sources", [])):
-            raise ValueError(f"sources set eval_samples: hold out rows per source or by {info.field_name}, "
-                             "not both")  # fmt: skip
+            rule = f"hold out rows per source or by {info.field_name}, not both"
+            raise ValueError(f"sources set eval_samples: {rule}")
         if info.field_name == "eval_fraction" and info.data.get("eval_size") is not None:
             raise ValueError("set eval_size or eval_fraction, not both")
         return value
-
 
 # adapter: one model per method; field names, defaults and bounds are the method's PEFT config's.
 SEED = {"ge": -(2**63), "lt": 2**64, "description": "Seed of the frozen shared projections."}  # torch's
 DROPOUT = {"ge": 0, "lt": 1, "description": "Dropout on the adapter input."}
 METHOD = "The adapter method (default uora); it decides which other keys the section takes."
 
-
 class AdapterBase(StrictModel):
     """What every method's PEFT config takes."""
-
     method: str = Field(description=METHOD)
     r: int = Field(64, gt=0, description="Rank (64 for every method; PEFT's defaults differ).")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear (every linear but lm_head)."
-    )
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to "
+        "adapt, or all-linear (every linear but lm_head).")  # fmt: skip
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
-
 
 class UoraAdapter(AdapterBase):
     """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
 
-    Re-init rule: every ``reinit_patience`` checks (one per optimizer step) with
-    ``|d[i]| < reinit_threshold``, row i of A and column i of B move towards a target orthogonal pair,
-    ``A <- alpha * A + (1 - alpha) * R`` with ``alpha = reinit_alpha`` (see UORA.md).
-    """
-
+    Re-init (UORA.md): after ``reinit_patience`` checks with ``|d[i]| < reinit_threshold``, row i of A and
+    column i of B move towards a target orthogonal pair R: ``A <- alpha * A + (1 - alpha) * R``."""
     method: Literal["uora"] = Field("uora", description=METHOD)
     uora_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
@@ -244,25 +186,20 @@ class UoraAdapter(AdapterBase):
         "pair; resample: a fresh pair per check with events.")  # fmt: skip
     reinit_seed: int = Field(0, description="Seed of the re-initialisation targets.")
 
-
 class LoraAdapter(AdapterBase):
     """LoRA: ``peft.LoraConfig``'s fields."""
-
     method: Literal["lora"] = Field("lora", description=METHOD)
     lora_alpha: int = Field(default_factory=lambda data: 2 * data.get("r", 64), gt=0,
                             description="Scaling numerator; default 2*r (PEFT: 8): alpha/r = 2.")  # fmt: skip
     lora_dropout: float = Field(0.0, **DROPOUT)
 
-
 class VeraAdapter(AdapterBase):
     """VeRA: ``peft.VeraConfig``'s fields."""
-
     method: Literal["vera"] = Field("vera", description=METHOD)
     vera_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
     d_initial: float = Field(0.1, description="Initial value of the scaling vector d.")
     save_projection: bool = Field(True, description="Store projections in the checkpoint.")
-
 
 ADAPTERS: dict[str, type[AdapterBase]] = {"uora": UoraAdapter, "lora": LoraAdapter, "vera": VeraAdapter}
 AdapterConfig = Annotated[
@@ -271,10 +208,8 @@ AdapterConfig = Annotated[
     Field(discriminator="method"),
 ]
 
-
 class SFTArgs(StrictModel):
     """The ``trl.SFTConfig`` fields a run states, under SFTConfig's names, passed to it unchanged."""
-
     learning_rate: float = Field(4e-3, gt=0, description="Peak LR (UORA/VeRA ~1e-3..1e-2, LoRA ~2e-4).")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides num_train_epochs.")
@@ -291,7 +226,7 @@ class SFTArgs(StrictModel):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
     assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (needs a chat "
                                       "template with generation markers).")  # fmt: skip
-    logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm/tokens per second every N steps.")
+    logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm/throughput every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Eval every N steps (None: before/after).")
     eval_on_start: bool = Field(True, description="Eval before the first step (the base model's loss).")
     save_steps: int = Field(200, gt=0, description="Checkpoint every N steps (preemption also checkpoints).")
@@ -312,16 +247,11 @@ class SFTArgs(StrictModel):
             raise ValueError("DeepSpeed config must be a JSON object")
         return value
 
-
 class TrainConfig(SFTArgs):
     """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
 
-    The keys inherited from ``SFTArgs`` go to ``trl.SFTConfig`` as they are (``sft_kwargs``). The
-    keys declared here are the pipeline's own (launching workers, the template fallback, eval rows,
-    ``use_cpu`` whose None means "no CUDA device") and never reach it. They stay flat in ``train:``,
-    where ``train.nproc_per_node`` has always been; the class boundary is what keeps them apart.
-    """
-
+    Inherited keys go to ``trl.SFTConfig`` as they are (``sft_kwargs``); the keys declared here are the
+    pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it."""
     template_fallback: Literal["completion_only", "error"] = Field("completion_only", description="No "
         "training template for this model: train on the last assistant turn only, or fail.")  # fmt: skip
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
@@ -334,20 +264,21 @@ class TrainConfig(SFTArgs):
         """The ``trl.SFTConfig`` keyword arguments this section states."""
         return self.model_dump(include=set(SFTArgs.model_fields))
 
+    @property
+    def zero_stage(self) -> int:
+        """The DeepSpeed config's ZeRO stage (0 without one)."""
+        zero = json.loads(Path(self.deepspeed).read_text(encoding="utf-8")) if self.deepspeed else {}
+        return int(zero.get("zero_optimization", {}).get("stage", 0))
 
 # FastChat llm_judge's per-category sampling temperatures (0 = greedy).
 MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0,
                                            "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1,
                                            "humanities": 0.1}  # fmt: skip
 
-
 class JudgeConfig(StrictModel):
     """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
 
-    The API key itself never enters the config (configs are logged to MLflow): ``api_key_env``
-    names the environment variable that holds it.
-    """
-
+    The key never enters the config (it is logged to MLflow): ``api_key_env`` names its variable."""
     backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible "
         "chat-completions endpoint; local: transformers.")  # fmt: skip
     base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1 "
@@ -379,15 +310,13 @@ class JudgeConfig(StrictModel):
             raise ValueError("api_key_env must be the NAME of an environment variable, not the key itself")
         if self.backend == "openai" and not self.api_key_env:
             raise ValueError("api_key_env is required when backend is 'openai' (the NAME of the environment "
-                             "variable that holds the key, e.g. OPENAI_API_KEY)")  # fmt: skip
+                             "variable that holds the key, e.g. OPENAI_API_KEY)")
         if self.backend == "openai" and not self.model:
             raise ValueError("model is required when backend is 'openai' (e.g. gpt-4)")
         return self
 
-
 class EvalConfig(StrictModel):
     """MT-Bench-style evaluation and its judge (owned by the evaluate stage)."""
-
     questions: str = Field("builtin", description="builtin (the project's offline set), hub "
                            "(hub_dataset), or a path to an MT-Bench question.jsonl.")  # fmt: skip
     hub_dataset: str = Field("HuggingFaceH4/mt_bench_prompts", description="Hub dataset for questions=hub.")
@@ -444,15 +373,11 @@ class EvalConfig(StrictModel):
             raise ValueError(f"judge.mode {mode!r} compares tuned with base: models needs both")
         return value
 
-
 class ExportConfig(StrictModel):
     """Merge-and-export (owned by the export stage).
 
-    The merge always happens in a floating-point copy of the base (``dtype``), never in int8: when
-    training used an 8-bit base, export reloads it unquantised, because rounding the merged
-    weights back to int8 discards most of a low-rank update.
-    """
-
+    The merge happens in a floating-point copy of the base, never in int8: rounding merged weights back
+    to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised."""
     mode: Literal["merged", "adapter_only"] = Field("merged", description="'merged': a standalone HF model "
         "folder (plus the adapter); 'adapter_only': the adapter.")  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the merged "
@@ -464,21 +389,15 @@ class ExportConfig(StrictModel):
         "logit difference, relative to the largest logit; default by dtype (fp32 1e-4, bf16 3e-2, "
         "fp16 1e-2).")  # fmt: skip
 
-
 class PromoteConfig(StrictModel):
     """Model-registry registration and alias promotion (owned by the promote stage).
 
-    The alias moves only when the gate passes: ``gate_metric`` (a flattened evaluate metric such
-    as ``tuned.score_overall``) is at or above ``threshold`` and not worse than the current
-    holder of the alias by more than ``margin`` (``gate: ci``: the lower bound of the paired 95%
-    interval of candidate - champion is above ``-margin``). ``--force`` moves it regardless.
-    """
-
+    The alias moves only when the gate passes (``--force``: regardless): ``gate_metric`` is at or above
+    ``threshold`` and not worse than the alias's current holder by more than ``margin``."""
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
-    log: list[Literal["merged", "adapter"]] = Field(
-        default_factory=lambda: ["merged"], min_length=1, description="Exported artifacts logged as models."
-    )
+    log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1,
+        description="Exported artifacts logged as models.")  # fmt: skip
     register_from: Literal["merged", "adapter"] = Field("merged", description="The logged model that "
                                                         "becomes the new registered version.")  # fmt: skip
     alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
@@ -496,10 +415,8 @@ class PromoteConfig(StrictModel):
             raise ValueError(f"register_from={self.register_from!r} must be one of log={self.log}")
         return self
 
-
 class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
-
     enabled: bool = Field(True, description="Record the run in MLflow; false: no lineage, no promote, "
                           "and MLflow need not be installed (e.g. a GPU node without it).")  # fmt: skip
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
@@ -507,16 +424,14 @@ class TrackingConfig(StrictModel):
 
     @field_validator("uri")
     def _known_scheme(cls, value: str | None) -> str | None:
-        if value and not re.match(r"(sqlite:///|postgresql(\+\w+)?://|mysql(\+\w+)?://|https?://|file:|databricks)",
+        if value and not re.match(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks)",
                                   value):  # fmt: skip
             raise ValueError("unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, "
                              "mysql://, file:)")  # fmt: skip
         return value
 
-
 class PipelineConfig(StrictModel):
     """One run, all stages."""
-
     run: RunConfig
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
@@ -530,11 +445,10 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _cross_section(self) -> PipelineConfig:
         """The rules that span sections; no one field owns them, so they name their own paths."""
-        lines, deepspeed = [], self.train.deepspeed
-        zero = json.loads(Path(deepspeed).read_text(encoding="utf-8")) if deepspeed else {}
-        if self.model.load_in_8bit and zero.get("zero_optimization", {}).get("stage") == 3:
-            lines.append(f"model.load_in_8bit: an 8-bit base cannot be sharded by ZeRO-3 ({deepspeed}); use "
-                         "ZeRO-2 or a full-precision base (got True)")  # fmt: skip
+        lines = []
+        if self.model.load_in_8bit and self.train.zero_stage == 3:
+            lines.append(f"model.load_in_8bit: an 8-bit base cannot be sharded by ZeRO-3 "
+                         f"({self.train.deepspeed}); use ZeRO-2 or a full-precision base (got True)")
         if self.promote.enabled and not self.tracking.enabled:
             lines.append("promote.enabled: promote registers in MLflow: needs tracking.enabled: true "
                          "(got True)")  # fmt: skip

