@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 COMMANDS = ("run", *STAGE_ORDER, "validate", "plan")
 EXIT_CONFIG = 2
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like config errors."""
     def error(self, message: str) -> None:  # type: ignore[override]
         _fail([f"error: {message} (see python -m pipeline --help)"])
         raise SystemExit(EXIT_CONFIG)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description="UORA instruction-tuning pipeline: prepare -> "
@@ -43,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
     return parser
 
+
 def _fail(lines: list[str]) -> int:
     for line in lines:
         print(line, file=sys.stderr)
     return EXIT_CONFIG
+
 
 def select_stages(command: str, from_stage: str | None, only: str | None) -> list[str]:
     """The stages a command runs, in order; raises ValueError with a one-line reason."""
@@ -61,6 +65,7 @@ def select_stages(command: str, from_stage: str | None, only: str | None) -> lis
     start = STAGE_ORDER.index(command if command in STAGE_ORDER else from_stage or "prepare")
     end = start + 1 if command in STAGE_ORDER else len(STAGE_ORDER)
     return [name for name in STAGE_ORDER[start:end] if not only or name in only_stages]
+
 
 def readiness_warnings(config: Any) -> list[str]:
     """What a valid config will still trip over, found without network or torch: an unset judge key
@@ -77,6 +82,7 @@ def readiness_warnings(config: Any) -> list[str]:
                          "stage downloads it (gated models such as Llama-2: accept the licence on the hub, "
                          "then set HF_TOKEN or run hf auth login)")  # fmt: skip
     return lines
+
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.driver import run_pipeline
     return run_pipeline(config, stages=stages, force=args.force, config_path=args.config)
 
+
 def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool = False) -> int:
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
     import json
@@ -121,6 +128,7 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
     if not result["fits"]:
         print(("warning: " if warn_only else "") + verdict(result), file=sys.stderr)
     return 0 if warn_only or result["fits"] else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

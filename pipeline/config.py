@@ -28,20 +28,24 @@ RENAMED = {  # old key -> new key, for configs written before the keys became PE
     "train.gradient_checkpointing": "train.activation_checkpointing",
 }  # fmt: skip
 
+
 class ConfigError(Exception):
     """The config is invalid; ``lines`` holds one ``dotted.path: reason (got value)`` per problem."""
     def __init__(self, lines: list[str]):
         super().__init__("\n".join(lines))
         self.lines = lines
 
+
 def _line(path: str, reason: str, value: Any = ...) -> str:
     shown = "" if value is ... else repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
     return f"{path or '<config>'}: {reason}" + (f" (got {shown})" if shown else "")
+
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [model for arg in typing.get_args(annotation) for model in _models(arg)]
+
 
 def _node(field: FieldInfo | None) -> Any:
     """What a field holds: a section class, ``{tag: class}`` for a discriminated union, or None."""
@@ -49,6 +53,7 @@ def _node(field: FieldInfo | None) -> Any:
     if field is not None and field.discriminator and models:
         return {model.model_fields[field.discriminator].default: model for model in models}
     return models[0] if models else None
+
 
 def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any, Any, dict, FieldInfo | None]:
     """A pydantic error location or an override's keys as (dotted path, the model holding the last key,
@@ -70,6 +75,7 @@ def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any,
             parent, node = node, _node(field)
     return ".".join(parts), parent, tag, members, field
 
+
 def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gone: str = "") -> list[str]:
     """One line per unknown key: its new name, the union member it belongs to, or the closest name
     (``gone``: a section that became flat keys, e.g. ``reinit``)."""
@@ -88,6 +94,7 @@ def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gon
     names = list(model.model_fields) if isinstance(model, type) else []
     match = difflib.get_close_matches(f"{gone}_{key}" if gone else key, names, n=1)
     return [_line(path, "unknown key" + (f"; did you mean '{match[0]}'?" if match else ""), value)]
+
 
 def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) -> list[str]:
     """pydantic's ValidationError as one line per problem. A plain union (``list[str] | 'all-linear'``)
@@ -119,12 +126,14 @@ def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) 
                 lines.append(_line(path, reason, shown))
     return lines
 
+
 def _default_json(field: FieldInfo | None) -> Any:
     """A section's default as JSON (so that ``data.sources.0.path=...`` edits the default list), or {}."""
     value = field.get_default(call_default_factory=True) if _node(field) else None
     if isinstance(value, list):
         return [item.model_dump(mode="json", exclude_unset=True) for item in value]
     return value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else {}
+
 
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one ``key.sub=value`` override to the raw config mapping, in place. String fields take the
@@ -161,6 +170,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             if any(other in model.model_fields for model in members.values()):
                 del node[other]
 
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The YAML file as a mapping; syntax errors become one line with the file and line number."""
     import yaml
@@ -180,6 +190,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: the config must be a YAML mapping of sections (got {kind})"])
     return data or {}
 
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read, override and validate a run config; raises ConfigError with one line per problem."""
     from pydantic import ValidationError
@@ -191,10 +202,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
 
+
 def to_yaml(config: PipelineConfig) -> str:
     """The fully resolved config (defaults filled in) as YAML, for the record."""
     import yaml
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
 
 def flatten(config: PipelineConfig) -> dict[str, str]:
     """``{"dotted.path": "value"}`` for every leaf (a list of sections by index), e.g. MLflow params."""
@@ -209,6 +222,7 @@ def flatten(config: PipelineConfig) -> dict[str, str]:
 
     return walk("", config.model_dump(mode="json"))
 
+
 def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The parts of the config named by ``keys`` (sections or dotted paths to fields)."""
     dumped, result = config.model_dump(mode="json"), {}
@@ -218,6 +232,7 @@ def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> d
             node = node[int(part)] if isinstance(node, list) else node[part]
         result[key] = node
     return result
+
 
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -229,6 +244,7 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
     return "section" if _models(annotation) else getattr(annotation, "__name__", str(annotation))
 
+
 def _default_text(field: FieldInfo) -> str:
     if field.is_required() or field.default_factory_takes_validated_data:
         return "**required**" if field.is_required() else "(see meaning)"
@@ -237,6 +253,7 @@ def _default_text(field: FieldInfo) -> str:
         value = [item.model_dump(exclude_defaults=True) if isinstance(item, BaseModel) else item
                  for item in value]  # fmt: skip
     return "(see below)" if isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
+
 
 def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
     """README's markdown tables (key, type, default, meaning) for the given sections, nested ones
@@ -261,6 +278,7 @@ def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
     for name in sections or tuple(PipelineConfig.model_fields):
         tables(name, _node(PipelineConfig.model_fields[name]))
     return "\n\n".join(blocks) + "\n"
+
 
 if __name__ == "__main__":  # python -m pipeline.config [SECTION ...]: print the reference
     import sys

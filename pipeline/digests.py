@@ -19,12 +19,14 @@ def sha256(*parts: bytes | str) -> str:
         digest.update(part.encode() if isinstance(part, str) else part)
     return digest.hexdigest()
 
+
 def digest_of(value: Any, *, compact: bool = True) -> str:
     """sha256 of a JSON-able value with sorted keys. ``compact``: no spaces, ASCII escapes, other values
     as ``str`` (config digests); else json.dumps' separators, non-ASCII kept (evaluate's cache keys)."""
     if compact:
         return sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
     return sha256(json.dumps(value, sort_keys=True, ensure_ascii=False))
+
 
 def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
     """sha256 of a file's content, hex (read in 1 MiB chunks; fed into ``digest`` if given)."""
@@ -33,6 +35,7 @@ def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
 
 def folder_digest(folder: Path, paths: Iterable[Path] | None = None, separator: bytes = b"\0") -> str:
     """sha256 over each file's path relative to ``folder`` (then ``separator``) and its content;

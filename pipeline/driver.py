@@ -30,8 +30,10 @@ MANIFEST = "manifest.json"
 REPORT_THEMSELVES = ("prepare", "promote")  # stages that print their own result line
 EXIT_STAGE_FAILED, EXIT_TRACKING = 1, 2
 
+
 class Terminated(BaseException):
     """SIGTERM arrived (Slurm preemption, ``scancel``): stop like Ctrl-C, record it, exit 143."""
+
 
 # What a stage that raised: (status, summary detail, stderr line, exit code, MLflow status). Preemption
 # is no failure: progress is saved in <stage>.partial, and exit 0 lets a batch system requeue the job.
@@ -46,6 +48,7 @@ OUTCOMES = {
                 EXIT_STAGE_FAILED, "FAILED"),
 }  # fmt: skip
 
+
 @dataclass
 class StageReport:
     """What happened to one stage in this invocation, for the summary."""
@@ -55,16 +58,19 @@ class StageReport:
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
 
+
 def manifest_digest(stage_dir: Path) -> str | None:
     """sha256 of a completed stage's manifest file (its identity for downstream stages)."""
     path = stage_dir / MANIFEST
     return sha256(path.read_bytes()) if path.is_file() else None
+
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((stage_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
 
 class Pipeline:
     """The stage bookkeeping for one run directory (no MLflow here; see ``run_pipeline``)."""
@@ -128,6 +134,7 @@ class Pipeline:
         shutil.rmtree(old, ignore_errors=True)
         return result, final / MANIFEST
 
+
 def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, force: bool = False,
                  config_path: str | None = None, console: Any = None) -> int:  # fmt: skip
     """Run ``stages`` (default: all, in order) and print a one-screen summary; returns an exit code."""
@@ -165,8 +172,10 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
             signal.signal(signal.SIGTERM, previous)
         lock.release()
 
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
+
 
 def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
                 config_path: str | None, console: Any) -> int:  # fmt: skip
@@ -220,6 +229,7 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
     print_summary(console, config, reports, uri, tracker.parent_id)
     return code
 
+
 def key_metrics(name: str, metrics: dict[str, Any]) -> str:
     """The few numbers that say how a stage went: its own ``summary(metrics)`` where it has one; else
     the headline numbers of ``base.*`` and ``tuned.*`` side by side (evaluate); else the first three."""
@@ -234,6 +244,7 @@ def key_metrics(name: str, metrics: dict[str, Any]) -> str:
         return ", ".join(list(shown)[:3]) + " (base → tuned)"
     numbers = [(key, value) for key, value in metrics.items() if isinstance(value, int | float)][:3]
     return ", ".join(f"{key}={value:.4g}" for key, value in numbers)
+
 
 def print_summary(console: Any, config: PipelineConfig, reports: list[StageReport], uri: str,
                   parent_id: str | None) -> None:  # fmt: skip

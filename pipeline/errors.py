@@ -1,7 +1,9 @@
 """The errors every part of the pipeline may raise; this module imports nothing of the pipeline."""
 
+
 class StageError(RuntimeError):
     """A stage failed for a reason the user can act on; the driver prints it as one line."""
+
 
 class StagePreempted(StageError):
     """Stopped on purpose (preemption) after saving progress in ``work_dir``: the driver exits 0 without

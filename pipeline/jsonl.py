@@ -27,11 +27,13 @@ def read_jsonl(path: Path, what: str, skip_invalid: bool = False) -> list[tuple[
                     raise StageError(f"{path}:{number}: invalid JSON ({error.msg})") from None
     return rows
 
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line and flush it, so a kill loses at most the line being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
 
 def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Replace the file, atomically, with exactly ``records`` (drops stale and superseded lines)."""

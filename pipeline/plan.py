@@ -46,8 +46,10 @@ TOKEN_TILE, VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob / trl.traine
 SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
 MFU_HEADER = ("method", "r", "base", "seq len", "batch", "tokens/s", "MFU %", "peak GPU GiB")
 
+
 class PlanError(Exception):
     """Input the plan cannot work with: one line for the user, exit 2."""
+
 
 def model_config(model: ModelConfig, override: str | None = None) -> Any:
     """The transformers config, offline: ``--model-config``, the local folder, the GGUF header (no tensor
@@ -71,6 +73,7 @@ def model_config(model: ModelConfig, override: str | None = None) -> Any:
         file = Path(location) / gguf["gguf_file"] if gguf else file
         raise PlanError(f"{file}: not a usable model config ({str(error).splitlines()[0]})") from None
 
+
 def peft_on_meta(build: Any, peft_config: Any) -> Any:
     """``get_peft_model(build(), peft_config)`` on the meta device: shapes and exact counts, no memory."""
     import torch
@@ -80,6 +83,7 @@ def peft_on_meta(build: Any, peft_config: Any) -> Any:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations, met inside PEFT
         return get_peft_model(build(), peft_config)
+
 
 def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
     """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps
@@ -91,6 +95,7 @@ def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
     weight, rest, grads = (2, 18, 6) if mixed else (4, 12, 4)
     return {0: weight + rest, 1: weight + grads + (rest - grads) / world,
             2: weight + rest / world}.get(stage, (weight + rest) / world)  # fmt: skip
+
 
 def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
     """Everything the plan needs from the model, counted once on the meta device."""
@@ -129,6 +134,7 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
             "intermediate": getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
             "vocab": text.vocab_size}  # fmt: skip
 
+
 def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointing: bool) -> float:
     """Bytes autograd keeps per token of a micro-batch (see the module docstring for the formula)."""
     adapter, e, a = config.adapter, act_bytes(config), 2 if mixed(config) else 4
@@ -155,16 +161,20 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
         return layers * e * h + layer + adapters / max(layers, 1) + final_norm
     return layers * layer + adapters + final_norm
 
+
 def seq_len(config: PipelineConfig) -> int:
     """The longest sequence: train.max_length truncates, data.max_length drops longer rows."""
     return min(config.train.max_length, config.data.max_length)
 
+
 def mixed(config: PipelineConfig) -> bool:
     return config.train.bf16 or config.train.fp16
+
 
 def act_bytes(config: PipelineConfig) -> int:
     """Bytes per activation element: 16-bit under bf16/fp16 or a 16-bit base (an 8-bit one runs in fp32)."""
     return 2 if mixed(config) or not (config.model.load_in_8bit or config.model.dtype == "float32") else 4
+
 
 def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int, device: str = "cuda",
            checkpointing: bool | None = None) -> dict[str, float]:  # fmt: skip
@@ -188,10 +198,12 @@ def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int
     parts["total_gb"] = sum(parts.values())
     return {key: value / GIB for key, value in parts.items()}
 
+
 def max_batch(config: PipelineConfig, shape: dict[str, Any], world: int, capacity: float, device: str) -> int:
     """The largest per-device batch whose total fits ``capacity`` GiB (0: not even one sequence)."""
     too_big = lambda batch: memory(config, shape, world, batch, device)["total_gb"] > capacity  # noqa: E731
     return bisect.bisect_left(range(1, 1 << 20), True, key=too_big)
+
 
 def mfu_from_results(method: str, base: str, r: int, results: Path | None = None) -> tuple[float, str] | None:
     """MFU from ``benchmarks/results/gpu_*.md`` rows of this method and base dtype (same rank preferred)."""
@@ -210,6 +222,7 @@ def mfu_from_results(method: str, base: str, r: int, results: Path | None = None
                 if ours and mfu.replace(".", "").isdigit():  # not a failed cell ("—")
                     found.append((row["r"] != str(r), float(mfu) / 100, f"{path.name}: {line.strip()}"))
     return min(found, key=lambda item: item[0])[1:] if found else None
+
 
 def train_tokens(config: PipelineConfig, world: int) -> tuple[float | None, str]:
     """Tokens the configured steps or epochs process, and where the number comes from."""
@@ -231,6 +244,7 @@ def train_tokens(config: PipelineConfig, world: int) -> tuple[float | None, str]
         return None, "unknown: epochs need the row count (run `python -m pipeline prepare CONFIG` first)"
     epochs = train.num_train_epochs
     return rows * epochs * per_row, f"{epochs:g} epoch(s) × {rows} rows, {where}"
+
 
 def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_memory: float | None = None,
          model_config_path: str | None = None, device: str = "cuda") -> dict[str, Any]:  # fmt: skip
@@ -280,6 +294,7 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
             "hours_estimate": tokens / tokens_per_s / 3600 if tokens is not None else None,
             "assumptions": assumptions}  # fmt: skip
 
+
 def verdict(result: dict[str, Any]) -> str:
     """One line: fits or not, and why."""
     gpu, batch = result["per_gpu"], result["max_per_device_batch"]
@@ -289,6 +304,7 @@ def verdict(result: dict[str, Any]) -> str:
     largest = max(("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb"), key=gpu.__getitem__)
     hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
     return f"will not fit: needs {need} (largest part: {largest[:-3]} {gpu[largest]:.1f} GiB); {hint}"
+
 
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console

@@ -20,8 +20,10 @@ LOG_MESSAGES = [json.loads(line) for line in (Path(__file__).parent / "builtin" 
 WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated", "PEFT 0.21 reads transformers' "
              "old attribute name when wrapping a model; our own code uses `activation_checkpointing`"),)
 
+
 def _keep(start: str, record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(start)
+
 
 def install() -> None:
     """Add the filters (idempotent). Output that is not a terminal (a log file, a Slurm job) also gets

@@ -20,12 +20,15 @@ class StrictModel(BaseModel):
     """Base for every section: unknown keys are errors, values are validated on assignment."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+
 def _existing_file(value: str | None) -> str | None:
     if value and not Path(value).is_file():
         raise ValueError("file does not exist")
     return value
 
+
 ExistingFile = Annotated[str | None, AfterValidator(_existing_file)]
+
 
 class RunConfig(StrictModel):
     """Where a run lives and how it is seeded."""
@@ -43,11 +46,13 @@ class RunConfig(StrictModel):
     def run_dir(self) -> Path:
         return (Path(self.output_dir) / self.name).resolve()
 
+
 def _package_dir(location: str) -> str | None:
     """The folder of the installed package named by ``pkg://<package>``, or None."""
     import importlib.util
     spec = importlib.util.find_spec(location.removeprefix("pkg://"))
     return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+
 
 class ModelConfig(StrictModel):
     """The base model and its tokenizer (``pkg://<package>``: weights shipped in a Python package)."""
@@ -83,7 +88,9 @@ class ModelConfig(StrictModel):
             raise ValueError("template file does not exist")
         return value
 
+
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
 
 class DataSource(StrictModel):
     """One source of examples: exactly one of a local file, a hub dataset or built-in generated tasks."""
@@ -131,6 +138,7 @@ class DataSource(StrictModel):
             return self.name or Path(self.path or "").name
         return self.hub + (f":{self.config}" if self.config else "") if self.hub else "builtin"
 
+
 class DataConfig(StrictModel):
     """Instruction data sources and the preparation rules (owned by the prepare stage)."""
     sources: list[DataSource] = Field(default_factory=lambda: [DataSource(builtin=1500)], min_length=1,
@@ -156,10 +164,12 @@ class DataConfig(StrictModel):
             raise ValueError("set eval_size or eval_fraction, not both")
         return value
 
+
 # adapter: one model per method; field names, defaults and bounds are the method's PEFT config's.
 SEED = {"ge": -(2**63), "lt": 2**64, "description": "Seed of the frozen shared projections."}  # torch's
 DROPOUT = {"ge": 0, "lt": 1, "description": "Dropout on the adapter input."}
 METHOD = "The adapter method (default uora); it decides which other keys the section takes."
+
 
 class AdapterBase(StrictModel):
     """What every method's PEFT config takes."""
@@ -168,6 +178,7 @@ class AdapterBase(StrictModel):
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to "
         "adapt, or all-linear (every linear but lm_head).")  # fmt: skip
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
+
 
 class UoraAdapter(AdapterBase):
     """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
@@ -186,12 +197,14 @@ class UoraAdapter(AdapterBase):
         "pair; resample: a fresh pair per check with events.")  # fmt: skip
     reinit_seed: int = Field(0, description="Seed of the re-initialisation targets.")
 
+
 class LoraAdapter(AdapterBase):
     """LoRA: ``peft.LoraConfig``'s fields."""
     method: Literal["lora"] = Field("lora", description=METHOD)
     lora_alpha: int = Field(default_factory=lambda data: 2 * data.get("r", 64), gt=0,
                             description="Scaling numerator; default 2*r (PEFT: 8): alpha/r = 2.")  # fmt: skip
     lora_dropout: float = Field(0.0, **DROPOUT)
+
 
 class VeraAdapter(AdapterBase):
     """VeRA: ``peft.VeraConfig``'s fields."""
@@ -201,12 +214,14 @@ class VeraAdapter(AdapterBase):
     d_initial: float = Field(0.1, description="Initial value of the scaling vector d.")
     save_projection: bool = Field(True, description="Store projections in the checkpoint.")
 
+
 ADAPTERS: dict[str, type[AdapterBase]] = {"uora": UoraAdapter, "lora": LoraAdapter, "vera": VeraAdapter}
 AdapterConfig = Annotated[
     UoraAdapter | LoraAdapter | VeraAdapter,
     BeforeValidator(lambda value: {"method": "uora", **value} if isinstance(value, dict) else value),
     Field(discriminator="method"),
 ]
+
 
 class SFTArgs(StrictModel):
     """The ``trl.SFTConfig`` fields a run states, under SFTConfig's names, passed to it unchanged."""
@@ -247,6 +262,7 @@ class SFTArgs(StrictModel):
             raise ValueError("DeepSpeed config must be a JSON object")
         return value
 
+
 class TrainConfig(SFTArgs):
     """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
 
@@ -270,10 +286,12 @@ class TrainConfig(SFTArgs):
         zero = json.loads(Path(self.deepspeed).read_text(encoding="utf-8")) if self.deepspeed else {}
         return int(zero.get("zero_optimization", {}).get("stage", 0))
 
+
 # FastChat llm_judge's per-category sampling temperatures (0 = greedy).
 MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0,
                                            "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1,
                                            "humanities": 0.1}  # fmt: skip
+
 
 class JudgeConfig(StrictModel):
     """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
@@ -314,6 +332,7 @@ class JudgeConfig(StrictModel):
         if self.backend == "openai" and not self.model:
             raise ValueError("model is required when backend is 'openai' (e.g. gpt-4)")
         return self
+
 
 class EvalConfig(StrictModel):
     """MT-Bench-style evaluation and its judge (owned by the evaluate stage)."""
@@ -373,6 +392,7 @@ class EvalConfig(StrictModel):
             raise ValueError(f"judge.mode {mode!r} compares tuned with base: models needs both")
         return value
 
+
 class ExportConfig(StrictModel):
     """Merge-and-export (owned by the export stage).
 
@@ -388,6 +408,7 @@ class ExportConfig(StrictModel):
     tolerance: float | None = Field(None, gt=0, description="Largest allowed |merged - (base + adapter)| "
         "logit difference, relative to the largest logit; default by dtype (fp32 1e-4, bf16 3e-2, "
         "fp16 1e-2).")  # fmt: skip
+
 
 class PromoteConfig(StrictModel):
     """Model-registry registration and alias promotion (owned by the promote stage).
@@ -415,6 +436,7 @@ class PromoteConfig(StrictModel):
             raise ValueError(f"register_from={self.register_from!r} must be one of log={self.log}")
         return self
 
+
 class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
     enabled: bool = Field(True, description="Record the run in MLflow; false: no lineage, no promote, "
@@ -429,6 +451,7 @@ class TrackingConfig(StrictModel):
             raise ValueError("unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, "
                              "mysql://, file:)")  # fmt: skip
         return value
+
 
 class PipelineConfig(StrictModel):
     """One run, all stages."""

@@ -5,6 +5,7 @@ from types import ModuleType
 
 STAGE_ORDER: tuple[str, ...] = ("prepare", "train", "evaluate", "export", "promote")
 
+
 def load_stage(name: str) -> ModuleType:
     """Import a stage module lazily, so that CLI start-up and validation stay light."""
     return importlib.import_module(f"pipeline.stages.{name}")

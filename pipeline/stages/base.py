@@ -16,6 +16,7 @@ from pipeline.errors import StageError, StagePreempted  # noqa: F401 (re-exporte
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
+
 @dataclass(frozen=True)
 class StageContext:
     """Everything a stage gets from the driver. It writes all its outputs to ``work_dir``
@@ -34,6 +35,7 @@ class StageContext:
         if not path.is_dir():
             raise StageError(f"stage input missing: {path} (run the '{stage}' stage first)")
         return path
+
 
 @dataclass
 class StageResult:
