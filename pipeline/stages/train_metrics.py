@@ -1,9 +1,4 @@
-"""Training metrics: throughput, MLflow logging from global rank 0 only, and the loss-curve plot.
-
-The worker processes log straight into the train stage's MLflow child run (its id comes from the
-driver), through ``MlflowClient`` rather than the fluent API: no active run is needed, so the same
-code works in-process (where the driver's run is active) and in torchrun workers (where it is not).
-"""
+"""Training metrics: throughput, MLflow logging from global rank 0 only, and the loss-curve plot."""
 
 from __future__ import annotations
 
@@ -17,85 +12,58 @@ from typing import Any
 from transformers import TrainerCallback
 
 # Trainer's end-of-training summary (the stage reports its own) and bookkeeping: not logged per step.
-_SKIP = {
-    "epoch",
-    "total_flos",
-    "step",
-    "train_loss",
-    "train_runtime",
-    "train_samples_per_second",
-    "train_steps_per_second",
-    "train_tokens_per_second",
-}
+_SKIP = {"epoch", "total_flos", "step", "train_loss", "train_runtime", "train_samples_per_second",
+         "train_steps_per_second", "train_tokens_per_second"}  # fmt: skip
 
 
 class MetricsCallback(TrainerCallback):
-    """Adds ``tokens_per_second`` and ``seconds_per_step`` to each training log and sends logs to
-    MLflow (rank 0). Both cover optimizer steps only: evaluation and checkpointing between logs
-    are not training speed."""
+    """Adds ``tokens_per_second`` and ``seconds_per_step`` to each training log (optimizer steps only:
+    evaluation and checkpointing between logs are not training speed) and sends the logs to the
+    train stage's MLflow run from rank 0, through ``MlflowClient``: no active run needed, so the same
+    code works in-process (the driver's run is active) and in torchrun workers (it is not)."""
 
     def __init__(
         self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
     ) -> None:
-        self.is_rank0 = is_rank0
-        self.progress_path = progress_path
+        self.run_id, self.is_rank0, self.progress_path = run_id, is_rank0, progress_path
         self.client = None
-        self.run_id = run_id
         if run_id and is_rank0:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=tracking_uri)
-        self._last_time: float | None = None
-        self._last_tokens = 0
-        self._last_step = 0
-        self._excluded_s = 0.0  # eval/save time since the last log
-        self._paused_at: float | None = None
         self.history: list[dict[str, float]] = []
+        self._last: tuple[float, int, int] | None = None  # time, tokens, step at the first step or last log
+        self._excluded_s = 0.0  # eval/save time since the last log
+        self._paused_at: float | None = None  # evaluation and saving run between step end and begin
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._last_time is None:  # first step of this process (fresh or resumed)
-            self._last_time = time.perf_counter()
-            self._last_tokens = state.num_input_tokens_seen
-            self._last_step = state.global_step
+        now = time.perf_counter()
+        if self._last is None:  # first step of this process (fresh or resumed)
+            self._last = (now, state.num_input_tokens_seen, state.global_step)
         if self._paused_at is not None:
-            self._excluded_s += time.perf_counter() - self._paused_at
+            self._excluded_s += now - self._paused_at
             self._paused_at = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # Evaluation and saving run after on_step_end and before the next on_step_begin.
         self._paused_at = time.perf_counter()
 
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        if not logs:
-            return
-        metrics = {
-            k: float(v)
-            for k, v in logs.items()
-            if k not in _SKIP and isinstance(v, (int, float)) and math.isfinite(float(v))
-        }
-        if "loss" in logs and self._last_time is not None:
-            now = time.perf_counter()
-            tokens = state.num_input_tokens_seen - self._last_tokens
-            elapsed = now - self._last_time - self._excluded_s
-            steps = state.global_step - self._last_step
-            if elapsed > 0 and tokens > 0:
-                metrics["tokens_per_second"] = tokens / elapsed
-            if elapsed > 0 and steps > 0:
-                metrics["seconds_per_step"] = elapsed / steps
-            self._last_time, self._last_tokens, self._last_step = (
-                now,
-                state.num_input_tokens_seen,
-                state.global_step,
-            )
-            self._excluded_s = 0.0
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        metrics = {k: float(v) for k, v in logs.items()
+                   if k not in _SKIP and isinstance(v, (int, float)) and math.isfinite(v)}  # fmt: skip
+        if "loss" in logs and self._last is not None:
+            now, (then, tokens, step) = time.perf_counter(), self._last
+            elapsed = now - then - self._excluded_s
+            if elapsed > 0 and state.num_input_tokens_seen > tokens:
+                metrics["tokens_per_second"] = (state.num_input_tokens_seen - tokens) / elapsed
+            if elapsed > 0 and state.global_step > step:
+                metrics["seconds_per_step"] = elapsed / (state.global_step - step)
+            self._last, self._excluded_s = (now, state.num_input_tokens_seen, state.global_step), 0.0
             if self._paused_at is not None:  # the pause before this log is not in the next interval
                 self._paused_at = now
         if not self.is_rank0 or not metrics:
             return
-        metrics["step"] = float(state.global_step)
-        self.history.append(metrics)
+        self.history.append({**metrics, "step": float(state.global_step)})
         if self.progress_path is not None:  # for people (and tests) watching a run from outside
             staging = self.progress_path.with_suffix(".tmp")
             staging.write_text(json.dumps({"step": state.global_step, "max_steps": state.max_steps}))
@@ -104,22 +72,17 @@ class MetricsCallback(TrainerCallback):
             from mlflow.entities import Metric
 
             stamp = int(time.time() * 1000)
-            batch = [
-                Metric(key=k, value=v, timestamp=stamp, step=state.global_step)
-                for k, v in metrics.items()
-                if k != "step"
-            ]
+            batch = [Metric(key, value, stamp, state.global_step) for key, value in metrics.items()]
             self.client.log_batch(self.run_id, metrics=batch)
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     """The loss figure (see :func:`loss_figure`) as a PNG."""
-    fig = loss_figure(log_history)
-    if fig is None:
+    if (fig := loss_figure(log_history)) is None:
         return None
-    fig.savefig(path, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 

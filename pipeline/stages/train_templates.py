@@ -1,29 +1,21 @@
 """Training-compatible chat templates: the loss must fall on the assistant's tokens only.
 
-TRL computes an assistant-token mask from ``{% generation %}`` / ``{% endgeneration %}`` markers
-in the chat template. Most models' own templates (SmolLM2's ChatML, Llama-2-chat's) lack them, so
-we ship marked copies in ``pipeline/templates/`` and pick the one that renders *byte-for-byte* what
-the model's own template renders on a few probe conversations: the model is trained on exactly
-the text it will see at inference, and the saved tokenizer carries the marked template (the
-markers are no-ops outside training).
-
-When no shipped template matches, the caller decides (``train.template_fallback``): fail with a
-clear message, or train on the last assistant turn only (TRL's completion-only loss on
-prompt/completion rows), which works with any template.
+TRL masks the loss with ``{% generation %}`` markers in the chat template, which most models' own
+templates lack. ``pipeline/templates/`` ships marked copies; we pick the one that renders
+*byte-for-byte* like the model's own on probe conversations, so training sees exactly the text
+inference will see (the markers are no-ops outside training). With no match the caller decides
+(``train.template_fallback``): fail, or TRL's completion-only loss on the last assistant turn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 # Probe conversations: with and without a system prompt, single- and multi-turn.
-_PROBES: tuple[list[dict[str, str]], ...] = (
-    [
-        {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "4"},
-    ],
+_PROBES = (
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
     [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": " Name a colour. "},
@@ -34,8 +26,7 @@ _PROBES: tuple[list[dict[str, str]], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class TemplateChoice:
+class TemplateChoice(NamedTuple):
     """The outcome: ``template`` is None when the caller must fall back to completion-only loss."""
 
     template: str | None
@@ -55,29 +46,26 @@ def shipped_templates() -> dict[str, str]:
 
 def has_generation_markers(template: str | None) -> bool:
     """True when the template marks assistant spans (whitespace-control variants included)."""
-    if not template:
-        return False
-    compact = template.replace("{%-", "{%").replace("-%}", "%}").replace(" ", "")
-    return "{%generation%}" in compact and "{%endgeneration%}" in compact
+    return {"generation", "endgeneration"} <= set(re.findall(r"{%-?\s*(\w+)\s*-?%}", template or ""))
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], **kwargs: Any) -> str | None:
+def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], prompt: bool) -> str | None:
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        )
     except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
         return None
 
 
 def renders_identically(tokenizer: Any, candidate: str, reference: str) -> bool:
-    """True when ``candidate`` renders exactly like ``reference`` on every probe conversation,
-    with and without the generation prompt."""
+    """True when ``candidate`` renders exactly like ``reference`` on every probe conversation
+    (those ``reference`` accepts), with and without the generation prompt."""
     for probe in _PROBES:
         for prompt in (False, True):
             messages = probe[:-1] if prompt else probe
-            want = _render(tokenizer, reference, messages, add_generation_prompt=prompt)
-            if want is None:
-                continue
-            if _render(tokenizer, candidate, messages, add_generation_prompt=prompt) != want:
+            want = _render(tokenizer, reference, messages, prompt)
+            if want is not None and _render(tokenizer, candidate, messages, prompt) != want:
                 return False
     return True
 

@@ -1,20 +1,15 @@
-"""The training recipe, top to bottom: one process of an SFT run (``python -m ... SPEC_JSON``).
-
-The train stage runs this in-process for a single CPU/GPU process, or launches it under torchrun
-for several processes and/or DeepSpeed; a Slurm job can launch it the same way. Every input comes
-from the spec JSON the stage writes into its work folder (the exact config, the dataset path, the
-MLflow run), so a requeued job needs nothing but that file.
-
-Order of events: preemption handlers → device/distributed setup → tokenizer + training chat
-template → data → base model (8-bit optional) → adapter → SFTTrainer → resume from the last
-complete checkpoint, if any → train → (preempted: checkpoint saved, exit 0, no DONE) → final eval
-→ adapter + tokenizer saved, verified complete → metrics, loss curve → ``DONE`` last.
-"""
+"""The training recipe, top to bottom: one process of an SFT run (``python -m ... SPEC_JSON``), run
+in-process by the train stage or under torchrun/Slurm. Every input comes from the spec JSON the
+stage writes (the exact config, the dataset path, the MLflow run), so a requeued job needs nothing
+else. Order: signal handlers → device setup → tokenizer + training template → data → base model →
+adapter → SFTTrainer → resume from the last complete checkpoint → train (preempted: checkpoint,
+exit 0, no DONE) → final eval → adapter saved and verified → metrics, loss curve → ``DONE`` last."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -26,16 +21,7 @@ from pipeline import quiet
 
 quiet.install()  # first in a worker process: the imports below load transformers and bitsandbytes
 
-from pipeline.stages.train_dist import (  # noqa: E402
-    PreemptionCallback,
-    PreemptionFlag,
-    all_gather,
-    barrier,
-    last_complete_checkpoint,
-    rank,
-    remove_incomplete_checkpoints,
-    training_args_for_device,
-)
+from pipeline.stages import train_dist as dist  # noqa: E402
 from pipeline.tracking import metric_name  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
@@ -51,26 +37,23 @@ class TrainingFailed(RuntimeError):
 
 
 def projection_digest(model: Any) -> str | None:
-    """sha256 over the UORA/VeRA shared projection buffers (None for LoRA). Every rank must hold
-    identical projections (re-initialisation writes them on all ranks); rank 0 compares digests.
-    Hashed as raw bytes: numpy has no bfloat16."""
+    """sha256 over the UORA/VeRA shared projection buffers (None for LoRA): every rank must hold the
+    same ones. Hashed as raw bytes: numpy has no bfloat16."""
     import hashlib
 
     import torch
 
+    buffers = {name: b for name, b in model.named_buffers() if re.search("(uora|vera)_[AB]", name)}
     digest = hashlib.sha256()
-    found = False
-    for name, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
-        if any(tag in name for tag in ("uora_A", "uora_B", "vera_A", "vera_B")):
-            digest.update(name.encode())
-            digest.update(buffer.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-            found = True
-    return digest.hexdigest() if found else None
+    for name in sorted(buffers):
+        digest.update(name.encode())
+        digest.update(buffers[name].detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest() if buffers else None
 
 
-def _prepare_datasets(dataset_dir: Path, tcfg: Any, completion_only: bool) -> tuple[Any, Any]:
-    """The train split and the eval split; the eval split is a ``{source: rows}`` dict when it holds
-    several sources, so the trainer reports a held-out loss per source (``eval_<source>_loss``)."""
+def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) -> tuple[Any, Any]:
+    """The train split and the eval split; the eval split is a ``{metric_name(source): rows}`` dict
+    when it holds several sources, so the trainer reports a held-out loss per source."""
     import datasets
 
     # Mapping a dataset loaded from disk would write cache files into the prepare stage's output.
@@ -83,67 +66,36 @@ def _prepare_datasets(dataset_dir: Path, tcfg: Any, completion_only: bool) -> tu
             raise TrainingFailed(f"{dataset_dir}: split '{split}' missing (have: {sorted(data)})")
         if "messages" not in data[split].column_names:
             raise TrainingFailed(f"{dataset_dir}: split '{split}' has no 'messages' column")
-    train = data["train"].select_columns(["messages"])
-    evals = eval_sets(data["eval"])
 
-    def shaped(rows: Any, cap: int | None) -> Any:
-        if cap is not None and len(rows) > cap:
-            rows = rows.select(range(cap))
+    def shaped(rows: Any, cap: int | None = None) -> Any:
+        rows = rows.select_columns(["messages"])
+        rows = rows.take(cap) if cap is not None else rows
         if completion_only:
             from pipeline.stages.train_templates import to_prompt_completion
 
             rows = rows.map(to_prompt_completion, remove_columns=["messages"])
         return rows
 
-    train = shaped(train, None)
-    if isinstance(evals, dict):
-        return train, {name: shaped(rows, tcfg.max_eval_samples) for name, rows in evals.items()}
-    return train, shaped(evals, tcfg.max_eval_samples)
-
-
-def eval_sets(evals: Any) -> Any:
-    """The eval split as one dataset, or as ``{metric_name(source): rows}`` for several sources."""
-    sources = sorted(set(evals["source"])) if "source" in evals.column_names else []
-    if len(sources) < 2:
-        return evals.select_columns(["messages"])
+    evals = data["eval"]
+    labels = evals["source"] if "source" in evals.column_names else []
+    if len(set(labels)) < 2:
+        return shaped(data["train"]), shaped(evals, max_eval)
     by_name = {}
-    for source in sources:
-        name = metric_name(source)
-        if name in by_name:
+    for source in sorted(set(labels)):
+        if (name := metric_name(source)) in by_name:
             raise TrainingFailed(f"eval sources {source!r} and another map to the same metric name {name!r}")
-        rows = evals.select([i for i, label in enumerate(evals["source"]) if label == source])
-        by_name[name] = rows.select_columns(["messages"])
-    return by_name
+        rows = evals.select([i for i, label in enumerate(labels) if label == source])
+        by_name[name] = shaped(rows, max_eval)
+    return shaped(data["train"]), by_name
 
 
-def eval_losses(metrics: dict[str, Any], names: list[str] | None) -> dict[str, float]:
-    """``{"": overall, name: per-source...}`` from trainer eval metrics (one set or per source).
-
-    With several sources the overall loss is their unweighted mean, so each source counts the
-    same however many rows it holds.
-    """
+def eval_losses(metrics: dict[str, Any], names: list[str] | None, key: str) -> dict[str, float]:
+    """``{key: overall, key.<name>: per source}`` from trainer eval metrics (one set or per source);
+    with several sources the overall loss is their unweighted mean, so each counts the same."""
     if not names:
-        return {"": float(metrics["eval_loss"])} if "eval_loss" in metrics else {}
-    found = {name: float(metrics[f"eval_{name}_loss"]) for name in names if f"eval_{name}_loss" in metrics}
-    if len(found) != len(names):
-        return {}
-    return {"": sum(found.values()) / len(found), **found}
-
-
-def _load_model(cfg: Any) -> Any:
-    from pipeline.models import load_model
-
-    model = load_model(cfg.model)
-    model.config.use_cache = False  # the KV cache is useless in training and fights checkpointing
-    if cfg.model.load_in_8bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.train.activation_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    return model
+        return {key: float(metrics["eval_loss"])} if "eval_loss" in metrics else {}
+    found = {f"{key}.{n}": float(metrics[f"eval_{n}_loss"]) for n in names if f"eval_{n}_loss" in metrics}
+    return {key: sum(found.values()) / len(found), **found} if len(found) == len(names) else {}
 
 
 def verify_adapter(adapter_dir: Path, model: Any) -> int:
@@ -160,22 +112,13 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     empty = [k for k, shape in saved.items() if 0 in shape]
     if not saved or empty:
         raise TrainingFailed(f"saved adapter {path} is empty or has empty tensors: {empty[:3]}")
-    adapter_name = getattr(model, "active_adapter", "default")
+    adapter_name = model.active_adapter
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
         key = name.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "")
         want = tuple(getattr(param, "ds_shape", param.shape))
-        if saved.get(key) != want:
+        if param.requires_grad and saved.get(key) != want:
             raise TrainingFailed(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
     return len(saved)
-
-
-def _count_int8_layers(model: Any) -> int:
-    """Linear layers whose base weight is bitsandbytes int8 (proves an 8-bit base is 8-bit)."""
-    import bitsandbytes as bnb
-
-    return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
 
 
 def train(spec: dict[str, Any]) -> int:
@@ -184,44 +127,43 @@ def train(spec: dict[str, Any]) -> int:
     import torch
 
     caching, threads = datasets.is_caching_enabled(), torch.get_num_threads()
-    flag = PreemptionFlag().install()
+    preempt = dist.PreemptionCallback()
     try:
-        return _train(spec, flag)
+        with dist.handling_signals(preempt.handle, dist.PREEMPT_SIGNALS):
+            return _train(spec, preempt)
     finally:  # leave an in-process caller (the driver) as we found it
-        flag.uninstall()
         torch.set_num_threads(threads)
         if caching:
             datasets.enable_caching()
 
 
-def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
+def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
     work_dir = Path(spec["work_dir"])
-    is_rank0 = rank() == 0
-    pids = work_dir / "pids"
-    pids.mkdir(parents=True, exist_ok=True)
-    (pids / f"rank{rank()}.pid").write_text(str(os.getpid()))
+    is_rank0 = dist.rank() == 0
+    (work_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (work_dir / "pids" / f"rank{dist.rank()}.pid").write_text(str(os.getpid()))
 
     import torch
     import transformers
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
     import uora  # registers UORA with PEFT
     from pipeline.adapters import build_peft_config
     from pipeline.config import PipelineConfig
-    from pipeline.models import load_tokenizer
+    from pipeline.models import load_model, load_tokenizer
     from pipeline.stages.train_metrics import MetricsCallback, plot_loss_curve
     from pipeline.stages.train_templates import choose_training_template
 
     cfg = PipelineConfig.model_validate(spec["config"])
     tcfg = cfg.train
     use_cpu = tcfg.use_cpu if tcfg.use_cpu is not None else not torch.cuda.is_available()
-    device_kwargs = training_args_for_device(use_cpu, bool(tcfg.deepspeed))
+    device_kwargs = dist.training_args_for_device(use_cpu, bool(tcfg.deepspeed))
     if use_cpu and tcfg.omp_num_threads:  # torchrun workers get it as OMP_NUM_THREADS; in-process too
         torch.set_num_threads(tcfg.omp_num_threads)
     transformers.set_seed(cfg.run.seed)
 
-    # --- tokenizer and the chat template the loss mask comes from ---------------------------
+    # The tokenizer, and the chat template the loss mask comes from.
     tokenizer = load_tokenizer(cfg.model)
     completion_only = False
     if tcfg.assistant_only_loss:
@@ -236,17 +178,14 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
             )
         else:
             completion_only = True
-            _log(
-                is_rank0, f"{choice.reason}: falling back to completion-only loss on the last assistant turn"
-            )
+            _log(is_rank0, f"{choice.reason}: falling back to completion-only loss on the last "
+                 "assistant turn")
+    train_ds, eval_ds = _datasets(Path(spec["dataset_dir"]), tcfg.max_eval_samples, completion_only)
 
-    train_ds, eval_ds = _prepare_datasets(Path(spec["dataset_dir"]), tcfg, completion_only)
-
-    # --- trainer arguments -------------------------------------------------------------------
     ckpt_dir = work_dir / CHECKPOINTS
     if is_rank0:
-        remove_incomplete_checkpoints(ckpt_dir)
-    resume = last_complete_checkpoint(ckpt_dir)
+        dist.remove_incomplete_checkpoints(ckpt_dir)
+    resume = dist.last_complete_checkpoint(ckpt_dir)
     # The train section's SFTConfig fields go in as they are; the rest is the stage's own wiring.
     args = SFTConfig(**{
         **tcfg.sft_kwargs(),
@@ -269,56 +208,48 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         **device_kwargs,
     })  # fmt: skip
 
-    # --- model and adapter --------------------------------------------------------------------
-    model = _load_model(cfg)
+    model = load_model(cfg.model)
+    model.config.use_cache = False  # the KV cache is useless in training and fights checkpointing
+    if cfg.model.load_in_8bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=tcfg.activation_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     model = get_peft_model(model, build_peft_config(cfg.adapter, task_type="CAUSAL_LM"))
     if is_rank0:
         model.print_trainable_parameters()
-
-    preempt = PreemptionCallback(flag)
     metrics_cb = MetricsCallback(
         spec.get("mlflow_run_id"), spec.get("mlflow_tracking_uri"), is_rank0, work_dir / "progress.json"
     )
-    callbacks: list[Any] = [preempt, metrics_cb]
-    if cfg.adapter.method == "uora":
-        callbacks.insert(0, uora.UoraReinitCallback())
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    callbacks = [uora.UoraReinitCallback()] if cfg.adapter.method == "uora" else []
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[*callbacks, preempt, metrics_cb])  # fmt: skip
 
-    # --- train (or resume) --------------------------------------------------------------------
     if resume is not None:
         _log(is_rank0, f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if preempt.stopped_at is not None:
         if is_rank0:
-            checkpoint = last_complete_checkpoint(ckpt_dir)
-            (work_dir / PREEMPTED).write_text(
-                json.dumps(
-                    {"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name}
-                )
-            )
+            checkpoint = dist.last_complete_checkpoint(ckpt_dir)
+            info = {"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name}
+            (work_dir / PREEMPTED).write_text(json.dumps(info))
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
-        barrier()
+        dist.barrier()
         return 0
 
     final_eval = trainer.evaluate()
-    digests = all_gather(projection_digest(trainer.model))
+    digests = dist.all_gather(projection_digest(trainer.model))
     if len(set(digests)) > 1:
         raise TrainingFailed(f"shared projections differ between ranks: {digests}")
 
-    # --- adapter + tokenizer, verified, then metrics and DONE ---------------------------------
+    # The adapter and tokenizer, verified, then the metrics and DONE.
     staging = work_dir / (ADAPTER + ".tmp")
     if is_rank0:
         shutil.rmtree(staging, ignore_errors=True)
-    barrier()
+    dist.barrier()
     trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the partitioned weights here
-    barrier()
+    dist.barrier()
     if is_rank0:
         (staging / "training_args.bin").unlink(missing_ok=True)  # pickle; the config is saved as YAML
         tokenizer.save_pretrained(str(staging))
@@ -329,36 +260,32 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         history = trainer.state.log_history
         names = sorted(eval_ds) if isinstance(eval_ds, dict) else None
         # With several eval sets the trainer logs one history entry per set.
-        at_start = {
-            k: v for e in history if e.get("step") == 0 for k, v in e.items() if k.startswith("eval_")
-        }
-        initial = eval_losses(at_start, names) or None
-        after = eval_losses(final_eval, names)
-        throughput = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
+        at_start = {k: v for e in history if e.get("step") == 0 for k, v in e.items()}
         metrics = {
             "train_loss_mean": float(result.training_loss),
-            **{f"eval_loss_after{'.' + k if k else ''}": v for k, v in after.items()},
+            **eval_losses(at_start, names, "eval_loss_before"),
+            **eval_losses(final_eval, names, "eval_loss_after"),
             "global_step": float(trainer.state.global_step),
             "train_tokens": float(trainer.state.num_input_tokens_seen),
             "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
             "adapter_tensors": float(n_tensors),
             "trainable_params": float(trainer.model.get_nb_trainable_parameters()[0]),
+            "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        metrics["peak_rss_mb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if torch.cuda.is_available():
             metrics["peak_cuda_memory_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
         if cfg.model.load_in_8bit:
-            metrics["base_int8_layers"] = float(_count_int8_layers(trainer.model))
-        if initial is not None:
-            metrics.update({f"eval_loss_before{'.' + k if k else ''}": v for k, v in initial.items()})
-        steady = throughput[1:] or throughput  # the first step includes warm-up
-        if steady:
+            import bitsandbytes as bnb
+
+            int8 = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+            metrics["base_int8_layers"] = float(len(int8))  # proves an 8-bit base is 8-bit
+        speeds = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
+        if steady := speeds[1:] or speeds:  # the first step includes warm-up
             metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
         step_times = [m["seconds_per_step"] for m in metrics_cb.history if "seconds_per_step" in m]
         if step_times[1:]:  # the first log covers step 1 alone, warm-up included
             metrics["seconds_per_step_median"] = statistics.median(step_times[1:])
-        reinits = [e["uora/reinit_events_total"] for e in history if "uora/reinit_events_total" in e]
-        if reinits:
+        if reinits := [e["uora/reinit_events_total"] for e in history if "uora/reinit_events_total" in e]:
             metrics["uora_reinit_events"] = float(max(reinits))
         (work_dir / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if digests[0] is not None:
@@ -366,7 +293,7 @@ def _train(spec: dict[str, Any], flag: PreemptionFlag) -> int:
         (work_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         plot_loss_curve(history, work_dir / LOSS_PNG)
         (work_dir / DONE).write_text("ok\n")
-    barrier()
+    dist.barrier()
     return 0
 
 
@@ -380,9 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m pipeline.stages.train_worker SPEC_JSON", file=sys.stderr)
         return 2
-    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     try:
-        return train(spec)
+        return train(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
     except TrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -10,9 +10,10 @@ import pytest
 
 from pipeline.stages import train
 from pipeline.stages.train_dist import (
+    PREEMPT_SIGNALS,
     PreemptionCallback,
-    PreemptionFlag,
     cpu_threads,
+    handling_signals,
     last_complete_checkpoint,
     remove_incomplete_checkpoints,
     training_args_for_device,
@@ -22,19 +23,16 @@ from pipeline.stages.train_dist import (
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_sets_flag_and_callback_stops_with_a_checkpoint(sig):
     before = signal.getsignal(sig)
-    flag = PreemptionFlag().install()
-    try:
-        callback = PreemptionCallback(flag)
+    callback = PreemptionCallback()
+    with handling_signals(callback.handle, PREEMPT_SIGNALS):
         control = SimpleNamespace(should_save=False, should_training_stop=False)
         callback.on_step_end(None, SimpleNamespace(global_step=3), control)
         assert not control.should_save and callback.stopped_at is None
         os.kill(os.getpid(), sig)
-        assert flag.requested and flag.signal_name == sig.name
+        assert callback.signal_name == sig.name
         callback.on_step_end(None, SimpleNamespace(global_step=4), control)
         assert control.should_save and control.should_training_stop
         assert callback.stopped_at == 4 and callback.signal_name == sig.name
-    finally:
-        flag.uninstall()
     assert signal.getsignal(sig) == before
 
 
