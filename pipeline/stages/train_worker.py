@@ -3,23 +3,32 @@ in-process by the train stage or under torchrun/Slurm. Every input comes from th
 stage writes (the exact config, the dataset path, the MLflow run), so a requeued job needs nothing
 else. Order: signal handlers → device setup → tokenizer + training template → data → base model →
 adapter → SFTTrainer → resume from the last complete checkpoint → train (preempted: checkpoint,
-exit 0, no DONE) → final eval → adapter saved and verified → metrics, loss curve → ``DONE`` last."""
+exit 0, no DONE) → final eval → adapter saved and verified → metrics, loss curve → ``DONE`` last.
+Throughput and MLflow logging (rank 0 only) come from ``MetricsCallback``, below."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import resource
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from pipeline import quiet
 
 quiet.install()  # first in a worker process: the imports below load transformers and bitsandbytes
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from pipeline.stages import train_dist as dist  # noqa: E402
 from pipeline.tracking import metric_name  # noqa: E402
@@ -39,10 +48,6 @@ class TrainingFailed(RuntimeError):
 def projection_digest(model: Any) -> str | None:
     """sha256 over the UORA/VeRA shared projection buffers (None for LoRA): every rank must hold the
     same ones. Hashed as raw bytes: numpy has no bfloat16."""
-    import hashlib
-
-    import torch
-
     buffers = {name: b for name, b in model.named_buffers() if re.search("(uora|vera)_[AB]", name)}
     digest = hashlib.sha256()
     for name in sorted(buffers):
@@ -54,18 +59,11 @@ def projection_digest(model: Any) -> str | None:
 def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) -> tuple[Any, Any]:
     """The train split and the eval split; the eval split is a ``{metric_name(source): rows}`` dict
     when it holds several sources, so the trainer reports a held-out loss per source."""
-    import datasets
-
     # Mapping a dataset loaded from disk would write cache files into the prepare stage's output.
     datasets.disable_caching()
     if not (dataset_dir / "dataset_dict.json").is_file():
         raise TrainingFailed(f"prepared dataset not found: {dataset_dir} (run the 'prepare' stage first)")
     data = datasets.load_from_disk(str(dataset_dir))
-    for split in ("train", "eval"):
-        if split not in data:
-            raise TrainingFailed(f"{dataset_dir}: split '{split}' missing (have: {sorted(data)})")
-        if "messages" not in data[split].column_names:
-            raise TrainingFailed(f"{dataset_dir}: split '{split}' has no 'messages' column")
 
     def shaped(rows: Any, cap: int | None = None) -> Any:
         rows = rows.select_columns(["messages"])
@@ -102,8 +100,6 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     """Check the saved adapter is complete: every trainable tensor present, non-empty, and with
     its full (un-partitioned) shape. ZeRO-3 can silently save empty adapters (trl#4416,
     peft#2892); we verify instead of assuming. Returns the number of tensors checked."""
-    from safetensors import safe_open
-
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise TrainingFailed(f"adapter not saved: {path} missing")
@@ -123,9 +119,6 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
 
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
-    import datasets
-    import torch
-
     caching, threads = datasets.is_caching_enabled(), torch.get_num_threads()
     preempt = dist.PreemptionCallback()
     try:
@@ -143,8 +136,6 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
     (work_dir / "pids").mkdir(parents=True, exist_ok=True)
     (work_dir / "pids" / f"rank{dist.rank()}.pid").write_text(str(os.getpid()))
 
-    import torch
-    import transformers
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
@@ -152,7 +143,6 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
     from pipeline.adapters import build_peft_config
     from pipeline.config import PipelineConfig
     from pipeline.models import load_model, load_tokenizer
-    from pipeline.stages.train_metrics import MetricsCallback, plot_loss_curve
     from pipeline.stages.train_templates import choose_training_template
 
     cfg = PipelineConfig.model_validate(spec["config"])
@@ -187,41 +177,32 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
         dist.remove_incomplete_checkpoints(ckpt_dir)
     resume = dist.last_complete_checkpoint(ckpt_dir)
     # The train section's SFTConfig fields go in as they are; the rest is the stage's own wiring.
-    args = SFTConfig(**{
-        **tcfg.sft_kwargs(),
-        "activation_checkpointing": tcfg.activation_checkpointing and not cfg.model.load_in_8bit,
-        "assistant_only_loss": tcfg.assistant_only_loss and not completion_only,
-        "eval_on_start": tcfg.eval_on_start and resume is None,
-        "output_dir": str(ckpt_dir),
-        "seed": cfg.run.seed,
-        "data_seed": cfg.run.seed,
-        "activation_checkpointing_kwargs": {"use_reentrant": False},
-        "completion_only_loss": True if completion_only else None,
-        "logging_first_step": True,
-        "eval_strategy": "steps" if tcfg.eval_steps else "no",
-        "save_strategy": "steps",
-        "include_num_input_tokens_seen": "non_padding",
-        "report_to": "none",
-        "disable_tqdm": not is_rank0,
-        "dataloader_num_workers": 0,
-        "ddp_find_unused_parameters": False,
-        **device_kwargs,
-    })  # fmt: skip
+    reentrant = {"use_reentrant": False}
+    wiring = dict(
+        activation_checkpointing=tcfg.activation_checkpointing and not cfg.model.load_in_8bit,
+        assistant_only_loss=tcfg.assistant_only_loss and not completion_only,
+        eval_on_start=tcfg.eval_on_start and resume is None,
+        completion_only_loss=True if completion_only else None,
+        eval_strategy="steps" if tcfg.eval_steps else "no",
+        output_dir=str(ckpt_dir), seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=not is_rank0,
+        activation_checkpointing_kwargs=reentrant, logging_first_step=True, report_to="none",
+        save_strategy="steps", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        ddp_find_unused_parameters=False, **device_kwargs,
+    )  # fmt: skip
+    args = SFTConfig(**{**tcfg.sft_kwargs(), **wiring})
 
     model = load_model(cfg.model)
     model.config.use_cache = False  # the KV cache is useless in training and fights checkpointing
     if cfg.model.load_in_8bit:
         model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=tcfg.activation_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            model, use_gradient_checkpointing=tcfg.activation_checkpointing,
+            gradient_checkpointing_kwargs=reentrant,
         )
     model = get_peft_model(model, build_peft_config(cfg.adapter, task_type="CAUSAL_LM"))
     if is_rank0:
         model.print_trainable_parameters()
-    metrics_cb = MetricsCallback(
-        spec.get("mlflow_run_id"), spec.get("mlflow_tracking_uri"), is_rank0, work_dir / "progress.json"
-    )
+    metrics_cb = MetricsCallback(spec["mlflow_run_id"], spec["mlflow_tracking_uri"], is_rank0,
+                                 work_dir / "progress.json")
     callbacks = [uora.UoraReinitCallback()] if cfg.adapter.method == "uora" else []
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[*callbacks, preempt, metrics_cb])  # fmt: skip
@@ -295,6 +276,125 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
         (work_dir / DONE).write_text("ok\n")
     dist.barrier()
     return 0
+
+
+# Trainer's end-of-training summary (the stage reports its own) and bookkeeping: not logged per step.
+_SKIP = {"epoch", "total_flos", "step", "train_loss", "train_runtime", "train_samples_per_second",
+         "train_steps_per_second", "train_tokens_per_second"}  # fmt: skip
+
+
+class MetricsCallback(transformers.TrainerCallback):
+    """Adds ``tokens_per_second`` and ``seconds_per_step`` to each training log (optimizer steps only:
+    evaluation and checkpointing between logs are not training speed) and sends the logs to the
+    train stage's MLflow run from rank 0, through ``MlflowClient``: no active run needed, so the same
+    code works in-process (the driver's run is active) and in torchrun workers (it is not)."""
+
+    def __init__(
+        self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
+    ) -> None:
+        self.run_id, self.is_rank0, self.progress_path = run_id, is_rank0, progress_path
+        self.client = None
+        if run_id and is_rank0:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.history: list[dict[str, float]] = []
+        self._mark: tuple[int, int] | None = None  # tokens seen and step at the first step or last log
+        self._since = self._busy = 0.0  # when training time last resumed; its sum since the mark
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._since = time.perf_counter()  # the pause since the last step (eval, save) does not count
+        if self._mark is None:  # first step of this process (fresh or resumed)
+            self._mark = (state.num_input_tokens_seen, state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self._busy, self._since = self._busy + now - self._since, now
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        metrics = {k: float(v) for k, v in logs.items()
+                   if k not in _SKIP and isinstance(v, (int, float)) and math.isfinite(v)}  # fmt: skip
+        if "loss" in logs and self._mark is not None:
+            now, (tokens, step) = time.perf_counter(), self._mark
+            elapsed = self._busy + now - self._since
+            if elapsed > 0 and state.num_input_tokens_seen > tokens:
+                metrics["tokens_per_second"] = (state.num_input_tokens_seen - tokens) / elapsed
+            if elapsed > 0 and state.global_step > step:
+                metrics["seconds_per_step"] = elapsed / (state.global_step - step)
+            self._mark, self._since, self._busy = (state.num_input_tokens_seen, state.global_step), now, 0.0
+        if not self.is_rank0 or not metrics:
+            return
+        self.history.append({**metrics, "step": float(state.global_step)})
+        if self.progress_path is not None:  # for people (and tests) watching a run from outside
+            staging = self.progress_path.with_suffix(".tmp")
+            staging.write_text(json.dumps({"step": state.global_step, "max_steps": state.max_steps}))
+            staging.replace(self.progress_path)
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            stamp = int(time.time() * 1000)
+            batch = [Metric(key, value, stamp, state.global_step) for key, value in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+
+def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """The loss figure (see :func:`loss_figure`) as a PNG."""
+    if (fig := loss_figure(log_history)) is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_figure(log_history: list[dict[str, Any]]) -> Any:
+    """Train loss against optimizer step; with held-out losses per source, a second panel shows each
+    relative to its first value (sources differ in scale: a 4.4 would flatten a 1.2 on one axis),
+    labelled with its absolute first → last. Legends sit outside the curves. None without losses."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals: dict[str, list[tuple[int, float]]] = {}  # "eval" or one curve per eval source
+    for entry in log_history:
+        for key, value in entry.items():
+            found = re.fullmatch(r"eval_(?:(.+)_)?loss", key)
+            if found and "step" in entry:
+                evals.setdefault(found.group(1) or "eval", []).append((entry["step"], value))
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_source = len(evals) > 1
+    fig, axes = plt.subplots(1, 2 if per_source else 1, figsize=(11 if per_source else 6, 4), dpi=100,
+                             squeeze=False)  # fmt: skip
+    left = axes[0][0]
+    if train:
+        left.plot(*zip(*train, strict=True), label="train loss")
+    held_out = evals.pop("eval", [])
+    if per_source:  # the stage's eval_loss_* metrics: the unweighted mean over sources
+        by_step = [dict(points) for points in evals.values()]
+        steps = sorted(set.intersection(*(set(points) for points in by_step)))
+        held_out = [(step, sum(points[step] for points in by_step) / len(by_step)) for step in steps]
+    if held_out:
+        left.plot(*zip(*held_out, strict=True), "o-",
+                  label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
+    left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
+    if per_source:
+        right = axes[0][1]
+        for name, points in sorted(evals.items()):
+            steps, losses = zip(*points, strict=True)
+            right.plot(steps, [loss / losses[0] for loss in losses], "o-",
+                       label=f"{name}: {losses[0]:.2f} → {losses[-1]:.2f}")  # fmt: skip
+        right.axhline(1.0, color="grey", linewidth=0.8)
+        right.set(xlabel="optimizer step", ylabel="loss ÷ its first value", title="held-out loss per source")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 def _log(enabled: bool, message: str) -> None:
