@@ -142,7 +142,7 @@ def _tracking_uri() -> str:
 
 def worker_env(tcfg: Any) -> dict[str, str]:
     """Environment for torchrun workers: our code first on the path, sane CPU threading."""
-    from pipeline.stages.train_dist import cpu_threads
+    from pipeline.stages.train_worker import cpu_threads
 
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
@@ -176,7 +176,7 @@ def _torchrun_knows(option: str) -> bool:
 
 
 def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
-    from pipeline.stages.train_dist import handling_signals
+    from pipeline.stages.train_worker import handling_signals
 
     proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
     signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # torchrun passes them on to every worker

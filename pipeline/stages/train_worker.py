@@ -4,10 +4,12 @@ stage writes (the exact config, the dataset path, the MLflow run), so a requeued
 else. Order: signal handlers → device setup → tokenizer + training template → data → base model →
 adapter → SFTTrainer → resume from the last complete checkpoint → train (preempted: checkpoint,
 exit 0, no DONE) → final eval → adapter saved and verified → metrics, loss curve → ``DONE`` last.
-Throughput and MLflow logging (rank 0 only) come from ``MetricsCallback``, below."""
+Below the recipe: how N processes agree on devices, stopping and resuming; the chat template the
+loss mask comes from; throughput and MLflow logging (rank 0 only); the loss figure."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -15,11 +17,15 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline import quiet
 
@@ -27,10 +33,11 @@ quiet.install()  # first in a worker process: the imports below load transformer
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from transformers.trainer_utils import sort_checkpoints  # noqa: E402
 
-from pipeline.stages import train_dist as dist  # noqa: E402
 from pipeline.tracking import metric_name  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
@@ -69,8 +76,6 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
         rows = rows.select_columns(["messages"])
         rows = rows.take(cap) if cap is not None else rows
         if completion_only:
-            from pipeline.stages.train_templates import to_prompt_completion
-
             rows = rows.map(to_prompt_completion, remove_columns=["messages"])
         return rows
 
@@ -120,9 +125,9 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     caching, threads = datasets.is_caching_enabled(), torch.get_num_threads()
-    preempt = dist.PreemptionCallback()
+    preempt = PreemptionCallback()
     try:
-        with dist.handling_signals(preempt.handle, dist.PREEMPT_SIGNALS):
+        with handling_signals(preempt.handle, PREEMPT_SIGNALS):
             return _train(spec, preempt)
     finally:  # leave an in-process caller (the driver) as we found it
         torch.set_num_threads(threads)
@@ -130,11 +135,11 @@ def train(spec: dict[str, Any]) -> int:
             datasets.enable_caching()
 
 
-def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
+def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     work_dir = Path(spec["work_dir"])
-    is_rank0 = dist.rank() == 0
+    is_rank0 = rank() == 0
     (work_dir / "pids").mkdir(parents=True, exist_ok=True)
-    (work_dir / "pids" / f"rank{dist.rank()}.pid").write_text(str(os.getpid()))
+    (work_dir / "pids" / f"rank{rank()}.pid").write_text(str(os.getpid()))
 
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -143,12 +148,11 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
     from pipeline.adapters import build_peft_config
     from pipeline.config import PipelineConfig
     from pipeline.models import load_model, load_tokenizer
-    from pipeline.stages.train_templates import choose_training_template
 
     cfg = PipelineConfig.model_validate(spec["config"])
     tcfg = cfg.train
     use_cpu = tcfg.use_cpu if tcfg.use_cpu is not None else not torch.cuda.is_available()
-    device_kwargs = dist.training_args_for_device(use_cpu, bool(tcfg.deepspeed))
+    device_kwargs = training_args_for_device(use_cpu, bool(tcfg.deepspeed))
     if use_cpu and tcfg.omp_num_threads:  # torchrun workers get it as OMP_NUM_THREADS; in-process too
         torch.set_num_threads(tcfg.omp_num_threads)
     transformers.set_seed(cfg.run.seed)
@@ -174,8 +178,8 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
 
     ckpt_dir = work_dir / CHECKPOINTS
     if is_rank0:
-        dist.remove_incomplete_checkpoints(ckpt_dir)
-    resume = dist.last_complete_checkpoint(ckpt_dir)
+        remove_incomplete_checkpoints(ckpt_dir)
+    resume = last_complete_checkpoint(ckpt_dir)
     # The train section's SFTConfig fields go in as they are; the rest is the stage's own wiring.
     reentrant = {"use_reentrant": False}
     wiring = dict(
@@ -212,15 +216,15 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if preempt.stopped_at is not None:
         if is_rank0:
-            checkpoint = dist.last_complete_checkpoint(ckpt_dir)
+            checkpoint = last_complete_checkpoint(ckpt_dir)
             info = {"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name}
             (work_dir / PREEMPTED).write_text(json.dumps(info))
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
-        dist.barrier()
+        barrier()
         return 0
 
     final_eval = trainer.evaluate()
-    digests = dist.all_gather(projection_digest(trainer.model))
+    digests = all_gather(projection_digest(trainer.model))
     if len(set(digests)) > 1:
         raise TrainingFailed(f"shared projections differ between ranks: {digests}")
 
@@ -228,9 +232,9 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
     staging = work_dir / (ADAPTER + ".tmp")
     if is_rank0:
         shutil.rmtree(staging, ignore_errors=True)
-    dist.barrier()
+    barrier()
     trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the partitioned weights here
-    dist.barrier()
+    barrier()
     if is_rank0:
         (staging / "training_args.bin").unlink(missing_ok=True)  # pickle; the config is saved as YAML
         tokenizer.save_pretrained(str(staging))
@@ -274,8 +278,215 @@ def _train(spec: dict[str, Any], preempt: dist.PreemptionCallback) -> int:
         (work_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         plot_loss_curve(history, work_dir / LOSS_PNG)
         (work_dir / DONE).write_text("ok\n")
-    dist.barrier()
+    barrier()
     return 0
+
+
+# Processes: devices, preemption, checkpoints.
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def rank() -> int:
+    """Global rank of this process (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def cpu_threads(nproc: int, requested: int | None = None) -> int:
+    """Threads per CPU worker: the request, else the usable cores split evenly between processes
+    (each of N workers using every core, torch's default, makes CPU training several times slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return requested or max(1, cores // nproc)
+
+
+def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
+    """Extra ``TrainingArguments`` so that N processes form ONE distributed training (README,
+    "Several processes, DeepSpeed"). Everywhere ``ddp_broadcast_buffers=False``: DDP would send UORA's
+    shared projections from rank 0 before each forward (~90 MB a step for Llama-2-7B at r=1024), and
+    the ranks agree without it (``UoraReinitCallback`` broadcasts A/B once, re-init is deterministic).
+    On CPU, accelerate 1.15 (``PartialState.__init__``) needs ``use_cpu`` to see N processes; with
+    DeepSpeed it then skips DeepSpeed's init, so (WORKAROUND, until accelerate handles CPU DeepSpeed)
+    we init DeepSpeed's comm on gloo, build a MULTI_CPU ``PartialState`` marked DEEPSPEED, and let the
+    Trainer reuse it (``use_configured_state``); ``use_cpu`` stays for ``bf16`` on CPU."""
+    common: dict[str, Any] = {"ddp_broadcast_buffers": False}
+    if not use_cpu:
+        return common
+    if not deepspeed:
+        return {**common, "use_cpu": True}
+    import deepspeed.comm as ds_comm
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("UORA_DS_SHM_COMM", "0") != "1":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op on first CPU init (~100 s on two cores,
+        # per machine); gloo is exact and enough. The dict is DeepSpeed's op-compatibility cache.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not ds_comm.is_initialized():
+        ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    state = PartialState(cpu=True, backend="gloo")
+    state.distributed_type = DistributedType.DEEPSPEED
+    return {**common, "use_cpu": True, "accelerator_config": {"use_configured_state": True}}
+
+
+@contextlib.contextmanager
+def handling_signals(handler: Callable[[int, Any], Any], signals: tuple[int, ...]) -> Iterator[None]:
+    """``handler`` for ``signals`` inside the block, the previous handlers again after it. Python
+    delivers signals to the main thread only; elsewhere the caller's own handlers stay in place."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class PreemptionCallback(transformers.TrainerCallback):
+    """``handle`` is the SIGTERM/SIGUSR1 handler. After every optimizer step the ranks OR their
+    flags, so a signal that reached only some ranks stops all of them at the same step (otherwise
+    the others would hang in the next collective): checkpoint, then stop."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None  # this rank's signal; once stopped, whichever rank's
+        self.stopped_at: int | None = None
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if _any_rank(self.signal_name is not None):
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+            self.signal_name = next((name for name in all_gather(self.signal_name) if name), None)
+        return control
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _any_rank(flag: bool) -> bool:
+    """The all-ranks OR of ``flag``: a MAX all-reduce (on this rank's GPU under NCCL)."""
+    if not _distributed():
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if "nccl" in str(dist.get_backend()) else "cpu"
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The highest-step ``checkpoint-N`` holding ``trainer_state.json`` (written last by the
+    Trainer, so its presence means the checkpoint is complete)."""
+    complete = [path for path in sort_checkpoints(str(folder)) if Path(path, "trainer_state.json").is_file()]
+    return Path(complete[-1]) if complete else None
+
+
+def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
+    """Delete checkpoints a crash left half-written (no ``trainer_state.json``); rank 0 only."""
+    removed = [Path(p) for p in sort_checkpoints(str(folder)) if not Path(p, "trainer_state.json").is_file()]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (a picklable object), in rank order; ``[value]`` when not distributed."""
+    if not _distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+# The training chat template.
+# Probe conversations: with and without a system prompt, single- and multi-turn.
+_PROBES = (
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": " Name a colour. "},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Red, or green.\nBoth work."},
+    ],
+)
+
+
+class TemplateChoice(NamedTuple):
+    """The outcome: ``template`` is None when the caller must fall back to completion-only loss."""
+
+    template: str | None
+    source: str  # "model" (already marked), a shipped template name, or "none"
+    reason: str
+
+
+def shipped_templates() -> dict[str, str]:
+    """Name -> Jinja text of every template in ``pipeline/templates``."""
+    folder = resources.files("pipeline") / "templates"
+    return {
+        entry.name.removesuffix(".jinja"): entry.read_text(encoding="utf-8")
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".jinja")
+    }
+
+
+def has_generation_markers(template: str | None) -> bool:
+    """True when the template marks assistant spans (whitespace-control variants included)."""
+    return {"generation", "endgeneration"} <= set(re.findall(r"{%-?\s*(\w+)\s*-?%}", template or ""))
+
+
+def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], prompt: bool) -> str | None:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        )
+    except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
+        return None
+
+
+def renders_identically(tokenizer: Any, candidate: str, reference: str) -> bool:
+    """True when ``candidate`` renders exactly like ``reference`` on every probe conversation
+    (those ``reference`` accepts), with and without the generation prompt."""
+    for probe in _PROBES:
+        for prompt in (False, True):
+            messages = probe[:-1] if prompt else probe
+            want = _render(tokenizer, reference, messages, prompt)
+            if want is not None and _render(tokenizer, candidate, messages, prompt) != want:
+                return False
+    return True
+
+
+def choose_training_template(tokenizer: Any) -> TemplateChoice:
+    """Pick the chat template to train with for this tokenizer (its current template is the
+    model's own, or the configured ``model.chat_template`` override)."""
+    current = tokenizer.chat_template
+    if isinstance(current, dict):  # multi-template tokenizers: the default one is what chat uses
+        current = current.get("default")
+    if not current:
+        return TemplateChoice(None, "none", "the tokenizer has no chat template (set model.chat_template)")
+    if has_generation_markers(current):
+        return TemplateChoice(current, "model", "the chat template already has generation markers")
+    for name, text in shipped_templates().items():
+        if renders_identically(tokenizer, text, current):
+            return TemplateChoice(text, name, f"shipped template '{name}' renders like the model's own")
+    return TemplateChoice(
+        None, "none", "no shipped template with generation markers renders like this model's chat template"
+    )
+
+
+def to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
+    """Completion-only fallback: everything before the last assistant turn is the prompt."""
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
 # Trainer's end-of-training summary (the stage reports its own) and bookkeeping: not logged per step.

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.stages import train
-from pipeline.stages.train_dist import (
+from pipeline.stages.train_worker import (
     PREEMPT_SIGNALS,
     PreemptionCallback,
     cpu_threads,
