@@ -1,11 +1,8 @@
-"""The training recipe, top to bottom: one process of an SFT run (``python -m ... SPEC_JSON``), run
-in-process by the train stage or under torchrun/Slurm. Every input comes from the spec JSON the
-stage writes (the exact config, the dataset path, the MLflow run), so a requeued job needs nothing
-else. Order: signal handlers → device setup → tokenizer + training template → data → base model →
-adapter → SFTTrainer → resume from the last complete checkpoint → train (preempted: checkpoint,
-exit 0, no DONE) → final eval → adapter saved and verified → metrics, loss curve → ``DONE`` last.
-Below the recipe: how N processes agree on devices, stopping and resuming; the chat template the
-loss mask comes from; throughput and MLflow logging (rank 0 only); the loss figure."""
+"""One process of an SFT run (``python -m pipeline.stages.train_worker SPEC_JSON``), in-process or
+under torchrun/Slurm; the spec the train stage writes holds every input, so a requeued job needs
+nothing else. ``_train`` is the recipe, top to bottom; below it: how N processes agree on devices,
+stopping and resuming; the chat template the loss mask comes from; throughput and MLflow logging
+(rank 0 only); the loss figure."""
 
 from __future__ import annotations
 
@@ -35,6 +32,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers.trainer_utils import sort_checkpoints  # noqa: E402
 
@@ -68,8 +67,6 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
     when it holds several sources, so the trainer reports a held-out loss per source."""
     # Mapping a dataset loaded from disk would write cache files into the prepare stage's output.
     datasets.disable_caching()
-    if not (dataset_dir / "dataset_dict.json").is_file():
-        raise TrainingFailed(f"prepared dataset not found: {dataset_dir} (run the 'prepare' stage first)")
     data = datasets.load_from_disk(str(dataset_dir))
 
     def shaped(rows: Any, cap: int | None = None) -> Any:
@@ -136,6 +133,7 @@ def train(spec: dict[str, Any]) -> int:
 
 
 def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
+    """The recipe. ``DONE`` comes last: its presence means every output is complete."""
     work_dir = Path(spec["work_dir"])
     is_rank0 = rank() == 0
     (work_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -166,10 +164,8 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
             tokenizer.chat_template = choice.template
             _log(is_rank0, f"assistant-only loss; chat template: {choice.reason}")
         elif tcfg.template_fallback == "error":
-            raise TrainingFailed(
-                f"model.chat_template: {choice.reason}; provide a template with {{% generation %}} markers "
-                "or set train.template_fallback: completion_only"
-            )
+            raise TrainingFailed(f"model.chat_template: {choice.reason}; provide a template with "
+                                 "{% generation %} markers or set train.template_fallback: completion_only")
         else:
             completion_only = True
             _log(is_rank0, f"{choice.reason}: falling back to completion-only loss on the last "
@@ -220,11 +216,11 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
             info = {"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name}
             (work_dir / PREEMPTED).write_text(json.dumps(info))
             _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
-        barrier()
+        trainer.accelerator.wait_for_everyone()
         return 0
 
     final_eval = trainer.evaluate()
-    digests = all_gather(projection_digest(trainer.model))
+    digests = gather_object([projection_digest(trainer.model)])
     if len(set(digests)) > 1:
         raise TrainingFailed(f"shared projections differ between ranks: {digests}")
 
@@ -232,9 +228,9 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     staging = work_dir / (ADAPTER + ".tmp")
     if is_rank0:
         shutil.rmtree(staging, ignore_errors=True)
-    barrier()
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the partitioned weights here
-    barrier()
+    trainer.accelerator.wait_for_everyone()
     if is_rank0:
         (staging / "training_args.bin").unlink(missing_ok=True)  # pickle; the config is saved as YAML
         tokenizer.save_pretrained(str(staging))
@@ -278,7 +274,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
         (work_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         plot_loss_curve(history, work_dir / LOSS_PNG)
         (work_dir / DONE).write_text("ok\n")
-    barrier()
+    trainer.accelerator.wait_for_everyone()
     return 0
 
 
@@ -356,25 +352,16 @@ class PreemptionCallback(transformers.TrainerCallback):
         self.signal_name = signal.Signals(signum).name
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if _any_rank(self.signal_name is not None):
+        stop = self.signal_name is not None
+        if dist.is_available() and dist.is_initialized():  # an all-ranks OR: MAX of 0/1
+            flag = torch.tensor([int(stop)], dtype=torch.int32, device=PartialState().device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
-            self.signal_name = next((name for name in all_gather(self.signal_name) if name), None)
+            self.signal_name = next((name for name in gather_object([self.signal_name]) if name), None)
         return control
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _any_rank(flag: bool) -> bool:
-    """The all-ranks OR of ``flag``: a MAX all-reduce (on this rank's GPU under NCCL)."""
-    if not _distributed():
-        return flag
-    device = f"cuda:{torch.cuda.current_device()}" if "nccl" in str(dist.get_backend()) else "cpu"
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -392,31 +379,14 @@ def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
     return removed
 
 
-def all_gather(value: Any) -> list[Any]:
-    """Every rank's ``value`` (a picklable object), in rank order; ``[value]`` when not distributed."""
-    if not _distributed():
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-# The training chat template.
-# Probe conversations: with and without a system prompt, single- and multi-turn.
+# The training chat template: TRL masks the loss with ``{% generation %}`` markers, which most models'
+# own templates lack. ``pipeline/templates/`` ships marked copies; the one that renders byte-for-byte
+# like the model's own on these probes (with and without a system prompt, one and several turns)
+# is used, so training sees exactly the text inference will (the markers are no-ops outside training).
 _PROBES = (
-    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
-    [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": " Name a colour. "},
-        {"role": "assistant", "content": "Blue."},
-        {"role": "user", "content": "Another?"},
-        {"role": "assistant", "content": "Red, or green.\nBoth work."},
-    ],
+    [("user", "What is 2 + 2?"), ("assistant", "4")],
+    [("system", "Answer briefly."), ("user", " Name a colour. "), ("assistant", "Blue."),
+     ("user", "Another?"), ("assistant", "Red, or green.\nBoth work.")],
 )
 
 
@@ -430,12 +400,8 @@ class TemplateChoice(NamedTuple):
 
 def shipped_templates() -> dict[str, str]:
     """Name -> Jinja text of every template in ``pipeline/templates``."""
-    folder = resources.files("pipeline") / "templates"
-    return {
-        entry.name.removesuffix(".jinja"): entry.read_text(encoding="utf-8")
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-        if entry.name.endswith(".jinja")
-    }
+    entries = sorted((resources.files("pipeline") / "templates").iterdir(), key=lambda e: e.name)
+    return {e.name.removesuffix(".jinja"): e.read_text("utf-8") for e in entries if e.name.endswith(".jinja")}
 
 
 def has_generation_markers(template: str | None) -> bool:
@@ -457,7 +423,7 @@ def renders_identically(tokenizer: Any, candidate: str, reference: str) -> bool:
     (those ``reference`` accepts), with and without the generation prompt."""
     for probe in _PROBES:
         for prompt in (False, True):
-            messages = probe[:-1] if prompt else probe
+            messages = [{"role": role, "content": text} for role, text in (probe[:-1] if prompt else probe)]
             want = _render(tokenizer, reference, messages, prompt)
             if want is not None and _render(tokenizer, candidate, messages, prompt) != want:
                 return False
