@@ -9,7 +9,6 @@ import functools
 import importlib.util
 import os
 import re
-import shutil
 import struct
 import sys
 import tempfile
@@ -62,8 +61,7 @@ def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
     offline mode for this process and its workers (cached weights load at once, not after a minute
     of retries per file), and the one line to fail with for weights that are not cached. Nothing to
     do for local weights or under ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` (the user's choice)."""
-    repos = {field: (hub_model_id(model), model.revision) for field, model in models.items()}
-    repos = {field: found for field, found in repos.items() if found[0]}
+    repos = {field: (m.name_or_path, m.revision) for field, m in models.items() if hub_model_id(m)}
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     if not repos or offline.lower() in ("1", "true", "yes", "on"):
         return None
@@ -100,9 +98,8 @@ def _memo_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
 
 
 def convert_gguf(directory: str, gguf_file: str) -> Path:
-    """Convert ``directory/gguf_file`` to a safetensors + tokenizer folder, once per content digest.
-    Safe for concurrent ranks: a file lock serialises conversion, and the folder appears by an
-    atomic rename only once complete."""
+    """Convert ``directory/gguf_file`` to a safetensors + tokenizer folder, once per content digest;
+    safe for concurrent ranks (a file lock, and an atomic rename of the complete folder)."""
     source = Path(directory) / gguf_file
     if not source.is_file():
         raise FileNotFoundError(f"model.gguf_file: {source} does not exist")
@@ -123,13 +120,11 @@ def convert_gguf(directory: str, gguf_file: str) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
+        with tempfile.TemporaryDirectory(prefix=target.name + ".", dir=target.parent,
+                                         ignore_cleanup_errors=True) as staging:  # fmt: skip
             model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            os.rename(staging, target)
     return target
 
 
@@ -140,11 +135,9 @@ def resolve_model_dir(config: ModelConfig) -> str:
 
 
 def base_model_card(config: ModelConfig) -> dict[str, str]:
-    """What a model card says about the base model, read offline: ``base_model`` (its hub id) and
-    ``license``, where known. A hub id is taken as configured, with the licence of its cached hub
-    card; a GGUF file is named ``<general.organization>/<file name less its quantisation suffix>``
-    from its metadata (the CPU default: ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``apache-2.0``);
-    a local folder has no hub id."""
+    """``base_model`` (hub id) and ``license`` for a model card, read offline, where known: a hub id as
+    configured with its cached card's licence; a GGUF file as ``<general.organization>/<file name less
+    its quantisation suffix>`` with its metadata's licence; a local folder: nothing."""
     location = resolve_package_dir(config.name_or_path)
     if config.gguf_file:
         meta = gguf_general_metadata(Path(location) / config.gguf_file)
@@ -199,10 +192,8 @@ def load_tokenizer(config: ModelConfig) -> Any:
     """The tokenizer, with the chat-template override applied and a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    location = resolve_model_dir(config)
-    tokenizer = AutoTokenizer.from_pretrained(
-        location, revision=config.revision, trust_remote_code=config.trust_remote_code
-    )
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config), revision=config.revision,
+                                              trust_remote_code=config.trust_remote_code)
     if (template := read_chat_template(config)) is not None:
         tokenizer.chat_template = template
     if tokenizer.pad_token is None:
@@ -218,11 +209,7 @@ def load_model(config: ModelConfig, *, quantize: bool | None = None, device_map:
 
     eight_bit = config.load_in_8bit if quantize is None else quantize
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir(config),
-        revision=config.revision,
-        trust_remote_code=config.trust_remote_code,
-        use_safetensors=True,
-        dtype=getattr(torch, config.dtype),
+        resolve_model_dir(config), revision=config.revision, trust_remote_code=config.trust_remote_code,
+        use_safetensors=True, dtype=getattr(torch, config.dtype), device_map=device_map,
         quantization_config=BitsAndBytesConfig(load_in_8bit=True) if eight_bit else None,
-        device_map=device_map,
     )

@@ -31,6 +31,8 @@ LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker
 
 
 def run(ctx: StageContext) -> StageResult:
+    import mlflow
+
     from pipeline.stages import train_worker as worker
 
     work_dir, tcfg = ctx.work_dir, ctx.config.train
@@ -39,9 +41,6 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
-    if tcfg.deepspeed and not Path(tcfg.deepspeed).is_file():
-        raise StageError(f"train.deepspeed: {tcfg.deepspeed} does not exist")
-
     # The exact config: what was set (defaults omitted, so it re-validates and reloads as is),
     # plus the fully resolved one for reading.
     config_dump = ctx.config.model_dump(mode="json", exclude_unset=True)
@@ -54,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
         "identity": _identity(ctx.config, ctx.input_dir("prepare")),
         "config": config_dump,
         "mlflow_run_id": ctx.mlflow_run_id,
-        "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
+        "mlflow_tracking_uri": mlflow.get_tracking_uri() if ctx.mlflow_run_id else None,
     }
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
@@ -65,13 +64,11 @@ def run(ctx: StageContext) -> StageResult:
         same_attempt = False
     if not same_attempt:  # checkpoints of another config or other data must not be resumed
         shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
-    finished = same_attempt and (work_dir / worker.DONE).is_file()
-    if not finished:
-        for stale in (worker.DONE, worker.PREEMPTED):
-            (work_dir / stale).unlink(missing_ok=True)
+        (work_dir / worker.DONE).unlink(missing_ok=True)
+    (work_dir / worker.PREEMPTED).unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
-    if finished:  # an earlier attempt trained and saved everything, then stopped before returning
+    if (work_dir / worker.DONE).is_file():  # an earlier attempt saved everything, then stopped short
         code = 0
     elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed and not os.environ.get(LAUNCHER_ENV):
         try:
@@ -84,21 +81,18 @@ def run(ctx: StageContext) -> StageResult:
     preempted = work_dir / worker.PREEMPTED
     if preempted.is_file():
         info = json.loads(preempted.read_text())
-        if info.get("signal") == "SIGTERM" and callable(caller_sigterm):
-            # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's:
-            # close the MLflow run as KILLED, keep the .partial folder, exit 143) see the signal
-            # that training intercepted.
+        if info["signal"] == "SIGTERM" and callable(caller_sigterm):
+            # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's: close the
+            # MLflow run as KILLED, keep the .partial folder, exit 143) see the signal training intercepted.
             os.kill(os.getpid(), signal.SIGTERM)
         raise StagePreempted(
-            f"training preempted ({info.get('signal')}) at step {info['step']}; checkpoint saved in "
+            f"training preempted ({info['signal']}) at step {info['step']}; checkpoint saved in "
             f"{info['checkpoint']}; rerun the same command to resume"
         )
     if code != 0 or not (work_dir / worker.DONE).is_file():
         raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
 
     if ctx.mlflow_run_id:  # the train child run is active in this process
-        import mlflow
-
         for name in (worker.LOSS_PNG, "config.yaml", worker.METRICS):
             if (work_dir / name).is_file():
                 mlflow.log_artifact(str(work_dir / name))
@@ -132,12 +126,6 @@ def _identity(config: Any, prepare_dir: Path) -> str:
     files = [prepare_dir / name for name in ("manifest.json", "dataset/dataset_dict.json")]
     data = [path.read_bytes() for path in files if path.is_file()]
     return sha256(digest_of(config_slice(config, CONFIG_SECTIONS)), *data)
-
-
-def _tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
 
 
 def worker_env(tcfg: Any) -> dict[str, str]:
