@@ -52,8 +52,7 @@ class TrainingFailed(RuntimeError):
 
 
 def projection_digest(model: Any) -> str | None:
-    """sha256 over the UORA/VeRA shared projection buffers (None for LoRA): every rank must hold the
-    same ones. Hashed as raw bytes: numpy has no bfloat16."""
+    """sha256 of the UORA/VeRA shared projections (None for LoRA), as raw bytes (numpy has no bf16)."""
     buffers = {name: b for name, b in model.named_buffers() if re.search("(uora|vera)_[AB]", name)}
     digest = hashlib.sha256()
     for name in sorted(buffers):
@@ -99,9 +98,8 @@ def eval_losses(metrics: dict[str, Any], names: list[str] | None, key: str) -> d
 
 
 def verify_adapter(adapter_dir: Path, model: Any) -> int:
-    """Check the saved adapter is complete: every trainable tensor present, non-empty, and with
-    its full (un-partitioned) shape. ZeRO-3 can silently save empty adapters (trl#4416,
-    peft#2892); we verify instead of assuming. Returns the number of tensors checked."""
+    """The number of tensors in the saved adapter, after checking that every trainable one is there
+    with its full (un-partitioned) shape: ZeRO-3 can silently save empty adapters (trl#4416, peft#2892)."""
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise TrainingFailed(f"adapter not saved: {path} missing")
@@ -134,10 +132,10 @@ def train(spec: dict[str, Any]) -> int:
 
 def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     """The recipe. ``DONE`` comes last: its presence means every output is complete."""
-    work_dir = Path(spec["work_dir"])
-    is_rank0 = rank() == 0
+    work_dir, rank = Path(spec["work_dir"]), os.environ.get("RANK", "0")  # torchrun's global rank
+    is_rank0 = rank == "0"
     (work_dir / "pids").mkdir(parents=True, exist_ok=True)
-    (work_dir / "pids" / f"rank{rank()}.pid").write_text(str(os.getpid()))
+    (work_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -282,14 +280,9 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def rank() -> int:
-    """Global rank of this process (0 when not launched by torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def cpu_threads(nproc: int, requested: int | None = None) -> int:
-    """Threads per CPU worker: the request, else the usable cores split evenly between processes
-    (each of N workers using every core, torch's default, makes CPU training several times slower)."""
+    """Threads per CPU worker: the request, else the usable cores split evenly between processes (N
+    workers each using every core, torch's default, make CPU training several times slower)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return requested or max(1, cores // nproc)
 
@@ -327,8 +320,8 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def handling_signals(handler: Callable[[int, Any], Any], signals: tuple[int, ...]) -> Iterator[None]:
-    """``handler`` for ``signals`` inside the block, the previous handlers again after it. Python
-    delivers signals to the main thread only; elsewhere the caller's own handlers stay in place."""
+    """``handler`` for ``signals`` inside the block (in the main thread, the only one Python delivers
+    signals to; elsewhere the caller's handlers stay), the previous handlers after it."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, handler) for sig in signals}
@@ -340,9 +333,8 @@ def handling_signals(handler: Callable[[int, Any], Any], signals: tuple[int, ...
 
 
 class PreemptionCallback(transformers.TrainerCallback):
-    """``handle`` is the SIGTERM/SIGUSR1 handler. After every optimizer step the ranks OR their
-    flags, so a signal that reached only some ranks stops all of them at the same step (otherwise
-    the others would hang in the next collective): checkpoint, then stop."""
+    """``handle`` is the SIGTERM/SIGUSR1 handler; after every optimizer step the ranks OR their flags, so
+    a signal that reached only some stops all at the same step (the others would hang): save, stop."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None  # this rank's signal; once stopped, whichever rank's
@@ -365,8 +357,7 @@ class PreemptionCallback(transformers.TrainerCallback):
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` holding ``trainer_state.json`` (written last by the
-    Trainer, so its presence means the checkpoint is complete)."""
+    """The highest-step ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last."""
     complete = [path for path in sort_checkpoints(str(folder)) if Path(path, "trainer_state.json").is_file()]
     return Path(complete[-1]) if complete else None
 
@@ -391,9 +382,7 @@ _PROBES = (
 
 
 class TemplateChoice(NamedTuple):
-    """The outcome: ``template`` is None when the caller must fall back to completion-only loss."""
-
-    template: str | None
+    template: str | None  # None: the caller falls back to completion-only loss
     source: str  # "model" (already marked), a shipped template name, or "none"
     reason: str
 
@@ -519,10 +508,7 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     """The loss figure (see :func:`loss_figure`) as a PNG."""
     if (fig := loss_figure(log_history)) is None:
         return None
-    import matplotlib.pyplot as plt
-
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -539,14 +525,13 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
                 evals.setdefault(found.group(1) or "eval", []).append((entry["step"], value))
     if not train and not evals:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: no global figure state to clean up
 
     per_source = len(evals) > 1
-    fig, axes = plt.subplots(1, 2 if per_source else 1, figsize=(11 if per_source else 6, 4), dpi=100,
-                             squeeze=False)  # fmt: skip
+    fig = Figure(figsize=(11 if per_source else 6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if per_source else 1, squeeze=False)
     left = axes[0][0]
     if train:
         left.plot(*zip(*train, strict=True), label="train loss")
