@@ -1,10 +1,7 @@
 """The 'train' stage: prepared chat data -> a PEFT adapter (UORA, LoRA or VeRA) via TRL's SFTTrainer.
-
-The recipe is ``train_worker``'s; this module runs it in this process (one process, no DeepSpeed)
-or under ``torchrun`` with ``train.nproc_per_node`` workers, forwards SIGTERM/SIGUSR1 so they can
-checkpoint, and turns the outcome into a ``StageResult``. Resuming needs no flag: the worker
-resumes from the last complete checkpoint in ``ctx.work_dir``, which survives an interrupted attempt.
-"""
+It runs ``train_worker``'s recipe in this process (one process, no DeepSpeed) or under ``torchrun``,
+forwards SIGTERM/SIGUSR1 so the workers can checkpoint, and turns the outcome into a ``StageResult``.
+Resuming needs no flag: ``ctx.work_dir`` survives an interrupted attempt, with its checkpoints."""
 
 from __future__ import annotations
 
@@ -36,8 +33,8 @@ def run(ctx: StageContext) -> StageResult:
     from pipeline.stages import train_worker as worker
 
     work_dir, tcfg = ctx.work_dir, ctx.config.train
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    caller_sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None  # see the end of training
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -47,14 +44,11 @@ def run(ctx: StageContext) -> StageResult:
     (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
     resolved = yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False)
     (work_dir / "config_resolved.yaml").write_text(resolved, encoding="utf-8")
-    spec = {
-        "work_dir": str(work_dir.resolve()),
-        "dataset_dir": str((ctx.input_dir("prepare") / "dataset").resolve()),
-        "identity": _identity(ctx.config, ctx.input_dir("prepare")),
-        "config": config_dump,
-        "mlflow_run_id": ctx.mlflow_run_id,
-        "mlflow_tracking_uri": mlflow.get_tracking_uri() if ctx.mlflow_run_id else None,
-    }
+    prepared = ctx.input_dir("prepare")
+    spec = {"work_dir": str(work_dir.resolve()), "dataset_dir": str((prepared / "dataset").resolve()),
+            "identity": _identity(ctx.config, prepared), "config": config_dump,
+            "mlflow_run_id": ctx.mlflow_run_id,
+            "mlflow_tracking_uri": mlflow.get_tracking_uri() if ctx.mlflow_run_id else None}
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
     spec_path = work_dir / SPEC
@@ -141,10 +135,9 @@ def worker_env(tcfg: Any) -> dict[str, str]:
 
 
 def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
-    """``torchrun`` for one node. SIGUSR1 is added to the signals torchrun forwards to workers
-    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint.
-    With ``$UORA_TRAIN_LAUNCHER`` set (slurm/launch.sh: one torchrun per node of the allocation),
-    that launcher starts the workers instead, with the same worker command."""
+    """``torchrun`` for one node, forwarding SIGUSR1 too (by default it would kill torchrun itself);
+    workers get ``preempt_grace_s`` to checkpoint. With ``$UORA_TRAIN_LAUNCHER`` set (slurm/launch.sh:
+    one torchrun per node of the allocation), that launcher starts the same worker command."""
     worker = ["-m", "pipeline.stages.train_worker", str(spec_path)]
     if launcher := os.environ.get(LAUNCHER_ENV):
         return [launcher, *worker]

@@ -34,17 +34,21 @@ import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
+from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers.trainer_utils import sort_checkpoints  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl.chat_template_utils import has_generation_markers  # noqa: E402
 
+import uora  # noqa: E402  (registers UORA with PEFT)
+from pipeline.adapters import build_peft_config  # noqa: E402
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.models import load_model, load_tokenizer  # noqa: E402
 from pipeline.tracking import metric_name  # noqa: E402
 
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-DONE = "DONE"
-PREEMPTED = "PREEMPTED"
-METRICS = "metrics.json"
-LOSS_PNG = "loss_curve.png"
+# Names in the work folder; DONE is written last (every output is complete), PREEMPTED on a stop.
+CHECKPOINTS, ADAPTER, DONE, PREEMPTED = "checkpoints", "adapter", "DONE", "PREEMPTED"
+METRICS, LOSS_PNG = "metrics.json", "loss_curve.png"
 
 
 class TrainingFailed(RuntimeError):
@@ -69,11 +73,8 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
     data = datasets.load_from_disk(str(dataset_dir))
 
     def shaped(rows: Any, cap: int | None = None) -> Any:
-        rows = rows.select_columns(["messages"])
-        rows = rows.take(cap) if cap is not None else rows
-        if completion_only:
-            rows = rows.map(to_prompt_completion, remove_columns=["messages"])
-        return rows
+        rows = rows.select_columns(["messages"]).take(cap or len(rows))
+        return rows.map(to_prompt_completion, remove_columns=["messages"]) if completion_only else rows
 
     evals = data["eval"]
     labels = evals["source"] if "source" in evals.column_names else []
@@ -131,20 +132,10 @@ def train(spec: dict[str, Any]) -> int:
 
 
 def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
-    """The recipe. ``DONE`` comes last: its presence means every output is complete."""
     work_dir, rank = Path(spec["work_dir"]), os.environ.get("RANK", "0")  # torchrun's global rank
     is_rank0 = rank == "0"
     (work_dir / "pids").mkdir(parents=True, exist_ok=True)
     (work_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
-
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from trl import SFTConfig, SFTTrainer
-
-    import uora  # registers UORA with PEFT
-    from pipeline.adapters import build_peft_config
-    from pipeline.config import PipelineConfig
-    from pipeline.models import load_model, load_tokenizer
-
     cfg = PipelineConfig.model_validate(spec["config"])
     tcfg = cfg.train
     use_cpu = tcfg.use_cpu if tcfg.use_cpu is not None else not torch.cuda.is_available()
@@ -288,14 +279,11 @@ def cpu_threads(nproc: int, requested: int | None = None) -> int:
 
 
 def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
-    """Extra ``TrainingArguments`` so that N processes form ONE distributed training (README,
-    "Several processes, DeepSpeed"). Everywhere ``ddp_broadcast_buffers=False``: DDP would send UORA's
-    shared projections from rank 0 before each forward (~90 MB a step for Llama-2-7B at r=1024), and
-    the ranks agree without it (``UoraReinitCallback`` broadcasts A/B once, re-init is deterministic).
-    On CPU, accelerate 1.15 (``PartialState.__init__``) needs ``use_cpu`` to see N processes; with
-    DeepSpeed it then skips DeepSpeed's init, so (WORKAROUND, until accelerate handles CPU DeepSpeed)
-    we init DeepSpeed's comm on gloo, build a MULTI_CPU ``PartialState`` marked DEEPSPEED, and let the
-    Trainer reuse it (``use_configured_state``); ``use_cpu`` stays for ``bf16`` on CPU."""
+    """Extra ``TrainingArguments`` so that N processes form ONE distributed training (README, "Several
+    processes, DeepSpeed"). No DDP buffer broadcast: UORA's shared projections (~90 MB a step for
+    Llama-2-7B at r=1024) agree anyway (``UoraReinitCallback`` broadcasts A/B once, re-init is
+    deterministic). CPU DeepSpeed is a WORKAROUND for accelerate 1.15 (``PartialState.__init__``):
+    DeepSpeed's comm on gloo, a MULTI_CPU ``PartialState`` marked DEEPSPEED the Trainer reuses."""
     common: dict[str, Any] = {"ddp_broadcast_buffers": False}
     if not use_cpu:
         return common
@@ -314,7 +302,7 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
     if not ds_comm.is_initialized():
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     state = PartialState(cpu=True, backend="gloo")
-    state.distributed_type = DistributedType.DEEPSPEED
+    state.distributed_type = DistributedType.DEEPSPEED  # use_cpu stays: TrainingArguments wants it for bf16
     return {**common, "use_cpu": True, "accelerator_config": {"use_configured_state": True}}
 
 
@@ -393,11 +381,6 @@ def shipped_templates() -> dict[str, str]:
     return {e.name.removesuffix(".jinja"): e.read_text("utf-8") for e in entries if e.name.endswith(".jinja")}
 
 
-def has_generation_markers(template: str | None) -> bool:
-    """True when the template marks assistant spans (whitespace-control variants included)."""
-    return {"generation", "endgeneration"} <= set(re.findall(r"{%-?\s*(\w+)\s*-?%}", template or ""))
-
-
 def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], prompt: bool) -> str | None:
     try:
         return tokenizer.apply_chat_template(
@@ -450,10 +433,8 @@ _SKIP = {"epoch", "total_flos", "step", "train_loss", "train_runtime", "train_sa
 
 
 class MetricsCallback(transformers.TrainerCallback):
-    """Adds ``tokens_per_second`` and ``seconds_per_step`` to each training log (optimizer steps only:
-    evaluation and checkpointing between logs are not training speed) and sends the logs to the
-    train stage's MLflow run from rank 0, through ``MlflowClient``: no active run needed, so the same
-    code works in-process (the driver's run is active) and in torchrun workers (it is not)."""
+    """Adds ``tokens_per_second`` and ``seconds_per_step`` (optimizer steps only, not eval or saving) to
+    each log and sends logs to the stage's MLflow run from rank 0 (``MlflowClient``: no active run needed)."""
 
     def __init__(
         self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
