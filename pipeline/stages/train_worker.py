@@ -19,10 +19,11 @@ import statistics
 import sys
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pipeline import quiet
 
@@ -33,7 +34,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from accelerate.utils import gather_object  # noqa: E402
+from accelerate.utils import DistributedType, gather_object  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers.trainer_utils import sort_checkpoints  # noqa: E402
@@ -290,15 +293,12 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
     if not deepspeed:
         return {**common, "use_cpu": True}
     import deepspeed.comm as ds_comm
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
+    import deepspeed.ops as ds_ops
 
     if os.environ.get("UORA_DS_SHM_COMM", "0") != "1":
         # DeepSpeed JIT-compiles a shared-memory all-reduce op on first CPU init (~100 s on two cores,
         # per machine); gloo is exact and enough. The dict is DeepSpeed's op-compatibility cache.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not ds_comm.is_initialized():
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     state = PartialState(cpu=True, backend="gloo")
@@ -369,10 +369,8 @@ _PROBES = (
 )
 
 
-class TemplateChoice(NamedTuple):
-    template: str | None  # None: the caller falls back to completion-only loss
-    source: str  # "model" (already marked), a shipped template name, or "none"
-    reason: str
+# template None: the caller falls back to completion-only loss; source: "model", a shipped name or "none"
+TemplateChoice = namedtuple("TemplateChoice", "template source reason")
 
 
 def shipped_templates() -> dict[str, str]:
@@ -440,11 +438,7 @@ class MetricsCallback(transformers.TrainerCallback):
         self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
     ) -> None:
         self.run_id, self.is_rank0, self.progress_path = run_id, is_rank0, progress_path
-        self.client = None
-        if run_id and is_rank0:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri) if run_id and is_rank0 else None
         self.history: list[dict[str, float]] = []
         self._mark: tuple[int, int] | None = None  # tokens seen and step at the first step or last log
         self._since = self._busy = 0.0  # when training time last resumed; its sum since the mark
@@ -478,8 +472,6 @@ class MetricsCallback(transformers.TrainerCallback):
             staging.write_text(json.dumps({"step": state.global_step, "max_steps": state.max_steps}))
             staging.replace(self.progress_path)
         if self.client is not None:
-            from mlflow.entities import Metric
-
             stamp = int(time.time() * 1000)
             batch = [Metric(key, value, stamp, state.global_step) for key, value in metrics.items()]
             self.client.log_batch(self.run_id, metrics=batch)
