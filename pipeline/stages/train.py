@@ -122,10 +122,15 @@ def _identity(config: Any, prepare_dir: Path) -> str:
     return sha256(digest_of(config_slice(config, CONFIG_SECTIONS)), *data)
 
 
+def cpu_threads(nproc: int, requested: int | None = None) -> int:
+    """Threads per CPU worker: the request, else the usable cores split evenly between processes (N
+    workers each using every core, torch's default, make CPU training several times slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return requested or max(1, cores // nproc)
+
+
 def worker_env(tcfg: Any) -> dict[str, str]:
     """Environment for torchrun workers: our code first on the path, sane CPU threading."""
-    from pipeline.stages.train_worker import cpu_threads
-
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

@@ -137,6 +137,11 @@ def train(spec: dict[str, Any]) -> int:
 def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     work_dir, rank = Path(spec["work_dir"]), os.environ.get("RANK", "0")  # torchrun's global rank
     is_rank0 = rank == "0"
+
+    def log(message: str) -> None:  # rank 0 speaks for all
+        if is_rank0:
+            print(f"[train] {message}", file=sys.stderr, flush=True)
+
     (work_dir / "pids").mkdir(parents=True, exist_ok=True)
     (work_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
     cfg = PipelineConfig.model_validate(spec["config"])
@@ -154,14 +159,13 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
         choice = choose_training_template(tokenizer)
         if choice.template is not None:
             tokenizer.chat_template = choice.template
-            _log(is_rank0, f"assistant-only loss; chat template: {choice.reason}")
+            log(f"assistant-only loss; chat template: {choice.reason}")
         elif tcfg.template_fallback == "error":
             raise TrainingFailed(f"model.chat_template: {choice.reason}; provide a template with "
                                  "{% generation %} markers or set train.template_fallback: completion_only")
         else:
             completion_only = True
-            _log(is_rank0, f"{choice.reason}: falling back to completion-only loss on the last "
-                 "assistant turn")
+            log(f"{choice.reason}: falling back to completion-only loss on the last assistant turn")
     train_ds, eval_ds = _datasets(Path(spec["dataset_dir"]), tcfg.max_eval_samples, completion_only)
 
     ckpt_dir = work_dir / CHECKPOINTS
@@ -200,14 +204,14 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
                          processing_class=tokenizer, callbacks=[*callbacks, preempt, metrics_cb])  # fmt: skip
 
     if resume is not None:
-        _log(is_rank0, f"resuming from {resume}")
+        log(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if preempt.stopped_at is not None:
         if is_rank0:
             checkpoint = last_complete_checkpoint(ckpt_dir)
             info = {"step": preempt.stopped_at, "checkpoint": str(checkpoint), "signal": preempt.signal_name}
             (work_dir / PREEMPTED).write_text(json.dumps(info))
-            _log(True, f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
+            log(f"preempted at step {preempt.stopped_at}: checkpoint {checkpoint}; rerun to resume")
         trainer.accelerator.wait_for_everyone()
         return 0
 
@@ -272,13 +276,6 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
 
 # Processes: devices, preemption, checkpoints.
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def cpu_threads(nproc: int, requested: int | None = None) -> int:
-    """Threads per CPU worker: the request, else the usable cores split evenly between processes (N
-    workers each using every core, torch's default, make CPU training several times slower)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return requested or max(1, cores // nproc)
 
 
 def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
@@ -379,23 +376,23 @@ def shipped_templates() -> dict[str, str]:
     return {e.name.removesuffix(".jinja"): e.read_text("utf-8") for e in entries if e.name.endswith(".jinja")}
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], prompt: bool) -> str | None:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
-        )
-    except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
-        return None
-
-
 def renders_identically(tokenizer: Any, candidate: str, reference: str) -> bool:
     """True when ``candidate`` renders exactly like ``reference`` on every probe conversation
     (those ``reference`` accepts), with and without the generation prompt."""
+
+    def render(template: str, messages: list[dict[str, str]], prompt: bool) -> str | None:
+        try:
+            return tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+            )
+        except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
+            return None
+
     for probe in _PROBES:
         for prompt in (False, True):
             messages = [{"role": role, "content": text} for role, text in (probe[:-1] if prompt else probe)]
-            want = _render(tokenizer, reference, messages, prompt)
-            if want is not None and _render(tokenizer, candidate, messages, prompt) != want:
+            want = render(reference, messages, prompt)
+            if want is not None and render(candidate, messages, prompt) != want:
                 return False
     return True
 
@@ -530,11 +527,6 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
     fig.tight_layout()
     return fig
-
-
-def _log(enabled: bool, message: str) -> None:
-    if enabled:
-        print(f"[train] {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

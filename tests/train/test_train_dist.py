@@ -12,7 +12,6 @@ from pipeline.stages import train
 from pipeline.stages.train_worker import (
     PREEMPT_SIGNALS,
     PreemptionCallback,
-    cpu_threads,
     handling_signals,
     last_complete_checkpoint,
     remove_incomplete_checkpoints,
@@ -51,9 +50,9 @@ def test_last_complete_checkpoint_ignores_half_written_ones(tmp_path):
 
 def test_cpu_threads_split_cores_between_workers():
     cores = len(os.sched_getaffinity(0))
-    assert cpu_threads(1) == cores
-    assert cpu_threads(cores * 4) == 1
-    assert cpu_threads(2, requested=3) == 3
+    assert train.cpu_threads(1) == cores
+    assert train.cpu_threads(cores * 4) == 1
+    assert train.cpu_threads(2, requested=3) == 3
 
 
 def test_gpu_hosts_get_no_cpu_workaround_and_ddp_never_broadcasts_buffers():
@@ -87,4 +86,4 @@ def test_torchrun_forwards_sigusr1_and_slurm_launcher_replaces_it(tmp_path, monk
         str(tmp_path / "spec.json"),
     ]
     env = train.worker_env(tcfg)
-    assert env["OMP_NUM_THREADS"] == str(cpu_threads(2))
+    assert env["OMP_NUM_THREADS"] == str(train.cpu_threads(2))
