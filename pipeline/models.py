@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
+from huggingface_hub import ModelCard, try_to_load_from_cache
 
 from pipeline.digests import file_digest
 
@@ -51,8 +52,6 @@ def hub_model_id(config: ModelConfig) -> str | None:
 
 def hub_cached(repo_id: str, revision: str | None = None) -> bool:
     """Whether the Hugging Face cache holds ``repo_id``'s config.json (no network, no torch)."""
-    from huggingface_hub import try_to_load_from_cache
-
     return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
@@ -146,8 +145,6 @@ def base_model_card(config: ModelConfig) -> dict[str, str]:
         return {key: value for key, value in {**card, "license": meta.get("license")}.items() if value}
     if Path(location).exists():
         return {}
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
     readme = try_to_load_from_cache(location, "README.md", revision=config.revision)
     licence = ModelCard.load(readme).data.license if isinstance(readme, str) else None
     return {"base_model": location, **({"license": licence} if licence else {})}

@@ -111,9 +111,8 @@ def summary(metrics: dict[str, float]) -> str:
 
 
 def _identity(config: Any, prepare_dir: Path) -> str:
-    """What a checkpoint in the work folder depends on: the config slice training reads (the one the
-    driver's identity uses) and the prepared data. Nothing else: editing an eval-only setting of a
-    preempted run must resume its checkpoints, not delete hours of training."""
+    """What a checkpoint depends on: the config slice training reads (the driver's) and the prepared
+    data, nothing else: editing an eval-only setting of a preempted run must not delete its training."""
     from pipeline.config import config_slice
     from pipeline.digests import digest_of, sha256
 

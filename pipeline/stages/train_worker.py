@@ -1,8 +1,7 @@
-"""One process of an SFT run (``python -m pipeline.stages.train_worker SPEC_JSON``), in-process or
-under torchrun/Slurm; the spec the train stage writes holds every input, so a requeued job needs
-nothing else. ``_train`` is the recipe, top to bottom; below it: how N processes agree on devices,
-stopping and resuming; the chat template the loss mask comes from; throughput and MLflow logging
-(rank 0 only); the loss figure."""
+"""One process of an SFT run (``python -m pipeline.stages.train_worker SPEC_JSON``), in-process or under
+torchrun/Slurm; the spec the train stage writes holds every input, so a requeued job needs nothing else.
+``_train`` is the recipe; below it: how N processes agree on devices, stopping and resuming; the chat
+template the loss mask comes from; throughput and MLflow logging (rank 0 only); the loss figure."""
 
 from __future__ import annotations
 
