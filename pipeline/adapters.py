@@ -6,6 +6,8 @@ model only if it passes; evaluate answers with a merged model only if it passes)
 from __future__ import annotations
 
 import importlib
+import json
+from importlib import resources
 from typing import Any
 
 # Relative tolerance on max |merged - reference| / max |reference| per saved dtype. Merging and
@@ -15,36 +17,18 @@ from typing import Any
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 # Fixed verification prompts: varied enough to touch many tokens, short enough to run on CPU.
-VERIFY_PROMPTS: tuple[str, ...] = (
-    "Explain in two sentences why the sky is blue.",
-    "What is 17 multiplied by 23? Show your reasoning.",
-    "Write a haiku about autumn leaves.",
-    "Convert 5 kilometres to miles.",
-    "Reverse the list [3, 1, 4, 1, 5] and return it as JSON.",
-    "Give three tips for writing clear documentation.",
-    "What day of the week comes 10 days after a Monday?",
-    "Summarise the plot of Romeo and Juliet in one sentence.",
-    "Translate 'good morning' into French and Spanish.",
-    "List the first five prime numbers.",
-    "Describe a cat to someone who has never seen one.",
-    "Format the name 'ada lovelace' in title case.",
-    "Why do we use version control for source code?",
-    "What is the capital of Australia?",
-    "Write a Python one-liner that sums the squares of 1 to 10.",
-    "Suggest a name for a bakery that sells only bread.",
+VERIFY_PROMPTS: tuple[str, ...] = tuple(
+    json.loads(line)["prompt"]
+    for line in (resources.files("pipeline") / "builtin" / "verify_prompts.jsonl").read_text().splitlines()
 )
 
-PEFT_CONFIGS = {
-    "uora": ("uora", "UoraConfig"),
-    "lora": ("peft", "LoraConfig"),
-    "vera": ("peft", "VeraConfig"),
-}
+PEFT_CONFIGS = {"uora": "uora.UoraConfig", "lora": "peft.LoraConfig", "vera": "peft.VeraConfig"}
 
 
 def peft_config_class(method: str) -> type:
     """``UoraConfig`` / ``LoraConfig`` / ``VeraConfig``, imported only now (never while validating);
     importing ``uora`` also registers the method with PEFT."""
-    module, name = PEFT_CONFIGS[method]
+    module, name = PEFT_CONFIGS[method].split(".")
     return getattr(importlib.import_module(module), name)
 
 
@@ -58,12 +42,10 @@ def verification_inputs(tokenizer: Any, count: int, max_tokens: int) -> list[Any
     import torch
 
     inputs = []
-    for prompt in VERIFY_PROMPTS[:count]:
-        messages = [{"role": "user", "content": prompt}]
-        if getattr(tokenizer, "chat_template", None):
+    for text in VERIFY_PROMPTS[:count]:
+        if tokenizer.chat_template:
+            messages = [{"role": "user", "content": text}]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = prompt
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
         inputs.append(torch.tensor([ids], dtype=torch.long))
     return inputs
@@ -83,8 +65,7 @@ def compare_logits(reference: list[Any], candidate: list[Any]) -> dict[str, floa
     and how often the arg-max token agrees (over every position of every prompt)."""
     import torch
 
-    ref = torch.cat(reference)
-    cand = torch.cat(candidate)
+    ref, cand = torch.cat(reference), torch.cat(candidate)
     diff = (ref - cand).abs()
     max_abs = float(diff.max())
     return {

@@ -1,12 +1,7 @@
-"""Base-model and tokenizer loading: hub id, local folder, or a GGUF file (converted once).
-
-Every stage loads its model through here, so the security rules hold everywhere:
-``trust_remote_code`` only when the config says so, and safetensors only.
-
-GGUF checkpoints are de-quantised by transformers on load, which takes tens of seconds; the first
-load therefore converts the file to an ordinary safetensors folder in a cache keyed by the file's
-content digest, and later loads (other stages, other ranks, other runs) read that folder.
-"""
+"""Base-model and tokenizer loading: hub id, local folder, or a GGUF file. Every stage loads its
+model here, so ``trust_remote_code`` (only when configured) and safetensors-only hold everywhere.
+A GGUF file is de-quantised once (tens of seconds) into a safetensors folder cached by the file's
+content digest; later loads (other stages, ranks, runs) read that folder."""
 
 from __future__ import annotations
 
@@ -14,7 +9,6 @@ import functools
 import importlib.util
 import os
 import re
-import shutil
 import struct
 import sys
 import tempfile
@@ -24,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
+from huggingface_hub import ModelCard, try_to_load_from_cache
 
 from pipeline.digests import file_digest
 
@@ -42,7 +37,7 @@ def resolve_package_dir(name_or_path: str) -> str:
     """Map ``pkg://<package>`` to the installed package's folder without importing the package."""
     if not name_or_path.startswith(PACKAGE_SCHEME):
         return name_or_path
-    package = name_or_path[len(PACKAGE_SCHEME) :]
+    package = name_or_path.removeprefix(PACKAGE_SCHEME)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model.name_or_path: Python package {package!r} is not installed")
@@ -56,21 +51,16 @@ def hub_model_id(config: ModelConfig) -> str | None:
 
 
 def hub_cached(repo_id: str, revision: str | None = None) -> bool:
-    """Whether the Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``) holds ``repo_id``'s
-    config.json; read from disk, no network (and no torch, so ``validate`` may call it)."""
-    from huggingface_hub import try_to_load_from_cache
-
+    """Whether the Hugging Face cache holds ``repo_id``'s config.json (no network, no torch)."""
     return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
 def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
     """One probe of the hub before a run needs it (``models``: config field → model). If it fails:
-    offline mode for the rest of this process and its workers (cached weights then load at once,
-    not after a minute of retries per file), and the one line to fail with for weights that are not
-    cached. Nothing to do for local weights or under ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``
-    (the user's choice; transformers then fails without retrying)."""
-    repos = {field: (hub_model_id(model), model.revision) for field, model in models.items()}
-    repos = {field: found for field, found in repos.items() if found[0]}
+    offline mode for this process and its workers (cached weights load at once, not after a minute
+    of retries per file), and the one line to fail with for weights that are not cached. Nothing to
+    do for local weights or under ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` (the user's choice)."""
+    repos = {field: (m.name_or_path, m.revision) for field, m in models.items() if hub_model_id(m)}
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     if not repos or offline.lower() in ("1", "true", "yes", "on"):
         return None
@@ -95,10 +85,8 @@ def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
 
 
 def checkpoint_digest(path: Path) -> str:
-    """``file_digest`` of a checkpoint file, computed once per process while the file is unchanged:
-    every stage resolves its model several times (tokenizer, weights, identities), and a GGUF
-    file is ~100 MB. Checkpoints are replaced, not edited in place, so inode, size and mtime
-    identify the content."""
+    """``file_digest`` of a checkpoint, once per process while inode, size and mtime are unchanged
+    (checkpoints are replaced, not edited): every stage resolves its model several times."""
     stat = path.stat()
     return _memo_digest(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
@@ -108,17 +96,13 @@ def _memo_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
     return file_digest(path)
 
 
-def convert_gguf(directory: str, gguf_file: str, cache: Path | None = None) -> Path:
-    """Convert ``directory/gguf_file`` to a safetensors + tokenizer folder, once per content digest.
-
-    Safe under concurrency (several ranks or test workers): a file lock serialises conversion, and
-    the folder appears by an atomic rename only once it is complete.
-    """
+def convert_gguf(directory: str, gguf_file: str) -> Path:
+    """Convert ``directory/gguf_file`` to a safetensors + tokenizer folder, once per content digest;
+    safe for concurrent ranks (a file lock, and an atomic rename of the complete folder)."""
     source = Path(directory) / gguf_file
     if not source.is_file():
         raise FileNotFoundError(f"model.gguf_file: {source} does not exist")
-    cache = cache or cache_root()
-    target = cache / "gguf" / f"{source.stem}-{checkpoint_digest(source)[:16]}"
+    target = cache_root() / "gguf" / f"{source.stem}-{checkpoint_digest(source)[:16]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,39 +112,31 @@ def convert_gguf(directory: str, gguf_file: str, cache: Path | None = None) -> P
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source.parent), gguf_file=source.name, dtype=torch.float32
-        )
-        # The de-quantised weights are ordinary float tensors; drop the GGUF marker so that
-        # transformers serialises them as a plain checkpoint.
+        folder, name = str(source.parent), source.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # The de-quantised weights are plain float tensors: drop the GGUF marker to save them as such.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
+        with tempfile.TemporaryDirectory(prefix=target.name + ".", dir=target.parent,
+                                         ignore_cleanup_errors=True) as staging:  # fmt: skip
             model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            os.rename(staging, target)
     return target
 
 
 def resolve_model_dir(config: ModelConfig) -> str:
     """The hub id or local folder that ``from_pretrained`` should read for this config."""
     location = resolve_package_dir(config.name_or_path)
-    if config.gguf_file:
-        return str(convert_gguf(location, config.gguf_file))
-    return location
+    return str(convert_gguf(location, config.gguf_file)) if config.gguf_file else location
 
 
 def base_model_card(config: ModelConfig) -> dict[str, str]:
-    """What a model card says about the base model, read offline: ``base_model`` (its hub id) and
-    ``license``, where known. A hub id is taken as configured, with the licence of its cached hub
-    card; a GGUF file is named ``<general.organization>/<file name less its quantisation suffix>``
-    from its metadata (the CPU default: ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``apache-2.0``);
-    a local folder has no hub id."""
+    """``base_model`` (hub id) and ``license`` for a model card, read offline, where known: a hub id as
+    configured with its cached card's licence; a GGUF file as ``<general.organization>/<file name less
+    its quantisation suffix>`` with its metadata's licence; a local folder: nothing."""
     location = resolve_package_dir(config.name_or_path)
     if config.gguf_file:
         meta = gguf_general_metadata(Path(location) / config.gguf_file)
@@ -169,8 +145,6 @@ def base_model_card(config: ModelConfig) -> dict[str, str]:
         return {key: value for key, value in {**card, "license": meta.get("license")}.items() if value}
     if Path(location).exists():
         return {}
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
     readme = try_to_load_from_cache(location, "README.md", revision=config.revision)
     licence = ModelCard.load(readme).data.license if isinstance(readme, str) else None
     return {"base_model": location, **({"license": licence} if licence else {})}
@@ -199,16 +173,14 @@ def gguf_general_metadata(path: Path) -> dict[str, Any]:
             key, kind = text(), read("I")
             if not key.startswith("general.") or kind == 9:  # general.* come first; arrays end the walk
                 break
-            found[key[len("general.") :]] = text() if kind == 8 else read(_GGUF_SCALARS[kind])
+            found[key.removeprefix("general.")] = text() if kind == 8 else read(_GGUF_SCALARS[kind])
     return found
 
 
 def read_chat_template(config: ModelConfig) -> str | None:
     """The configured chat template override: a path to a Jinja file, or the template text."""
     template = config.chat_template
-    if template is None:
-        return None
-    if "{" not in template and Path(template).is_file():
+    if template and "{" not in template and Path(template).is_file():
         return Path(template).read_text(encoding="utf-8")
     return template
 
@@ -217,13 +189,9 @@ def load_tokenizer(config: ModelConfig) -> Any:
     """The tokenizer, with the chat-template override applied and a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_dir(config),
-        revision=config.revision,
-        trust_remote_code=config.trust_remote_code,
-    )
-    template = read_chat_template(config)
-    if template is not None:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config), revision=config.revision,
+                                              trust_remote_code=config.trust_remote_code)
+    if (template := read_chat_template(config)) is not None:
         tokenizer.chat_template = template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -231,24 +199,14 @@ def load_tokenizer(config: ModelConfig) -> Any:
 
 
 def load_model(config: ModelConfig, *, quantize: bool | None = None, device_map: Any = None) -> Any:
-    """The base causal LM in the configured dtype; 8-bit via bitsandbytes when ``quantize``.
-
-    ``quantize`` defaults to ``config.load_in_8bit``; export passes ``False`` to merge into
-    full-precision weights even when training used an 8-bit base.
-    """
+    """The base causal LM in the configured dtype; 8-bit via bitsandbytes when ``quantize`` (default
+    ``config.load_in_8bit``; export passes ``False`` to merge into full-precision weights)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {
-        "revision": config.revision,
-        "trust_remote_code": config.trust_remote_code,
-        "use_safetensors": True,
-        "dtype": getattr(torch, config.dtype),
-    }
-    if config.load_in_8bit if quantize is None else quantize:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(config), **kwargs)
+    eight_bit = config.load_in_8bit if quantize is None else quantize
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir(config), revision=config.revision, trust_remote_code=config.trust_remote_code,
+        use_safetensors=True, dtype=getattr(torch, config.dtype), device_map=device_map,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True) if eight_bit else None,
+    )

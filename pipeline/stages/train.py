@@ -1,14 +1,7 @@
 """The 'train' stage: prepared chat data -> a PEFT adapter (UORA, LoRA or VeRA) via TRL's SFTTrainer.
-
-The recipe itself lives in ``train_worker`` (one process of training). This module decides how
-to run it: in this process for one process without DeepSpeed, otherwise under ``torchrun`` with
-``train.nproc_per_node`` workers. It passes the workers the exact config, the dataset path and
-the MLflow child run (only global rank 0 logs), forwards SIGTERM/SIGUSR1 so the workers can
-checkpoint, and turns the outcome into a ``StageResult``.
-
-Resuming needs no flag: ``ctx.work_dir`` survives an interrupted attempt, and the worker resumes
-from its last complete checkpoint (``trainer_state.json`` present).
-"""
+It runs ``train_worker``'s recipe in this process (one process, no DeepSpeed) or under ``torchrun``,
+forwards SIGTERM/SIGUSR1 so the workers can checkpoint, and turns the outcome into a ``StageResult``.
+Resuming needs no flag: ``ctx.work_dir`` survives an interrupted attempt, with its checkpoints."""
 
 from __future__ import annotations
 
@@ -35,80 +28,75 @@ LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker
 
 
 def run(ctx: StageContext) -> StageResult:
+    import mlflow
+
     from pipeline.stages import train_worker as worker
 
-    work_dir = ctx.work_dir
-    tcfg = ctx.config.train
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    caller_sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    work_dir, tcfg = ctx.work_dir, ctx.config.train
+    main_thread = threading.current_thread() is threading.main_thread()
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None  # see the end of training
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
-    dataset_dir = ctx.input_dir("prepare") / "dataset"
-    if tcfg.deepspeed and not Path(tcfg.deepspeed).is_file():
-        raise StageError(f"train.deepspeed: {tcfg.deepspeed} does not exist")
-
     # The exact config: what was set (defaults omitted, so it re-validates and reloads as is),
     # plus the fully resolved one for reading.
     config_dump = ctx.config.model_dump(mode="json", exclude_unset=True)
     (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
     resolved = yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False)
     (work_dir / "config_resolved.yaml").write_text(resolved, encoding="utf-8")
-    spec = {
-        "work_dir": str(work_dir.resolve()),
-        "dataset_dir": str(dataset_dir.resolve()),
-        "identity": _identity(ctx.config, ctx.input_dir("prepare")),
-        "config": config_dump,
-        "mlflow_run_id": ctx.mlflow_run_id,
-        "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None,
-    }
+    prepared = ctx.input_dir("prepare")
+    spec = {"work_dir": str(work_dir.resolve()), "dataset_dir": str((prepared / "dataset").resolve()),
+            "identity": _identity(ctx.config, prepared), "config": config_dump,
+            "mlflow_run_id": ctx.mlflow_run_id,
+            "mlflow_tracking_uri": mlflow.get_tracking_uri() if ctx.mlflow_run_id else None}
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
     spec_path = work_dir / SPEC
-    finished = _same_attempt(spec_path, spec["identity"]) and (work_dir / worker.DONE).is_file()
-    if not _same_attempt(spec_path, spec["identity"]):
-        # Checkpoints of another config or other data must not be resumed: start over.
+    try:
+        same_attempt = json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == spec["identity"]
+    except (OSError, ValueError):
+        same_attempt = False
+    if not same_attempt:  # checkpoints of another config or other data must not be resumed
         shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
-    if not finished:
-        for stale in (worker.DONE, worker.PREEMPTED):
-            (work_dir / stale).unlink(missing_ok=True)
+        (work_dir / worker.DONE).unlink(missing_ok=True)
+    (work_dir / worker.PREEMPTED).unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
-    if finished:  # an earlier attempt trained and saved everything, then stopped before returning
+    if (work_dir / worker.DONE).is_file():  # an earlier attempt saved everything, then stopped short
         code = 0
     elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed and not os.environ.get(LAUNCHER_ENV):
-        code = _run_in_process(spec)
+        try:
+            code = worker.train(spec)
+        except worker.TrainingFailed as exc:
+            raise StageError(str(exc)) from None
     else:
         code = _run_torchrun(spec_path, tcfg)
 
     preempted = work_dir / worker.PREEMPTED
     if preempted.is_file():
         info = json.loads(preempted.read_text())
-        if info.get("signal") == "SIGTERM" and callable(caller_sigterm):
-            # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's:
-            # close the MLflow run as KILLED, keep the .partial folder, exit 143) see the signal
-            # that training intercepted.
+        if info["signal"] == "SIGTERM" and callable(caller_sigterm):
+            # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's: close the
+            # MLflow run as KILLED, keep the .partial folder, exit 143) see the signal training intercepted.
             os.kill(os.getpid(), signal.SIGTERM)
         raise StagePreempted(
-            f"training preempted ({info.get('signal')}) at step {info['step']}; checkpoint saved in "
+            f"training preempted ({info['signal']}) at step {info['step']}; checkpoint saved in "
             f"{info['checkpoint']}; rerun the same command to resume"
         )
     if code != 0 or not (work_dir / worker.DONE).is_file():
         raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
 
-    metrics = json.loads((work_dir / worker.METRICS).read_text())
-    _log_artifacts(ctx, work_dir)
+    if ctx.mlflow_run_id:  # the train child run is active in this process
+        for name in (worker.LOSS_PNG, "config.yaml", worker.METRICS):
+            if (work_dir / name).is_file():
+                mlflow.log_artifact(str(work_dir / name))
     # Checkpoints are for resuming only; the finished stage keeps the adapter, not GBs of state.
     shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
     shutil.rmtree(work_dir / "pids", ignore_errors=True)
     return StageResult(
-        metrics=metrics,
-        outputs={
-            "adapter": worker.ADAPTER,
-            "config": "config.yaml",
-            "metrics": worker.METRICS,
-            "loss_curve": worker.LOSS_PNG,
-        },
+        metrics=json.loads((work_dir / worker.METRICS).read_text()),
+        outputs={"adapter": worker.ADAPTER, "config": "config.yaml", "metrics": worker.METRICS,
+                 "loss_curve": worker.LOSS_PNG},
         extra={"adapter_method": ctx.config.adapter.method, "nproc_per_node": tcfg.nproc_per_node},
     )
 
@@ -123,9 +111,8 @@ def summary(metrics: dict[str, float]) -> str:
 
 
 def _identity(config: Any, prepare_dir: Path) -> str:
-    """What a checkpoint in the work folder depends on: the config slice training reads (the one the
-    driver's identity uses) and the prepared data. Nothing else: editing an eval-only setting of a
-    preempted run must resume its checkpoints, not delete hours of training."""
+    """What a checkpoint depends on: the config slice training reads (the driver's) and the prepared
+    data, nothing else: editing an eval-only setting of a preempted run must not delete its training."""
     from pipeline.config import config_slice
     from pipeline.digests import digest_of, sha256
 
@@ -134,32 +121,15 @@ def _identity(config: Any, prepare_dir: Path) -> str:
     return sha256(digest_of(config_slice(config, CONFIG_SECTIONS)), *data)
 
 
-def _same_attempt(spec_path: Path, identity: str) -> bool:
-    try:
-        return json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == identity
-    except (OSError, ValueError):
-        return False
-
-
-def _tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def _run_in_process(spec: dict[str, Any]) -> int:
-    from pipeline.stages import train_worker as worker
-
-    try:
-        return worker.train(spec)
-    except worker.TrainingFailed as exc:
-        raise StageError(str(exc)) from None
+def cpu_threads(nproc: int, requested: int | None = None) -> int:
+    """Threads per CPU worker: the request, else the usable cores split evenly between processes (N
+    workers each using every core, torch's default, make CPU training several times slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return requested or max(1, cores // nproc)
 
 
 def worker_env(tcfg: Any) -> dict[str, str]:
     """Environment for torchrun workers: our code first on the path, sane CPU threading."""
-    from pipeline.stages.train_dist import cpu_threads
-
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -169,29 +139,18 @@ def worker_env(tcfg: Any) -> dict[str, str]:
 
 
 def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
-    """``torchrun`` for one node. SIGUSR1 is added to the signals torchrun forwards to workers
-    (by default it would kill torchrun itself); workers get ``preempt_grace_s`` to checkpoint.
-
-    With ``$UORA_TRAIN_LAUNCHER`` set (slurm/launch.sh: one torchrun per node of the allocation),
-    that launcher starts the workers instead, with the same worker command.
-    """
+    """``torchrun`` for one node, forwarding SIGUSR1 too (by default it would kill torchrun itself);
+    workers get ``preempt_grace_s`` to checkpoint. With ``$UORA_TRAIN_LAUNCHER`` set (slurm/launch.sh:
+    one torchrun per node of the allocation), that launcher starts the same worker command."""
     worker = ["-m", "pipeline.stages.train_worker", str(spec_path)]
-    launcher = os.environ.get(LAUNCHER_ENV)
-    if launcher:
+    if launcher := os.environ.get(LAUNCHER_ENV):
         return [launcher, *worker]
     # torchrun learnt --shutdown_timeout after torch 2.11 (which rejects it: the GPU kit found this);
     # older ones give workers their fixed 30 s to checkpoint.
     grace = [f"--shutdown_timeout={tcfg.preempt_grace_s}"] if _torchrun_knows("--shutdown_timeout") else []
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={tcfg.nproc_per_node}",
-        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        *grace,
-        *worker,
-    ]
+    nproc = f"--nproc_per_node={tcfg.nproc_per_node}"
+    signals = "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", nproc, signals, *grace, *worker]
 
 
 def _torchrun_knows(option: str) -> bool:
@@ -202,31 +161,13 @@ def _torchrun_knows(option: str) -> bool:
 
 
 def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
+    from pipeline.stages.train_worker import handling_signals
+
     proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
-
-    def forward(signum: int, _frame: Any) -> None:
-        proc.send_signal(signum)  # torchrun passes it on to every worker
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {
-            sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-        }
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # torchrun passes them on to every worker
     try:
-        return proc.wait()
+        with handling_signals(lambda signum, _frame: proc.send_signal(signum), signals):
+            return proc.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if proc.poll() is None:
             proc.kill()
-
-
-def _log_artifacts(ctx: StageContext, work_dir: Path) -> None:
-    """The loss curve, config and metrics on the train child run (active in this process)."""
-    if not ctx.mlflow_run_id:
-        return
-    import mlflow
-
-    for name in ("loss_curve.png", "config.yaml", "metrics.json"):
-        if (work_dir / name).is_file():
-            mlflow.log_artifact(str(work_dir / name))

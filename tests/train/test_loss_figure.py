@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.stages.train_metrics import loss_figure, plot_loss_curve
+from pipeline.stages.train_worker import loss_figure, plot_loss_curve
 
 TRAIN = [{"loss": 1.7, "step": 1}, {"loss": 1.5, "step": 5}, {"loss": 1.6, "step": 10}]
 

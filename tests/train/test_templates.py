@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.stages.train_templates import (
+from pipeline.stages.train_worker import (
     choose_training_template,
     has_generation_markers,
     shipped_templates,

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.stages import train
-from pipeline.stages.train_dist import (
+from pipeline.stages.train_worker import (
+    PREEMPT_SIGNALS,
     PreemptionCallback,
-    PreemptionFlag,
-    cpu_threads,
+    handling_signals,
     last_complete_checkpoint,
     remove_incomplete_checkpoints,
     training_args_for_device,
@@ -22,19 +22,16 @@ from pipeline.stages.train_dist import (
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_sets_flag_and_callback_stops_with_a_checkpoint(sig):
     before = signal.getsignal(sig)
-    flag = PreemptionFlag().install()
-    try:
-        callback = PreemptionCallback(flag)
+    callback = PreemptionCallback()
+    with handling_signals(callback.handle, PREEMPT_SIGNALS):
         control = SimpleNamespace(should_save=False, should_training_stop=False)
         callback.on_step_end(None, SimpleNamespace(global_step=3), control)
         assert not control.should_save and callback.stopped_at is None
         os.kill(os.getpid(), sig)
-        assert flag.requested and flag.signal_name == sig.name
+        assert callback.signal_name == sig.name
         callback.on_step_end(None, SimpleNamespace(global_step=4), control)
         assert control.should_save and control.should_training_stop
         assert callback.stopped_at == 4 and callback.signal_name == sig.name
-    finally:
-        flag.uninstall()
     assert signal.getsignal(sig) == before
 
 
@@ -53,9 +50,9 @@ def test_last_complete_checkpoint_ignores_half_written_ones(tmp_path):
 
 def test_cpu_threads_split_cores_between_workers():
     cores = len(os.sched_getaffinity(0))
-    assert cpu_threads(1) == cores
-    assert cpu_threads(cores * 4) == 1
-    assert cpu_threads(2, requested=3) == 3
+    assert train.cpu_threads(1) == cores
+    assert train.cpu_threads(cores * 4) == 1
+    assert train.cpu_threads(2, requested=3) == 3
 
 
 def test_gpu_hosts_get_no_cpu_workaround_and_ddp_never_broadcasts_buffers():
@@ -89,4 +86,4 @@ def test_torchrun_forwards_sigusr1_and_slurm_launcher_replaces_it(tmp_path, monk
         str(tmp_path / "spec.json"),
     ]
     env = train.worker_env(tcfg)
-    assert env["OMP_NUM_THREADS"] == str(cpu_threads(2))
+    assert env["OMP_NUM_THREADS"] == str(train.cpu_threads(2))

@@ -275,12 +275,12 @@ def test_step_time_leaves_out_evaluation(monkeypatch):
     """seconds_per_step covers optimizer steps: time spent evaluating between steps is excluded."""
     from types import SimpleNamespace
 
-    from pipeline.stages import train_metrics
+    from pipeline.stages import train_worker
 
     # perf_counter at: step 1 begins, step 1 ends, step 2 begins (after a 10 s eval), step 2 ends, log
     clock = iter([0.0, 1.0, 11.0, 12.0, 12.5])
-    monkeypatch.setattr(train_metrics.time, "perf_counter", lambda: next(clock))
-    callback = train_metrics.MetricsCallback(None, None, is_rank0=True)
+    monkeypatch.setattr(train_worker.time, "perf_counter", lambda: next(clock))
+    callback = train_worker.MetricsCallback(None, None, is_rank0=True)
     state = SimpleNamespace(global_step=0, num_input_tokens_seen=0)
     callback.on_step_begin(None, state, None)
     state.global_step, state.num_input_tokens_seen = 1, 100
