@@ -1,11 +1,11 @@
 """Built-in tasks with verifiable answers, generated from a seed: the CPU default runs offline on data
 that ships with the project, and evaluation checks answers exactly (no judge). Generation is
-deterministic and prefix-stable (``generate_tasks(k, s)`` is the first ``k`` of ``generate_tasks(n, s)``).
-"""
+deterministic and prefix-stable (``generate_tasks(k, s)`` is the first ``k`` of ``generate_tasks(n, s)``)."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import random
 from pathlib import Path
@@ -75,17 +75,13 @@ def _string_manipulation(rng: random.Random) -> Task:
 
 def _list_manipulation(rng: random.Random) -> Task:
     numbers = [rng.randint(1, 99) for _ in range(rng.randint(4, 7))]
-    shown = ", ".join(map(str, numbers))
-    kind = rng.randrange(4)
-    if kind == 0:
-        return f"Sort these numbers in ascending order: {shown}", "", ", ".join(map(str, sorted(numbers)))
-    if kind == 1:
-        total = sum(numbers)
-        return f"What is the sum of {shown}?", " + ".join(map(str, numbers)) + f" = {total}.", str(total)
-    if kind == 2:
-        return f"What is the largest number in this list: {shown}?", "", str(max(numbers))
+    shown, total = ", ".join(map(str, numbers)), sum(numbers)
     evens = ", ".join(str(n) for n in numbers if n % 2 == 0)
-    return f"List the even numbers from {shown}, keeping their order (or 'none').", "", evens or "none"
+    return [(f"Sort these numbers in ascending order: {shown}", "", ", ".join(map(str, sorted(numbers)))),
+            (f"What is the sum of {shown}?", " + ".join(map(str, numbers)) + f" = {total}.", str(total)),
+            (f"What is the largest number in this list: {shown}?", "", str(max(numbers))),
+            (f"List the even numbers from {shown}, keeping their order (or 'none').", "", evens or "none"),
+            ][rng.randrange(4)]  # fmt: skip
 
 
 def _date_arithmetic(rng: random.Random) -> Task:
@@ -126,8 +122,7 @@ def generate_tasks(n: int, seed: int) -> list[dict[str, str]]:
     if n < 0:
         raise ValueError(f"n must be >= 0 (got {n})")
     rng, tasks = random.Random(seed), []
-    for i in range(n):
-        category = CATEGORIES[i % len(CATEGORIES)]
+    for category in itertools.islice(itertools.cycle(CATEGORIES), n):
         instruction, steps, answer = GENERATORS[category](rng)
         output = f"{steps}\nAnswer: {answer}" if steps else f"Answer: {answer}"
         tasks.append({"category": category, "instruction": instruction, "output": output, "answer": answer})

@@ -14,7 +14,7 @@ NUMBER = re.compile(r"(?:(?<![\w])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 def parse_number(text: str) -> Decimal | None:
     """``text`` as a number when all of it is one ("1,000", "$12", "-3", "0.5", "10."), else None."""
     text = text.strip().rstrip(".")
-    return Decimal(text.replace(",", "").replace("$", "")) if NUMBER.fullmatch(text) else None
+    return last_number(text) if NUMBER.fullmatch(text) else None
 
 
 def last_number(text: str) -> Decimal | None:

@@ -1,13 +1,11 @@
-"""The 'export' stage: copy the trained adapter, merge it into its base, verify, write a standalone model.
-
-The merged folder, reloaded from disk by plain ``transformers``, must reproduce base + adapter's
-logits within the dtype's tolerance, else no ``merged/`` is left. The model card holds no evaluation
-scores: depending on evaluate would make re-judging invalidate a multi-GB model that did not change
-(scores live in evaluate's MLflow run and the registered version's ``eval.*`` tags, set by promote).
-"""
+"""The 'export' stage: copy the trained adapter, merge it into its base, verify, write a standalone model:
+reloaded from disk by plain ``transformers``, it must reproduce base + adapter's logits within the dtype's
+tolerance, else no ``merged/`` is left. The model card holds no scores (re-judging would invalidate a
+multi-GB model that did not change): they live in evaluate's MLflow run and promote's ``eval.*`` tags."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -36,10 +34,10 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"export: {final_dir} already exists; pass --force to overwrite it")
     source = ctx.input_dir("train") / "adapter"
     config_path = source / "adapter_config.json"
-    if not config_path.is_file():
-        raise StageError(f"export: {config_path} is missing (the train stage writes it)")
-    if not (source / "adapter_model.safetensors").is_file():
-        raise StageError(f"export: {source / 'adapter_model.safetensors'} is missing (safetensors only)")
+    for path, why in ((config_path, "the train stage writes it"),
+                      (source / "adapter_model.safetensors", "safetensors only")):  # fmt: skip
+        if not path.is_file():
+            raise StageError(f"export: {path} is missing ({why})")
     try:
         adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as error:
@@ -67,11 +65,10 @@ def run(ctx: StageContext) -> StageResult:
     (work / "adapter" / "README.md").write_text(model_card(ctx, lineage, report, "adapter"), encoding="utf-8")
     (work / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
     if (mlflow := active_mlflow()) is not None:  # metrics: the driver logs the StageResult's (once)
-        for name in ("verification.json", "lineage.json"):
+        for name, folder in (("verification.json", None), ("lineage.json", None),
+                             ("merged/README.md", "model_card")):  # fmt: skip
             if (work / name).is_file():
-                mlflow.log_artifact(str(work / name))
-        if (work / "merged" / "README.md").is_file():
-            mlflow.log_artifact(str(work / "merged" / "README.md"), artifact_path="model_card")
+                mlflow.log_artifact(str(work / name), artifact_path=folder)
     return StageResult(metrics=metrics, outputs=outputs, extra=extra)
 
 
@@ -169,12 +166,11 @@ def data_digests(run_dir: Path) -> dict[str, str]:
 
 
 def _parent_run_id(run_id: str | None) -> str | None:
-    try:
-        import mlflow
+    import mlflow
 
+    with contextlib.suppress(Exception):  # tracking unavailable: lineage simply lacks the parent
         return mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
-    except Exception:  # tracking unavailable: lineage simply lacks the parent
-        return None
+    return None
 
 
 def _remove(path: Path) -> None:

@@ -1,9 +1,6 @@
-"""The 'prepare' stage: sources → chat messages → checked, filtered, deduplicated, split dataset.
-
-Files load through ``datasets``' builders; malformed rows are reported by file and row (JSONL: line).
-The result is cached by a digest of everything it depends on (data config, source contents,
-tokenizer and template, seed), so reruns, other ranks and other nodes reuse it.
-"""
+"""The 'prepare' stage: sources → chat messages → checked, filtered, deduplicated, split dataset; cached
+by a digest of all it depends on (data config, source contents, tokenizer and template, seed), so reruns,
+other ranks and other nodes reuse it. Malformed rows are reported by file and row (JSONL: line)."""
 
 from __future__ import annotations
 
@@ -234,8 +231,7 @@ def check_template(tokenizer: Any) -> None:
 
 
 def token_lengths(tokenizer: Any, rows: list[Row]) -> list[int | None]:
-    """Rendered length in tokens per row (``Dataset.map``, batched); None where the template fails."""
-    from datasets import Dataset
+    """Rendered length in tokens per row (tokenised 256 at a time); None where the template fails."""
     from tqdm.auto import tqdm
 
     def render(messages: list[dict[str, str]]) -> str | None:
@@ -244,18 +240,14 @@ def token_lengths(tokenizer: Any, rows: list[Row]) -> list[int | None]:
         except Exception:
             return None
 
-    def measure(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        texts = [render(messages) for messages in batch["messages"]]
-        ids = tokenizer([text or "" for text in texts], add_special_tokens=False)["input_ids"]
-        bar.update(len(texts))
-        return {"length": [len(i) if text is not None else None for text, i in zip(texts, ids, strict=True)]}
-
-    if not rows:
-        return []
+    lengths: list[int | None] = []
     with tqdm(total=len(rows), desc="rendering + tokenising", unit="row", leave=False, disable=None) as bar:
-        conversations = Dataset.from_dict({"messages": [row["messages"] for row in rows]})
-        # An in-memory dataset and a given fingerprint: no cache files, no hashing of the tokenizer.
-        return conversations.map(measure, batched=True, batch_size=256, new_fingerprint="lengths")["length"]
+        for start in range(0, len(rows), 256):
+            texts = [render(row["messages"]) for row in rows[start:start + 256]]
+            ids = tokenizer([text or "" for text in texts], add_special_tokens=False)["input_ids"]
+            lengths += [len(i) if text is not None else None for text, i in zip(texts, ids, strict=True)]
+            bar.update(len(texts))
+    return lengths
 
 
 def key(row: Row) -> str:
@@ -329,17 +321,14 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
         lengths = dict(zip(map(key, flat), token_lengths(tokenizer, flat), strict=True))
         seen: set[str] = set()
         for rows in per_source:
-            kept = []
+            reasons = []
             for row in rows:
                 length = lengths[key(row)]
-                reason = ("duplicate" if config.data.dedupe and key(row) in seen else "template_error"
-                          if length is None else "too_long" if length > config.data.max_length else "")
+                reasons.append("duplicate" if config.data.dedupe and key(row) in seen else "template_error"
+                               if length is None else "too_long" if length > config.data.max_length else "")
                 seen.add(key(row))
-                if reason:
-                    counts[reason] += 1
-                else:
-                    kept.append(row)
-            rows[:] = kept
+            counts.update(filter(None, reasons))
+            rows[:] = [row for row, reason in zip(rows, reasons, strict=True) if not reason]
         train, held_out = split(per_source, config, counts)
         features = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
                              "source": Value("string"), "answer": Value("string")})  # fmt: skip
