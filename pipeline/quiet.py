@@ -16,9 +16,6 @@ from pathlib import Path
 # [logger, message start, why it is dropped], one per line
 LOG_MESSAGES = [json.loads(line) for line in (Path(__file__).parent / "builtin" / "quiet_log_messages.jsonl")
                 .read_text(encoding="utf-8").splitlines()]  # fmt: skip
-# (category, message regex, why it is dropped)
-WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated", "PEFT 0.21 reads transformers' "
-             "old attribute name when wrapping a model; our own code uses `activation_checkpointing`"),)
 
 
 def _keep(start: str, record: logging.LogRecord) -> bool:
@@ -33,8 +30,8 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(getattr(known, "args", None) == (start,) for known in logger.filters):
             logger.addFilter(functools.partial(_keep, start))
-    for category, pattern, _why in WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
+    # PEFT 0.21 reads transformers' old attribute name when wrapping a model (ours: activation_checkpointing)
+    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "5")
         os.environ.setdefault("TQDM_POSITION", "0")

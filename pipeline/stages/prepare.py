@@ -44,8 +44,7 @@ class Malformed(ValueError):
 
 def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, Any]]:
     """The numbered raw records of one source (from 1; JSONL: by line); a failure is one StageError line.
-    Files go through ``datasets``' builders; Arrow wants one type per column, so a JSON/JSONL file that
-    is not one table (a line not JSON, a row not an object) is read row by row, each bad row reported."""
+    A JSON/JSONL file that is not one Arrow table (a line not JSON, a row not an object) is read by row."""
     import datasets
 
     from pipeline.builtin_tasks import generate_tasks
@@ -256,10 +255,9 @@ def key(row: Row) -> str:
 
 
 def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) -> tuple[list[Row], ...]:
-    """Train and eval rows. Each source's ``eval_samples`` slice is held out first, so it stays fixed
-    when the mixture changes (methods and mixtures compare on the same rows); ``samples`` and ``weight``
-    then sample each source (without replacement, seeded); without per-source slices, the first
-    ``eval_size`` / ``eval_fraction`` of the mixture in hash order (:func:`hash_order`) are eval."""
+    """Train and eval rows. Each source's ``eval_samples`` slice is held out first, fixed when the mixture
+    changes; ``samples`` and ``weight`` then sample each source (without replacement, seeded); without
+    per-source slices, the first ``eval_size`` / ``eval_fraction`` of the mixture in hash order are eval."""
     data, seed = config.data, data_seed(config)
     rng, held_out, mixed = random.Random(seed), [], []
     for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
@@ -267,10 +265,9 @@ def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) 
         if k and k >= len(rows):
             raise StageError(f"data.sources.{index}.eval_samples: {k} eval rows leave no training rows of "
                              f"{source.label} ({len(rows)} rows after filtering)")  # fmt: skip
-        ordered = hash_order(rows, seed)
-        held_out.extend(ordered[:k])
-        kept = {id(row) for row in ordered[k:]}
-        rows[:] = [row for row in rows if id(row) in kept]  # source order
+        held_out.extend(held := hash_order(rows, seed)[:k])
+        taken = set(map(id, held))
+        rows[:] = [row for row in rows if id(row) not in taken]  # source order
     weights = {i: float(source.weight) for i, source in enumerate(data.sources) if source.weight is not None}
     shares = {i: weight / sum(weights.values()) for i, weight in weights.items()}
     total = data.max_samples or min((len(per_source[i]) / share for i, share in shares.items()), default=0)
@@ -412,9 +409,12 @@ def prepare_cached(config: PipelineConfig, tokenizer: Any) -> tuple[Path, bool]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Prepare the dataset (or reuse the cached one) and say what came in, what went out, what was
-    dropped and why."""
+    """Prepare the dataset (or reuse the cached one); say what came in, went out, was dropped and why;
+    log stats.json, the length plot and the datasets (with digests) on the active child run."""
+    from datasets import load_from_disk
+
     from pipeline.models import load_tokenizer
+    from pipeline.tracking import active_mlflow, log_dataset
 
     try:
         tokenizer = load_tokenizer(ctx.config.model)
@@ -432,29 +432,19 @@ def run(ctx: StageContext) -> StageResult:
         print(f"  malformed: {item['source']} row {item['row']}: {item['reason']}")
     if stats["dropped"].get("malformed", 0) > 5:
         print(f"  ... all malformed rows: {ctx.run_dir / NAME / 'malformed.jsonl'}")
-    log_to_mlflow(ctx, stats)
+    if (mlflow := active_mlflow()) is not None:
+        for name in ("stats.json", "token_lengths.png", "malformed.jsonl"):
+            if (ctx.work_dir / name).is_file():
+                mlflow.log_artifact(str(ctx.work_dir / name))
+        dataset = load_from_disk(str(ctx.work_dir / "dataset"))
+        for split_name, context in (("train", "training"), ("eval", "evaluation")):
+            log_dataset(dataset[split_name], name=f"{ctx.config.run.name}-{split_name}", context=context,
+                        digest=stats["digests"][split_name][:16], source=str(ctx.run_dir / NAME / "dataset"))
+        mlflow.set_tags({"data.digest." + re.sub(r"[^\w./ -]", "_", k): v[:16]
+                         for k, v in stats["digests"]["sources"].items()})  # fmt: skip
     metrics = {"rows_in": stats["rows_in"]["total"], "rows_train": stats["rows_out"]["train"],
                "rows_eval": stats["rows_out"]["eval"], "cache_hit": float(hit),
                **{f"dropped.{k}": v for k, v in stats["dropped"].items() if ":" not in k},
                **{f"token_length.{k}": v for k, v in stats["token_length"].items()}}  # fmt: skip
     return StageResult(metrics=metrics, outputs={"dataset": "dataset", "stats": "stats.json"},
                        extra={"cache": str(built), "digests": stats["digests"]})  # fmt: skip
-
-
-def log_to_mlflow(ctx: StageContext, stats: dict[str, Any]) -> None:
-    """stats.json, the length plot and the datasets (with digests) on the active child run."""
-    from datasets import load_from_disk
-
-    from pipeline.tracking import active_mlflow, log_dataset
-
-    if (mlflow := active_mlflow()) is None:
-        return
-    for name in ("stats.json", "token_lengths.png", "malformed.jsonl"):
-        if (ctx.work_dir / name).is_file():
-            mlflow.log_artifact(str(ctx.work_dir / name))
-    dataset = load_from_disk(str(ctx.work_dir / "dataset"))
-    for split_name, context in (("train", "training"), ("eval", "evaluation")):
-        log_dataset(dataset[split_name], name=f"{ctx.config.run.name}-{split_name}", context=context,
-                    digest=stats["digests"][split_name][:16], source=str(ctx.run_dir / NAME / "dataset"))
-    safe = {re.sub(r"[^\w./ -]", "_", k): v[:16] for k, v in stats["digests"]["sources"].items()}
-    mlflow.set_tags({f"data.digest.{k}": v for k, v in safe.items()})
