@@ -5,7 +5,6 @@ multi-GB model that did not change): they live in evaluate's MLflow run and prom
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -48,11 +47,13 @@ def run(ctx: StageContext) -> StageResult:
     for stale in ("adapter", "merged", "merged.tmp", "verification.json", "lineage.json"):
         _remove(work / stale)  # an interrupted attempt's leftovers are never trusted
     shutil.copytree(source, work / "adapter")
+    mlflow = active_mlflow()  # the stage's child run (ctx.mlflow_run_id), if tracking is on
+    parent_run = mlflow and ctx.mlflow_run_id and mlflow.active_run().data.tags.get("mlflow.parentRunId")
     lineage = {
         "adapter_digest": folder_digest(source), "data_digests": data_digests(ctx.run_dir),
         "base_model": ctx.config.model.name_or_path, "base_gguf_file": ctx.config.model.gguf_file,
         "base_card": base_model_card(ctx.config.model), "method": method, "r": adapter_config.get("r"),
-        "mlflow_run_id": ctx.mlflow_run_id, "mlflow_parent_run_id": _parent_run_id(ctx.mlflow_run_id),
+        "mlflow_run_id": ctx.mlflow_run_id, "mlflow_parent_run_id": parent_run,
     }  # fmt: skip
     outputs, metrics, report = {"adapter": "adapter", "lineage": "lineage.json"}, {}, None
     extra: dict[str, Any] = {"method": method, "mode": ctx.config.export.mode}
@@ -64,7 +65,7 @@ def run(ctx: StageContext) -> StageResult:
     # PEFT's save_pretrained left its empty template (and a local path as base_model) here.
     (work / "adapter" / "README.md").write_text(model_card(ctx, lineage, report, "adapter"), encoding="utf-8")
     (work / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
-    if (mlflow := active_mlflow()) is not None:  # metrics: the driver logs the StageResult's (once)
+    if mlflow is not None:  # metrics: the driver logs the StageResult's (once)
         for name, folder in (("verification.json", None), ("lineage.json", None),
                              ("merged/README.md", "model_card")):  # fmt: skip
             if (work / name).is_file():
@@ -148,9 +149,8 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
 
 
 def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any] | None, kind: str) -> str:
-    """A Hugging Face model card (YAML front matter + Markdown, rendered from builtin/model_card.md.jinja
-    as huggingface_hub renders its cards) for ``merged/`` or ``adapter/``; ``report`` is the merge
-    verification (None in ``adapter_only`` mode)."""
+    """The Hugging Face model card of ``merged/`` or ``adapter/`` (builtin/model_card.md.jinja, rendered as
+    huggingface_hub renders cards); ``report``: the merge verification (None in ``adapter_only`` mode)."""
     import jinja2
 
     text = (Path(__file__).parents[1] / "builtin" / "model_card.md.jinja").read_text(encoding="utf-8")
@@ -163,14 +163,6 @@ def data_digests(run_dir: Path) -> dict[str, str]:
     """sha256 of the prepared dataset folder (content of every file, in path order), if present."""
     dataset = run_dir / "prepare" / "dataset"
     return {"prepare/dataset": folder_digest(dataset)} if dataset.is_dir() else {}
-
-
-def _parent_run_id(run_id: str | None) -> str | None:
-    import mlflow
-
-    with contextlib.suppress(Exception):  # tracking unavailable: lineage simply lacks the parent
-        return mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
-    return None
 
 
 def _remove(path: Path) -> None:
