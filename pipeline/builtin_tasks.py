@@ -124,6 +124,6 @@ def generate_tasks(n: int, seed: int) -> list[dict[str, str]]:
     rng, tasks = random.Random(seed), []
     for category in itertools.islice(itertools.cycle(CATEGORIES), n):
         instruction, steps, answer = GENERATORS[category](rng)
-        output = f"{steps}\nAnswer: {answer}" if steps else f"Answer: {answer}"
-        tasks.append({"category": category, "instruction": instruction, "output": output, "answer": answer})
+        tasks.append({"category": category, "instruction": instruction,
+                      "output": (steps and f"{steps}\n") + f"Answer: {answer}", "answer": answer})
     return tasks

@@ -43,9 +43,7 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"export: {config_path} is not valid JSON: {error}") from error
     method = str(adapter_config.get("peft_type", "?")).lower()
     work = ctx.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    for stale in ("adapter", "merged", "merged.tmp", "verification.json", "lineage.json"):
-        _remove(work / stale)  # an interrupted attempt's leftovers are never trusted
+    shutil.rmtree(work, ignore_errors=True)  # an interrupted attempt's leftovers are never trusted
     shutil.copytree(source, work / "adapter")
     mlflow = active_mlflow()  # the stage's child run (ctx.mlflow_run_id), if tracking is on
     parent_run = mlflow and ctx.mlflow_run_id and mlflow.active_run().data.tags.get("mlflow.parentRunId")
@@ -141,7 +139,7 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
         (staging / "README.md").write_text(model_card(ctx, lineage, report, "merged"), encoding="utf-8")
         staging.rename(work / "merged")
     except BaseException:
-        _remove(staging)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("export: merged model verified (relative error %.3g, top-1 agreement %.3f) -> %s",
              report["rel_error"], report["top1_agreement"], work / "merged")  # fmt: skip
@@ -164,6 +162,3 @@ def data_digests(run_dir: Path) -> dict[str, str]:
     dataset = run_dir / "prepare" / "dataset"
     return {"prepare/dataset": folder_digest(dataset)} if dataset.is_dir() else {}
 
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

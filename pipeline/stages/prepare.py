@@ -113,10 +113,9 @@ def source_digest(source: DataSource, seed: int) -> str:
 
 
 def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
-    value = record.get(key)
-    if value is None and required:
+    if (value := record.get(key)) is None and required:
         raise Malformed(f"missing field '{key}'")
-    if value is not None and not isinstance(value, str):
+    if not isinstance(value, str | None):
         raise Malformed(f"field '{key}' must be a string (got {type(value).__name__})")
     return (value or "").strip()
 
@@ -224,8 +223,7 @@ def check_template(tokenizer: Any) -> None:
         text = tokenizer.apply_chat_template(probe, tokenize=False)
     except Exception as error:
         raise StageError(f"model.chat_template: the chat template does not render: {error}") from None
-    missing = [m["content"] for m in probe if m["content"] not in text]
-    if missing:
+    if missing := [m["content"] for m in probe if m["content"] not in text]:
         raise StageError(f"model.chat_template: the rendered template drops message content ({missing[0]})")
 
 
