@@ -104,8 +104,7 @@ def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, An
 
 
 def source_digest(source: DataSource, seed: int) -> str:
-    """What identifies a source: file bytes (sha256), generator settings, or hub coordinates
-    (name/config/split/revision: pin ``revision`` for exact reproducibility)."""
+    """What identifies a source: file bytes, generator settings or hub coordinates (pin ``revision``)."""
     if source.path is not None:
         return file_digest(source.path)
     spec = source.model_dump(mode="json", include={"hub", "config", "split", "revision", "builtin"})
@@ -274,11 +273,10 @@ def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) 
         want = source.samples or targets.get(index, len(rows))
         if want > len(rows):
             counts[f"short_of_requested:{source.label}"] += want - len(rows)
-        if want >= len(rows):
-            mixed.extend(rows)
-        else:
+        elif want < len(rows):
             counts["sampled_out"] += len(rows) - want
-            mixed.extend(rows[i] for i in sorted(rng.sample(range(len(rows)), want)))
+            rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), want))]
+        mixed.extend(rows)
     if not mixed:
         raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
     n, fraction = len(mixed), data.eval_fraction
@@ -375,8 +373,8 @@ def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
 
 
 def cache_key(config: PipelineConfig, tokenizer: Any) -> str:
-    """Everything the prepared dataset depends on (the cache location itself excluded); of the
-    tokenizer, what decides rendering and lengths: template, vocabulary and merges."""
+    """Everything the prepared dataset depends on but where it is cached; of the tokenizer, what decides
+    rendering and lengths: template, vocabulary and merges."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
     identity = sha256("\x00".join([type(tokenizer).__name__, tokenizer.chat_template or "", vocabulary]))
