@@ -101,13 +101,12 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
     else:
         log.warning("export: %s has no tokenizer; using the base model's", source)
         tokenizer = load_tokenizer(ctx.config.model)
-    base_cfg = ctx.config.model.model_copy(update={"dtype": dtype_name, "load_in_8bit": False})
-    base = load_model(base_cfg, quantize=False)  # in the dtype we ship: that rounding is real
+    # Unquantised, in the dtype we ship: that rounding is real.
+    base = load_model(ctx.config.model.model_copy(update={"dtype": dtype_name}), quantize=False)
     # Merge and verify in float32 (an exact upcast), so the shipped weights are rounded once, at save
     # time, and the check measures that rounding rather than half-precision compute.
-    model = PeftModel.from_pretrained(base.float(), str(source), is_trainable=True)
+    model = PeftModel.from_pretrained(base.float(), str(source), is_trainable=True).eval()
     trainable, total = model.get_nb_trainable_parameters()
-    model.eval()
     prompts = verification_inputs(tokenizer, cfg.verify_prompts, cfg.verify_max_tokens)
     reference = logits_of(model, prompts)
     with model.disable_adapter():  # how far the adapter moves the base: the check's resolution
