@@ -55,9 +55,8 @@ def read_source(source: DataSource, index: int, seed: int) -> list[tuple[int, An
         try:
             rows = datasets.load_dataset(hub, source.config, split=source.split, revision=source.revision)
         except Exception as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise StageError(f"data.sources.{index}.hub: cannot load {hub!r} (split {source.split!r}): "
-                             f"{first}") from None  # fmt: skip
+                             f"{(str(error).strip() or type(error).__name__).splitlines()[0]}") from None
         return list(enumerate(rows, start=1))
     path, field, rows = Path(source.path or ""), f"data.sources.{index}.path", None
     suffix = path.suffix.lower()
