@@ -305,7 +305,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
 
     check_template(tokenizer)
     bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a bar per file read, map and shard written: noise next to ours
+    datasets.disable_progress_bars()  # a bar per file read and shard written: noise next to ours
     try:
         per_source, malformed, formats, rows_in = load_examples(config)
         counts: Counter = Counter(malformed=len(malformed))
