@@ -1,6 +1,5 @@
-"""Built-in tasks with verifiable answers, generated from a seed: the CPU default runs offline on data
-that ships with the project, and evaluation checks answers exactly (no judge). Generation is
-deterministic and prefix-stable (``generate_tasks(k, s)`` is the first ``k`` of ``generate_tasks(n, s)``)."""
+"""Built-in tasks with verifiable answers from a seed, deterministic and prefix-stable: the CPU default
+runs offline on data that ships with the project, and evaluation checks answers exactly (no judge)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Known-harmless third-party console output, silenced where it arises: each message is named (its
-logger or warning text) with the reason a user can do nothing about it; everything else still shows.
-``install()`` runs first in ``python -m pipeline`` and in each training worker, before the libraries are
-imported (tqdm and datasets read their settings from the environment at import)."""
+"""Known-harmless third-party console output, silenced where it arises, each message named with why a user
+can do nothing about it. ``install()`` runs first in ``python -m pipeline`` and in each training worker,
+before the libraries are imported (tqdm and datasets read their settings from the environment at import)."""
 
 from __future__ import annotations
 
