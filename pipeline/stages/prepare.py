@@ -226,7 +226,8 @@ def check_template(tokenizer: Any) -> None:
 
 
 def token_lengths(tokenizer: Any, rows: list[Row]) -> list[int | None]:
-    """Rendered length in tokens per row (tokenised 256 at a time); None where the template fails."""
+    """Rendered length in tokens per row (``Dataset.map``, batched); None where the template fails."""
+    from datasets import Dataset
     from tqdm.auto import tqdm
 
     def render(messages: list[dict[str, str]]) -> str | None:
@@ -235,14 +236,18 @@ def token_lengths(tokenizer: Any, rows: list[Row]) -> list[int | None]:
         except Exception:
             return None
 
-    lengths: list[int | None] = []
+    def measure(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        texts = [render(messages) for messages in batch["messages"]]
+        ids = tokenizer([text or "" for text in texts], add_special_tokens=False)["input_ids"]
+        bar.update(len(texts))
+        return {"length": [len(i) if text is not None else None for text, i in zip(texts, ids, strict=True)]}
+
+    if not rows:
+        return []
     with tqdm(total=len(rows), desc="rendering + tokenising", unit="row", leave=False, disable=None) as bar:
-        for start in range(0, len(rows), 256):
-            texts = [render(row["messages"]) for row in rows[start:start + 256]]
-            ids = tokenizer([text or "" for text in texts], add_special_tokens=False)["input_ids"]
-            lengths += [len(i) if text is not None else None for text, i in zip(texts, ids, strict=True)]
-            bar.update(len(texts))
-    return lengths
+        # An in-memory dataset and a given fingerprint: no cache files, no hashing of the tokenizer.
+        conversations = Dataset.from_dict({"messages": [row["messages"] for row in rows]})
+        return conversations.map(measure, batched=True, batch_size=256, new_fingerprint="lengths")["length"]
 
 
 def key(row: Row) -> str:
@@ -305,7 +310,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
 
     check_template(tokenizer)
     bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a bar per file read and shard written: noise next to ours
+    datasets.disable_progress_bars()  # a bar per file read, map and shard written: noise next to ours
     try:
         per_source, malformed, formats, rows_in = load_examples(config)
         counts: Counter = Counter(malformed=len(malformed))
