@@ -47,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(lines: list[str]) -> int:
-    for line in lines:
-        print(line, file=sys.stderr)
+    print("".join(f"{line}\n" for line in lines), end="", file=sys.stderr)
     return EXIT_CONFIG
 
 
@@ -94,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stages = select_stages(args.command, args.from_stage, args.only)
         config = load_config(args.config, args.overrides)
-    except ValueError as error:
+    except (ValueError, ConfigError) as error:  # a ConfigError's str: its lines
         return _fail([str(error)])
-    except ConfigError as error:
-        return _fail(error.lines)
     if args.command == "validate":
         if args.print_config:
             print(to_yaml(config), end="")
