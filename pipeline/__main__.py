@@ -112,7 +112,10 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
     import json
 
-    from pipeline.plan import PlanError, plan, print_table, verdict
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.plan import PlanError, plan, verdict
     gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
     try:
         result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
@@ -120,8 +123,17 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
     except PlanError as error:
         code = _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
         return 0 if warn_only else code
-    if not warn_only:
-        print(json.dumps(result, indent=2)) if args.json else print_table(result)
+    if not warn_only and args.json:
+        print(json.dumps(result, indent=2))
+    elif not warn_only:
+        table, hours = Table("per GPU", "GiB"), result["hours_estimate"]
+        for key, value in result["per_gpu"].items():
+            table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")
+        lines = [f"{result['total_params']:,} parameters, {result['trainable_params']:,} trainable", table,
+                 verdict(result), f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
+                 f"{'unknown' if hours is None else f'{hours:.2f}'} hours"]  # fmt: skip
+        lines += [f"  {key}: {value}" for key, value in result["assumptions"].items()]
+        Console().print(*lines, sep="\n", highlight=False)
     if not result["fits"]:
         print(("warning: " if warn_only else "") + verdict(result), file=sys.stderr)
     return 0 if warn_only or result["fits"] else 1

@@ -1,8 +1,7 @@
-"""Runs the stages in order, skips those whose output is still valid, owns the MLflow parent run.
-A stage's output is trusted only through its manifest (``<run_dir>/<stage>/manifest.json``): the digest
-of the config slice it reads and of its upstream manifests, so a changed upstream re-runs everything
-downstream. A stage writes into ``<stage>.partial``; only after ``run`` returns does the driver write the
-manifest and rename the folder, so an interrupted or failed stage never leaves output a rerun would trust."""
+"""Runs the stages in order, skips those whose output is still valid, owns the MLflow parent run. A stage's
+output is trusted only through its manifest (``<stage>/manifest.json``: the digests of the config slice it
+reads and of its upstream manifests, so a changed upstream re-runs all downstream). A stage writes into
+``<stage>.partial``, renamed with its manifest only after ``run`` returns: a failed stage leaves no output."""
 
 from __future__ import annotations
 
@@ -33,11 +32,13 @@ EXIT_STAGE_FAILED, EXIT_TRACKING = 1, 2
 
 class Terminated(BaseException):
     """SIGTERM arrived (Slurm preemption, ``scancel``): stop like Ctrl-C, record it, exit 143."""
+    @staticmethod
+    def on_signal(signum: int, frame: Any) -> None:
+        raise Terminated()
 
 
-# What a stage that raised: (summary detail, stderr line, exit code); the MLflow run is FAILED for exit 1,
-# else KILLED. Preemption is no failure: progress is saved in <stage>.partial, and exit 0 lets a batch
-# system requeue the job.
+# A stage that raised: (summary detail, stderr line, exit code; MLflow status FAILED for 1, else KILLED).
+# Preemption is no failure: progress is saved in <stage>.partial; exit 0 lets a batch system requeue the job.
 OUTCOMES = {
     StagePreempted: ("{error}", "preempted: {error}", 0),
     StageError: ("{error}", "failed: {error}", 1),
@@ -159,7 +160,7 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
         return EXIT_STAGE_FAILED
     # SIGTERM becomes an exception: the stage's MLflow run closes as KILLED and the summary still prints.
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, Terminated.on_signal) if main_thread else None
     try:
         return _run_locked(config, selected, pipeline, force, config_path, console or Console())
     finally:
@@ -168,13 +169,11 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
         lock.release()
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
                 config_path: str | None, console: Any) -> int:  # fmt: skip
-    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri
+    from rich.table import Column, Table
+
+    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
     uri, tracker = resolve_uri(config), Tracker(config, config_path)
     try:
         if config.tracking.enabled:
@@ -219,7 +218,23 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
         if mlflow_status != "FINISHED":
             break
     tracker.finish(mlflow_status)
-    print_summary(console, config, reports, uri, tracker.parent_id)
+    # The summary, one screen: what ran, how long, where the outputs are, how to open the MLflow UI.
+    colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
+    headers = ("stage", "status", "time", "output / reason", "key metrics")
+    table = Table(*(Column(header, overflow="fold") for header in headers),
+                  title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
+    for report in reports:
+        colour = colours.get(report.status, "dim")
+        table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
+                      f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
+                      key_metrics(report.name, report.metrics))  # fmt: skip
+    console.print(table)
+    tracking, parent_id = config.tracking, tracker.parent_id
+    lines = [f"run dir:  {config.run_dir}", "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
+             else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
+             tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
+    for line in filter(None, lines):  # never wrapped: a command split over two lines cannot be pasted
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     return code
 
 
@@ -238,26 +253,3 @@ def key_metrics(name: str, metrics: dict[str, Any]) -> str:
     numbers = [(key, value) for key, value in metrics.items() if isinstance(value, int | float)][:3]
     return ", ".join(f"{key}={value:.4g}" for key, value in numbers)
 
-
-def print_summary(console: Any, config: PipelineConfig, reports: list[StageReport], uri: str,
-                  parent_id: str | None) -> None:  # fmt: skip
-    """One screen: what ran, how long, where the outputs are, how to open the MLflow UI."""
-    from rich.table import Column, Table
-
-    from pipeline.tracking import ui_command
-    colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
-    headers = ("stage", "status", "time", "output / reason", "key metrics")
-    table = Table(*(Column(header, overflow="fold") for header in headers),
-                  title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
-    for report in reports:
-        colour = colours.get(report.status, "dim")
-        table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
-                      f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
-                      key_metrics(report.name, report.metrics))  # fmt: skip
-    console.print(table)
-    tracking = config.tracking
-    lines = [f"run dir:  {config.run_dir}", "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
-             else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
-             tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
-    for line in filter(None, lines):  # never wrapped: a command split over two lines cannot be pasted
-        console.print(line, soft_wrap=True, markup=False, highlight=False)

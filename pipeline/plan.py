@@ -143,7 +143,7 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
     inputs: set[tuple[str, str]] = set()
     adapters = 0.0
     for name, fan_in, fan_out in shape["adapted"]:
-        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        parent, _, leaf = name.rpartition(".")
         if adapter.method == "lora":
             adapters += a * adapter.r
             if dropout:
@@ -187,12 +187,6 @@ def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int
     parts["overhead_gb"] = RUNTIME_GIB[device] * GIB + FRAGMENTATION * sum(parts.values())
     parts["total_gb"] = sum(parts.values())
     return {key: value / GIB for key, value in parts.items()}
-
-
-def max_batch(config: PipelineConfig, shape: dict[str, Any], world: int, capacity: float, device: str) -> int:
-    """The largest per-device batch whose total fits ``capacity`` GiB (0: not even one sequence)."""
-    too_big = lambda batch: memory(config, shape, world, batch, device)["total_gb"] > capacity  # noqa: E731
-    return bisect.bisect_left(range(1, 1 << 20), True, key=too_big)
 
 
 def mfu_from_results(method: str, base: str, r: int, results: Path | None = None) -> tuple[float, str] | None:
@@ -274,9 +268,10 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
         "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}, {'detected' if gpu_name else 'assumed'})",
         "flops_per_token": flops, "tokens": tokens_source,
     }  # fmt: skip
+    largest = bisect.bisect_left(range(1, 1 << 20), True,  # the largest batch that fits (0: not even one)
+                                 key=lambda b: memory(config, shape, world, b, device)["total_gb"] > capacity)
     return {"total_params": shape["total"], "trainable_params": shape["trainable"], "per_gpu": per_gpu,
-            "fits": per_gpu["total_gb"] <= capacity,
-            "max_per_device_batch": max_batch(config, shape, world, capacity, device),
+            "fits": per_gpu["total_gb"] <= capacity, "max_per_device_batch": largest,
             "tokens_per_second_estimate": tokens_per_s,
             "hours_estimate": tokens / tokens_per_s / 3600 if tokens is not None else None,
             "assumptions": assumptions}  # fmt: skip
@@ -291,17 +286,3 @@ def verdict(result: dict[str, Any]) -> str:
     largest = max(("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb"), key=gpu.__getitem__)
     hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
     return f"will not fit: needs {need} (largest part: {largest[:-3]} {gpu[largest]:.1f} GiB); {hint}"
-
-
-def print_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    table = Table("per GPU", "GiB")
-    for key, value in result["per_gpu"].items():
-        table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")
-    hours = result["hours_estimate"]
-    lines = [f"{result['total_params']:,} parameters, {result['trainable_params']:,} trainable", table,
-             verdict(result), f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
-             f"{'unknown' if hours is None else f'{hours:.2f}'} hours"]  # fmt: skip
-    lines += [f"  {key}: {value}" for key, value in result["assumptions"].items()]
-    Console().print(*lines, sep="\n", highlight=False)
