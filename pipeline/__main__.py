@@ -115,27 +115,33 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.plan import PlanError, plan, verdict
+    from pipeline.plan import PlanError, plan
     gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
     try:
         result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
                       model_config_path=args.model_config)  # fmt: skip
     except PlanError as error:
-        code = _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
-        return 0 if warn_only else code
+        _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
+        return 0 if warn_only else EXIT_CONFIG
+    gpu, batch, hours = result["per_gpu"], result["max_per_device_batch"], result["hours_estimate"]
+    need = f"{gpu['total_gb']:.1f} GiB per GPU of {gpu['capacity_gb']:.1f}"
+    part = max(("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb"), key=gpu.__getitem__)
+    hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
+    verdict = (f"fits: {need}; {hint}" if result["fits"]
+               else f"will not fit: needs {need} (largest part: {part[:-3]} {gpu[part]:.1f} GiB); {hint}")
     if not warn_only and args.json:
         print(json.dumps(result, indent=2))
     elif not warn_only:
-        table, hours = Table("per GPU", "GiB"), result["hours_estimate"]
-        for key, value in result["per_gpu"].items():
+        table = Table("per GPU", "GiB")
+        for key, value in gpu.items():
             table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")
         lines = [f"{result['total_params']:,} parameters, {result['trainable_params']:,} trainable", table,
-                 verdict(result), f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
+                 verdict, f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
                  f"{'unknown' if hours is None else f'{hours:.2f}'} hours"]  # fmt: skip
         lines += [f"  {key}: {value}" for key, value in result["assumptions"].items()]
         Console().print(*lines, sep="\n", highlight=False)
     if not result["fits"]:
-        print(("warning: " if warn_only else "") + verdict(result), file=sys.stderr)
+        print(("warning: " if warn_only else "") + verdict, file=sys.stderr)
     return 0 if warn_only or result["fits"] else 1
 
 

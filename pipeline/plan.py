@@ -84,10 +84,9 @@ def peft_on_meta(build: Any, peft_config: Any) -> Any:
 
 
 def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
-    """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps
-    adapters fp32: 4 + 4 + 8. DeepSpeed with bf16/fp16: a 16-bit weight (2) + the 18 bytes its
-    estimator itemises (16-bit and fp32 gradient, fp32 master, two moments); fp32: 4 + 12. ZeRO-1
-    shards the optimizer part, 2 the gradients too, 3 everything."""
+    """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps adapters
+    fp32: 4 + 4 + 8. DeepSpeed, bf16/fp16: a 16-bit weight + the 18 bytes its estimator itemises (16-bit and
+    fp32 gradient, fp32 master, two moments); fp32: 4 + 12. ZeRO-1 shards the optimizer, 2 grads, 3 all."""
     if not deepspeed:
         return 16.0
     weight, rest, grads = (2, 18, 6) if mixed else (4, 12, 4)
@@ -275,14 +274,3 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
             "tokens_per_second_estimate": tokens_per_s,
             "hours_estimate": tokens / tokens_per_s / 3600 if tokens is not None else None,
             "assumptions": assumptions}  # fmt: skip
-
-
-def verdict(result: dict[str, Any]) -> str:
-    """One line: fits or not, and why."""
-    gpu, batch = result["per_gpu"], result["max_per_device_batch"]
-    need = f"{gpu['total_gb']:.1f} GiB per GPU of {gpu['capacity_gb']:.1f}"
-    if result["fits"]:
-        return f"fits: {need}; largest per-device batch that fits: {batch}"
-    largest = max(("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb"), key=gpu.__getitem__)
-    hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
-    return f"will not fit: needs {need} (largest part: {largest[:-3]} {gpu[largest]:.1f} GiB); {hint}"

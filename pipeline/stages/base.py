@@ -36,8 +36,7 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """What a stage reports back: metrics (MLflow, manifest), named outputs (paths relative to the
-    stage folder) and anything else worth keeping in the manifest."""
+    """What a stage reports: metrics (MLflow, manifest), named outputs (relative to its folder), extras."""
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
