@@ -28,24 +28,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_CONFIG)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline", description="UORA instruction-tuning pipeline: prepare -> "
-                     "train -> evaluate -> export -> promote.")  # fmt: skip
-    parser.add_argument("command", help=f"one of: {', '.join(COMMANDS)}")
-    parser.add_argument("config", help="run config YAML (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage")
-    parser.add_argument("--only", metavar="STAGE[,STAGE]", help="run just these stages (comma-separated)")
-    parser.add_argument("--force", action="store_true", help="re-run selected stages even if up to date")
-    parser.add_argument("--print-config", action="store_true", help="validate: print the resolved config")
-    parser.add_argument("--nodes", type=int, default=1, help="plan: nodes (default 1)")
-    parser.add_argument("--gpus-per-node", type=int, help="plan: GPUs per node (default 1); validate: plan")
-    parser.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan: GPU memory (default: read)")
-    parser.add_argument("--model-config", metavar="PATH", help="plan: the model's config.json (no download)")
-    parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
-    return parser
-
-
 def _fail(lines: list[str]) -> int:
     print("".join(f"{line}\n" for line in lines), end="", file=sys.stderr)
     return EXIT_CONFIG
@@ -86,7 +68,21 @@ def readiness_warnings(config: Any) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     quiet.install()
-    args = build_parser().parse_args(argv)
+    parser = _Parser(prog="python -m pipeline", description="UORA instruction-tuning pipeline: prepare -> "
+                     "train -> evaluate -> export -> promote.")  # fmt: skip
+    parser.add_argument("command", help=f"one of: {', '.join(COMMANDS)}")
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage")
+    parser.add_argument("--only", metavar="STAGE[,STAGE]", help="run just these stages (comma-separated)")
+    parser.add_argument("--force", action="store_true", help="re-run selected stages even if up to date")
+    parser.add_argument("--print-config", action="store_true", help="validate: print the resolved config")
+    parser.add_argument("--nodes", type=int, default=1, help="plan: nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, help="plan: GPUs per node (default 1); validate: plan")
+    parser.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan: GPU memory (default: read)")
+    parser.add_argument("--model-config", metavar="PATH", help="plan: the model's config.json (no download)")
+    parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
+    args = parser.parse_args(argv)
     if args.command not in COMMANDS:
         return _fail([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
     from pipeline.config import ConfigError, load_config, to_yaml

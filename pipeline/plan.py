@@ -108,8 +108,8 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
     eight_bit = config.model.load_in_8bit
     wide = 4 if eight_bit or config.model.dtype == "float32" else 2  # bytes of a parameter not int8
     weights = matmul = largest = 0
-    adapted: list[tuple[str, int, int]] = []
-    seen: set[int] = set()
+    adapted: list[tuple[str, int, int]] = []  # (name, in, out) of each adapted linear layer
+    seen = set()  # tied parameters count once
     for name, module in model.named_modules():
         if hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Linear):
             adapted.append((name, module.base_layer.in_features, module.base_layer.out_features))
@@ -139,8 +139,7 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
     dropout = getattr(adapter, f"{adapter.method}_dropout")
     shared = dropout == 0 and e == a == 4  # no cast, no dropout: modules read the same tensor
     weight = 2 if mixed and config.train.deepspeed else 4  # adapter weights: fp32 but under DeepSpeed
-    inputs: set[tuple[str, str]] = set()
-    adapters = 0.0
+    inputs, adapters = set(), 0.0  # inputs: (parent module, shared input) already counted
     for name, fan_in, fan_out in shape["adapted"]:
         parent, _, leaf = name.rpartition(".")
         if adapter.method == "lora":
@@ -265,8 +264,7 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
         "overhead": f"{RUNTIME_GIB[device]} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack",
         "mfu": mfu, "mfu_source": mfu_source,
         "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}, {'detected' if gpu_name else 'assumed'})",
-        "flops_per_token": flops, "tokens": tokens_source,
-    }  # fmt: skip
+        "flops_per_token": flops, "tokens": tokens_source}  # fmt: skip
     largest = bisect.bisect_left(range(1, 1 << 20), True,  # the largest batch that fits (0: not even one)
                                  key=lambda b: memory(config, shape, world, b, device)["total_gb"] > capacity)
     return {"total_params": shape["total"], "trainable_params": shape["trainable"], "per_gpu": per_gpu,
