@@ -24,8 +24,7 @@ EXIT_CONFIG = 2
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like config errors."""
     def error(self, message: str) -> None:  # type: ignore[override]
-        _fail([f"error: {message} (see python -m pipeline --help)"])
-        raise SystemExit(EXIT_CONFIG)
+        raise SystemExit(_fail([f"error: {message} (see python -m pipeline --help)"]))
 
 
 def _fail(lines: list[str]) -> int:

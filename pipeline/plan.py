@@ -50,8 +50,7 @@ class PlanError(Exception):
 
 
 def model_config(model: ModelConfig, override: str | None = None) -> Any:
-    """The transformers config, offline: ``--model-config``, the local folder, the GGUF header (no tensor
-    is read) or the HF cache."""
+    """The transformers config, offline: --model-config, the local folder, a GGUF header or the HF cache."""
     from transformers import AutoConfig
 
     from pipeline.models import resolve_package_dir
