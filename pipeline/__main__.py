@@ -24,31 +24,11 @@ EXIT_CONFIG = 2
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like config errors."""
     def error(self, message: str) -> None:  # type: ignore[override]
-        _fail([f"error: {message} (see python -m pipeline --help)"])
-        raise SystemExit(EXIT_CONFIG)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline", description="UORA instruction-tuning pipeline: prepare -> "
-                     "train -> evaluate -> export -> promote.")  # fmt: skip
-    parser.add_argument("command", help=f"one of: {', '.join(COMMANDS)}")
-    parser.add_argument("config", help="run config YAML (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage")
-    parser.add_argument("--only", metavar="STAGE[,STAGE]", help="run just these stages (comma-separated)")
-    parser.add_argument("--force", action="store_true", help="re-run selected stages even if up to date")
-    parser.add_argument("--print-config", action="store_true", help="validate: print the resolved config")
-    parser.add_argument("--nodes", type=int, default=1, help="plan: nodes (default 1)")
-    parser.add_argument("--gpus-per-node", type=int, help="plan: GPUs per node (default 1); validate: plan")
-    parser.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan: GPU memory (default: read)")
-    parser.add_argument("--model-config", metavar="PATH", help="plan: the model's config.json (no download)")
-    parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
-    return parser
+        raise SystemExit(_fail([f"error: {message} (see python -m pipeline --help)"]))
 
 
 def _fail(lines: list[str]) -> int:
-    for line in lines:
-        print(line, file=sys.stderr)
+    print("".join(f"{line}\n" for line in lines), end="", file=sys.stderr)
     return EXIT_CONFIG
 
 
@@ -87,17 +67,29 @@ def readiness_warnings(config: Any) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     quiet.install()
-    args = build_parser().parse_args(argv)
+    parser = _Parser(prog="python -m pipeline", description="UORA instruction-tuning pipeline: prepare -> "
+                     "train -> evaluate -> export -> promote.")  # fmt: skip
+    parser.add_argument("command", help=f"one of: {', '.join(COMMANDS)}")
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage")
+    parser.add_argument("--only", metavar="STAGE[,STAGE]", help="run just these stages (comma-separated)")
+    parser.add_argument("--force", action="store_true", help="re-run selected stages even if up to date")
+    parser.add_argument("--print-config", action="store_true", help="validate: print the resolved config")
+    parser.add_argument("--nodes", type=int, default=1, help="plan: nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, help="plan: GPUs per node (default 1); validate: plan")
+    parser.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan: GPU memory (default: read)")
+    parser.add_argument("--model-config", metavar="PATH", help="plan: the model's config.json (no download)")
+    parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
+    args = parser.parse_args(argv)
     if args.command not in COMMANDS:
         return _fail([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
     from pipeline.config import ConfigError, load_config, to_yaml
     try:
         stages = select_stages(args.command, args.from_stage, args.only)
         config = load_config(args.config, args.overrides)
-    except ValueError as error:
+    except (ValueError, ConfigError) as error:  # a ConfigError's str: its lines
         return _fail([str(error)])
-    except ConfigError as error:
-        return _fail(error.lines)
     if args.command == "validate":
         if args.print_config:
             print(to_yaml(config), end="")
@@ -115,18 +107,36 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
     import json
 
-    from pipeline.plan import PlanError, plan, print_table, verdict
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.plan import PlanError, plan
     gpus = 1 if args.gpus_per_node is None else args.gpus_per_node
     try:
         result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
                       model_config_path=args.model_config)  # fmt: skip
     except PlanError as error:
-        code = _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
-        return 0 if warn_only else code
-    if not warn_only:
-        print(json.dumps(result, indent=2)) if args.json else print_table(result)
+        _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
+        return 0 if warn_only else EXIT_CONFIG
+    gpu, batch, hours = result["per_gpu"], result["max_per_device_batch"], result["hours_estimate"]
+    need = f"{gpu['total_gb']:.1f} GiB per GPU of {gpu['capacity_gb']:.1f}"
+    part = max(("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb"), key=gpu.__getitem__)
+    hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
+    verdict = (f"fits: {need}; {hint}" if result["fits"]
+               else f"will not fit: needs {need} (largest part: {part[:-3]} {gpu[part]:.1f} GiB); {hint}")
+    if not warn_only and args.json:
+        print(json.dumps(result, indent=2))
+    elif not warn_only:
+        table = Table("per GPU", "GiB")
+        for key, value in gpu.items():
+            table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")
+        lines = [f"{result['total_params']:,} parameters, {result['trainable_params']:,} trainable", table,
+                 verdict, f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
+                 f"{'unknown' if hours is None else f'{hours:.2f}'} hours"]  # fmt: skip
+        lines += [f"  {key}: {value}" for key, value in result["assumptions"].items()]
+        Console().print(*lines, sep="\n", highlight=False)
     if not result["fits"]:
-        print(("warning: " if warn_only else "") + verdict(result), file=sys.stderr)
+        print(("warning: " if warn_only else "") + verdict, file=sys.stderr)
     return 0 if warn_only or result["fits"] else 1
 
 

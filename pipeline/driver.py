@@ -1,8 +1,7 @@
-"""Runs the stages in order, skips those whose output is still valid, owns the MLflow parent run.
-A stage's output is trusted only through its manifest (``<run_dir>/<stage>/manifest.json``): the digest
-of the config slice it reads and of its upstream manifests, so a changed upstream re-runs everything
-downstream. A stage writes into ``<stage>.partial``; only after ``run`` returns does the driver write the
-manifest and rename the folder, so an interrupted or failed stage never leaves output a rerun would trust."""
+"""Runs the stages in order, skips those whose output is still valid, owns the MLflow parent run. A stage's
+output is trusted only through its manifest (``<stage>/manifest.json``: the digests of the config slice it
+reads and of its upstream manifests, so a changed upstream re-runs all downstream). A stage writes into
+``<stage>.partial``, renamed with its manifest only after ``run`` returns: a failed stage leaves no output."""
 
 from __future__ import annotations
 
@@ -33,20 +32,20 @@ EXIT_STAGE_FAILED, EXIT_TRACKING = 1, 2
 
 class Terminated(BaseException):
     """SIGTERM arrived (Slurm preemption, ``scancel``): stop like Ctrl-C, record it, exit 143."""
+    @staticmethod
+    def on_signal(signum: int, frame: Any) -> None:
+        raise Terminated()
 
 
-# What a stage that raised: (status, summary detail, stderr line, exit code, MLflow status). Preemption
-# is no failure: progress is saved in <stage>.partial, and exit 0 lets a batch system requeue the job.
+# A stage that raised: (summary detail, stderr line, exit code; MLflow status FAILED for 1, else KILLED).
+# Preemption is no failure: progress is saved in <stage>.partial; exit 0 lets a batch system requeue the job.
 OUTCOMES = {
-    StagePreempted: ("preempted", "{error}", "preempted: {error}", 0, "KILLED"),
-    StageError: ("failed", "{error}", "failed: {error}", EXIT_STAGE_FAILED, "FAILED"),
-    KeyboardInterrupt: ("failed", "interrupted (Ctrl-C); rerun to resume", "interrupted; rerun to resume",
-                        130, "KILLED"),
-    Terminated: ("failed", "terminated (SIGTERM); rerun to resume", "terminated by SIGTERM; rerun to resume",
-                 143, "KILLED"),
-    Exception: ("failed", "unexpected {kind}: {error}", "failed with an unexpected error: {kind}: {error}",
-                EXIT_STAGE_FAILED, "FAILED"),
-}  # fmt: skip
+    StagePreempted: ("{error}", "preempted: {error}", 0),
+    StageError: ("{error}", "failed: {error}", 1),
+    KeyboardInterrupt: ("interrupted (Ctrl-C); rerun to resume", "interrupted; rerun to resume", 130),
+    Terminated: ("terminated (SIGTERM); rerun to resume", "terminated by SIGTERM; rerun to resume", 143),
+    Exception: ("unexpected {kind}: {error}", "failed with an unexpected error: {kind}: {error}", 1),
+}
 
 
 @dataclass
@@ -87,14 +86,12 @@ class Pipeline:
         """A manifest matching the current identity, all its outputs there, its inputs up to date."""
         stage_dir, expected = self.run_dir / name, self.identity(name)
         manifest = read_manifest(stage_dir) or {}
-        return (manifest.get("config_digest") == expected["config_digest"]
-                and manifest.get("inputs") == expected["inputs"]
+        return ({key: manifest.get(key) for key in expected} == expected
                 and all((stage_dir / rel).exists() for rel in manifest.get("outputs", {}).values())
                 and all(self.up_to_date(up) for up in self.inputs(name)))  # fmt: skip
 
     def inputs(self, name: str) -> tuple[str, ...]:
-        """The upstream stages ``name`` reads under this config: ``inputs(config)`` where the stage has
-        it (evaluate without a tuned model needs no training), else ``INPUTS``."""
+        """The upstream stages ``name`` reads under this config: its ``inputs(config)``, else ``INPUTS``."""
         module = stage_registry.load_stage(name)
         return tuple(module.inputs(self.config)) if hasattr(module, "inputs") else tuple(module.INPUTS)
 
@@ -118,8 +115,7 @@ class Pipeline:
         for label, rel in result.outputs.items():
             if not (work_dir / rel).exists():
                 raise StageError(f"stage '{name}' reported output '{label}' at {rel}, which it did not write")
-        finished = datetime.now(timezone.utc)
-        sliced = config_slice(self.config, module.CONFIG_SECTIONS)
+        finished, sliced = datetime.now(timezone.utc), config_slice(self.config, module.CONFIG_SECTIONS)
         manifest = {"stage": name, **identity, "config_slice": sliced, "outputs": result.outputs,
                     "metrics": result.metrics, "extra": result.extra, "mlflow_run_id": mlflow_run_id,
                     "started_at": started.isoformat(), "finished_at": finished.isoformat(),
@@ -146,9 +142,8 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
     if not problems and any(force or not (pipeline.disabled(n) or pipeline.up_to_date(n)) for n in selected):
         from pipeline.models import hub_preflight
         judge = config.eval.judge  # before the run dir exists: a stage that never started leaves nothing
-        models = {"model": config.model, "eval.judge.local_model": judge.local_model}
-        if judge.backend != "local" or judge.local_model is None:
-            del models["eval.judge.local_model"]
+        local = judge.local_model if judge.backend == "local" else None
+        models = {field: m for field, m in (("model", config.model), ("eval.judge.local_model", local)) if m}
         problems = [problem] if (problem := hub_preflight(models)) else []
     if problems:
         print(*problems, sep="\n", file=sys.stderr)
@@ -164,7 +159,7 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
         return EXIT_STAGE_FAILED
     # SIGTERM becomes an exception: the stage's MLflow run closes as KILLED and the summary still prints.
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, Terminated.on_signal) if main_thread else None
     try:
         return _run_locked(config, selected, pipeline, force, config_path, console or Console())
     finally:
@@ -173,25 +168,20 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
         lock.release()
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
                 config_path: str | None, console: Any) -> int:  # fmt: skip
-    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri
-    uri = resolve_uri(config)
-    tracker = Tracker(config, config_path)
+    from rich.table import Column, Table
+
+    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
+    uri, tracker = resolve_uri(config), Tracker(config, config_path)
     try:
         if config.tracking.enabled:
             check_reachable(uri)
         tracker.start()
-    except TrackingUnavailable as error:
-        print(str(error), file=sys.stderr)
-        return EXIT_TRACKING
-    except Exception as error:  # a store that answers but refuses (auth, schema, locked db)
+    except Exception as error:  # TrackingUnavailable is one line; else a store that answers but refuses
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"tracking.uri: cannot start the MLflow run on {uri}: {first}", file=sys.stderr)
+        line = f"tracking.uri: cannot start the MLflow run on {uri}: {first}"  # auth, schema, locked db
+        print(str(error) if isinstance(error, TrackingUnavailable) else line, file=sys.stderr)
         return EXIT_TRACKING
     reports, code, mlflow_status = [StageReport(name) for name in selected], 0, "FINISHED"
     for report in reports:
@@ -213,9 +203,10 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
             kind = next(kind for kind in OUTCOMES if isinstance(error, kind))
             if kind is Exception:
                 traceback.print_exc()
-            texts = {"error": error, "kind": type(error).__name__}
-            report.status, detail, line, code, mlflow_status = OUTCOMES[kind]
+            (detail, line, code), texts = OUTCOMES[kind], {"error": error, "kind": type(error).__name__}
+            report.status = "preempted" if kind is StagePreempted else "failed"
             report.detail = detail.format(**texts)
+            mlflow_status = "FAILED" if code == EXIT_STAGE_FAILED else "KILLED"
             print(f"stage '{name}' " + line.format(**texts), file=sys.stderr)
         else:
             report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
@@ -226,7 +217,23 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
         if mlflow_status != "FINISHED":
             break
     tracker.finish(mlflow_status)
-    print_summary(console, config, reports, uri, tracker.parent_id)
+    # The summary, one screen: what ran, how long, where the outputs are, how to open the MLflow UI.
+    colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
+    headers = ("stage", "status", "time", "output / reason", "key metrics")
+    table = Table(*(Column(header, overflow="fold") for header in headers),
+                  title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
+    for report in reports:
+        colour = colours.get(report.status, "dim")
+        table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
+                      f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
+                      key_metrics(report.name, report.metrics))  # fmt: skip
+    console.print(table)
+    tracking, parent_id = config.tracking, tracker.parent_id
+    lines = [f"run dir:  {config.run_dir}", "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
+             else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
+             tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
+    for line in filter(None, lines):  # never wrapped: a command split over two lines cannot be pasted
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     return code
 
 
@@ -245,30 +252,3 @@ def key_metrics(name: str, metrics: dict[str, Any]) -> str:
     numbers = [(key, value) for key, value in metrics.items() if isinstance(value, int | float)][:3]
     return ", ".join(f"{key}={value:.4g}" for key, value in numbers)
 
-
-def print_summary(console: Any, config: PipelineConfig, reports: list[StageReport], uri: str,
-                  parent_id: str | None) -> None:  # fmt: skip
-    """One screen: what ran, how long, where the outputs are, how to open the MLflow UI."""
-    from rich.table import Table
-
-    from pipeline.tracking import ui_command
-    colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
-    table = Table("stage", "status", "time", "output / reason", "key metrics",
-                  title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
-    for column in table.columns:
-        column.overflow = "fold"
-    for report in reports:
-        colour = colours.get(report.status, "dim")
-        table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
-                      f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
-                      key_metrics(report.name, report.metrics))  # fmt: skip
-    console.print(table)
-    lines = [f"run dir:  {config.run_dir}"]
-    if not config.tracking.enabled:
-        lines.append("MLflow:   off (tracking.enabled: false)")
-    elif parent_id:
-        lines.append(f"MLflow:   experiment '{config.tracking.experiment}', parent run {parent_id}")
-    if config.tracking.enabled:
-        lines.append(f"open UI:  {ui_command(uri)}")
-    for line in lines:  # never wrapped: a command split over two lines cannot be pasted
-        console.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -1,11 +1,11 @@
 """Pre-flight plan (``python -m pipeline plan``): will this config fit these GPUs, and how long will it take?
 
-DeepSpeed's estimators count full fine-tuning's model states, accelerate's only inference weights; a
-PEFT run is a frozen (maybe 8-bit) base, a small adapter, activations and the LM head. All from shapes:
-the model is built on the meta device from its config, the adapter applied with PEFT (exact counts).
-Memory is GiB (2^30 bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's start).
-Per token and layer autograd saves (measured on HF Llama + SDPA, pinned by tests/pipeline/test_plan.py;
-e = 2 bytes under bf16/fp16, else the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
+DeepSpeed's estimators count full fine-tuning's model states, accelerate's only inference weights; a PEFT
+run is a frozen (maybe 8-bit) base, a small adapter, activations and the LM head, all from shapes (the
+model built on the meta device from its config, the adapter applied by PEFT: exact counts). GiB (2^30
+bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's start). Per token and layer
+autograd saves (HF Llama + SDPA, pinned by tests/pipeline/test_plan.py; e = 2 bytes under bf16/fp16, else
+the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
 
   2·(4h + 4)              two RMSNorms: fp32 input and rsqrt
   4e·h + 4·heads + e·s    SDPA: q, k, v, output, logsumexp, no s² term (a padding/packing mask makes
@@ -14,13 +14,11 @@ e = 2 bytes under bf16/fp16, else the base dtype's; a = 2 under bf16/fp16, else 
   adapter, per module     LoRA a·(in + r) (q/k/v and gate/up share an input nothing casts);
                           UORA/VeRA a·(r + out); dropout adds its mask (and LoRA's dropped input)
 
-plus, under autocast (bf16/fp16 without DeepSpeed), 16-bit copies of the adapter matrices, 2·Σ r·(in +
-out) bytes. That is Korthikanti et al. 2022 ("Reducing Activation Recomputation") adapted to SwiGLU,
-RMSNorm, no dropout and flash/memory-efficient attention. Checkpointing keeps e·h per layer + one layer
-recomputed. Logits: TRL's fused LM head never builds tokens × vocab: tiles of min(tokens, 4096) ×
-min(vocab, 32768), one on CUDA, ~8.5 fp32 at once in its CPU fallback (measured), plus the hidden
-states' copy and fp32 gradient. Time: FLOPs per token 4·N (forward + input gradients of the frozen
-linear weights) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's count), at an MFU.
+plus, under autocast (bf16/fp16 without DeepSpeed), 16-bit copies of the adapter matrices: Korthikanti et
+al. 2022 adapted to SwiGLU, RMSNorm and SDPA. Checkpointing keeps e·h per layer + one layer recomputed.
+Logits: TRL's fused LM head builds tiles of min(tokens, 4096) × min(vocab, 32768), one on CUDA, ~8.5 fp32
+at once on CPU (measured), plus the hidden states' copy and fp32 gradient. FLOPs per token: 4·N (forward
++ input gradients of frozen linears) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's), at an MFU.
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ class PlanError(Exception):
 
 
 def model_config(model: ModelConfig, override: str | None = None) -> Any:
-    """The transformers config, offline: ``--model-config``, the local folder, the GGUF header (no tensor
-    is read) or the HF cache."""
+    """The transformers config, offline: --model-config, the local folder, a GGUF header or the HF cache."""
     from transformers import AutoConfig
 
     from pipeline.models import resolve_package_dir
@@ -86,10 +83,9 @@ def peft_on_meta(build: Any, peft_config: Any) -> Any:
 
 
 def state_bytes(stage: int, world: int, mixed: bool, deepspeed: bool) -> float:
-    """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps
-    adapters fp32: 4 + 4 + 8. DeepSpeed with bf16/fp16: a 16-bit weight (2) + the 18 bytes its
-    estimator itemises (16-bit and fp32 gradient, fp32 master, two moments); fp32: 4 + 12. ZeRO-1
-    shards the optimizer part, 2 the gradients too, 3 everything."""
+    """Bytes per trainable parameter (weight, gradient, AdamW) per GPU. Without DeepSpeed PEFT keeps adapters
+    fp32: 4 + 4 + 8. DeepSpeed, bf16/fp16: a 16-bit weight + the 18 bytes its estimator itemises (16-bit and
+    fp32 gradient, fp32 master, two moments); fp32: 4 + 12. ZeRO-1 shards the optimizer, 2 grads, 3 all."""
     if not deepspeed:
         return 16.0
     weight, rest, grads = (2, 18, 6) if mixed else (4, 12, 4)
@@ -108,22 +104,21 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
                          build_peft_config(config.adapter))  # fmt: skip
     trainable, total = model.get_nb_trainable_parameters()
     text, lm_head = hf_config.get_text_config(), model.get_output_embeddings()
-    eight_bit, dtype_bytes = config.model.load_in_8bit, 2 if config.model.dtype != "float32" else 4
+    eight_bit = config.model.load_in_8bit
+    wide = 4 if eight_bit or config.model.dtype == "float32" else 2  # bytes of a parameter not int8
     weights = matmul = largest = 0
-    adapted: list[tuple[str, int, int]] = []
-    seen: set[int] = set()
+    adapted: list[tuple[str, int, int]] = []  # (name, in, out) of each adapted linear layer
+    seen = set()  # tied parameters count once
     for name, module in model.named_modules():
         if hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Linear):
             adapted.append((name, module.base_layer.in_features, module.base_layer.out_features))
         own = [p for p in module.parameters(recurse=False) if not p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in own)
         largest = max(largest, sum(p.numel() for p in own))
-        for param in own:
-            quantized = eight_bit and isinstance(module, nn.Linear) and module is not lm_head
-            if quantized and param is module.weight:  # int8 plus bitsandbytes' fp32 scale per output row
-                weights += param.numel() + 4 * module.out_features
-            else:  # an 8-bit base's other parameters are upcast to fp32 (prepare_model_for_kbit_training)
-                weights += param.numel() * (4 if eight_bit else dtype_bytes)
+        int8 = eight_bit and isinstance(module, nn.Linear) and module is not lm_head
+        for param in own:  # int8 weights carry bitsandbytes' fp32 scale per output row; the rest of an
+            n = param.numel()  # 8-bit base is upcast to fp32 (prepare_model_for_kbit_training)
+            weights += n + 4 * module.out_features if int8 and param is module.weight else n * wide
         if isinstance(module, nn.Linear) and not module.weight.requires_grad:  # a tied lm_head too
             matmul += module.weight.numel()
     return {"total": total, "trainable": trainable, "frozen_bytes": weights, "largest_layer": largest,
@@ -137,16 +132,15 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
 
 def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointing: bool) -> float:
     """Bytes autograd keeps per token of a micro-batch (see the module docstring for the formula)."""
-    adapter, e, a = config.adapter, act_bytes(config), 2 if mixed(config) else 4
-    h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
-    layer = 2 * (4 * h + 4) + 4 * e * h + 4 * shape["heads"] + e * seq_len(config) + 3 * e * i
+    (s, mixed, e), adapter = precision(config), config.adapter
+    h, i, layers, a = shape["hidden"], shape["intermediate"], shape["layers"], 2 if mixed else 4
+    layer = 2 * (4 * h + 4) + 4 * e * h + 4 * shape["heads"] + e * s + 3 * e * i
     dropout = getattr(adapter, f"{adapter.method}_dropout")
     shared = dropout == 0 and e == a == 4  # no cast, no dropout: modules read the same tensor
-    weight = 2 if mixed(config) and config.train.deepspeed else 4  # adapter weights: fp32 but under DeepSpeed
-    inputs: set[tuple[str, str]] = set()
-    adapters = 0.0
+    weight = 2 if mixed and config.train.deepspeed else 4  # adapter weights: fp32 but under DeepSpeed
+    inputs, adapters = set(), 0.0  # inputs: (parent module, shared input) already counted
     for name, fan_in, fan_out in shape["adapted"]:
-        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        parent, _, leaf = name.rpartition(".")
         if adapter.method == "lora":
             adapters += a * adapter.r
             if dropout:
@@ -162,47 +156,34 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
     return layers * layer + adapters + final_norm
 
 
-def seq_len(config: PipelineConfig) -> int:
-    """The longest sequence: train.max_length truncates, data.max_length drops longer rows."""
-    return min(config.train.max_length, config.data.max_length)
-
-
-def mixed(config: PipelineConfig) -> bool:
-    return config.train.bf16 or config.train.fp16
-
-
-def act_bytes(config: PipelineConfig) -> int:
-    """Bytes per activation element: 16-bit under bf16/fp16 or a 16-bit base (an 8-bit one runs in fp32)."""
-    return 2 if mixed(config) or not (config.model.load_in_8bit or config.model.dtype == "float32") else 4
+def precision(config: PipelineConfig) -> tuple[int, bool, int]:
+    """The longest sequence (train.max_length truncates, data.max_length drops longer rows), whether bf16/fp16
+    is on, bytes per activation: 16-bit under bf16/fp16 or a 16-bit base (an 8-bit one runs in fp32)."""
+    mixed = config.train.bf16 or config.train.fp16
+    e = 2 if mixed or not (config.model.load_in_8bit or config.model.dtype == "float32") else 4
+    return min(config.train.max_length, config.data.max_length), mixed, e
 
 
 def memory(config: PipelineConfig, shape: dict[str, Any], world: int, batch: int, device: str = "cuda",
            checkpointing: bool | None = None) -> dict[str, float]:  # fmt: skip
     """Per-GPU memory in GiB for one per-device batch size."""
-    train, weights = config.train, shape["frozen_bytes"]
+    (s, mixed, e), train, weights = precision(config), config.train, shape["frozen_bytes"]
     if train.zero_stage == 3:  # partitioned, plus the gathered layer and the prefetched one in 16 bits
         weights = weights / world + 4 * shape["largest_layer"]
-    states = shape["trainable"] * state_bytes(train.zero_stage, world, mixed(config), bool(train.deepspeed))
+    states = shape["trainable"] * state_bytes(train.zero_stage, world, mixed, bool(train.deepspeed))
     gc = train.activation_checkpointing if checkpointing is None else checkpointing
-    activations = batch * seq_len(config) * activation_bytes(config, shape, gc)
-    if mixed(config) and not train.deepspeed:  # autocast saves a 16-bit copy of each adapter matrix it uses
+    activations = batch * s * activation_bytes(config, shape, gc)
+    if mixed and not train.deepspeed:  # autocast saves a 16-bit copy of each adapter matrix it uses
         activations += 2 * shape["adapter_matrices"] / (shape["layers"] if gc else 1)
-    tokens = batch * (seq_len(config) - 1)  # the LM head's logits, in tiles, and the hidden states
+    tokens = batch * (s - 1)  # the LM head's logits, in tiles, and the hidden states
     tile = min(tokens, TOKEN_TILE) * min(shape["vocab"], VOCAB_TILE)
-    logits = CPU_LOGIT_TILES * tile * 4 if device == "cpu" else tile * act_bytes(config)
-    logits += tokens * shape["hidden"] * (4 + act_bytes(config))
-    rest = weights + shape["buffer_bytes"] + states + activations + logits
+    logits = CPU_LOGIT_TILES * tile * 4 if device == "cpu" else tile * e
+    logits += tokens * shape["hidden"] * (4 + e)
     parts = {"weights_gb": weights + shape["buffer_bytes"], "adapter_states_gb": states,
-             "activations_gb": activations, "logits_gb": logits,
-             "overhead_gb": RUNTIME_GIB[device] * GIB + FRAGMENTATION * rest}  # fmt: skip
+             "activations_gb": activations, "logits_gb": logits}  # fmt: skip
+    parts["overhead_gb"] = RUNTIME_GIB[device] * GIB + FRAGMENTATION * sum(parts.values())
     parts["total_gb"] = sum(parts.values())
     return {key: value / GIB for key, value in parts.items()}
-
-
-def max_batch(config: PipelineConfig, shape: dict[str, Any], world: int, capacity: float, device: str) -> int:
-    """The largest per-device batch whose total fits ``capacity`` GiB (0: not even one sequence)."""
-    too_big = lambda batch: memory(config, shape, world, batch, device)["total_gb"] > capacity  # noqa: E731
-    return bisect.bisect_left(range(1, 1 << 20), True, key=too_big)
 
 
 def mfu_from_results(method: str, base: str, r: int, results: Path | None = None) -> tuple[float, str] | None:
@@ -226,7 +207,7 @@ def mfu_from_results(method: str, base: str, r: int, results: Path | None = None
 
 def train_tokens(config: PipelineConfig, world: int) -> tuple[float | None, str]:
     """Tokens the configured steps or epochs process, and where the number comes from."""
-    train, data, s = config.train, config.data, seq_len(config)
+    train, data, s = config.train, config.data, precision(config)[0]
     stats_path = config.run_dir / "prepare" / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     per_row = min(stats["token_length"]["mean"], s) if stats else s
@@ -254,15 +235,13 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
                         "give at least one node and one GPU per node (CPU allocations are not planned)")
     if "max_length" not in config.train.model_fields_set:
         raise PlanError("train.max_length: not set in the config; the plan sizes activations by it (set it)")
-    capacity, gpu_name = gpu_memory, ""
-    if device == "cuda":
-        import torch
-        if torch.cuda.is_available():
-            gpu_name = torch.cuda.get_device_name(0)
-            capacity = capacity or torch.cuda.get_device_properties(0).total_memory / GIB
+    import torch
+    gpu = device == "cuda" and torch.cuda.is_available()
+    gpu_name = torch.cuda.get_device_name(0) if gpu else ""
+    capacity = gpu_memory or torch.cuda.get_device_properties(0).total_memory / GIB if gpu else gpu_memory
     if capacity is None:
         raise PlanError("no GPU here to read its memory size from: pass --gpu-memory GiB (an H100 80GB: 79)")
-    world, train = nodes * gpus_per_node, config.train
+    world, train, (s, mixed, e) = nodes * gpus_per_node, config.train, precision(config)
     shape = analyse(config, model_config(config.model, model_config_path))
     batch = train.per_device_train_batch_size
     per_gpu = {**memory(config, shape, world, batch, device), "capacity_gb": capacity}
@@ -270,51 +249,25 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
     measured = mfu_from_results(config.adapter.method, "int8" if config.model.load_in_8bit else "bf16",
                                 config.adapter.r)  # fmt: skip
     mfu, mfu_source = measured or (DEFAULT_MFU, "assumed (no matching row in benchmarks/results/gpu_*.md)")
-    source_name = measured[1].split(":")[0] if measured else ""
-    key = next((k for name in (gpu_name, source_name) for k in PEAK_TFLOPS if k in name.lower()), "h100")
-    peak = PEAK_TFLOPS[key][0 if act_bytes(config) == 2 else 1] * 1e12
-    flops = 4 * shape["matmul_params"] + 12 * shape["layers"] * shape["hidden"] * seq_len(config)
-    flops += 6 * shape["adapter_matrices"]
+    key = next((k for name in (gpu_name, mfu_source) for k in PEAK_TFLOPS if k in name.lower()), "h100")
+    peak = PEAK_TFLOPS[key][0 if e == 2 else 1] * 1e12
+    flops = 4 * shape["matmul_params"] + 6 * shape["adapter_matrices"]
+    flops += 12 * shape["layers"] * shape["hidden"] * s
     tokens_per_s, (tokens, tokens_source) = world * mfu * peak / flops, train_tokens(config, world)
-    per_param = state_bytes(train.zero_stage, world, mixed(config), bool(train.deepspeed))
+    per_param = state_bytes(train.zero_stage, world, mixed, bool(train.deepspeed))
     assumptions = {
         "units": "GiB (2^30 bytes), per GPU, all parts live at once", "world_size": world,
-        "sequence_length": seq_len(config), "zero_stage": train.zero_stage,
+        "sequence_length": s, "zero_stage": train.zero_stage,
         "activations_gb_by_checkpointing": {"on": round(other[True], 3), "off": round(other[False], 3)},
         "adapter_states": f"{per_param:.2f} bytes per trainable parameter (weight, gradient, AdamW)",
         "overhead": f"{RUNTIME_GIB[device]} GiB runtime ({device}) + {FRAGMENTATION:.0%} allocator slack",
         "mfu": mfu, "mfu_source": mfu_source,
         "peak_flops": f"{peak / 1e12:g} TFLOP/s ({key.upper()}, {'detected' if gpu_name else 'assumed'})",
-        "flops_per_token": flops, "tokens": tokens_source,
-    }  # fmt: skip
+        "flops_per_token": flops, "tokens": tokens_source}  # fmt: skip
+    largest = bisect.bisect_left(range(1, 1 << 20), True,  # the largest batch that fits (0: not even one)
+                                 key=lambda b: memory(config, shape, world, b, device)["total_gb"] > capacity)
     return {"total_params": shape["total"], "trainable_params": shape["trainable"], "per_gpu": per_gpu,
-            "fits": per_gpu["total_gb"] <= capacity,
-            "max_per_device_batch": max_batch(config, shape, world, capacity, device),
+            "fits": per_gpu["total_gb"] <= capacity, "max_per_device_batch": largest,
             "tokens_per_second_estimate": tokens_per_s,
             "hours_estimate": tokens / tokens_per_s / 3600 if tokens is not None else None,
             "assumptions": assumptions}  # fmt: skip
-
-
-def verdict(result: dict[str, Any]) -> str:
-    """One line: fits or not, and why."""
-    gpu, batch = result["per_gpu"], result["max_per_device_batch"]
-    need = f"{gpu['total_gb']:.1f} GiB per GPU of {gpu['capacity_gb']:.1f}"
-    if result["fits"]:
-        return f"fits: {need}; largest per-device batch that fits: {batch}"
-    largest = max(("weights_gb", "adapter_states_gb", "activations_gb", "logits_gb"), key=gpu.__getitem__)
-    hint = f"largest per-device batch that fits: {batch}" if batch else "not even a batch of 1 fits"
-    return f"will not fit: needs {need} (largest part: {largest[:-3]} {gpu[largest]:.1f} GiB); {hint}"
-
-
-def print_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    table = Table("per GPU", "GiB")
-    for key, value in result["per_gpu"].items():
-        table.add_row(key[:-3].replace("_", " "), f"{value:.2f}")
-    hours = result["hours_estimate"]
-    lines = [f"{result['total_params']:,} parameters, {result['trainable_params']:,} trainable", table,
-             verdict(result), f"~{result['tokens_per_second_estimate']:,.0f} tokens/s, "
-             f"{'unknown' if hours is None else f'{hours:.2f}'} hours"]  # fmt: skip
-    lines += [f"  {key}: {value}" for key, value in result["assumptions"].items()]
-    Console().print(*lines, sep="\n", highlight=False)

@@ -1,9 +1,7 @@
-"""The contract between the driver and the stages. A stage is a module in ``pipeline.stages`` with
-``NAME`` (also its folder in the run directory), ``INPUTS`` (the upstream stages it reads: their
-manifests' digests join its identity, so a changed upstream re-runs it; optionally ``inputs(config)``,
-the subset a config reads), ``CONFIG_SECTIONS`` (the config slice whose digest joins it) and
-``run(ctx: StageContext) -> StageResult``. Stages never import each other: they share only the run
-directory."""
+"""The contract between the driver and the stages. A stage is a module in ``pipeline.stages`` with ``NAME``
+(its folder in the run directory), ``INPUTS`` (upstream stages whose manifests' digests join its identity;
+optionally ``inputs(config)``, the subset a config reads), ``CONFIG_SECTIONS`` (the config slice whose
+digest joins it) and ``run(ctx: StageContext) -> StageResult``. Stages share only the run directory."""
 
 from __future__ import annotations
 
@@ -19,10 +17,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StageContext:
-    """Everything a stage gets from the driver. It writes all its outputs to ``work_dir``
-    (``<run_dir>/<stage>.partial``), which survives an interrupted attempt for the rerun to resume
-    from; the driver renames it only after ``run`` returns. During ``run`` the stage's MLflow child run
-    is active; ``mlflow_run_id`` is its id, for worker processes."""
+    """Everything a stage gets from the driver. It writes all its outputs to ``work_dir`` (<stage>.partial:
+    kept for a rerun to resume from; renamed only after ``run`` returns). ``mlflow_run_id``: the stage's
+    active MLflow child run, for worker processes."""
     config: PipelineConfig
     run_dir: Path
     work_dir: Path
@@ -39,8 +36,7 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """What a stage reports back: metrics (MLflow, manifest), named outputs (paths relative to the
-    stage folder) and anything else worth keeping in the manifest."""
+    """What a stage reports: metrics (MLflow, manifest), named outputs (relative to its folder), extras."""
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
