@@ -43,8 +43,7 @@ def resolve_uri(config: PipelineConfig) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store: ``mlflow`` next to this Python (the venv)
-    is named by its path when that folder is not on PATH."""
+    """The command that opens the MLflow UI on this store (the venv's ``mlflow`` by path if not on PATH)."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     scripts = Path(sys.executable).parent
@@ -167,8 +166,7 @@ class Tracker:
                  if isinstance(value, int | float) and not isinstance(value, bool) and value == value}
         if clean:
             self.mlflow.log_metrics(clean)
-            if self.parent_id:
-                self.mlflow.log_metrics({f"{stage}.{k}": v for k, v in clean.items()}, run_id=self.parent_id)
+            self.mlflow.log_metrics({f"{stage}.{k}": v for k, v in clean.items()}, run_id=self.parent_id)
         self.mlflow.log_artifact(str(manifest_path))
 
 

@@ -1,7 +1,6 @@
 """The 'evaluate' stage, MT-Bench's recipe (FastChat ``llm_judge``): base and tuned model answer
-``eval.questions`` (plus held-out eval-split rows with a checkable answer), a judge grades them (single
-1-10 and/or pairwise); the results give scores with 95% bootstrap intervals and paired tuned-base
-comparisons. Answers and judgments (FastChat's formats) are cached: a rerun resumes."""
+``eval.questions`` and held-out eval-split rows, a judge grades them (single and/or pairwise), scores get
+95% bootstrap intervals and paired tuned-base comparisons. Answers and judgments are cached: reruns resume."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from pipeline.tracking import active_mlflow, metric_name
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
 CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
-# StageResult.outputs and MLflow artifacts, each when it exists (no radar or judgments without a judge)
+# StageResult.outputs, each when it exists (no radar or judgments without a judge)
 OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",
            "per_question": "per_question.jsonl", "comparisons_plot": "comparisons.png", "answers": "answers",
            "judgments": "judgments"}  # fmt: skip
@@ -82,18 +81,15 @@ def run(ctx: StageContext) -> StageResult:
         del judge
         gc.collect()
 
-    outcomes, pair_failures = pair_outcomes(found["pairwise"])
+    outcomes, failures = pair_outcomes(found["pairwise"])  # failures: turns with no readable verdict
     rows = aggregate.per_question(questions, answers, found["single"], outcomes, judged_questions=judged)
     models = aggregate.aggregate(questions, answers, found["single"], judged_questions=judged)
-    results = {
-        "models": aggregate.with_intervals(models, rows),
-        "comparisons": aggregate.comparisons(models, rows),
-        "pairwise": aggregate.pairwise_summary(rows, pair_failures),
-        "judge": judge_summary(ctx.config),
-        "questions": {"source": cfg.questions, "count": len(questions),
-                      "categories": sorted({q.category for q in questions}), "heldout": len(heldout),
-                      "heldout_sources": sorted({q.category for q in heldout}), "judged": len(judged)},
-    }  # fmt: skip
+    results = {"models": aggregate.with_intervals(models, rows),
+               "comparisons": aggregate.comparisons(models, rows),
+               "pairwise": aggregate.pairwise_summary(rows, failures), "judge": judge_summary(ctx.config),
+               "questions": {"source": cfg.questions, "count": len(questions),
+                             "categories": sorted({q.category for q in questions}), "heldout": len(heldout),
+                             "heldout_sources": sorted({q.category for q in heldout}), "judged": len(judged)}}
     outputs = write_results(work, results, rows)
     metrics = aggregate.flatten_metrics(results["models"])  # the driver logs these to this stage's MLflow run
     for name, diff in results["comparisons"].get("tuned-base", {}).items():
@@ -106,8 +102,7 @@ def run(ctx: StageContext) -> StageResult:
 def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
     """(every question, the held-out ones): ``eval.questions`` (generated tasks leave out the training
     split's user messages), then ``eval.heldout_questions`` rows of the prepared eval split."""
-    cfg = ctx.config.eval
-    dataset_dir = ctx.run_dir / "prepare" / "dataset"
+    cfg, dataset_dir = ctx.config.eval, ctx.run_dir / "prepare" / "dataset"
     trained: list[str] = []
     if dataset_dir.is_dir():
         from datasets import load_from_disk
@@ -189,12 +184,10 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
     if config.model.load_in_8bit:
         log.info("evaluate: 8-bit base; the tuned model answers unmerged (no merge into int8 weights)")
         return model, False
-    inputs = verification_inputs(tokenizer, 4, 96)
-    reference = logits_of(model, inputs)
+    reference = logits_of(model, prompts := verification_inputs(tokenizer, 4, 96))
     model.merge_adapter()
-    error = compare_logits(reference, logits_of(model, inputs))["rel_error"]
-    tolerance = DEFAULT_TOLERANCE[config.model.dtype]
-    if error > tolerance:
+    error = compare_logits(reference, logits_of(model, prompts))["rel_error"]
+    if error > (tolerance := DEFAULT_TOLERANCE[config.model.dtype]):
         model.unmerge_adapter()
         log.warning("evaluate: merged logits differ by %.3g (> %g); the tuned model answers unmerged",
                     error, tolerance)  # fmt: skip
@@ -205,12 +198,11 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
 
 def judge_summary(config: PipelineConfig) -> dict[str, Any]:
     """What graded the answers, for the report (no secrets)."""
-    judge = config.eval.judge
+    judge, local = config.eval.judge, config.eval.judge.local_model or config.model
     summary = {"backend": judge.backend, "prompts": judge.prompts or "builtin", "mode": judge.mode,
                "samples": judge.samples, "temperature": judge.temperature}  # fmt: skip
     if judge.backend == "openai":
         return summary | {"model": judge.model, "base_url": judge.base_url or "https://api.openai.com/v1"}
-    local = judge.local_model or config.model
     return summary | {"model": local.name_or_path, "gguf_file": local.gguf_file,
                       "scoring": judge.local_scoring}  # fmt: skip
 
@@ -235,13 +227,8 @@ def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]
     if results["comparisons"].get("tuned-base"):
         comparison_chart(results["comparisons"]["tuned-base"], work / "comparisons.png")
     outputs = {name: path for name, path in OUTPUTS.items() if (work / path).exists()}
-    if (mlflow := active_mlflow()) is None:  # the metrics: StageResult.metrics, which the driver logs
-        return outputs
-    mlflow.set_tags({"eval.judge_backend": judge["backend"], "eval.judge_model": str(judge["model"]),
-                     "eval.questions": str(asked["source"]), "eval.question_count": str(asked["count"])})
-    for path in outputs.values():
-        if (work / path).is_dir():
-            mlflow.log_artifacts(str(work / path), artifact_path=f"evaluate/{path}")
-        else:
-            mlflow.log_artifact(str(work / path), artifact_path="evaluate")
+    if (mlflow := active_mlflow()) is not None:  # the metrics: StageResult.metrics, which the driver logs
+        mlflow.set_tags({"eval.judge_backend": judge["backend"], "eval.judge_model": str(judge["model"]),
+                         "eval.questions": str(asked["source"]), "eval.question_count": str(asked["count"])})
+        mlflow.log_artifacts(str(work), artifact_path="evaluate")  # the outputs: work holds nothing else
     return outputs

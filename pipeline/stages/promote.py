@@ -122,19 +122,16 @@ def run(ctx: StageContext) -> StageResult:
         if mlflow.active_run() is None:  # run outside the driver: open (or reopen) the stage's own run
             mlflow.start_run(run_id=ctx.mlflow_run_id, run_name=None if ctx.mlflow_run_id else NAME)
             own_run.callback(mlflow.end_run)
-        client = mlflow.MlflowClient()
-        run_id = mlflow.active_run().info.run_id
+        client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
         logged = {kind: _log_model(ctx, export_dir, kind) for kind in cfg.log}
-        tags = {
-            **{f"eval.{name}": str(value) for name, value in metrics.items() if value is not None},
+        tags = {**{f"eval.{name}": str(value) for name, value in metrics.items() if value is not None},
             "lineage.run_id": run_id,
             "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
             "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
             "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
             **{f"lineage.{key}": str(lineage.get(key)) for key in ("adapter_digest", "base_model", "method")},
             "lineage.artifact": cfg.register_from,
-            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
-        }
+            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()}}
         if rows is not None:  # the next candidate's gate pairs its questions with these
             mlflow.log_artifact(str(per_question), artifact_path="evaluation")
             tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
@@ -144,10 +141,9 @@ def run(ctx: StageContext) -> StageResult:
         champion_value = None  # the gate metric recorded on the champion at its registration, if any
         with contextlib.suppress(AttributeError, TypeError, ValueError):  # no champion, none recorded
             champion_value = float((holder.tags or {}).get(f"eval.{cfg.gate_metric}"))
-        value = metrics[cfg.gate_metric]
-        evidence = (gate_interval(rows, cfg.gate_metric, holder, champion_value, value)
+        evidence = (gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics[cfg.gate_metric])
                     if cfg.gate == "ci" else None)  # fmt: skip
-        decision = gate(metric=cfg.gate_metric, value=value, threshold=cfg.threshold,
+        decision = gate(metric=cfg.gate_metric, value=metrics[cfg.gate_metric], threshold=cfg.threshold,
                         margin=cfg.margin, champion_version=holder.version if holder is not None else None,
                         champion_value=champion_value, force=ctx.force, mode=cfg.gate, interval=evidence)
         if decision.promote:
@@ -195,9 +191,8 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str) -> str:
 
 def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, champion_value: float | None,
                   value: float | None) -> dict[str, Any] | None:  # fmt: skip
-    """The ci gate's evidence: candidate - champion on ``metric``, paired over shared questions (else
-    unpaired; else the candidate's own interval minus the champion's recorded value), or candidate -
-    base before there is a champion. None when there is nothing to compare."""
+    """The ci gate's evidence, None if nothing compares: candidate - champion on ``metric``, paired (else
+    unpaired; else the candidate's interval minus the champion's recorded value), or - base before one."""
     import mlflow
 
     model, name = metric.split(".", 1)
@@ -206,7 +201,7 @@ def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, c
         base = units(rows, "base", name) if model != "base" else None
         found = stats.compare(base, candidate) if base else None
         return found and {**found, "against": "base (no champion yet)", "paired": True, "note": None}
-    champion_rows = None
+    against, champion_rows = f"champion (version {holder.version})", None
     if uri := (holder.tags or {}).get(PER_QUESTION_TAG):  # absent: registered before they were stored
         try:
             lines = mlflow.artifacts.load_text(uri).splitlines()
@@ -228,8 +223,7 @@ def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, c
                  "verdict": stats.verdict(ci95)}  # fmt: skip
     if note:
         log.warning("promote: %s", note)
-    against = f"champion (version {holder.version})"
-    return found and {**found, "against": against, "paired": note is None, "note": note}
+    return found and {**found, "against": against, "paired": not note, "note": note}
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
