@@ -1,6 +1,5 @@
-"""MLflow lineage: one parent run per pipeline run (the same record, whichever stages ran: resolved
-config, git commit, package versions), one child run per executed stage, into which the stages log
-with plain ``mlflow.log_*`` calls. ``mlflow`` is imported lazily so that config validation stays fast."""
+"""MLflow lineage (``mlflow`` imported only with tracking on): one parent run per run dir and config
+(resolved config, git commit, versions), one child run per stage, where stages call ``mlflow.log_*``."""
 
 from __future__ import annotations
 

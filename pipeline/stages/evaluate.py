@@ -90,12 +90,11 @@ def run(ctx: StageContext) -> StageResult:
                "questions": {"source": cfg.questions, "count": len(questions),
                              "categories": sorted({q.category for q in questions}), "heldout": len(heldout),
                              "heldout_sources": sorted({q.category for q in heldout}), "judged": len(judged)}}
-    outputs = write_results(work, results, rows)
     metrics = aggregate.flatten_metrics(results["models"])  # the driver logs these to this stage's MLflow run
     for name, diff in results["comparisons"].get("tuned-base", {}).items():
         prefix, (low, high) = metric_name(f"tuned-base.{name}"), diff["ci95"]
         metrics |= {f"{prefix}.diff": diff["diff"], f"{prefix}.ci95_low": low, f"{prefix}.ci95_high": high}
-    return StageResult(metrics=metrics, outputs=outputs,
+    return StageResult(metrics=metrics, outputs=write_results(work, results, rows),
                        extra={"questions": len(questions), "judge": results["judge"]})  # fmt: skip
 
 

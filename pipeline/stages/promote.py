@@ -124,14 +124,16 @@ def run(ctx: StageContext) -> StageResult:
             own_run.callback(mlflow.end_run)
         client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
         logged = {kind: _log_model(ctx, export_dir, kind) for kind in cfg.log}
-        tags = {**{f"eval.{name}": str(value) for name, value in metrics.items() if value is not None},
+        tags = {
+            **{f"eval.{name}": str(value) for name, value in metrics.items() if value is not None},
             "lineage.run_id": run_id,
             "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
             "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
             "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
             **{f"lineage.{key}": str(lineage.get(key)) for key in ("adapter_digest", "base_model", "method")},
             "lineage.artifact": cfg.register_from,
-            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()}}
+            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
+        }
         if rows is not None:  # the next candidate's gate pairs its questions with these
             mlflow.log_artifact(str(per_question), artifact_path="evaluation")
             tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
