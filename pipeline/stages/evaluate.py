@@ -1,8 +1,6 @@
-"""The 'evaluate' stage, MT-Bench's recipe (FastChat ``llm_judge``): the base and the tuned model
-answer ``eval.questions`` (plus held-out rows of the eval split with a checkable answer), a judge
-grades them (single 1-10 and/or pairwise), and the results report scores with 95% bootstrap intervals
-and paired tuned-base comparisons. Answers and judgments (FastChat's formats) are cached by model
-identity, question and settings, so a rerun resumes."""
+"""The 'evaluate' stage, MT-Bench's recipe (FastChat ``llm_judge``): base and tuned model answer
+``eval.questions`` and held-out eval-split rows, a judge grades them (single and/or pairwise), scores get
+95% bootstrap intervals and paired tuned-base comparisons. Answers and judgments are cached: reruns resume."""
 
 from __future__ import annotations
 
@@ -12,24 +10,24 @@ import logging
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pipeline.adapters import DEFAULT_TOLERANCE, compare_logits, logits_of, verification_inputs
+from pipeline.config import PipelineConfig
 from pipeline.eval import aggregate
 from pipeline.eval.generate import GenerationSettings, generate_answers
 from pipeline.eval.identity import model_identity, weights_digest
 from pipeline.eval.judging import build_pair_tasks, build_tasks, pair_outcomes, run_judging
 from pipeline.eval.prompts import load_prompts
 from pipeline.eval.questions import Question, is_verifiable, load_heldout_questions, load_questions
+from pipeline.models import load_model, load_tokenizer
 from pipeline.stages.base import StageContext, StageError, StageResult
-from pipeline.tracking import metric_name
-
-if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
+from pipeline.tracking import active_mlflow, metric_name
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
 CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
-# StageResult.outputs and MLflow artifacts, each when it exists (no radar or judgments without a judge)
+# StageResult.outputs, each when it exists (no radar or judgments without a judge)
 OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",
            "per_question": "per_question.jsonl", "comparisons_plot": "comparisons.png", "answers": "answers",
            "judgments": "judgments"}  # fmt: skip
@@ -47,27 +45,24 @@ def run(ctx: StageContext) -> StageResult:
     work.mkdir(parents=True, exist_ok=True)
     if not ctx.force:  # start from the last completed evaluation's caches: their keys say what still holds
         for path in (ctx.run_dir / NAME).glob("*/*.jsonl"):  # answers/ and judgments/
-            target = work / path.relative_to(ctx.run_dir / NAME)
-            if not target.exists():
+            if not (target := work / path.relative_to(ctx.run_dir / NAME)).exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
 
     # Everything that can be wrong with the inputs fails here, before a model loads.
     questions, heldout = all_questions(ctx)
     prompts = load_prompts(cfg.judge.prompts, cfg.judge.mode)
-    http_judge = None
-    if cfg.judge.backend == "openai":
-        from pipeline.judges import OpenAIJudge
+    from pipeline.judges import LocalJudge, OpenAIJudge  # an HTTP judge checks that its key's env var is set
 
-        http_judge = OpenAIJudge.from_config(cfg.judge)  # checks that the key's env var is set
+    http_judge = OpenAIJudge.from_config(cfg.judge) if cfg.judge.backend == "openai" else None
     tuned_path = None
     if "tuned" in cfg.models:  # eval.tuned_path (an adapter or merged folder) or the train stage's adapter
         tuned_path = Path(cfg.tuned_path) if cfg.tuned_path else ctx.input_dir("train") / "adapter"
         if cfg.tuned_path and not tuned_path.is_dir():
             raise StageError(f"eval.tuned_path: {tuned_path} is not a directory")
         if not cfg.tuned_path and not (tuned_path / "adapter_config.json").is_file():
-            missing = f"{tuned_path}/adapter_config.json (run the 'train' stage first)"
-            raise StageError(f"stage input missing: {missing}")
+            raise StageError(f"stage input missing: {tuned_path}/adapter_config.json "
+                             "(run the 'train' stage first)")
     # Verifiable questions (every turn has an exact answer) may skip the judge: exact match scores them.
     judged = questions if cfg.judge_verifiable else [q for q in questions if not is_verifiable(q)]
     log.info("evaluate: %d questions (%d held-out, %d to the judge), models %s",
@@ -77,7 +72,7 @@ def run(ctx: StageContext) -> StageResult:
 
     found: dict[str, list[dict[str, Any]]] = {"single": [], "pairwise": []}
     if judged:
-        judge = http_judge or _local_judge(ctx.config)
+        judge = http_judge or LocalJudge.from_config(cfg.judge, ctx.config.model, seed=ctx.config.run.seed)
         for mode, build in (("single", build_tasks), ("pairwise", build_pair_tasks)):
             if cfg.judge.mode in (mode, "both"):
                 tasks = build(judged, answers, prompts, judge.identity(), cfg.judge.samples)
@@ -86,33 +81,27 @@ def run(ctx: StageContext) -> StageResult:
         del judge
         gc.collect()
 
-    outcomes, pair_failures = pair_outcomes(found["pairwise"])
+    outcomes, failures = pair_outcomes(found["pairwise"])  # failures: turns with no readable verdict
     rows = aggregate.per_question(questions, answers, found["single"], outcomes, judged_questions=judged)
     models = aggregate.aggregate(questions, answers, found["single"], judged_questions=judged)
-    results = {
-        "models": aggregate.with_intervals(models, rows),
-        "comparisons": aggregate.comparisons(models, rows),
-        "pairwise": aggregate.pairwise_summary(rows, pair_failures),
-        "judge": judge_summary(ctx.config),
-        "questions": {"source": cfg.questions, "count": len(questions),
-                      "categories": sorted({q.category for q in questions}), "heldout": len(heldout),
-                      "heldout_sources": sorted({q.category for q in heldout}), "judged": len(judged)},
-    }  # fmt: skip
-    outputs = write_results(work, results, rows)
+    results = {"models": aggregate.with_intervals(models, rows),
+               "comparisons": aggregate.comparisons(models, rows),
+               "pairwise": aggregate.pairwise_summary(rows, failures), "judge": judge_summary(ctx.config),
+               "questions": {"source": cfg.questions, "count": len(questions),
+                             "categories": sorted({q.category for q in questions}), "heldout": len(heldout),
+                             "heldout_sources": sorted({q.category for q in heldout}), "judged": len(judged)}}
     metrics = aggregate.flatten_metrics(results["models"])  # the driver logs these to this stage's MLflow run
     for name, diff in results["comparisons"].get("tuned-base", {}).items():
         prefix, (low, high) = metric_name(f"tuned-base.{name}"), diff["ci95"]
         metrics |= {f"{prefix}.diff": diff["diff"], f"{prefix}.ci95_low": low, f"{prefix}.ci95_high": high}
-    return StageResult(metrics=metrics, outputs=outputs,
+    return StageResult(metrics=metrics, outputs=write_results(work, results, rows),
                        extra={"questions": len(questions), "judge": results["judge"]})  # fmt: skip
 
 
 def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
-    """(every question, the held-out ones): ``eval.questions`` (selected by categories/question_ids/
-    max_questions; generated tasks leave out the training split's user messages), then held-out rows
-    of the prepared eval split (``eval.heldout_questions``, with their own count and sources)."""
-    cfg = ctx.config.eval
-    dataset_dir = ctx.run_dir / "prepare" / "dataset"
+    """(every question, the held-out ones): ``eval.questions`` (generated tasks leave out the training
+    split's user messages), then ``eval.heldout_questions`` rows of the prepared eval split."""
+    cfg, dataset_dir = ctx.config.eval, ctx.run_dir / "prepare" / "dataset"
     trained: list[str] = []
     if dataset_dir.is_dir():
         from datasets import load_from_disk
@@ -125,8 +114,7 @@ def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
         log.warning("eval.heldout_questions: %d asked for, the eval split has %d eligible rows",
                     cfg.heldout_questions, len(heldout))  # fmt: skip
     taken = {str(q.question_id) for q in questions}
-    clash = [q.question_id for q in heldout if str(q.question_id) in taken]
-    if clash:
+    if clash := [q.question_id for q in heldout if str(q.question_id) in taken]:
         raise StageError(f"eval.heldout_questions: question ids {clash} already used by eval.questions")
     return questions + heldout, heldout
 
@@ -146,13 +134,11 @@ def generate_all(config: PipelineConfig, questions: list[Question], answers_dir:
     """Answers of ``base`` then ``tuned``, cached in ``answers_dir``. One base model is loaded: it
     answers as ``base``, then carries the adapter for ``tuned`` (a merged folder is loaded instead)."""
     import torch
-    from transformers import AutoTokenizer
-
-    from pipeline.models import load_model, load_tokenizer
 
     settings, base_identity = generation_settings(config, greedy), model_identity(config.model)
     device_map = "auto" if torch.cuda.is_available() else None
     adapter = tuned_path is not None and (tuned_path / "adapter_config.json").is_file()
+    folder = {"name_or_path": str(tuned_path), "gguf_file": None, "revision": None}  # as a model config
     answers: dict[str, dict[str, dict[str, Any]]] = {}
 
     def answer(name: str, model: Any, tokenizer: Any, identity: str) -> None:
@@ -165,20 +151,15 @@ def generate_all(config: PipelineConfig, questions: list[Question], answers_dir:
     if "base" in config.eval.models:
         answer("base", model, load_tokenizer(config.model), base_identity)
     if adapter:
-        if (tuned_path / "tokenizer_config.json").is_file():  # saved with the adapter: its training template
-            tokenizer = AutoTokenizer.from_pretrained(str(tuned_path))
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-        else:
-            tokenizer = load_tokenizer(config.model)
+        own = config.model.model_copy(update=folder | {"chat_template": None})  # saved with it: its template
+        tokenizer = load_tokenizer(own if (tuned_path / "tokenizer_config.json").is_file() else config.model)
         model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
         suffix = f"+adapter:{weights_digest(tuned_path)}" + ("+merged" if merged else "")
         answer("tuned", model, tokenizer, base_identity + suffix)
     elif tuned_path is not None:
         del model
         gc.collect()
-        merged_cfg = config.model.model_copy(update={"name_or_path": str(tuned_path), "gguf_file": None,
-                                                     "revision": None})  # fmt: skip
+        merged_cfg = config.model.model_copy(update=folder)
         model = load_model(merged_cfg, device_map=device_map).eval()
         answer("tuned", model, load_tokenizer(merged_cfg), f"merged:{weights_digest(tuned_path)}")
     del model
@@ -199,17 +180,13 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
     """The adapter merged into the base weights (generation then costs exactly the base's), when the
     merged logits match the unmerged adapter's on export's prompts within export's tolerance; else
     unmerged. An 8-bit base stays unmerged: merging into int8 weights loses most of a low-rank update."""
-    from pipeline.adapters import DEFAULT_TOLERANCE, compare_logits, logits_of, verification_inputs
-
     if config.model.load_in_8bit:
         log.info("evaluate: 8-bit base; the tuned model answers unmerged (no merge into int8 weights)")
         return model, False
-    inputs = verification_inputs(tokenizer, 4, 96)
-    reference = logits_of(model, inputs)
+    reference = logits_of(model, prompts := verification_inputs(tokenizer, 4, 96))
     model.merge_adapter()
-    error = compare_logits(reference, logits_of(model, inputs))["rel_error"]
-    tolerance = DEFAULT_TOLERANCE[config.model.dtype]
-    if error > tolerance:
+    error = compare_logits(reference, logits_of(model, prompts))["rel_error"]
+    if error > (tolerance := DEFAULT_TOLERANCE[config.model.dtype]):
         model.unmerge_adapter()
         log.warning("evaluate: merged logits differ by %.3g (> %g); the tuned model answers unmerged",
                     error, tolerance)  # fmt: skip
@@ -218,20 +195,13 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
     return model.unload(), True
 
 
-def _local_judge(config: PipelineConfig) -> Any:
-    from pipeline.judges import LocalJudge
-
-    return LocalJudge.from_config(config.eval.judge, config.model, seed=config.run.seed)
-
-
 def judge_summary(config: PipelineConfig) -> dict[str, Any]:
     """What graded the answers, for the report (no secrets)."""
-    judge = config.eval.judge
+    judge, local = config.eval.judge, config.eval.judge.local_model or config.model
     summary = {"backend": judge.backend, "prompts": judge.prompts or "builtin", "mode": judge.mode,
                "samples": judge.samples, "temperature": judge.temperature}  # fmt: skip
     if judge.backend == "openai":
         return summary | {"model": judge.model, "base_url": judge.base_url or "https://api.openai.com/v1"}
-    local = judge.local_model or config.model
     return summary | {"model": local.name_or_path, "gguf_file": local.gguf_file,
                       "scoring": judge.local_scoring}  # fmt: skip
 
@@ -240,7 +210,6 @@ def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]
     """results.json, per_question.jsonl, results.md and the plots (each written whole, then renamed);
     returns the stage's outputs, also logged, with tags, to the active (evaluate child) run if any."""
     from pipeline.eval.plots import comparison_chart, radar_chart
-    from pipeline.tracking import active_mlflow
 
     judge, asked = results["judge"], results["questions"]
     header = (f"# Evaluation\n\n{asked['count']} questions ({', '.join(asked['categories'])}), judge: "
@@ -257,14 +226,8 @@ def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]
     if results["comparisons"].get("tuned-base"):
         comparison_chart(results["comparisons"]["tuned-base"], work / "comparisons.png")
     outputs = {name: path for name, path in OUTPUTS.items() if (work / path).exists()}
-    mlflow = active_mlflow()  # the metrics are StageResult.metrics, which the driver logs to the same run
-    if mlflow is None:
-        return outputs
-    mlflow.set_tags({"eval.judge_backend": judge["backend"], "eval.judge_model": str(judge["model"]),
-                     "eval.questions": str(asked["source"]), "eval.question_count": str(asked["count"])})
-    for path in outputs.values():
-        if (work / path).is_dir():
-            mlflow.log_artifacts(str(work / path), artifact_path=f"evaluate/{path}")
-        else:
-            mlflow.log_artifact(str(work / path), artifact_path="evaluate")
+    if (mlflow := active_mlflow()) is not None:  # the metrics: StageResult.metrics, which the driver logs
+        mlflow.set_tags({"eval.judge_backend": judge["backend"], "eval.judge_model": str(judge["model"]),
+                         "eval.questions": str(asked["source"]), "eval.question_count": str(asked["count"])})
+        mlflow.log_artifacts(str(work), artifact_path="evaluate")  # the outputs: work holds nothing else
     return outputs

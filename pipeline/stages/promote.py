@@ -1,7 +1,6 @@
 """The 'promote' stage: log the exported model(s) to MLflow, register a version tagged with the
 scores (``eval.*``), lineage (``lineage.*``) and per-question results' URI, and move the alias
-(``models:/NAME@champion``) only if the gate passes. ``gate`` is pure: readable and testable without
-MLflow."""
+(``models:/NAME@champion``) only if the gate passes. ``gate`` is pure: testable without MLflow."""
 
 from __future__ import annotations
 
@@ -14,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.digests import digest_of
+from pipeline.eval import stats
 from pipeline.eval.aggregate import flatten_metrics, units
 from pipeline.jsonl import read_jsonl
+from pipeline.models import load_model, resolve_model_dir
 from pipeline.stages.base import StageContext, StageError, StageResult
 
 NAME = "promote"
 INPUTS: tuple[str, ...] = ("evaluate", "export")
 CONFIG_SECTIONS: tuple[str, ...] = ("promote",)
-EVAL_TAG = "eval."
 PER_QUESTION_TAG = "evaluation.per_question"
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,12 @@ def gate(*, metric: str, value: float | None, threshold: float | None, margin: f
 def pip_requirements(*, peft: bool) -> list[str]:
     """Explicit requirements for a logged model: MLflow would infer them, torchvision included."""
     names = ["transformers", "torch", "accelerate", "safetensors", "tokenizers"] + (["peft"] if peft else [])
-    requirements = []
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):  # local tags such as +cpu dropped
-            requirements.append(f"{name}=={metadata.version(name).split('+')[0]}")
-    return requirements
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in names]  # local tags (+cpu) dropped
 
 
 def run(ctx: StageContext) -> StageResult:
     """Register the exported model and move the alias if the gate passes (or ``--force``)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     cfg, evaluated = ctx.config.promote, ctx.input_dir("evaluate")
     results = _read_json(evaluated / "results.json", "the evaluate stage writes it")
@@ -112,12 +107,10 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"promote: {per_question} is missing (re-run evaluate, which writes it, or set "
                          "promote.gate: point)")  # fmt: skip
     rows = [row for _, row in read_jsonl(per_question, "promote")] if per_question.is_file() else None
-    if cfg.gate == "ci" and _units(rows, cfg.gate_metric) is None:
-        raise StageError(
-            f"promote.gate_metric: {cfg.gate_metric!r} is not a mean over questions, which the ci gate needs "
-            "(score_overall, score_turn1/2, category.<c>, exact_match, exact_match.<c>); "
-            "or set promote.gate: point"
-        )
+    if cfg.gate == "ci" and units(rows, *cfg.gate_metric.split(".", 1)) is None:
+        raise StageError(f"promote.gate_metric: {cfg.gate_metric!r} is not a mean over questions, which the "
+                         "ci gate needs (score_overall, score_turn1/2, category.<c>, exact_match, "
+                         "exact_match.<c>); or set promote.gate: point")  # fmt: skip
     export_dir = ctx.input_dir("export")
     lineage = _read_json(export_dir / "lineage.json", "the export stage writes it")
     for kind in cfg.log:
@@ -125,15 +118,14 @@ def run(ctx: StageContext) -> StageResult:
             hint = " (export.mode is adapter_only?)" if kind == "merged" else ""
             raise StageError(f"promote.log: {export_dir / kind} does not exist{hint}")
 
-    active = mlflow.active_run()
-    if active is None:  # run outside the driver: open (or reopen) the stage's own run
-        mlflow.start_run(run_id=ctx.mlflow_run_id, run_name=None if ctx.mlflow_run_id else NAME)
-    try:
-        client = mlflow.MlflowClient()
-        run_id = mlflow.active_run().info.run_id
+    with contextlib.ExitStack() as own_run:
+        if mlflow.active_run() is None:  # run outside the driver: open (or reopen) the stage's own run
+            mlflow.start_run(run_id=ctx.mlflow_run_id, run_name=None if ctx.mlflow_run_id else NAME)
+            own_run.callback(mlflow.end_run)
+        client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
         logged = {kind: _log_model(ctx, export_dir, kind) for kind in cfg.log}
         tags = {
-            **{EVAL_TAG + name: str(value) for name, value in metrics.items() if value is not None},
+            **{f"eval.{name}": str(value) for name, value in metrics.items() if value is not None},
             "lineage.run_id": run_id,
             "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
             "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
@@ -145,29 +137,22 @@ def run(ctx: StageContext) -> StageResult:
         if rows is not None:  # the next candidate's gate pairs its questions with these
             mlflow.log_artifact(str(per_question), artifact_path="evaluation")
             tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
-        try:  # the version that holds the alias now, if any
-            holder = client.get_model_version_by_alias(cfg.registered_model, cfg.alias)
-        except MlflowException as error:
-            if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
-            holder = None
         version = mlflow.register_model(logged[cfg.register_from], cfg.registered_model, tags=tags)
+        held = client.get_registered_model(cfg.registered_model).aliases.get(cfg.alias)  # the champion's
+        holder = client.get_model_version(cfg.registered_model, held) if held else None
         champion_value = None  # the gate metric recorded on the champion at its registration, if any
         with contextlib.suppress(AttributeError, TypeError, ValueError):  # no champion, none recorded
-            champion_value = float((holder.tags or {}).get(EVAL_TAG + cfg.gate_metric))
-        interval = (gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics)
+            champion_value = float((holder.tags or {}).get(f"eval.{cfg.gate_metric}"))
+        evidence = (gate_interval(rows, cfg.gate_metric, holder, champion_value, metrics[cfg.gate_metric])
                     if cfg.gate == "ci" else None)  # fmt: skip
-        decision = gate(metric=cfg.gate_metric, value=metrics.get(cfg.gate_metric), threshold=cfg.threshold,
+        decision = gate(metric=cfg.gate_metric, value=metrics[cfg.gate_metric], threshold=cfg.threshold,
                         margin=cfg.margin, champion_version=holder.version if holder is not None else None,
-                        champion_value=champion_value, force=ctx.force, mode=cfg.gate, interval=interval)
+                        champion_value=champion_value, force=ctx.force, mode=cfg.gate, interval=evidence)
         if decision.promote:
             client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
         for key, value in decision.as_tags().items():
             client.set_model_version_tag(cfg.registered_model, version.version, key, value)
         mlflow.set_tags({**decision.as_tags(), "promotion.version": version.version})
-    finally:
-        if active is None:
-            mlflow.end_run()
     message = (f"promote: {cfg.registered_model} version {version.version} "
                f"{'' if decision.promote else 'not '}promoted to @{cfg.alias}: {decision.reason}")
     print(message)
@@ -190,71 +175,57 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import uora  # noqa: F401  (registers UORA with PEFT)
-    from pipeline.models import load_model, resolve_model_dir
 
     folder = export_dir / kind
     if kind == "merged":
         model, extra = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True), {}
     else:  # the base weights are referenced, not copied: the adapter is the small artifact
-        base = load_model(ctx.config.model.model_copy(update={"load_in_8bit": False}), quantize=False)
-        model = PeftModel.from_pretrained(base, str(folder))
+        model = PeftModel.from_pretrained(load_model(ctx.config.model, quantize=False), str(folder))
         extra = {"base_model_path": resolve_model_dir(ctx.config.model)}
     # Export's card (base model, licence, lineage): else MLflow looks for one on the hub, and warns twice.
     card = ModelCard.load(folder / "README.md") if (folder / "README.md").is_file() else None
     with torch.no_grad():
-        info = mlflow.transformers.log_model(
+        return mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": AutoTokenizer.from_pretrained(folder)},
             name=kind, task="text-generation", pip_requirements=pip_requirements(peft=kind == "adapter"),
-            model_card=card, **extra,
-        )  # fmt: skip
-    return info.model_uri
+            model_card=card, **extra).model_uri  # fmt: skip
 
 
 def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, champion_value: float | None,
-                  metrics: dict[str, float | None]) -> dict[str, Any] | None:  # fmt: skip
-    """The ci gate's evidence: candidate - champion on ``metric``, paired over shared questions (else
-    unpaired; else the candidate's own interval minus the champion's recorded value), or candidate -
-    base before there is a champion. None when there is nothing to compare."""
+                  value: float | None) -> dict[str, Any] | None:  # fmt: skip
+    """The ci gate's evidence, None if nothing compares: candidate - champion on ``metric``, paired (else
+    unpaired; else the candidate's interval minus the champion's recorded value), or - base before one."""
     import mlflow
 
-    from pipeline.eval.stats import compare, interval, verdict
-
-    candidate = _units(rows, metric)
-    model, _, name = metric.partition(".")
+    model, name = metric.split(".", 1)
+    candidate = units(rows, model, name)
     if holder is None:
-        base = _units(rows, f"base.{name}") if model != "base" else None
-        found = compare(base, candidate) if base and candidate else None
+        base = units(rows, "base", name) if model != "base" else None
+        found = stats.compare(base, candidate) if base else None
         return found and {**found, "against": "base (no champion yet)", "paired": True, "note": None}
-    against, note, champion_rows = f"champion (version {holder.version})", None, None
+    against, champion_rows = f"champion (version {holder.version})", None
     if uri := (holder.tags or {}).get(PER_QUESTION_TAG):  # absent: registered before they were stored
         try:
-            text = mlflow.artifacts.load_text(uri)
-            champion_rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            lines = mlflow.artifacts.load_text(uri).splitlines()
+            champion_rows = [json.loads(line) for line in lines if line.strip()]
         except Exception as error:  # a deleted run or artifact store: compare as if it had none
             log.warning("promote: cannot read the champion's per-question results at %s: %s", uri, error)
-    if champion_rows is None:
-        own, value = interval(candidate or {}), metrics.get(metric)
-        if own is None or champion_value is None or value is None:
-            return None
+    if champion_rows is not None:
+        champion, note = units(champion_rows, model, name), None
+        if (found := stats.compare(champion, candidate)) is None:
+            note = f"too few questions shared with champion version {holder.version}: unpaired intervals"
+            found = stats.compare(champion, candidate, paired=False)
+    elif (own := stats.interval(candidate)) is None or champion_value is None or value is None:
+        return None
+    else:
         note = (f"champion version {holder.version} has no per-question results (registered before they "
                 f"were stored): the candidate's own interval minus the champion's recorded {metric}")
         ci95 = [round(bound - champion_value, 4) for bound in own]
-        found = {"diff": round(value - champion_value, 4), "ci95": ci95, "n": len(candidate or {}),
-                 "verdict": verdict(ci95)}  # fmt: skip
-    else:
-        champion = _units(champion_rows, metric) or {}
-        found = compare(champion, candidate or {})
-        if found is None:
-            note = f"too few questions shared with champion version {holder.version}: unpaired intervals"
-            found = compare(champion, candidate or {}, paired=False)
+        found = {"diff": round(value - champion_value, 4), "ci95": ci95, "n": len(candidate),
+                 "verdict": stats.verdict(ci95)}  # fmt: skip
     if note:
         log.warning("promote: %s", note)
-    return found and {**found, "against": against, "paired": note is None, "note": note}
-
-
-def _units(rows: list[dict[str, Any]] | None, metric: str) -> Any:
-    model, _, name = metric.partition(".")
-    return None if rows is None else units(rows, model, name)
+    return found and {**found, "against": against, "paired": not note, "note": note}
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:

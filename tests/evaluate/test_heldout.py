@@ -173,7 +173,7 @@ def _stage(tmp_path, monkeypatch, judge, questions=FILE_QUESTIONS, **eval_overri
         }
 
     monkeypatch.setattr(evaluate, "generate_all", fake_generate_all)
-    monkeypatch.setattr(evaluate, "_local_judge", lambda config: judge)
+    monkeypatch.setattr("pipeline.judges.LocalJudge.from_config", lambda *args, **kwargs: judge)
     ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
     result = evaluate.run(ctx)
     return result, json.loads((ctx.work_dir / "results.json").read_text()), asked
