@@ -1,13 +1,13 @@
-"""The run configuration's schema: one pydantic model per YAML section, ``extra="forbid"`` (a misspelt
-key is an error) and torch-free (validation takes well under a second). A rule lives on its field, so
-pydantic's error location names it; only rules spanning sections live on ``PipelineConfig``.
-``adapter:`` fields are the method's PEFT config's and ``SFTArgs`` are ``trl.SFTConfig``'s, handed over
-unchanged (tests/pipeline/test_schema_pins.py pins names and defaults to those libraries')."""
+"""The run configuration's schema: one pydantic model per YAML section, ``extra="forbid"``, torch-free
+(validation takes well under a second). A rule lives on its field, so pydantic's error names it; rules
+spanning sections live on ``PipelineConfig``. ``adapter:`` fields are the method's PEFT config's and
+``SFTArgs`` are ``trl.SFTConfig``'s, passed unchanged (tests/pipeline/test_schema_pins.py pins them)."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,37 +21,44 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _existing_file(value: str | None) -> str | None:
-    if value and not Path(value).is_file():
-        raise ValueError("file does not exist")
-    return value
+def _check(reason: str, ok: Callable[[Any], Any]) -> AfterValidator:
+    """A field's rule: a value that is set must pass ``ok``, else ``reason`` is the error."""
+    def check(value: Any) -> Any:
+        if value is not None and not ok(value):
+            raise ValueError(reason)
+        return value
+    return AfterValidator(check)
 
 
-ExistingFile = Annotated[str | None, AfterValidator(_existing_file)]
+# Checked at validation, not an hour into a run; a run name becomes a folder: nothing may escape output_dir.
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+IS_FILE = _check("file does not exist", lambda path: not path or Path(path).is_file())
+ExistingFile = Annotated[str | None, IS_FILE]
+DataFile = Annotated[str | None, _check(f"unsupported file type (use {', '.join(LOCAL_SUFFIXES)})",
+                                        lambda path: path.lower().endswith(LOCAL_SUFFIXES)), IS_FILE]
+FolderName = Annotated[str, _check("must be a folder name: letters, digits, '.', '_' or '-'",
+                                   lambda name: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name))]
+Template = Annotated[str | None, _check("template file does not exist", lambda text: "{" in text
+                                        or not text.endswith(".jinja") or Path(text).is_file())]
+DeepSpeedFile = Annotated[str | None, _check("DeepSpeed config file does not exist",
+                                             lambda path: Path(path).is_file())]
+Questions = Annotated[str, _check("expected builtin, hub or an existing .jsonl file",
+                                  lambda name: name in ("builtin", "hub") or Path(name).is_file())]
+TrackingUri = Annotated[str | None, _check(
+    "unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, mysql://, file:)",
+    lambda uri: not uri or re.match(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks)",
+                                    uri))]  # fmt: skip
 
 
 class RunConfig(StrictModel):
     """Where a run lives and how it is seeded."""
-    name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
+    name: FolderName = Field(description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(42, description="Seed for data splits, training and generation.")
-
-    @field_validator("name")
-    def _safe_name(cls, value: str) -> str:  # it becomes a folder: nothing that escapes output_dir
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
-            raise ValueError("must be a folder name: letters, digits, '.', '_' or '-'")
-        return value
 
     @property
     def run_dir(self) -> Path:
         return (Path(self.output_dir) / self.name).resolve()
-
-
-def _package_dir(location: str) -> str | None:
-    """The folder of the installed package named by ``pkg://<package>``, or None."""
-    import importlib.util
-    spec = importlib.util.find_spec(location.removeprefix("pkg://"))
-    return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
 
 
 class ModelConfig(StrictModel):
@@ -63,12 +70,15 @@ class ModelConfig(StrictModel):
         "float32", description="Compute dtype of the base weights (bfloat16, float16: a GPU).")  # fmt: skip
     load_in_8bit: bool = Field(False, description="Load base weights in 8-bit via bitsandbytes.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repo to run.")
-    chat_template: str | None = Field(None, description="Chat template override: Jinja text or .jinja file.")
+    chat_template: Template = Field(None, description="Chat template override: Jinja text or .jinja file.")
 
     @field_validator("name_or_path")
     def _location_exists(cls, value: str) -> str:
-        if value.startswith("pkg://") and _package_dir(value) is None:
-            raise ValueError("Python package is not installed")
+        from pipeline.models import resolve_package_dir
+        try:
+            resolve_package_dir(value)
+        except FileNotFoundError:
+            raise ValueError("Python package is not installed") from None
         local = value.startswith(("/", "./", "../", "~")) or value.endswith((".gguf", ".safetensors"))
         if local and not Path(value).exists():
             raise ValueError("local model folder does not exist")
@@ -76,25 +86,16 @@ class ModelConfig(StrictModel):
 
     @field_validator("gguf_file")
     def _gguf_exists(cls, value: str | None, info: Any) -> str | None:
-        folder = info.data.get("name_or_path") or ""
-        folder = _package_dir(folder) if folder.startswith("pkg://") else folder
+        from pipeline.models import resolve_package_dir
+        folder = resolve_package_dir(info.data.get("name_or_path") or "")
         if value and folder and Path(folder).is_dir() and not (Path(folder) / value).is_file():
             raise ValueError(f"file not found in {folder}")
         return value
 
-    @field_validator("chat_template")
-    def _template_exists(cls, value: str | None) -> str | None:
-        if value and "{" not in value and value.endswith(".jinja") and not Path(value).is_file():
-            raise ValueError("template file does not exist")
-        return value
-
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-
 
 class DataSource(StrictModel):
     """One source of examples: exactly one of a local file, a hub dataset or built-in generated tasks."""
-    path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
+    path: DataFile = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
     hub: str | None = Field(None, description="Hub dataset name, e.g. yahma/alpaca-cleaned.")
     config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     split: str = Field("train", description="Hub dataset split.")
@@ -109,12 +110,6 @@ class DataSource(StrictModel):
         "rows for eval, before mixing (a fixed slice by data.seed).")  # fmt: skip
     answer_from: Literal["field", "last_number"] = Field("field", description="The row's checkable answer: "
         "its `answer` field, or the last number of the reply.")  # fmt: skip
-
-    @field_validator("path")
-    def _path_exists(cls, value: str | None) -> str | None:
-        if value is not None and not value.lower().endswith(LOCAL_SUFFIXES):
-            raise ValueError(f"unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
-        return _existing_file(value)
 
     @field_validator("weight")
     def _samples_or_weight(cls, value: float | None, info: Any) -> float | None:
@@ -248,12 +243,10 @@ class SFTArgs(StrictModel):
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU, or CPU with torch's bf16).")
     fp16: bool = Field(False, description="float16 mixed precision (GPU).")
-    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (ZeRO-2/3).")
+    deepspeed: DeepSpeedFile = Field(None, description="Path to a DeepSpeed JSON config (ZeRO-2/3).")
 
     @field_validator("deepspeed")
     def _deepspeed_json(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError("DeepSpeed config file does not exist")
         try:
             data = json.loads(Path(value).read_text(encoding="utf-8")) if value else {}
         except (OSError, ValueError) as error:
@@ -288,9 +281,8 @@ class TrainConfig(SFTArgs):
 
 
 # FastChat llm_judge's per-category sampling temperatures (0 = greedy).
-MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0,
-                                           "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1,
-                                           "humanities": 0.1}  # fmt: skip
+MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
+                                           "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
 
 
 class JudgeConfig(StrictModel):
@@ -336,8 +328,8 @@ class JudgeConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     """MT-Bench-style evaluation and its judge (owned by the evaluate stage)."""
-    questions: str = Field("builtin", description="builtin (the project's offline set), hub "
-                           "(hub_dataset), or a path to an MT-Bench question.jsonl.")  # fmt: skip
+    questions: Questions = Field("builtin", description="builtin (the project's offline set), hub "
+                                 "(hub_dataset), or a path to an MT-Bench question.jsonl.")  # fmt: skip
     hub_dataset: str = Field("HuggingFaceH4/mt_bench_prompts", description="Hub dataset for questions=hub.")
     hub_split: str = Field("train", description="Split of hub_dataset.")
     reference_answers: ExistingFile = Field(None, description="FastChat reference-answer JSONL "
@@ -366,12 +358,6 @@ class EvalConfig(StrictModel):
                                                    description="Rows of the report.")  # fmt: skip
     tuned_path: str | None = Field(None, description="Evaluate this adapter folder or merged model folder "
                                    "as 'tuned' instead of <run_dir>/train/adapter.")  # fmt: skip
-
-    @field_validator("questions")
-    def _questions_exist(cls, value: str) -> str:  # now, not after an hour of generation
-        if value not in ("builtin", "hub") and not Path(value).is_file():
-            raise ValueError("expected builtin, hub or an existing .jsonl file")
-        return value
 
     @field_validator("heldout_sources")
     def _heldout_on(cls, value: list[str] | None, info: Any) -> list[str] | None:
@@ -441,16 +427,8 @@ class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
     enabled: bool = Field(True, description="Record the run in MLflow; false: no lineage, no promote, "
                           "and MLflow need not be installed (e.g. a GPU node without it).")  # fmt: skip
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
+    uri: TrackingUri = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
     experiment: str = Field("uora-pipeline", description="MLflow experiment name.")
-
-    @field_validator("uri")
-    def _known_scheme(cls, value: str | None) -> str | None:
-        if value and not re.match(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks)",
-                                  value):  # fmt: skip
-            raise ValueError("unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, "
-                             "mysql://, file:)")  # fmt: skip
-        return value
 
 
 class PipelineConfig(StrictModel):
