@@ -6,13 +6,14 @@ Also the config's records (flat params, slices) and its reference (``python -m p
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from pipeline.schema import MT_BENCH_TEMPERATURES, DataSource, EvalConfig, JudgeConfig  # noqa: F401
@@ -80,11 +81,10 @@ def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gon
     """One line per unknown key: its new name, the union member it belongs to, or the closest name
     (``gone``: a section that became flat keys, e.g. ``reinit``)."""
     import difflib
-    if isinstance(value, dict) and any(old.startswith(path + ".") for old in RENAMED):
-        gone = path.split(".")[-1]
-        return [line for key, item in value.items()
-                for line in _unknown_key(f"{path}.{key}", item, model, tag, members, gone)]  # fmt: skip
     key = path.split(".")[-1]
+    if isinstance(value, dict) and any(old.startswith(path + ".") for old in RENAMED):
+        return [line for name, item in value.items()
+                for line in _unknown_key(f"{path}.{name}", item, model, tag, members, key)]  # fmt: skip
     if path in RENAMED:
         return [_line(path, "renamed to " + RENAMED[path].format(method=tag))]
     owners = [f"'{name}'" for name, other in members.items() if key in other.model_fields]
@@ -99,32 +99,28 @@ def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gon
 def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) -> list[str]:
     """pydantic's ValidationError as one line per problem. A plain union (``list[str] | 'all-linear'``)
     reports one error per branch: merged into one line. A section's own rule is not echoed its input."""
-    lines: list[str] = []
-    merged: dict[str, tuple[int, list[str], Any]] = {}  # path -> (line index, reasons, value)
+    lines: dict[str, str] = {}  # a field's path (its line) or the line itself -> the line, in order
+    reasons: dict[str, list[str]] = {}
     for item in error.errors(include_url=False):
         path, model, tag, members, _ = _locate(item["loc"], root)
-        kind, value, ctx = item["type"], item.get("input"), item.get("ctx", {})
+        kind, value, ctx, new = item["type"], item.get("input"), item.get("ctx", {}), []
         if kind == "cross_section":
-            lines += ctx["lines"]
+            new = ctx["lines"]
         elif kind == "extra_forbidden":
-            lines += _unknown_key(path, value, model, tag, members)
+            new = _unknown_key(path, value, model, tag, members)
         elif kind == "missing":
-            lines.append(_line(path, "required field is missing"))
+            new = [_line(path, "required field is missing")]
         elif kind == "union_tag_invalid":  # a method that is none of the union's
             expected, key = " or ".join(ctx["expected_tags"].rsplit(", ", 1)), ctx["discriminator"].strip("'")
-            lines.append(_line(f"{path}.{key}", f"input should be {expected}", ctx["tag"]))
+            new = [_line(f"{path}.{key}", f"input should be {expected}", ctx["tag"])]
         elif kind != "default_factory_not_called":  # (that follows from another field's error)
             reason = item["msg"].removeprefix("Value error, ")
             reason = reason if kind == "value_error" else reason[0].lower() + reason[1:]
-            if path in merged:  # another branch of a plain union: "a valid list or 'all-linear'"
-                index, reasons, shown = merged[path]
-                reasons.append(reason.removeprefix("input should be "))
-                lines[index] = _line(path, " or ".join(reasons), shown)
-            else:
-                shown = ... if isinstance(value, dict) else value
-                merged[path] = (len(lines), [reason], shown)
-                lines.append(_line(path, reason, shown))
-    return lines
+            merged = reasons.setdefault(path, [])  # a plain union's branches: "a valid list or 'all-linear'"
+            merged.append(reason.removeprefix("input should be ") if merged else reason)
+            lines[path] = _line(path, " or ".join(merged), ... if isinstance(value, dict) else value)
+        lines.update(zip(new, new, strict=True))
+    return list(lines.values())
 
 
 def _default_json(field: FieldInfo | None) -> Any:
@@ -150,19 +146,17 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             value = yaml.safe_load(raw) if raw.strip() else ""
     node: Any = data
     for depth, part in enumerate(parts):
-        here = ".".join(parts[: depth + 1])
-        if isinstance(node, list) and (not part.isdigit() or int(part) >= len(node)):
-            raise ConfigError([_line(here, "no such list item", override)])
+        here, key = ".".join(parts[: depth + 1]), part
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError([_line(here, "no such list item", override)])
+            key = int(part)
+        elif depth < len(parts) - 1 and node.get(part) is None:
+            node[part] = _default_json(_locate(parts[: depth + 1])[-1])
         if depth == len(parts) - 1:
-            node[int(part) if isinstance(node, list) else part] = value
-        elif isinstance(node, list):
-            node = node[int(part)]
-        else:
-            if node.get(part) is None:
-                node[part] = _default_json(_locate(parts[: depth + 1])[-1])
-            node = node[part]
-            if not isinstance(node, dict | list):
-                raise ConfigError([_line(here, "is a value, not a section", override)])
+            node[key] = value
+        elif not isinstance(node := node[key], dict | list):
+            raise ConfigError([_line(here, "is a value, not a section", override)])
     section = _locate(parts[:-1])[-1]
     members = _node(section) if section is not None and section.discriminator == parts[-1] else None
     if isinstance(members, dict) and isinstance(value, str) and value in members:  # keep what it shares
@@ -171,8 +165,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                 del node[other]
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The YAML file as a mapping; syntax errors become one line with the file and line number."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read, override and validate a run config; raises ConfigError with one line per problem (a YAML
+    syntax error's names the file and line number)."""
     import yaml
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -181,20 +176,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([f"{path}: cannot read config file ({error})"]) from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
+        where = f":{error.problem_mark.line + 1}" if getattr(error, "problem_mark", None) else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError([f"{path}{where}: YAML syntax error: {problem}"]) from None
     if not isinstance(data, dict | None):
         kind = type(data).__name__
         raise ConfigError([f"{path}: the config must be a YAML mapping of sections (got {kind})"])
-    return data or {}
-
-
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read, override and validate a run config; raises ConfigError with one line per problem."""
-    from pydantic import ValidationError
-    data = read_yaml(path)
+    data = data or {}
     for override in overrides:
         apply_override(data, override)
     try:
@@ -225,13 +213,9 @@ def flatten(config: PipelineConfig) -> dict[str, str]:
 
 def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The parts of the config named by ``keys`` (sections or dotted paths to fields)."""
-    dumped, result = config.model_dump(mode="json"), {}
-    for key in keys:
-        node: Any = dumped
-        for part in key.split("."):
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        result[key] = node
-    return result
+    dumped = config.model_dump(mode="json")
+    return {key: functools.reduce(lambda node, part: node[int(part) if isinstance(node, list) else part],
+                                  key.split("."), dumped) for key in keys}  # fmt: skip
 
 
 def _type_name(annotation: Any) -> str:
