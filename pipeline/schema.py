@@ -21,10 +21,11 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _check(reason: str, ok: Callable[[Any], Any]) -> AfterValidator:
-    """A field's rule: a value that is set must pass ``ok``, else ``reason`` is the error."""
-    def check(value: Any) -> Any:
-        if value is not None and not ok(value):
+def _check(reason: str, ok: Callable[..., Any], *fields: str) -> AfterValidator:
+    """A field's rule: a value that is set must pass ``ok(value, *earlier fields' values)``, else ``reason``
+    is the error."""
+    def check(value: Any, info: Any) -> Any:
+        if value is not None and not ok(value, *(info.data.get(name) for name in fields)):
             raise ValueError(reason)
         return value
     return AfterValidator(check)
@@ -105,17 +106,12 @@ class DataSource(StrictModel):
         "auto", description="Row format; auto detects it from the keys.")  # fmt: skip
     name: str | None = Field(None, description="Label stored in the `source` column.")
     samples: int | None = Field(None, gt=0, description="Take exactly this many rows (no replacement).")
-    weight: float | None = Field(None, gt=0, description="Share of the weighted mixture.")
+    weight: Annotated[float | None, _check("set samples or weight, not both", lambda _, n: n is None,
+        "samples")] = Field(None, gt=0, description="Share of the weighted mixture.")  # fmt: skip
     eval_samples: int | None = Field(None, gt=0, description="Hold out exactly this many of this source's "
         "rows for eval, before mixing (a fixed slice by data.seed).")  # fmt: skip
     answer_from: Literal["field", "last_number"] = Field("field", description="The row's checkable answer: "
         "its `answer` field, or the last number of the reply.")  # fmt: skip
-
-    @field_validator("weight")
-    def _samples_or_weight(cls, value: float | None, info: Any) -> float | None:
-        if value is not None and info.data.get("samples") is not None:
-            raise ValueError("set samples or weight, not both")
-        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> DataSource:
@@ -129,9 +125,8 @@ class DataSource(StrictModel):
     @property
     def label(self) -> str:
         """The name stored in the dataset's ``source`` column."""
-        if self.name or self.path:
-            return self.name or Path(self.path or "").name
-        return self.hub + (f":{self.config}" if self.config else "") if self.hub else "builtin"
+        hub = self.hub and self.hub + (f":{self.config}" if self.config else "")
+        return self.name or (self.path and Path(self.path).name) or hub or "builtin"
 
 
 class DataConfig(StrictModel):
@@ -211,11 +206,9 @@ class VeraAdapter(AdapterBase):
 
 
 ADAPTERS: dict[str, type[AdapterBase]] = {"uora": UoraAdapter, "lora": LoraAdapter, "vera": VeraAdapter}
-AdapterConfig = Annotated[
-    UoraAdapter | LoraAdapter | VeraAdapter,
-    BeforeValidator(lambda value: {"method": "uora", **value} if isinstance(value, dict) else value),
-    Field(discriminator="method"),
-]
+AdapterConfig = Annotated[UoraAdapter | LoraAdapter | VeraAdapter, Field(discriminator="method"),
+                          BeforeValidator(lambda value: {"method": "uora", **value} if isinstance(value, dict)
+                                          else value)]  # fmt: skip
 
 
 class SFTArgs(StrictModel):
@@ -294,15 +287,13 @@ class JudgeConfig(StrictModel):
     base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1 "
                                  "(vLLM/TGI/llama.cpp); null = OpenAI.")  # fmt: skip
     model: str | None = Field(None, description="Judge model name sent to the endpoint (openai backend).")
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API "
-                                    "key (openai backend).")  # fmt: skip
+    api_key_env: str | None = Field(None, description="NAME of the API key's env variable (openai backend).")
     local_model: ModelConfig | None = Field(None, description="Local judge weights (like the model "
                                             "section); null = the same as model.")  # fmt: skip
     local_scoring: Literal["generate", "logits", "expected"] = Field("generate", description="local judge: "
         "parse [[rating]] from its output; logits: the most likely rating; expected: the probability-"
         "weighted mean rating (for small judges that never write the format).")  # fmt: skip
-    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl instead of the built-in "
-                                  "prompt texts.")  # fmt: skip
+    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl replacing the built-ins.")
     mode: Literal["single", "pairwise", "both"] = Field("single", description="single: grade each answer "
         "1-10; pairwise: tuned vs base, in both orders (a verdict that flips is a tie); both.")  # fmt: skip
     samples: int = Field(1, ge=1, description="Judge samples per answer; the median is the score.")
@@ -334,16 +325,16 @@ class EvalConfig(StrictModel):
     hub_split: str = Field("train", description="Split of hub_dataset.")
     reference_answers: ExistingFile = Field(None, description="FastChat reference-answer JSONL "
                                             "(question_id, choices[0].turns) for grading.")  # fmt: skip
-    builtin_verifiable: int = Field(2, ge=0, description="builtin set: extra generated tasks with "
-                                    "exact-match answers.")  # fmt: skip
+    builtin_verifiable: int = Field(2, ge=0, description="builtin set: extra generated exact-answer tasks.")
     categories: list[str] | None = Field(None, description="Evaluate only these categories.")
     question_ids: list[int | str] | None = Field(None, description="Evaluate only these question ids.")
     max_questions: int | None = Field(None, gt=0, description="Evaluate at most this many questions.")
     heldout_questions: int = Field(0, ge=0, description="Also ask up to this many rows of the prepared eval "
         "split that have an 'answer' and one user turn, as one-turn questions (category: the row's "
         "source), after the eval.questions selection; greedy unless temperatures names it.")  # fmt: skip
-    heldout_sources: list[str] | None = Field(None, min_length=1, description="Held-out questions only "
-                                              "from these prepare sources (labels).")  # fmt: skip
+    heldout_sources: Annotated[list[str] | None, _check("has no effect unless heldout_questions > 0",
+        lambda _, n: n, "heldout_questions")] = Field(None, min_length=1, description="Held-out questions "
+        "only from these prepare sources (labels).")  # fmt: skip
     judge_verifiable: bool = Field(True, description="Also judge questions whose every turn has an exact "
                                    "answer; false: they count only in exact match.")  # fmt: skip
     max_new_tokens: int = Field(1024, gt=0, description="Answer budget per turn.")
@@ -358,12 +349,6 @@ class EvalConfig(StrictModel):
                                                    description="Rows of the report.")  # fmt: skip
     tuned_path: str | None = Field(None, description="Evaluate this adapter folder or merged model folder "
                                    "as 'tuned' instead of <run_dir>/train/adapter.")  # fmt: skip
-
-    @field_validator("heldout_sources")
-    def _heldout_on(cls, value: list[str] | None, info: Any) -> list[str] | None:
-        if value and not info.data.get("heldout_questions"):
-            raise ValueError("has no effect unless heldout_questions > 0")
-        return value
 
     @field_validator("temperatures")
     def _over_mt_bench_defaults(cls, value: dict[str, float]) -> dict[str, float]:
@@ -408,8 +393,7 @@ class PromoteConfig(StrictModel):
     register_from: Literal["merged", "adapter"] = Field("merged", description="The logged model that "
                                                         "becomes the new registered version.")  # fmt: skip
     alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
-    gate_metric: str = Field("tuned.score_overall", description="Evaluate metric the gate reads "
-                             "('<model>.<name>').")  # fmt: skip
+    gate_metric: str = Field("tuned.score_overall", description="Metric the gate reads ('<model>.<name>').")
     gate: Literal["point", "ci"] = Field("ci", description="ci: the 95% interval of candidate - champion, "
         "paired over shared questions, must be above -margin (no champion: - base); point: values "
         "alone.")  # fmt: skip
