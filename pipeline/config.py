@@ -1,7 +1,6 @@
-"""Loading a run configuration: YAML + ``key.sub=value`` overrides -> ``PipelineConfig`` (the schema is
-``pipeline.schema``, re-exported here), or one ``dotted.path: reason (got value)`` line per problem, the
-path from pydantic's error location with a union's tag dropped (``adapter.r``, not ``adapter.lora.r``).
-Also the config's records (flat params, slices) and its reference (``python -m pipeline.config``)."""
+"""Loading a run config: YAML + ``key.sub=value`` overrides -> ``pipeline.schema.PipelineConfig``, or one
+``dotted.path: reason (got value)`` line per problem, a union's tag dropped (``adapter.r``, not
+``adapter.lora.r``). Also the config's records (flat params, slices) and reference (-m pipeline.config)."""
 
 from __future__ import annotations
 
@@ -11,15 +10,12 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from pipeline.schema import MT_BENCH_TEMPERATURES, DataSource, EvalConfig, JudgeConfig  # noqa: F401
-
-# isort: split
-from pipeline.schema import ModelConfig, PipelineConfig, StrictModel  # noqa: F401
+from pipeline.schema import DataSource, EvalConfig, JudgeConfig, ModelConfig, PipelineConfig  # noqa: F401
 
 RENAMED = {  # old key -> new key, for configs written before the keys became PEFT's and TRL's
     "adapter.dropout": "adapter.{method}_dropout",
@@ -57,10 +53,9 @@ def _node(field: FieldInfo | None) -> Any:
 
 
 def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any, Any, dict, FieldInfo | None]:
-    """A pydantic error location or an override's keys as (dotted path, the model holding the last key,
-    the union tag on the way, that union's ``{tag: model}``, the last key's field). A union's tag is
-    not a key (``('adapter', 'lora', 'r')`` is ``adapter.r``); without one, the first member that has
-    the key answers; a plain union's branch names (``'list[str]'``) are dropped."""
+    """A pydantic error location or an override's keys as (dotted path, the model holding the last key, the
+    union tag on the way, that union's ``{tag: model}``, the last key's field). Without a tag, the first
+    union member that has the key answers; a plain union's branch names (``'list[str]'``) are dropped."""
     node, parent, tag, members, parts, field = root, None, None, {}, [], None
     for part in loc:
         if isinstance(node, dict) and part in node:
@@ -87,8 +82,7 @@ def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gon
                 for line in _unknown_key(f"{path}.{name}", item, model, tag, members, key)]  # fmt: skip
     if path in RENAMED:
         return [_line(path, "renamed to " + RENAMED[path].format(method=tag))]
-    owners = [f"'{name}'" for name, other in members.items() if key in other.model_fields]
-    if owners:
+    if owners := [f"'{name}'" for name, other in members.items() if key in other.model_fields]:
         methods = ("method " if len(owners) == 1 else "methods ") + " and ".join(owners)
         return [_line(path, f"only used by {methods} (method is '{tag}')", value)]
     names = list(model.model_fields) if isinstance(model, type) else []
@@ -220,11 +214,9 @@ def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> d
 
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Literal:
-        return " \\| ".join(str(arg) for arg in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
-    if args and origin is not dict:  # a union
+    if args and origin is not dict:  # a union, or a Literal's values
         return " \\| ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
     return "section" if _models(annotation) else getattr(annotation, "__name__", str(annotation))
 
