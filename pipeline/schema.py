@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -74,16 +75,13 @@ class ModelConfig(StrictModel):
     chat_template: Template = Field(None, description="Chat template override: Jinja text or .jinja file.")
 
     @field_validator("name_or_path")
-    def _location_exists(cls, value: str) -> str:
-        from pipeline.models import resolve_package_dir
-        try:
-            resolve_package_dir(value)
-        except FileNotFoundError:
-            raise ValueError("Python package is not installed") from None
-        local = value.startswith(("/", "./", "../", "~")) or value.endswith((".gguf", ".safetensors"))
-        if local and not Path(value).exists():
+    def _location_exists(cls, name: str) -> str:
+        if name.startswith("pkg://") and not getattr(find_spec(name[6:]), "submodule_search_locations", None):
+            raise ValueError("Python package is not installed")
+        local = name.startswith(("/", "./", "../", "~")) or name.endswith((".gguf", ".safetensors"))
+        if local and not Path(name).exists():
             raise ValueError("local model folder does not exist")
-        return value
+        return name
 
     @field_validator("gguf_file")
     def _gguf_exists(cls, value: str | None, info: Any) -> str | None:
@@ -173,8 +171,7 @@ class AdapterBase(StrictModel):
 class UoraAdapter(AdapterBase):
     """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
 
-    Re-init (UORA.md): after ``reinit_patience`` checks with ``|d[i]| < reinit_threshold``, row i of A and
-    column i of B move towards a target orthogonal pair R: ``A <- alpha * A + (1 - alpha) * R``."""
+    Re-init (UORA.md): a dead slot's row of A and column of B move as ``A <- alpha * A + (1 - alpha) * R``."""
     method: Literal["uora"] = Field("uora", description=METHOD)
     uora_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
@@ -252,8 +249,7 @@ class SFTArgs(StrictModel):
 class TrainConfig(SFTArgs):
     """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
 
-    Inherited keys go to ``trl.SFTConfig`` as they are (``sft_kwargs``); the keys declared here are the
-    pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it."""
+    Inherited keys go to ``trl.SFTConfig`` unchanged (``sft_kwargs``); the pipeline's own (below) don't."""
     template_fallback: Literal["completion_only", "error"] = Field("completion_only", description="No "
         "training template for this model: train on the last assistant turn only, or fail.")  # fmt: skip
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
@@ -273,9 +269,12 @@ class TrainConfig(SFTArgs):
         return int(zero.get("zero_optimization", {}).get("stage", 0))
 
 
-# FastChat llm_judge's per-category sampling temperatures (0 = greedy).
+# FastChat llm_judge's per-category sampling temperatures (0 = greedy); a config's are laid over them.
 MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
                                            "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+Temperatures = Annotated[dict[str, float], _check("temperatures must be >= 0 (0 = greedy)",
+                                                  lambda temps: not any(t < 0 for t in temps.values())),
+                         AfterValidator(lambda temps: {**MT_BENCH_TEMPERATURES, **temps})]
 
 
 class JudgeConfig(StrictModel):
@@ -341,7 +340,7 @@ class EvalConfig(StrictModel):
     verifiable_max_new_tokens: int | None = Field(None, gt=0, description="Answer budget for questions "
         "whose every turn has an exact answer (None: max_new_tokens).")  # fmt: skip
     batch_size: int = Field(8, gt=0, description="Questions generated together (left-padded).")
-    temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES), description=
+    temperatures: Temperatures = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES), description=
         "Sampling temperature per category (0 = greedy); other MT-Bench categories: MT-Bench's.")  # fmt: skip
     default_temperature: float = Field(0.7, ge=0.0, description="Temperature for unlisted categories.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
@@ -349,12 +348,6 @@ class EvalConfig(StrictModel):
                                                    description="Rows of the report.")  # fmt: skip
     tuned_path: str | None = Field(None, description="Evaluate this adapter folder or merged model folder "
                                    "as 'tuned' instead of <run_dir>/train/adapter.")  # fmt: skip
-
-    @field_validator("temperatures")
-    def _over_mt_bench_defaults(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(t < 0 for t in value.values()):
-            raise ValueError("temperatures must be >= 0 (0 = greedy)")
-        return {**MT_BENCH_TEMPERATURES, **value}  # one category set: MT-Bench's for the others
 
     @field_validator("models")
     def _pairwise_needs_both(cls, value: list[str], info: Any) -> list[str]:
@@ -384,8 +377,7 @@ class ExportConfig(StrictModel):
 class PromoteConfig(StrictModel):
     """Model-registry registration and alias promotion (owned by the promote stage).
 
-    The alias moves only when the gate passes (``--force``: regardless): ``gate_metric`` is at or above
-    ``threshold`` and not worse than the alias's current holder by more than ``margin``."""
+    The alias moves only when the gate (below) passes, or with ``--force``."""
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
     log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1,
