@@ -360,8 +360,7 @@ class EvalConfig(StrictModel):
 class ExportConfig(StrictModel):
     """Merge-and-export (owned by the export stage).
 
-    The merge happens in a floating-point copy of the base, never in int8: rounding merged weights back
-    to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised."""
+    An 8-bit base is merged unquantised: rounding merged weights to int8 loses most of a low-rank update."""
     mode: Literal["merged", "adapter_only"] = Field("merged", description="'merged': a standalone HF model "
         "folder (plus the adapter); 'adapter_only': the adapter.")  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the merged "
@@ -369,9 +368,8 @@ class ExportConfig(StrictModel):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
     verify_prompts: int = Field(4, ge=1, le=16, description="Fixed prompts the merged logits are checked on.")
     verify_max_tokens: int = Field(96, ge=8, description="Tokens per verification prompt (truncated).")
-    tolerance: float | None = Field(None, gt=0, description="Largest allowed |merged - (base + adapter)| "
-        "logit difference, relative to the largest logit; default by dtype (fp32 1e-4, bf16 3e-2, "
-        "fp16 1e-2).")  # fmt: skip
+    tolerance: float | None = Field(None, gt=0, description="Largest |merged - (base + adapter)| logit "
+        "difference allowed, relative to the largest logit (default: fp32 1e-4, bf16 3e-2, fp16 1e-2).")
 
 
 class PromoteConfig(StrictModel):
@@ -387,8 +385,7 @@ class PromoteConfig(StrictModel):
     alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
     gate_metric: str = Field("tuned.score_overall", description="Metric the gate reads ('<model>.<name>').")
     gate: Literal["point", "ci"] = Field("ci", description="ci: the 95% interval of candidate - champion, "
-        "paired over shared questions, must be above -margin (no champion: - base); point: values "
-        "alone.")  # fmt: skip
+        "paired over shared questions, must be above -margin (no champion: - base); point: values alone.")
     threshold: float | None = Field(None, description="Minimum gate_metric value; None: no floor.")
     margin: float = Field(0.0, ge=0, description="How much worse than the champion a candidate may be.")
 
