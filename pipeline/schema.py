@@ -58,10 +58,6 @@ class RunConfig(StrictModel):
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(42, description="Seed for data splits, training and generation.")
 
-    @property
-    def run_dir(self) -> Path:
-        return (Path(self.output_dir) / self.name).resolve()
-
 
 class ModelConfig(StrictModel):
     """The base model and its tokenizer (``pkg://<package>``: weights shipped in a Python package)."""
@@ -432,4 +428,4 @@ class PipelineConfig(StrictModel):
 
     @property
     def run_dir(self) -> Path:
-        return self.run.run_dir
+        return (Path(self.run.output_dir) / self.run.name).resolve()
