@@ -241,7 +241,7 @@ def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
             for tag, model in node.items():
                 tables(f"{title}` with `method: {tag}", model)
             return
-        doc = (node.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((node.__doc__ or "").strip().split("\n\n")[0].split())
         rows = [f"**`{title}`** — {doc}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in node.model_fields.items():
             meaning = (field.description or "").replace("|", "\\|")

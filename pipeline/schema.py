@@ -23,8 +23,7 @@ class StrictModel(BaseModel):
 
 
 def _check(reason: str, ok: Callable[..., Any], *fields: str) -> AfterValidator:
-    """A field's rule: a value that is set must pass ``ok(value, *earlier fields' values)``, else ``reason``
-    is the error."""
+    """A field rule: ``ok(value, *earlier fields' values)`` must hold for a set value, else ``reason``."""
     def check(value: Any, info: Any) -> Any:
         if value is not None and not ok(value, *(info.data.get(name) for name in fields)):
             raise ValueError(reason)
@@ -274,9 +273,7 @@ Temperatures = Annotated[dict[str, float], _check("temperatures must be >= 0 (0 
 
 
 class JudgeConfig(StrictModel):
-    """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
-
-    The key never enters the config (it is logged to MLflow): ``api_key_env`` names its variable."""
+    """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model."""
     backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible "
         "chat-completions endpoint; local: transformers.")  # fmt: skip
     base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1 "
@@ -302,7 +299,7 @@ class JudgeConfig(StrictModel):
     @model_validator(mode="after")
     def _check_backend(self) -> JudgeConfig:
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-            # Never echo the value: someone may have pasted the key itself here.
+            # The key never enters the config (it is logged to MLflow), nor this line: it may be the key.
             raise ValueError("api_key_env must be the NAME of an environment variable, not the key itself")
         if self.backend == "openai" and not self.api_key_env:
             raise ValueError("api_key_env is required when backend is 'openai' (the NAME of the environment "
@@ -354,9 +351,7 @@ class EvalConfig(StrictModel):
 
 
 class ExportConfig(StrictModel):
-    """Merge-and-export (owned by the export stage).
-
-    An 8-bit base is merged unquantised: rounding merged weights to int8 loses most of a low-rank update."""
+    """Merge-and-export (owned by the export stage); an 8-bit base is merged unquantised, never in int8."""
     mode: Literal["merged", "adapter_only"] = Field("merged", description="'merged': a standalone HF model "
         "folder (plus the adapter); 'adapter_only': the adapter.")  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the merged "
@@ -369,9 +364,8 @@ class ExportConfig(StrictModel):
 
 
 class PromoteConfig(StrictModel):
-    """Model-registry registration and alias promotion (owned by the promote stage).
-
-    The alias moves only when the gate (below) passes, or with ``--force``."""
+    """Model-registry registration and alias promotion (owned by the promote stage); the alias moves only
+    when the gate (below) passes, or with ``--force``."""
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
     log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1,
