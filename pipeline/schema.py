@@ -23,10 +23,11 @@ class StrictModel(BaseModel):
 
 
 def _check(reason: str, ok: Callable[..., Any], *fields: str) -> AfterValidator:
-    """A field rule: ``ok(value, *earlier fields' values)`` must hold for a set value, else ``reason``."""
+    """A field rule: ``ok(value, *earlier fields' values)`` must hold for a set value, else ``reason`` (its
+    ``{0}``... formatted with those values)."""
     def check(value: Any, info: Any) -> Any:
-        if value is not None and not ok(value, *(info.data.get(name) for name in fields)):
-            raise ValueError(reason)
+        if value is not None and not ok(value, *(others := [info.data.get(name) for name in fields])):
+            raise ValueError(reason.format(*others))
         return value
     return AfterValidator(check)
 
@@ -270,6 +271,9 @@ MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "ext
 Temperatures = Annotated[dict[str, float], _check("temperatures must be >= 0 (0 = greedy)",
                                                   lambda temps: not any(t < 0 for t in temps.values())),
                          AfterValidator(lambda temps: {**MT_BENCH_TEMPERATURES, **temps})]
+EvalModels = Annotated[list[Literal["base", "tuned"]], _check(
+    "judge.mode {0.mode!r} compares tuned with base: models needs both",
+    lambda models, judge: not judge or judge.mode == "single" or {"base", "tuned"} <= set(models), "judge")]
 
 
 class JudgeConfig(StrictModel):
@@ -337,17 +341,10 @@ class EvalConfig(StrictModel):
         "Sampling temperature per category (0 = greedy); other MT-Bench categories: MT-Bench's.")  # fmt: skip
     default_temperature: float = Field(0.7, ge=0.0, description="Temperature for unlisted categories.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"], min_length=1,
-                                                   description="Rows of the report.")  # fmt: skip
+    models: EvalModels = Field(default_factory=lambda: ["base", "tuned"], min_length=1,
+                               description="Rows of the report.")  # fmt: skip
     tuned_path: str | None = Field(None, description="Evaluate this adapter folder or merged model folder "
                                    "as 'tuned' instead of <run_dir>/train/adapter.")  # fmt: skip
-
-    @field_validator("models")
-    def _pairwise_needs_both(cls, value: list[str], info: Any) -> list[str]:
-        mode = info.data["judge"].mode if "judge" in info.data else "single"
-        if mode != "single" and not {"base", "tuned"} <= set(value):
-            raise ValueError(f"judge.mode {mode!r} compares tuned with base: models needs both")
-        return value
 
 
 class ExportConfig(StrictModel):
