@@ -38,6 +38,11 @@ IS_FILE = _check("file does not exist", lambda path: not path or Path(path).is_f
 ExistingFile = Annotated[str | None, IS_FILE]
 DataFile = Annotated[str | None, _check(f"unsupported file type (use {', '.join(LOCAL_SUFFIXES)})",
                                         lambda path: path.lower().endswith(LOCAL_SUFFIXES)), IS_FILE]
+ModelLocation = Annotated[str,  # pkg://<package>: installed; a local path (/, ./, ~, *.gguf, ...): existing
+    _check("Python package is not installed", lambda name: not name.startswith("pkg://")
+           or getattr(find_spec(name[6:]), "submodule_search_locations", None)),
+    _check("local model folder does not exist", lambda name: Path(name).exists()
+           or not (name.startswith(("/", "./", "../", "~")) or name.endswith((".gguf", ".safetensors"))))]
 FolderName = Annotated[str, _check("must be a folder name: letters, digits, '.', '_' or '-'",
                                    lambda name: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name))]
 Template = Annotated[str | None, _check("template file does not exist", lambda text: "{" in text
@@ -61,7 +66,7 @@ class RunConfig(StrictModel):
 
 class ModelConfig(StrictModel):
     """The base model and its tokenizer (``pkg://<package>``: weights shipped in a Python package)."""
-    name_or_path: str = Field(description="Hub id, local directory, or pkg://<package>.")
+    name_or_path: ModelLocation = Field(description="Hub id, local directory, or pkg://<package>.")
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -69,15 +74,6 @@ class ModelConfig(StrictModel):
     load_in_8bit: bool = Field(False, description="Load base weights in 8-bit via bitsandbytes.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repo to run.")
     chat_template: Template = Field(None, description="Chat template override: Jinja text or .jinja file.")
-
-    @field_validator("name_or_path")
-    def _location_exists(cls, name: str) -> str:
-        if name.startswith("pkg://") and not getattr(find_spec(name[6:]), "submodule_search_locations", None):
-            raise ValueError("Python package is not installed")
-        local = name.startswith(("/", "./", "../", "~")) or name.endswith((".gguf", ".safetensors"))
-        if local and not Path(name).exists():
-            raise ValueError("local model folder does not exist")
-        return name
 
     @field_validator("gguf_file")
     def _gguf_exists(cls, value: str | None, info: Any) -> str | None:
