@@ -24,10 +24,10 @@ class StrictModel(BaseModel):
 
 def _check(reason: str, ok: Callable[..., Any], *fields: str) -> AfterValidator:
     """A field rule: ``ok(value, *earlier fields' values)`` must hold for a set value, else ``reason`` (its
-    ``{0}``... formatted with those values)."""
+    ``{0}``... formatted with those values, ``{field}`` with the field's name)."""
     def check(value: Any, info: Any) -> Any:
         if value is not None and not ok(value, *(others := [info.data.get(name) for name in fields])):
-            raise ValueError(reason.format(*others))
+            raise ValueError(reason.format(*others, field=info.field_name))
         return value
     return AfterValidator(check)
 
@@ -55,6 +55,8 @@ TrackingUri = Annotated[str | None, _check(
     "unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, mysql://, file:)",
     lambda uri: not uri or re.match(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks)",
                                     uri))]  # fmt: skip
+PER_SOURCE_EVAL = _check("sources set eval_samples: hold out rows per source or by {field}, not both",
+                         lambda _, sources: all(s.eval_samples is None for s in sources or ()), "sources")
 
 
 class RunConfig(StrictModel):
@@ -125,8 +127,11 @@ class DataConfig(StrictModel):
         description="Where examples come from; several sources are mixed.")  # fmt: skip
     max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture "
         "(default: as many as the weights allow without repeating rows).")  # fmt: skip
-    eval_size: int | None = Field(None, ge=0, description="Exact eval rows; excludes eval_fraction.")
-    eval_fraction: float = Field(0.05, ge=0, le=0.5, description="Share of rows held out for eval.")
+    eval_size: Annotated[int | None, PER_SOURCE_EVAL] = Field(None, ge=0, description="Exact eval rows; "
+                                                              "excludes eval_fraction.")  # fmt: skip
+    eval_fraction: Annotated[float, PER_SOURCE_EVAL, _check("set eval_size or eval_fraction, not both",
+        lambda _, size: size is None, "eval_size")] = Field(0.05, ge=0, le=0.5, description="Share of rows "
+        "held out for eval.")  # fmt: skip
     max_length: int = Field(2048, gt=0, description="Drop examples longer than this many tokens.")
     seed: int | None = Field(None, description="Seed of sampling and of the train/eval split (None: "
                              "run.seed); fix it to vary run.seed over identical data.")  # fmt: skip
@@ -134,15 +139,6 @@ class DataConfig(StrictModel):
     strict: bool = Field(False, description="Malformed rows are an error instead of dropped.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn when none.")
     cache_dir: str | None = Field(None, description="Prepared-data cache (~/.cache/uora-pipeline/prepared).")
-
-    @field_validator("eval_size", "eval_fraction")
-    def _one_eval_rule(cls, value: Any, info: Any) -> Any:  # runs only when the key is set (no default)
-        if any(source.eval_samples is not None for source in info.data.get("sources", [])):
-            rule = f"hold out rows per source or by {info.field_name}, not both"
-            raise ValueError(f"sources set eval_samples: {rule}")
-        if info.field_name == "eval_fraction" and info.data.get("eval_size") is not None:
-            raise ValueError("set eval_size or eval_fraction, not both")
-        return value
 
 
 # adapter: one model per method; field names, defaults and bounds are the method's PEFT config's.
