@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from pipeline.schema import DataSource, EvalConfig, JudgeConfig, ModelConfig, PipelineConfig  # noqa: F401
@@ -120,9 +120,7 @@ def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) 
 def _default_json(field: FieldInfo | None) -> Any:
     """A section's default as JSON (so that ``data.sources.0.path=...`` edits the default list), or {}."""
     value = field.get_default(call_default_factory=True) if _node(field) else None
-    if isinstance(value, list):
-        return [item.model_dump(mode="json", exclude_unset=True) for item in value]
-    return value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else {}
+    return {} if value is None else TypeAdapter(Any).dump_python(value, mode="json", exclude_unset=True)
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -225,10 +223,8 @@ def _default_text(field: FieldInfo) -> str:
     if field.is_required() or field.default_factory_takes_validated_data:
         return "**required**" if field.is_required() else "(see meaning)"
     value = field.get_default(call_default_factory=True)
-    if isinstance(value, list):
-        value = [item.model_dump(exclude_defaults=True) if isinstance(item, BaseModel) else item
-                 for item in value]  # fmt: skip
-    return "(see below)" if isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
+    shown = json.dumps(TypeAdapter(Any).dump_python(value, mode="json", exclude_defaults=True))
+    return "(see below)" if isinstance(value, BaseModel) else f"`{shown}`"
 
 
 def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
