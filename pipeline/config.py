@@ -55,7 +55,7 @@ def _node(field: FieldInfo | None) -> Any:
 def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any, Any, dict, FieldInfo | None]:
     """A pydantic error location or an override's keys as (dotted path, the model holding the last key, the
     union tag on the way, that union's ``{tag: model}``, the last key's field). Without a tag, the first
-    union member that has the key answers; a plain union's branch names (``'list[str]'``) are dropped."""
+    union member with the key answers; a plain union's branch names (``'list[str]'``) are no keys."""
     node, parent, tag, members, parts, field = root, None, None, {}, [], None
     for part in loc:
         if isinstance(node, dict) and part in node:

@@ -1,7 +1,6 @@
-"""The run configuration's schema: one pydantic model per YAML section, ``extra="forbid"``, torch-free
-(validation takes well under a second). A rule lives on its field, so pydantic's error names it; rules
-spanning sections live on ``PipelineConfig``. ``adapter:`` fields are the method's PEFT config's and
-``SFTArgs`` are ``trl.SFTConfig``'s, passed unchanged (tests/pipeline/test_schema_pins.py pins them)."""
+"""The run config's schema: a pydantic model per YAML section, ``extra="forbid"``, torch-free (validates in
+well under a second). Rules live on their field, so pydantic's error names it; cross-section ones on
+``PipelineConfig``. ``adapter:`` keys are PEFT's, ``SFTArgs`` TRL's ``SFTConfig``'s (see test_schema_pins)."""
 
 from __future__ import annotations
 
@@ -157,9 +156,7 @@ class AdapterBase(StrictModel):
 
 
 class UoraAdapter(AdapterBase):
-    """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
-
-    Re-init (UORA.md): a dead slot's row of A and column of B move as ``A <- alpha * A + (1 - alpha) * R``."""
+    """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection)."""
     method: Literal["uora"] = Field("uora", description=METHOD)
     uora_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
@@ -235,9 +232,7 @@ class SFTArgs(StrictModel):
 
 
 class TrainConfig(SFTArgs):
-    """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
-
-    Inherited keys go to ``trl.SFTConfig`` unchanged (``sft_kwargs``); the pipeline's own (below) don't."""
+    """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``."""
     template_fallback: Literal["completion_only", "error"] = Field("completion_only", description="No "
         "training template for this model: train on the last assistant turn only, or fail.")  # fmt: skip
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
@@ -247,7 +242,7 @@ class TrainConfig(SFTArgs):
     preempt_grace_s: int = Field(300, gt=0, description="Seconds workers get to checkpoint on SIGTERM.")
 
     def sft_kwargs(self) -> dict[str, Any]:
-        """The ``trl.SFTConfig`` keyword arguments this section states."""
+        """The ``trl.SFTConfig`` keyword arguments: the inherited keys (the pipeline's own never reach it)."""
         return self.model_dump(include=set(SFTArgs.model_fields))
 
     @property
