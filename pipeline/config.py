@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
@@ -127,7 +128,6 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one ``key.sub=value`` override to the raw config mapping, in place. String fields take the
     value verbatim (``run.name=007`` stays "007"), others parse it as YAML. Switching a union's tag
     (``adapter.method=lora``) drops the keys that only the other members have."""
-    import yaml
     key, sep, raw = override.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.(\w+))*", key.strip()):
         raise ConfigError([f"override {override!r}: expected key.sub=value, e.g. train.max_steps=2"])
@@ -160,7 +160,6 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read, override and validate a run config; raises ConfigError with one line per problem (a YAML
     syntax error's names the file and line number)."""
-    import yaml
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -185,7 +184,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def to_yaml(config: PipelineConfig) -> str:
     """The fully resolved config (defaults filled in) as YAML, for the record."""
-    import yaml
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
