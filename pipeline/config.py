@@ -74,8 +74,7 @@ def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any,
 
 
 def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gone: str = "") -> list[str]:
-    """One line per unknown key: its new name, the union member it belongs to, or the closest name
-    (``gone``: a section that became flat keys, e.g. ``reinit``)."""
+    """One line per unknown key: its new name, its union member, or the closest name (``gone``: reinit)."""
     import difflib
     key = path.split(".")[-1]
     if isinstance(value, dict) and any(old.startswith(path + ".") for old in RENAMED):
@@ -125,9 +124,8 @@ def _default_json(field: FieldInfo | None) -> Any:
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``key.sub=value`` override to the raw config mapping, in place. String fields take the
-    value verbatim (``run.name=007`` stays "007"), others parse it as YAML. Switching a union's tag
-    (``adapter.method=lora``) drops the keys that only the other members have."""
+    """Apply ``key.sub=value`` to the raw mapping in place: string fields take it verbatim (``run.name=007``:
+    "007"), others as YAML; a union's new tag (``adapter.method=lora``) drops the old member's own keys."""
     key, sep, raw = override.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.(\w+))*", key.strip()):
         raise ConfigError([f"override {override!r}: expected key.sub=value, e.g. train.max_steps=2"])
@@ -158,8 +156,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read, override and validate a run config; raises ConfigError with one line per problem (a YAML
-    syntax error's names the file and line number)."""
+    """Read, override and validate a run config; ConfigError has one line per problem (YAML's: file:line)."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

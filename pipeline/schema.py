@@ -50,10 +50,9 @@ DeepSpeedFile = Annotated[str | None, _check("DeepSpeed config file does not exi
                                              lambda path: Path(path).is_file())]
 Questions = Annotated[str, _check("expected builtin, hub or an existing .jsonl file",
                                   lambda name: name in ("builtin", "hub") or Path(name).is_file())]
-TrackingUri = Annotated[str | None, _check(
+TrackingUri = Annotated[str | None, _check(  # \Z: an empty URI is unset (the default store)
     "unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, mysql://, file:)",
-    lambda uri: not uri or re.match(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks)",
-                                    uri))]  # fmt: skip
+    re.compile(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks|\Z)").match)]
 PER_SOURCE_EVAL = _check("sources set eval_samples: hold out rows per source or by {field}, not both",
                          lambda _, sources: all(s.eval_samples is None for s in sources or ()), "sources")
 
