@@ -1,24 +1,22 @@
-"""Loading a run configuration: YAML + ``key.sub=value`` overrides -> ``PipelineConfig`` (the schema is
-``pipeline.schema``, re-exported here), or one ``dotted.path: reason (got value)`` line per problem, the
-path from pydantic's error location with a union's tag dropped (``adapter.r``, not ``adapter.lora.r``).
-Also the config's records (flat params, slices) and its reference (``python -m pipeline.config``)."""
+"""Loading a run config: YAML + ``key.sub=value`` overrides -> ``pipeline.schema.PipelineConfig``, or one
+``dotted.path: reason (got value)`` line per problem, a union's tag dropped (``adapter.r``, not
+``adapter.lora.r``). Also the config's records (flat params, slices) and reference (-m pipeline.config)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from pipeline.schema import MT_BENCH_TEMPERATURES, DataSource, EvalConfig, JudgeConfig  # noqa: F401
-
-# isort: split
-from pipeline.schema import ModelConfig, PipelineConfig, StrictModel  # noqa: F401
+from pipeline.schema import DataSource, EvalConfig, JudgeConfig, ModelConfig, PipelineConfig  # noqa: F401
 
 RENAMED = {  # old key -> new key, for configs written before the keys became PEFT's and TRL's
     "adapter.dropout": "adapter.{method}_dropout",
@@ -56,10 +54,9 @@ def _node(field: FieldInfo | None) -> Any:
 
 
 def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any, Any, dict, FieldInfo | None]:
-    """A pydantic error location or an override's keys as (dotted path, the model holding the last key,
-    the union tag on the way, that union's ``{tag: model}``, the last key's field). A union's tag is
-    not a key (``('adapter', 'lora', 'r')`` is ``adapter.r``); without one, the first member that has
-    the key answers; a plain union's branch names (``'list[str]'``) are dropped."""
+    """A pydantic error location or an override's keys as (dotted path, the model holding the last key, the
+    union tag on the way, that union's ``{tag: model}``, the last key's field). Without a tag, the first
+    union member with the key answers; a plain union's branch names (``'list[str]'``) are no keys."""
     node, parent, tag, members, parts, field = root, None, None, {}, [], None
     for part in loc:
         if isinstance(node, dict) and part in node:
@@ -77,18 +74,15 @@ def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any,
 
 
 def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gone: str = "") -> list[str]:
-    """One line per unknown key: its new name, the union member it belongs to, or the closest name
-    (``gone``: a section that became flat keys, e.g. ``reinit``)."""
+    """One line per unknown key: its new name, its union member, or the closest name (``gone``: reinit)."""
     import difflib
-    if isinstance(value, dict) and any(old.startswith(path + ".") for old in RENAMED):
-        gone = path.split(".")[-1]
-        return [line for key, item in value.items()
-                for line in _unknown_key(f"{path}.{key}", item, model, tag, members, gone)]  # fmt: skip
     key = path.split(".")[-1]
+    if isinstance(value, dict) and any(old.startswith(path + ".") for old in RENAMED):
+        return [line for name, item in value.items()
+                for line in _unknown_key(f"{path}.{name}", item, model, tag, members, key)]  # fmt: skip
     if path in RENAMED:
         return [_line(path, "renamed to " + RENAMED[path].format(method=tag))]
-    owners = [f"'{name}'" for name, other in members.items() if key in other.model_fields]
-    if owners:
+    if owners := [f"'{name}'" for name, other in members.items() if key in other.model_fields]:
         methods = ("method " if len(owners) == 1 else "methods ") + " and ".join(owners)
         return [_line(path, f"only used by {methods} (method is '{tag}')", value)]
     names = list(model.model_fields) if isinstance(model, type) else []
@@ -99,47 +93,39 @@ def _unknown_key(path: str, value: Any, model: Any, tag: Any, members: dict, gon
 def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) -> list[str]:
     """pydantic's ValidationError as one line per problem. A plain union (``list[str] | 'all-linear'``)
     reports one error per branch: merged into one line. A section's own rule is not echoed its input."""
-    lines: list[str] = []
-    merged: dict[str, tuple[int, list[str], Any]] = {}  # path -> (line index, reasons, value)
+    lines: dict[str, str] = {}  # a field's path (its line) or the line itself -> the line, in order
+    reasons: dict[str, list[str]] = {}
     for item in error.errors(include_url=False):
         path, model, tag, members, _ = _locate(item["loc"], root)
-        kind, value, ctx = item["type"], item.get("input"), item.get("ctx", {})
+        kind, value, ctx, new = item["type"], item.get("input"), item.get("ctx", {}), []
         if kind == "cross_section":
-            lines += ctx["lines"]
+            new = ctx["lines"]
         elif kind == "extra_forbidden":
-            lines += _unknown_key(path, value, model, tag, members)
+            new = _unknown_key(path, value, model, tag, members)
         elif kind == "missing":
-            lines.append(_line(path, "required field is missing"))
+            new = [_line(path, "required field is missing")]
         elif kind == "union_tag_invalid":  # a method that is none of the union's
             expected, key = " or ".join(ctx["expected_tags"].rsplit(", ", 1)), ctx["discriminator"].strip("'")
-            lines.append(_line(f"{path}.{key}", f"input should be {expected}", ctx["tag"]))
+            new = [_line(f"{path}.{key}", f"input should be {expected}", ctx["tag"])]
         elif kind != "default_factory_not_called":  # (that follows from another field's error)
             reason = item["msg"].removeprefix("Value error, ")
             reason = reason if kind == "value_error" else reason[0].lower() + reason[1:]
-            if path in merged:  # another branch of a plain union: "a valid list or 'all-linear'"
-                index, reasons, shown = merged[path]
-                reasons.append(reason.removeprefix("input should be "))
-                lines[index] = _line(path, " or ".join(reasons), shown)
-            else:
-                shown = ... if isinstance(value, dict) else value
-                merged[path] = (len(lines), [reason], shown)
-                lines.append(_line(path, reason, shown))
-    return lines
+            merged = reasons.setdefault(path, [])  # a plain union's branches: "a valid list or 'all-linear'"
+            merged.append(reason.removeprefix("input should be ") if merged else reason)
+            lines[path] = _line(path, " or ".join(merged), ... if isinstance(value, dict) else value)
+        lines.update(zip(new, new, strict=True))
+    return list(lines.values())
 
 
 def _default_json(field: FieldInfo | None) -> Any:
     """A section's default as JSON (so that ``data.sources.0.path=...`` edits the default list), or {}."""
     value = field.get_default(call_default_factory=True) if _node(field) else None
-    if isinstance(value, list):
-        return [item.model_dump(mode="json", exclude_unset=True) for item in value]
-    return value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else {}
+    return {} if value is None else TypeAdapter(Any).dump_python(value, mode="json", exclude_unset=True)
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``key.sub=value`` override to the raw config mapping, in place. String fields take the
-    value verbatim (``run.name=007`` stays "007"), others parse it as YAML. Switching a union's tag
-    (``adapter.method=lora``) drops the keys that only the other members have."""
-    import yaml
+    """Apply ``key.sub=value`` to the raw mapping in place: string fields take it verbatim (``run.name=007``:
+    "007"), others as YAML; a union's new tag (``adapter.method=lora``) drops the old member's own keys."""
     key, sep, raw = override.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.(\w+))*", key.strip()):
         raise ConfigError([f"override {override!r}: expected key.sub=value, e.g. train.max_steps=2"])
@@ -150,19 +136,17 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             value = yaml.safe_load(raw) if raw.strip() else ""
     node: Any = data
     for depth, part in enumerate(parts):
-        here = ".".join(parts[: depth + 1])
-        if isinstance(node, list) and (not part.isdigit() or int(part) >= len(node)):
-            raise ConfigError([_line(here, "no such list item", override)])
+        here, key = ".".join(parts[: depth + 1]), part
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError([_line(here, "no such list item", override)])
+            key = int(part)
+        elif depth < len(parts) - 1 and node.get(part) is None:
+            node[part] = _default_json(_locate(parts[: depth + 1])[-1])
         if depth == len(parts) - 1:
-            node[int(part) if isinstance(node, list) else part] = value
-        elif isinstance(node, list):
-            node = node[int(part)]
-        else:
-            if node.get(part) is None:
-                node[part] = _default_json(_locate(parts[: depth + 1])[-1])
-            node = node[part]
-            if not isinstance(node, dict | list):
-                raise ConfigError([_line(here, "is a value, not a section", override)])
+            node[key] = value
+        elif not isinstance(node := node[key], dict | list):
+            raise ConfigError([_line(here, "is a value, not a section", override)])
     section = _locate(parts[:-1])[-1]
     members = _node(section) if section is not None and section.discriminator == parts[-1] else None
     if isinstance(members, dict) and isinstance(value, str) and value in members:  # keep what it shares
@@ -171,9 +155,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                 del node[other]
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The YAML file as a mapping; syntax errors become one line with the file and line number."""
-    import yaml
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read, override and validate a run config; ConfigError has one line per problem (YAML's: file:line)."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -181,20 +164,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([f"{path}: cannot read config file ({error})"]) from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
+        where = f":{error.problem_mark.line + 1}" if getattr(error, "problem_mark", None) else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError([f"{path}{where}: YAML syntax error: {problem}"]) from None
     if not isinstance(data, dict | None):
         kind = type(data).__name__
         raise ConfigError([f"{path}: the config must be a YAML mapping of sections (got {kind})"])
-    return data or {}
-
-
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read, override and validate a run config; raises ConfigError with one line per problem."""
-    from pydantic import ValidationError
-    data = read_yaml(path)
+    data = data or {}
     for override in overrides:
         apply_override(data, override)
     try:
@@ -205,7 +181,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def to_yaml(config: PipelineConfig) -> str:
     """The fully resolved config (defaults filled in) as YAML, for the record."""
-    import yaml
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
@@ -225,22 +200,16 @@ def flatten(config: PipelineConfig) -> dict[str, str]:
 
 def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The parts of the config named by ``keys`` (sections or dotted paths to fields)."""
-    dumped, result = config.model_dump(mode="json"), {}
-    for key in keys:
-        node: Any = dumped
-        for part in key.split("."):
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        result[key] = node
-    return result
+    dumped = config.model_dump(mode="json")
+    return {key: functools.reduce(lambda node, part: node[int(part) if isinstance(node, list) else part],
+                                  key.split("."), dumped) for key in keys}  # fmt: skip
 
 
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Literal:
-        return " \\| ".join(str(arg) for arg in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
-    if args and origin is not dict:  # a union
+    if args and origin is not dict:  # a union, or a Literal's values
         return " \\| ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
     return "section" if _models(annotation) else getattr(annotation, "__name__", str(annotation))
 
@@ -249,10 +218,8 @@ def _default_text(field: FieldInfo) -> str:
     if field.is_required() or field.default_factory_takes_validated_data:
         return "**required**" if field.is_required() else "(see meaning)"
     value = field.get_default(call_default_factory=True)
-    if isinstance(value, list):
-        value = [item.model_dump(exclude_defaults=True) if isinstance(item, BaseModel) else item
-                 for item in value]  # fmt: skip
-    return "(see below)" if isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
+    shown = json.dumps(TypeAdapter(Any).dump_python(value, mode="json", exclude_defaults=True))
+    return "(see below)" if isinstance(value, BaseModel) else f"`{shown}`"
 
 
 def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
@@ -265,7 +232,7 @@ def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
             for tag, model in node.items():
                 tables(f"{title}` with `method: {tag}", model)
             return
-        doc = (node.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((node.__doc__ or "").strip().split("\n\n")[0].split())
         rows = [f"**`{title}`** — {doc}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in node.model_fields.items():
             meaning = (field.description or "").replace("|", "\\|")

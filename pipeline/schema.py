@@ -1,13 +1,13 @@
-"""The run configuration's schema: one pydantic model per YAML section, ``extra="forbid"`` (a misspelt
-key is an error) and torch-free (validation takes well under a second). A rule lives on its field, so
-pydantic's error location names it; only rules spanning sections live on ``PipelineConfig``.
-``adapter:`` fields are the method's PEFT config's and ``SFTArgs`` are ``trl.SFTConfig``'s, handed over
-unchanged (tests/pipeline/test_schema_pins.py pins names and defaults to those libraries')."""
+"""The run config's schema: a pydantic model per YAML section, ``extra="forbid"``, torch-free (validates in
+well under a second). Rules live on their field, so pydantic's error names it; cross-section ones on
+``PipelineConfig``. ``adapter:`` keys are PEFT's, ``SFTArgs`` TRL's ``SFTConfig``'s (see test_schema_pins)."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,80 +21,72 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _existing_file(value: str | None) -> str | None:
-    if value and not Path(value).is_file():
-        raise ValueError("file does not exist")
-    return value
+def _check(reason: str, ok: Callable[..., Any], *fields: str) -> AfterValidator:
+    """A field rule: ``ok(value, *earlier fields' values)`` must hold for a set value, else ``reason`` (its
+    ``{0}``... formatted with those values, ``{field}`` with the field's name)."""
+    def check(value: Any, info: Any) -> Any:
+        if value is not None and not ok(value, *(others := [info.data.get(name) for name in fields])):
+            raise ValueError(reason.format(*others, field=info.field_name))
+        return value
+    return AfterValidator(check)
 
 
-ExistingFile = Annotated[str | None, AfterValidator(_existing_file)]
+# Checked at validation, not an hour into a run; a run name becomes a folder: nothing may escape output_dir.
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+IS_FILE = _check("file does not exist", lambda path: not path or Path(path).is_file())
+ExistingFile = Annotated[str | None, IS_FILE]
+DataFile = Annotated[str | None, _check(f"unsupported file type (use {', '.join(LOCAL_SUFFIXES)})",
+                                        lambda path: path.lower().endswith(LOCAL_SUFFIXES)), IS_FILE]
+ModelLocation = Annotated[str,  # pkg://<package>: installed; a local path (/, ./, ~, *.gguf, ...): existing
+    _check("Python package is not installed", lambda name: not name.startswith("pkg://")
+           or getattr(find_spec(name[6:]), "submodule_search_locations", None)),
+    _check("local model folder does not exist", lambda name: Path(name).exists()
+           or not (name.startswith(("/", "./", "../", "~")) or name.endswith((".gguf", ".safetensors"))))]
+FolderName = Annotated[str, _check("must be a folder name: letters, digits, '.', '_' or '-'",
+                                   lambda name: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name))]
+Template = Annotated[str | None, _check("template file does not exist", lambda text: "{" in text
+                                        or not text.endswith(".jinja") or Path(text).is_file())]
+DeepSpeedFile = Annotated[str | None, _check("DeepSpeed config file does not exist",
+                                             lambda path: Path(path).is_file())]
+Questions = Annotated[str, _check("expected builtin, hub or an existing .jsonl file",
+                                  lambda name: name in ("builtin", "hub") or Path(name).is_file())]
+TrackingUri = Annotated[str | None, _check(  # \Z: an empty URI is unset (the default store)
+    "unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, mysql://, file:)",
+    re.compile(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks|\Z)").match)]
+PER_SOURCE_EVAL = _check("sources set eval_samples: hold out rows per source or by {field}, not both",
+                         lambda _, sources: all(s.eval_samples is None for s in sources or ()), "sources")
 
 
 class RunConfig(StrictModel):
     """Where a run lives and how it is seeded."""
-    name: str = Field(description="Run name; the run directory is <output_dir>/<name>.")
+    name: FolderName = Field(description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(42, description="Seed for data splits, training and generation.")
-
-    @field_validator("name")
-    def _safe_name(cls, value: str) -> str:  # it becomes a folder: nothing that escapes output_dir
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
-            raise ValueError("must be a folder name: letters, digits, '.', '_' or '-'")
-        return value
-
-    @property
-    def run_dir(self) -> Path:
-        return (Path(self.output_dir) / self.name).resolve()
-
-
-def _package_dir(location: str) -> str | None:
-    """The folder of the installed package named by ``pkg://<package>``, or None."""
-    import importlib.util
-    spec = importlib.util.find_spec(location.removeprefix("pkg://"))
-    return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
 
 
 class ModelConfig(StrictModel):
     """The base model and its tokenizer (``pkg://<package>``: weights shipped in a Python package)."""
-    name_or_path: str = Field(description="Hub id, local directory, or pkg://<package>.")
+    name_or_path: ModelLocation = Field(description="Hub id, local directory, or pkg://<package>.")
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the base weights (bfloat16, float16: a GPU).")  # fmt: skip
     load_in_8bit: bool = Field(False, description="Load base weights in 8-bit via bitsandbytes.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repo to run.")
-    chat_template: str | None = Field(None, description="Chat template override: Jinja text or .jinja file.")
-
-    @field_validator("name_or_path")
-    def _location_exists(cls, value: str) -> str:
-        if value.startswith("pkg://") and _package_dir(value) is None:
-            raise ValueError("Python package is not installed")
-        local = value.startswith(("/", "./", "../", "~")) or value.endswith((".gguf", ".safetensors"))
-        if local and not Path(value).exists():
-            raise ValueError("local model folder does not exist")
-        return value
+    chat_template: Template = Field(None, description="Chat template override: Jinja text or .jinja file.")
 
     @field_validator("gguf_file")
     def _gguf_exists(cls, value: str | None, info: Any) -> str | None:
-        folder = info.data.get("name_or_path") or ""
-        folder = _package_dir(folder) if folder.startswith("pkg://") else folder
+        from pipeline.models import resolve_package_dir
+        folder = resolve_package_dir(info.data.get("name_or_path") or "")
         if value and folder and Path(folder).is_dir() and not (Path(folder) / value).is_file():
             raise ValueError(f"file not found in {folder}")
         return value
 
-    @field_validator("chat_template")
-    def _template_exists(cls, value: str | None) -> str | None:
-        if value and "{" not in value and value.endswith(".jinja") and not Path(value).is_file():
-            raise ValueError("template file does not exist")
-        return value
-
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-
 
 class DataSource(StrictModel):
     """One source of examples: exactly one of a local file, a hub dataset or built-in generated tasks."""
-    path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
+    path: DataFile = Field(None, description="Local .json/.jsonl/.parquet/.csv file.")
     hub: str | None = Field(None, description="Hub dataset name, e.g. yahma/alpaca-cleaned.")
     config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     split: str = Field("train", description="Hub dataset split.")
@@ -104,23 +96,12 @@ class DataSource(StrictModel):
         "auto", description="Row format; auto detects it from the keys.")  # fmt: skip
     name: str | None = Field(None, description="Label stored in the `source` column.")
     samples: int | None = Field(None, gt=0, description="Take exactly this many rows (no replacement).")
-    weight: float | None = Field(None, gt=0, description="Share of the weighted mixture.")
+    weight: Annotated[float | None, _check("set samples or weight, not both", lambda _, n: n is None,
+        "samples")] = Field(None, gt=0, description="Share of the weighted mixture.")  # fmt: skip
     eval_samples: int | None = Field(None, gt=0, description="Hold out exactly this many of this source's "
         "rows for eval, before mixing (a fixed slice by data.seed).")  # fmt: skip
     answer_from: Literal["field", "last_number"] = Field("field", description="The row's checkable answer: "
         "its `answer` field, or the last number of the reply.")  # fmt: skip
-
-    @field_validator("path")
-    def _path_exists(cls, value: str | None) -> str | None:
-        if value is not None and not value.lower().endswith(LOCAL_SUFFIXES):
-            raise ValueError(f"unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
-        return _existing_file(value)
-
-    @field_validator("weight")
-    def _samples_or_weight(cls, value: float | None, info: Any) -> float | None:
-        if value is not None and info.data.get("samples") is not None:
-            raise ValueError("set samples or weight, not both")
-        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> DataSource:
@@ -134,9 +115,8 @@ class DataSource(StrictModel):
     @property
     def label(self) -> str:
         """The name stored in the dataset's ``source`` column."""
-        if self.name or self.path:
-            return self.name or Path(self.path or "").name
-        return self.hub + (f":{self.config}" if self.config else "") if self.hub else "builtin"
+        hub = self.hub and self.hub + (f":{self.config}" if self.config else "")
+        return self.name or (self.path and Path(self.path).name) or hub or "builtin"
 
 
 class DataConfig(StrictModel):
@@ -145,8 +125,11 @@ class DataConfig(StrictModel):
         description="Where examples come from; several sources are mixed.")  # fmt: skip
     max_samples: int | None = Field(None, gt=0, description="Rows of the weighted part of the mixture "
         "(default: as many as the weights allow without repeating rows).")  # fmt: skip
-    eval_size: int | None = Field(None, ge=0, description="Exact eval rows; excludes eval_fraction.")
-    eval_fraction: float = Field(0.05, ge=0, le=0.5, description="Share of rows held out for eval.")
+    eval_size: Annotated[int | None, PER_SOURCE_EVAL] = Field(None, ge=0, description="Exact eval rows; "
+                                                              "excludes eval_fraction.")  # fmt: skip
+    eval_fraction: Annotated[float, PER_SOURCE_EVAL, _check("set eval_size or eval_fraction, not both",
+        lambda _, size: size is None, "eval_size")] = Field(0.05, ge=0, le=0.5, description="Share of rows "
+        "held out for eval.")  # fmt: skip
     max_length: int = Field(2048, gt=0, description="Drop examples longer than this many tokens.")
     seed: int | None = Field(None, description="Seed of sampling and of the train/eval split (None: "
                              "run.seed); fix it to vary run.seed over identical data.")  # fmt: skip
@@ -154,15 +137,6 @@ class DataConfig(StrictModel):
     strict: bool = Field(False, description="Malformed rows are an error instead of dropped.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn when none.")
     cache_dir: str | None = Field(None, description="Prepared-data cache (~/.cache/uora-pipeline/prepared).")
-
-    @field_validator("eval_size", "eval_fraction")
-    def _one_eval_rule(cls, value: Any, info: Any) -> Any:  # runs only when the key is set (no default)
-        if any(source.eval_samples is not None for source in info.data.get("sources", [])):
-            rule = f"hold out rows per source or by {info.field_name}, not both"
-            raise ValueError(f"sources set eval_samples: {rule}")
-        if info.field_name == "eval_fraction" and info.data.get("eval_size") is not None:
-            raise ValueError("set eval_size or eval_fraction, not both")
-        return value
 
 
 # adapter: one model per method; field names, defaults and bounds are the method's PEFT config's.
@@ -181,10 +155,7 @@ class AdapterBase(StrictModel):
 
 
 class UoraAdapter(AdapterBase):
-    """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection).
-
-    Re-init (UORA.md): after ``reinit_patience`` checks with ``|d[i]| < reinit_threshold``, row i of A and
-    column i of B move towards a target orthogonal pair R: ``A <- alpha * A + (1 - alpha) * R``."""
+    """UORA (ours): ``uora.UoraConfig``'s fields (the projections are always saved: no save_projection)."""
     method: Literal["uora"] = Field("uora", description=METHOD)
     uora_dropout: float = Field(0.0, **DROPOUT)
     projection_prng_key: int = Field(0, **SEED)
@@ -216,11 +187,9 @@ class VeraAdapter(AdapterBase):
 
 
 ADAPTERS: dict[str, type[AdapterBase]] = {"uora": UoraAdapter, "lora": LoraAdapter, "vera": VeraAdapter}
-AdapterConfig = Annotated[
-    UoraAdapter | LoraAdapter | VeraAdapter,
-    BeforeValidator(lambda value: {"method": "uora", **value} if isinstance(value, dict) else value),
-    Field(discriminator="method"),
-]
+AdapterConfig = Annotated[UoraAdapter | LoraAdapter | VeraAdapter, Field(discriminator="method"),
+                          BeforeValidator(lambda value: {"method": "uora", **value} if isinstance(value, dict)
+                                          else value)]  # fmt: skip
 
 
 class SFTArgs(StrictModel):
@@ -248,12 +217,10 @@ class SFTArgs(StrictModel):
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU, or CPU with torch's bf16).")
     fp16: bool = Field(False, description="float16 mixed precision (GPU).")
-    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (ZeRO-2/3).")
+    deepspeed: DeepSpeedFile = Field(None, description="Path to a DeepSpeed JSON config (ZeRO-2/3).")
 
     @field_validator("deepspeed")
     def _deepspeed_json(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError("DeepSpeed config file does not exist")
         try:
             data = json.loads(Path(value).read_text(encoding="utf-8")) if value else {}
         except (OSError, ValueError) as error:
@@ -264,10 +231,7 @@ class SFTArgs(StrictModel):
 
 
 class TrainConfig(SFTArgs):
-    """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``.
-
-    Inherited keys go to ``trl.SFTConfig`` as they are (``sft_kwargs``); the keys declared here are the
-    pipeline's own (workers, template fallback, eval rows, ``use_cpu``) and never reach it."""
+    """SFT hyperparameters and distribution (owned by the train stage). The seed is ``run.seed``."""
     template_fallback: Literal["completion_only", "error"] = Field("completion_only", description="No "
         "training template for this model: train on the last assistant turn only, or fail.")  # fmt: skip
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on eval rows (None: all).")
@@ -277,7 +241,7 @@ class TrainConfig(SFTArgs):
     preempt_grace_s: int = Field(300, gt=0, description="Seconds workers get to checkpoint on SIGTERM.")
 
     def sft_kwargs(self) -> dict[str, Any]:
-        """The ``trl.SFTConfig`` keyword arguments this section states."""
+        """The ``trl.SFTConfig`` keyword arguments: the inherited keys (the pipeline's own never reach it)."""
         return self.model_dump(include=set(SFTArgs.model_fields))
 
     @property
@@ -287,30 +251,31 @@ class TrainConfig(SFTArgs):
         return int(zero.get("zero_optimization", {}).get("stage", 0))
 
 
-# FastChat llm_judge's per-category sampling temperatures (0 = greedy).
-MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0,
-                                           "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1,
-                                           "humanities": 0.1}  # fmt: skip
+# FastChat llm_judge's per-category sampling temperatures (0 = greedy); a config's are laid over them.
+MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
+                                           "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+Temperatures = Annotated[dict[str, float], _check("temperatures must be >= 0 (0 = greedy)",
+                                                  lambda temps: not any(t < 0 for t in temps.values())),
+                         AfterValidator(lambda temps: {**MT_BENCH_TEMPERATURES, **temps})]
+EvalModels = Annotated[list[Literal["base", "tuned"]], _check(
+    "judge.mode {0.mode!r} compares tuned with base: models needs both",
+    lambda models, judge: not judge or judge.mode == "single" or {"base", "tuned"} <= set(models), "judge")]
 
 
 class JudgeConfig(StrictModel):
-    """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model.
-
-    The key never enters the config (it is logged to MLflow): ``api_key_env`` names its variable."""
+    """Who grades the answers: an OpenAI-compatible HTTP endpoint or a local transformers model."""
     backend: Literal["openai", "local"] = Field("local", description="openai: any OpenAI-compatible "
         "chat-completions endpoint; local: transformers.")  # fmt: skip
     base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1 "
                                  "(vLLM/TGI/llama.cpp); null = OpenAI.")  # fmt: skip
     model: str | None = Field(None, description="Judge model name sent to the endpoint (openai backend).")
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API "
-                                    "key (openai backend).")  # fmt: skip
+    api_key_env: str | None = Field(None, description="NAME of the API key's env variable (openai backend).")
     local_model: ModelConfig | None = Field(None, description="Local judge weights (like the model "
                                             "section); null = the same as model.")  # fmt: skip
     local_scoring: Literal["generate", "logits", "expected"] = Field("generate", description="local judge: "
         "parse [[rating]] from its output; logits: the most likely rating; expected: the probability-"
         "weighted mean rating (for small judges that never write the format).")  # fmt: skip
-    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl instead of the built-in "
-                                  "prompt texts.")  # fmt: skip
+    prompts: ExistingFile = Field(None, description="FastChat judge_prompts.jsonl replacing the built-ins.")
     mode: Literal["single", "pairwise", "both"] = Field("single", description="single: grade each answer "
         "1-10; pairwise: tuned vs base, in both orders (a verdict that flips is a tie); both.")  # fmt: skip
     samples: int = Field(1, ge=1, description="Judge samples per answer; the median is the score.")
@@ -324,7 +289,7 @@ class JudgeConfig(StrictModel):
     @model_validator(mode="after")
     def _check_backend(self) -> JudgeConfig:
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-            # Never echo the value: someone may have pasted the key itself here.
+            # The key never enters the config (it is logged to MLflow), nor this line: it may be the key.
             raise ValueError("api_key_env must be the NAME of an environment variable, not the key itself")
         if self.backend == "openai" and not self.api_key_env:
             raise ValueError("api_key_env is required when backend is 'openai' (the NAME of the environment "
@@ -336,68 +301,40 @@ class JudgeConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     """MT-Bench-style evaluation and its judge (owned by the evaluate stage)."""
-    questions: str = Field("builtin", description="builtin (the project's offline set), hub "
-                           "(hub_dataset), or a path to an MT-Bench question.jsonl.")  # fmt: skip
+    questions: Questions = Field("builtin", description="builtin (the project's offline set), hub "
+                                 "(hub_dataset), or a path to an MT-Bench question.jsonl.")  # fmt: skip
     hub_dataset: str = Field("HuggingFaceH4/mt_bench_prompts", description="Hub dataset for questions=hub.")
     hub_split: str = Field("train", description="Split of hub_dataset.")
     reference_answers: ExistingFile = Field(None, description="FastChat reference-answer JSONL "
                                             "(question_id, choices[0].turns) for grading.")  # fmt: skip
-    builtin_verifiable: int = Field(2, ge=0, description="builtin set: extra generated tasks with "
-                                    "exact-match answers.")  # fmt: skip
+    builtin_verifiable: int = Field(2, ge=0, description="builtin set: extra generated exact-answer tasks.")
     categories: list[str] | None = Field(None, description="Evaluate only these categories.")
     question_ids: list[int | str] | None = Field(None, description="Evaluate only these question ids.")
     max_questions: int | None = Field(None, gt=0, description="Evaluate at most this many questions.")
     heldout_questions: int = Field(0, ge=0, description="Also ask up to this many rows of the prepared eval "
         "split that have an 'answer' and one user turn, as one-turn questions (category: the row's "
         "source), after the eval.questions selection; greedy unless temperatures names it.")  # fmt: skip
-    heldout_sources: list[str] | None = Field(None, min_length=1, description="Held-out questions only "
-                                              "from these prepare sources (labels).")  # fmt: skip
+    heldout_sources: Annotated[list[str] | None, _check("has no effect unless heldout_questions > 0",
+        lambda _, n: n, "heldout_questions")] = Field(None, min_length=1, description="Held-out questions "
+        "only from these prepare sources (labels).")  # fmt: skip
     judge_verifiable: bool = Field(True, description="Also judge questions whose every turn has an exact "
                                    "answer; false: they count only in exact match.")  # fmt: skip
     max_new_tokens: int = Field(1024, gt=0, description="Answer budget per turn.")
     verifiable_max_new_tokens: int | None = Field(None, gt=0, description="Answer budget for questions "
         "whose every turn has an exact answer (None: max_new_tokens).")  # fmt: skip
     batch_size: int = Field(8, gt=0, description="Questions generated together (left-padded).")
-    temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES), description=
+    temperatures: Temperatures = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES), description=
         "Sampling temperature per category (0 = greedy); other MT-Bench categories: MT-Bench's.")  # fmt: skip
     default_temperature: float = Field(0.7, ge=0.0, description="Temperature for unlisted categories.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"], min_length=1,
-                                                   description="Rows of the report.")  # fmt: skip
+    models: EvalModels = Field(default_factory=lambda: ["base", "tuned"], min_length=1,
+                               description="Rows of the report.")  # fmt: skip
     tuned_path: str | None = Field(None, description="Evaluate this adapter folder or merged model folder "
                                    "as 'tuned' instead of <run_dir>/train/adapter.")  # fmt: skip
 
-    @field_validator("questions")
-    def _questions_exist(cls, value: str) -> str:  # now, not after an hour of generation
-        if value not in ("builtin", "hub") and not Path(value).is_file():
-            raise ValueError("expected builtin, hub or an existing .jsonl file")
-        return value
-
-    @field_validator("heldout_sources")
-    def _heldout_on(cls, value: list[str] | None, info: Any) -> list[str] | None:
-        if value and not info.data.get("heldout_questions"):
-            raise ValueError("has no effect unless heldout_questions > 0")
-        return value
-
-    @field_validator("temperatures")
-    def _over_mt_bench_defaults(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(t < 0 for t in value.values()):
-            raise ValueError("temperatures must be >= 0 (0 = greedy)")
-        return {**MT_BENCH_TEMPERATURES, **value}  # one category set: MT-Bench's for the others
-
-    @field_validator("models")
-    def _pairwise_needs_both(cls, value: list[str], info: Any) -> list[str]:
-        mode = info.data["judge"].mode if "judge" in info.data else "single"
-        if mode != "single" and not {"base", "tuned"} <= set(value):
-            raise ValueError(f"judge.mode {mode!r} compares tuned with base: models needs both")
-        return value
-
 
 class ExportConfig(StrictModel):
-    """Merge-and-export (owned by the export stage).
-
-    The merge happens in a floating-point copy of the base, never in int8: rounding merged weights back
-    to int8 discards most of a low-rank update, so an 8-bit base is reloaded unquantised."""
+    """Merge-and-export (owned by the export stage); an 8-bit base is merged unquantised, never in int8."""
     mode: Literal["merged", "adapter_only"] = Field("merged", description="'merged': a standalone HF model "
         "folder (plus the adapter); 'adapter_only': the adapter.")  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of the merged "
@@ -405,16 +342,13 @@ class ExportConfig(StrictModel):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. '500MB', '5GB'.")
     verify_prompts: int = Field(4, ge=1, le=16, description="Fixed prompts the merged logits are checked on.")
     verify_max_tokens: int = Field(96, ge=8, description="Tokens per verification prompt (truncated).")
-    tolerance: float | None = Field(None, gt=0, description="Largest allowed |merged - (base + adapter)| "
-        "logit difference, relative to the largest logit; default by dtype (fp32 1e-4, bf16 3e-2, "
-        "fp16 1e-2).")  # fmt: skip
+    tolerance: float | None = Field(None, gt=0, description="Largest |merged - (base + adapter)| logit "
+        "difference allowed, relative to the largest logit (default: fp32 1e-4, bf16 3e-2, fp16 1e-2).")
 
 
 class PromoteConfig(StrictModel):
-    """Model-registry registration and alias promotion (owned by the promote stage).
-
-    The alias moves only when the gate passes (``--force``: regardless): ``gate_metric`` is at or above
-    ``threshold`` and not worse than the alias's current holder by more than ``margin``."""
+    """Model-registry registration and alias promotion (owned by the promote stage); the alias moves only
+    when the gate (below) passes, or with ``--force``."""
     enabled: bool = Field(False, description="Run promote as the pipeline's last step.")
     registered_model: str = Field("uora-pipeline", min_length=1, description="Registered model name.")
     log: list[Literal["merged", "adapter"]] = Field(default_factory=lambda: ["merged"], min_length=1,
@@ -422,11 +356,9 @@ class PromoteConfig(StrictModel):
     register_from: Literal["merged", "adapter"] = Field("merged", description="The logged model that "
                                                         "becomes the new registered version.")  # fmt: skip
     alias: str = Field("champion", min_length=1, description="Alias that marks the promoted version.")
-    gate_metric: str = Field("tuned.score_overall", description="Evaluate metric the gate reads "
-                             "('<model>.<name>').")  # fmt: skip
+    gate_metric: str = Field("tuned.score_overall", description="Metric the gate reads ('<model>.<name>').")
     gate: Literal["point", "ci"] = Field("ci", description="ci: the 95% interval of candidate - champion, "
-        "paired over shared questions, must be above -margin (no champion: - base); point: values "
-        "alone.")  # fmt: skip
+        "paired over shared questions, must be above -margin (no champion: - base); point: values alone.")
     threshold: float | None = Field(None, description="Minimum gate_metric value; None: no floor.")
     margin: float = Field(0.0, ge=0, description="How much worse than the champion a candidate may be.")
 
@@ -441,16 +373,8 @@ class TrackingConfig(StrictModel):
     """MLflow tracking; the default store is a sqlite file inside the run directory."""
     enabled: bool = Field(True, description="Record the run in MLflow; false: no lineage, no promote, "
                           "and MLflow need not be installed (e.g. a GPU node without it).")  # fmt: skip
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
+    uri: TrackingUri = Field(None, description="MLflow tracking URI; default sqlite in the run dir.")
     experiment: str = Field("uora-pipeline", description="MLflow experiment name.")
-
-    @field_validator("uri")
-    def _known_scheme(cls, value: str | None) -> str | None:
-        if value and not re.match(r"(sqlite:///|(postgresql|mysql)(\+\w+)?://|https?://|file:|databricks)",
-                                  value):  # fmt: skip
-            raise ValueError("unsupported tracking URI (use sqlite:///, http(s)://, postgresql://, "
-                             "mysql://, file:)")  # fmt: skip
-        return value
 
 
 class PipelineConfig(StrictModel):
@@ -481,4 +405,4 @@ class PipelineConfig(StrictModel):
 
     @property
     def run_dir(self) -> Path:
-        return self.run.run_dir
+        return (Path(self.run.output_dir) / self.run.name).resolve()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import MT_BENCH_TEMPERATURES, PipelineConfig, format_validation_error
+from pipeline.config import PipelineConfig, format_validation_error
+from pipeline.schema import MT_BENCH_TEMPERATURES
 
 
 def _errors(eval_section):

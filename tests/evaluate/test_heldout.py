@@ -161,7 +161,7 @@ def _stage(tmp_path, monkeypatch, judge, questions=FILE_QUESTIONS, **eval_overri
                      "heldout_questions": 5, **eval_overrides},
         }
     )  # fmt: skip
-    run_dir = config.run.run_dir
+    run_dir = config.run_dir
     write_prepared(run_dir / "prepare" / "dataset")
     asked: dict[str, object] = {}
 
@@ -243,7 +243,7 @@ def test_missing_prepared_dataset_fails_before_generation(tmp_path, monkeypatch)
         }
     )
     monkeypatch.setattr(evaluate, "generate_all", lambda *a, **k: pytest.fail("generation started"))
-    ctx = StageContext(config=config, run_dir=config.run.run_dir, work_dir=tmp_path / "w")
+    ctx = StageContext(config=config, run_dir=config.run_dir, work_dir=tmp_path / "w")
     with pytest.raises(
         StageError, match=r"^eval\.heldout_questions: no prepared dataset at .*prepare/dataset"
     ):

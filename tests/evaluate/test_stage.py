@@ -75,7 +75,7 @@ def test_stage_end_to_end_http_judge_mlflow_and_resume(smollm2_dir, tmp_path, mo
 
     with FakeOpenAI(_judge_script, api_key=KEY) as server:
         config = _config(tmp_path, questions_file, server.base_url)
-        run_dir = config.run.run_dir
+        run_dir = config.run_dir
         make_lora_adapter(smollm2_dir, run_dir / "train" / "adapter")
         ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
         with mlflow.start_run(experiment_id=experiment) as active:
@@ -174,7 +174,7 @@ def test_cpu_default_shape_builtin_questions_local_judge(tmp_path):
             },
         }
     )
-    run_dir = config.run.run_dir
+    run_dir = config.run_dir
     ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
     result = evaluate.run(ctx)
     row = json.loads((ctx.work_dir / "results.json").read_text())["models"]["base"]
@@ -191,7 +191,7 @@ def test_missing_adapter_and_key_fail_before_any_model_loads(tmp_path, monkeypat
     questions_file.write_text(json.dumps(QUESTIONS[0]) + "\n")
     monkeypatch.delenv("E2E_JUDGE_KEY", raising=False)
     config = _config(tmp_path, questions_file, "http://127.0.0.1:9/v1")
-    ctx = StageContext(config=config, run_dir=config.run.run_dir, work_dir=tmp_path / "w")
+    ctx = StageContext(config=config, run_dir=config.run_dir, work_dir=tmp_path / "w")
     with pytest.raises(StageError, match="environment variable E2E_JUDGE_KEY is not set"):
         evaluate.run(ctx)
     monkeypatch.setenv("E2E_JUDGE_KEY", KEY)
@@ -261,7 +261,7 @@ def test_heldout_questions_end_to_end_exact_match_only_and_cached(tmp_path, monk
             heldout_questions=4,
             judge_verifiable=False,
         )
-        run_dir = config.run.run_dir
+        run_dir = config.run_dir
         datasets.DatasetDict(
             {"train": datasets.Dataset.from_list(rows[2:]), "eval": datasets.Dataset.from_list(rows)}
         ).save_to_disk(str(run_dir / "prepare" / "dataset"))
@@ -306,7 +306,7 @@ def test_pairwise_judging_end_to_end_position_bias_is_a_tie(smollm2_dir, tmp_pat
     with FakeOpenAI(_pair_judge_script, api_key=KEY) as server:
         config = _config(tmp_path, questions_file, server.base_url)
         config.eval.judge.mode = "pairwise"
-        run_dir = config.run.run_dir
+        run_dir = config.run_dir
         make_lora_adapter(smollm2_dir, run_dir / "train" / "adapter")
         ctx = StageContext(config=config, run_dir=run_dir, work_dir=run_dir / "evaluate.partial")
         evaluate.run(ctx)

@@ -314,7 +314,8 @@ def test_section_level_rule_does_not_echo_the_section():
     """A section owner's model validator raising ValueError: path of the section, reason, no dump."""
     from pydantic import ValidationError, model_validator
 
-    from pipeline.config import StrictModel, format_validation_error
+    from pipeline.config import format_validation_error
+    from pipeline.schema import StrictModel
 
     class Judge(StrictModel):
         backend: str = "local"
