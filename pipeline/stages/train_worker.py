@@ -1,12 +1,10 @@
 """One process of an SFT run (``python -m pipeline.stages.train_worker SPEC_JSON``), in-process or under
 torchrun/Slurm; the spec the train stage writes holds every input, so a requeued job needs nothing else.
-``_train`` is the recipe; below it: how N processes agree on devices, stopping and resuming; the chat
-template the loss mask comes from; throughput and MLflow logging (rank 0 only); the loss figure."""
+``_train`` is the recipe; below it: devices, preemption, the chat template, metrics, the loss figure."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -45,6 +43,7 @@ from trl.chat_template_utils import has_generation_markers  # noqa: E402
 import uora  # noqa: E402  (registers UORA with PEFT)
 from pipeline.adapters import build_peft_config  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.digests import sha256  # noqa: E402
 from pipeline.models import load_model, load_tokenizer  # noqa: E402
 from pipeline.tracking import metric_name  # noqa: E402
 
@@ -59,12 +58,9 @@ class TrainingFailed(RuntimeError):
 
 def projection_digest(model: Any) -> str | None:
     """sha256 of the UORA/VeRA shared projections (None for LoRA), as raw bytes (numpy has no bf16)."""
-    buffers = {name: b for name, b in model.named_buffers() if re.search("(uora|vera)_[AB]", name)}
-    digest = hashlib.sha256()
-    for name in sorted(buffers):
-        digest.update(name.encode())
-        digest.update(buffers[name].detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest() if buffers else None
+    raw = {name: b.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+           for name, b in model.named_buffers() if re.search("(uora|vera)_[AB]", name)}  # fmt: skip
+    return sha256(*(part for name in sorted(raw) for part in (name, raw[name]))) if raw else None
 
 
 def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) -> tuple[Any, Any]:
@@ -86,8 +82,7 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
     for source in sorted(set(labels)):
         if (name := metric_name(source)) in by_name:
             raise TrainingFailed(f"eval sources {source!r} and another map to the same metric name {name!r}")
-        rows = evals.select([i for i, label in enumerate(labels) if label == source])
-        by_name[name] = shaped(rows, max_eval)
+        by_name[name] = shaped(evals.select([i for i, s in enumerate(labels) if s == source]), max_eval)
     return shaped(data["train"]), by_name
 
 
@@ -278,11 +273,10 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
-    """Extra ``TrainingArguments`` so that N processes form ONE distributed training (README, "Several
-    processes, DeepSpeed"). No DDP buffer broadcast: UORA's shared projections (~90 MB a step for
-    Llama-2-7B at r=1024) agree anyway (``UoraReinitCallback`` broadcasts A/B once, re-init is
-    deterministic). CPU DeepSpeed is a WORKAROUND for accelerate 1.15 (``PartialState.__init__``):
-    DeepSpeed's comm on gloo, a MULTI_CPU ``PartialState`` marked DEEPSPEED the Trainer reuses."""
+    """Extra ``TrainingArguments`` so N processes form ONE training. No DDP buffer broadcast: UORA's shared
+    projections (~90 MB a step for Llama-2-7B at r=1024) agree anyway (broadcast once, deterministic
+    re-init). CPU DeepSpeed WORKS AROUND accelerate 1.15 (``PartialState.__init__``): DeepSpeed's comm
+    on gloo, a MULTI_CPU ``PartialState`` marked DEEPSPEED the Trainer reuses."""
     common: dict[str, Any] = {"ddp_broadcast_buffers": False}
     if not use_cpu:
         return common
@@ -375,27 +369,6 @@ def shipped_templates() -> dict[str, str]:
     return {e.name.removesuffix(".jinja"): e.read_text("utf-8") for e in entries if e.name.endswith(".jinja")}
 
 
-def renders_identically(tokenizer: Any, candidate: str, reference: str) -> bool:
-    """True when ``candidate`` renders exactly like ``reference`` on every probe conversation
-    (those ``reference`` accepts), with and without the generation prompt."""
-
-    def render(template: str, messages: list[dict[str, str]], prompt: bool) -> str | None:
-        try:
-            return tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
-            )
-        except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
-            return None
-
-    for probe in _PROBES:
-        for prompt in (False, True):
-            messages = [{"role": role, "content": text} for role, text in (probe[:-1] if prompt else probe)]
-            want = render(reference, messages, prompt)
-            if want is not None and render(candidate, messages, prompt) != want:
-                return False
-    return True
-
-
 def choose_training_template(tokenizer: Any) -> TemplateChoice:
     """Pick the chat template to train with for this tokenizer (its current template is the
     model's own, or the configured ``model.chat_template`` override)."""
@@ -406,8 +379,20 @@ def choose_training_template(tokenizer: Any) -> TemplateChoice:
         return TemplateChoice(None, "none", "the tokenizer has no chat template (set model.chat_template)")
     if has_generation_markers(current):
         return TemplateChoice(current, "model", "the chat template already has generation markers")
+
+    def render(template: str, turns: list[tuple[str, str]], prompt: bool) -> str | None:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=prompt)  # fmt: skip
+        except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
+            return None
+
+    # A shipped template must render every probe the model's own accepts, with and without the prompt.
+    cases = [(probe[:-1] if prompt else probe, prompt) for probe in _PROBES for prompt in (False, True)]
+    wanted = [(turns, prompt, render(current, turns, prompt)) for turns, prompt in cases]
     for name, text in shipped_templates().items():
-        if renders_identically(tokenizer, text, current):
+        if all(want is None or render(text, turns, prompt) == want for turns, prompt, want in wanted):
             return TemplateChoice(text, name, f"shipped template '{name}' renders like the model's own")
     return TemplateChoice(
         None, "none", "no shipped template with generation markers renders like this model's chat template"
@@ -430,9 +415,8 @@ class MetricsCallback(transformers.TrainerCallback):
     """Adds ``tokens_per_second`` and ``seconds_per_step`` (optimizer steps only, not eval or saving) to
     each log and sends logs to the stage's MLflow run from rank 0 (``MlflowClient``: no active run needed)."""
 
-    def __init__(
-        self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
-    ) -> None:
+    def __init__(self, run_id: str | None, tracking_uri: str | None, is_rank0: bool,
+                 progress_path: Path | None = None) -> None:  # fmt: skip
         self.run_id, self.is_rank0, self.progress_path = run_id, is_rank0, progress_path
         self.client = MlflowClient(tracking_uri=tracking_uri) if run_id and is_rank0 else None
         self.history: list[dict[str, float]] = []
@@ -441,8 +425,7 @@ class MetricsCallback(transformers.TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._since = time.perf_counter()  # the pause since the last step (eval, save) does not count
-        if self._mark is None:  # first step of this process (fresh or resumed)
-            self._mark = (state.num_input_tokens_seen, state.global_step)
+        self._mark = self._mark or (state.num_input_tokens_seen, state.global_step)  # first of this process
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         now = time.perf_counter()
@@ -528,13 +511,12 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
+def main() -> int:
+    if len(sys.argv) != 2:
         print("usage: python -m pipeline.stages.train_worker SPEC_JSON", file=sys.stderr)
         return 2
     try:
-        return train(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
+        return train(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
     except TrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
