@@ -245,11 +245,10 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
         }
         if torch.cuda.is_available():
             metrics["peak_cuda_memory_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
-        if cfg.model.load_in_8bit:
-            import bitsandbytes as bnb
-
-            int8 = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-            metrics["base_int8_layers"] = float(len(int8))  # proves an 8-bit base is 8-bit
+        if cfg.model.load_in_8bit:  # proves an 8-bit base is 8-bit
+            from bitsandbytes.nn import Linear8bitLt
+            int8 = [m for m in trainer.model.modules() if isinstance(m, Linear8bitLt)]
+            metrics["base_int8_layers"] = float(len(int8))
         speeds = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
         if steady := speeds[1:] or speeds:  # the first step includes warm-up
             metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
@@ -277,11 +276,9 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
     projections (~90 MB a step for Llama-2-7B at r=1024) agree anyway (broadcast once, deterministic
     re-init). CPU DeepSpeed WORKS AROUND accelerate 1.15 (``PartialState.__init__``): DeepSpeed's comm
     on gloo, a MULTI_CPU ``PartialState`` marked DEEPSPEED the Trainer reuses."""
-    common: dict[str, Any] = {"ddp_broadcast_buffers": False}
-    if not use_cpu:
-        return common
-    if not deepspeed:
-        return {**common, "use_cpu": True}
+    args: dict[str, Any] = {"ddp_broadcast_buffers": False, **({"use_cpu": True} if use_cpu else {})}
+    if not (use_cpu and deepspeed):
+        return args
     import deepspeed.comm as ds_comm
     import deepspeed.ops as ds_ops
 
@@ -293,7 +290,7 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     state = PartialState(cpu=True, backend="gloo")
     state.distributed_type = DistributedType.DEEPSPEED  # use_cpu stays: TrainingArguments wants it for bf16
-    return {**common, "use_cpu": True, "accelerator_config": {"use_configured_state": True}}
+    return {**args, "accelerator_config": {"use_configured_state": True}}
 
 
 @contextlib.contextmanager
@@ -370,8 +367,7 @@ def shipped_templates() -> dict[str, str]:
 
 
 def choose_training_template(tokenizer: Any) -> TemplateChoice:
-    """Pick the chat template to train with for this tokenizer (its current template is the
-    model's own, or the configured ``model.chat_template`` override)."""
+    """The chat template to train with (the tokenizer's is the model's own or ``model.chat_template``)."""
     current = tokenizer.chat_template
     if isinstance(current, dict):  # multi-template tokenizers: the default one is what chat uses
         current = current.get("default")
@@ -470,11 +466,9 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     labelled with its absolute first → last. Legends sit outside the curves. None without losses."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals: dict[str, list[tuple[int, float]]] = {}  # "eval" or one curve per eval source
-    for entry in log_history:
-        for key, value in entry.items():
-            found = re.fullmatch(r"eval_(?:(.+)_)?loss", key)
-            if found and "step" in entry:
-                evals.setdefault(found.group(1) or "eval", []).append((entry["step"], value))
+    for entry in (e for e in log_history if "step" in e):
+        for found in filter(None, map(re.compile(r"eval_(?:(.+)_)?loss").fullmatch, entry)):
+            evals.setdefault(found.group(1) or "eval", []).append((entry["step"], entry[found.string]))
     if not train and not evals:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
