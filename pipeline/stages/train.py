@@ -78,10 +78,8 @@ def run(ctx: StageContext) -> StageResult:
             # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's: close the
             # MLflow run as KILLED, keep the .partial folder, exit 143) see the signal training intercepted.
             os.kill(os.getpid(), signal.SIGTERM)
-        raise StagePreempted(
-            f"training preempted ({info['signal']}) at step {info['step']}; checkpoint saved in "
-            f"{info['checkpoint']}; rerun the same command to resume"
-        )
+        raise StagePreempted(f"training preempted ({info['signal']}) at step {info['step']}; checkpoint "
+                             f"saved in {info['checkpoint']}; rerun the same command to resume")
     if code != 0 or not (work_dir / worker.DONE).is_file():
         raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
 

@@ -74,16 +74,13 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
         rows = rows.select_columns(["messages"]).take(cap or len(rows))
         return rows.map(to_prompt_completion, remove_columns=["messages"]) if completion_only else rows
 
-    evals = data["eval"]
+    evals, by_name = data["eval"], {}
     labels = evals["source"] if "source" in evals.column_names else []
-    if len(set(labels)) < 2:
-        return shaped(data["train"]), shaped(evals, max_eval)
-    by_name = {}
-    for source in sorted(set(labels)):
+    for source in sorted(set(labels)) if len(set(labels)) > 1 else []:
         if (name := metric_name(source)) in by_name:
             raise TrainingFailed(f"eval sources {source!r} and another map to the same metric name {name!r}")
         by_name[name] = shaped(evals.select([i for i, s in enumerate(labels) if s == source]), max_eval)
-    return shaped(data["train"]), by_name
+    return shaped(data["train"]), by_name or shaped(evals, max_eval)
 
 
 def eval_losses(metrics: dict[str, Any], names: list[str] | None, key: str) -> dict[str, float]:
@@ -477,8 +474,8 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     per_source = len(evals) > 1
     fig = Figure(figsize=(11 if per_source else 6, 4), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if per_source else 1, squeeze=False)
-    left = axes[0][0]
+    axes = fig.subplots(1, 2 if per_source else 1, squeeze=False)[0]
+    left, right = axes[0], axes[-1]  # right: the per-source panel
     if train:
         left.plot(*zip(*train, strict=True), label="train loss")
     held_out = evals.pop("eval", [])
@@ -491,14 +488,13 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
                   label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
     left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
     if per_source:
-        right = axes[0][1]
         for name, points in sorted(evals.items()):
             steps, losses = zip(*points, strict=True)
             right.plot(steps, [loss / losses[0] for loss in losses], "o-",
                        label=f"{name}: {losses[0]:.2f} → {losses[-1]:.2f}")  # fmt: skip
         right.axhline(1.0, color="grey", linewidth=0.8)
         right.set(xlabel="optimizer step", ylabel="loss ÷ its first value", title="held-out loss per source")
-    for ax in axes[0]:
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
     fig.tight_layout()
