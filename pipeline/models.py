@@ -36,8 +36,7 @@ def resolve_package_dir(name_or_path: str) -> str:
     """Map ``pkg://<package>`` to the installed package's folder without importing the package."""
     if not name_or_path.startswith(PACKAGE_SCHEME):
         return name_or_path
-    package = name_or_path.removeprefix(PACKAGE_SCHEME)
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(package := name_or_path.removeprefix(PACKAGE_SCHEME))
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model.name_or_path: Python package {package!r} is not installed")
     return str(spec.submodule_search_locations[0])

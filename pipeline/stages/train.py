@@ -69,8 +69,15 @@ def run(ctx: StageContext) -> StageResult:
             code = worker.train(spec)
         except worker.TrainingFailed as exc:
             raise StageError(str(exc)) from None
-    else:
-        code = _run_torchrun(spec_path, tcfg)
+    else:  # torchrun passes the signals on to every worker
+        proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
+        try:
+            with worker.handling_signals(lambda signum, _frame: proc.send_signal(signum),
+                                         (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):  # fmt: skip
+                code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
     if (preempted := work_dir / worker.PREEMPTED).is_file():
         info = json.loads(preempted.read_text())
@@ -124,12 +131,10 @@ def cpu_threads(nproc: int, requested: int | None = None) -> int:
 
 def worker_env(tcfg: Any) -> dict[str, str]:
     """Environment for torchrun workers: our code first on the path, sane CPU threading."""
-    env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = str(cpu_threads(tcfg.nproc_per_node, tcfg.omp_num_threads))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {"TOKENIZERS_PARALLELISM": "false", **os.environ, "PYTHONPATH": path,
+            "OMP_NUM_THREADS": str(cpu_threads(tcfg.nproc_per_node, tcfg.omp_num_threads))}
 
 
 def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
@@ -152,16 +157,3 @@ def _torchrun_knows(option: str) -> bool:
     from torch.distributed.run import get_args_parser
 
     return any(option in action.option_strings for action in get_args_parser()._actions)
-
-
-def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
-    from pipeline.stages.train_worker import handling_signals
-
-    proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
-    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # torchrun passes them on to every worker
-    try:
-        with handling_signals(lambda signum, _frame: proc.send_signal(signum), signals):
-            return proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()

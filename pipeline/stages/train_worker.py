@@ -294,9 +294,8 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
 def handling_signals(handler: Callable[[int, Any], Any], signals: tuple[int, ...]) -> Iterator[None]:
     """``handler`` for ``signals`` inside the block (in the main thread, the only one Python delivers
     signals to; elsewhere the caller's handlers stay), the previous handlers after it."""
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handler) for sig in signals} if in_main else {}
     try:
         yield
     finally:
