@@ -9,10 +9,9 @@ import json
 from importlib import resources
 from typing import Any
 
-# Relative tolerance on max |merged - reference| / max |reference| per saved dtype. Merging and
-# verification run in float32 (half-precision bases are upcast exactly), so the only difference
-# left is the one rounding of each merged weight to the saved dtype. Measured on SmolLM2-135M with
-# random LoRA/UORA/VeRA updates: float32 ~3e-6, bfloat16 ~7e-3, float16 ~1e-3.
+# Relative tolerance on max |merged - reference| / max |reference| per saved dtype. Merging and checking run
+# in float32 (half-precision bases upcast exactly): what is left is each merged weight's one rounding to the
+# saved dtype. Measured on SmolLM2-135M, random LoRA/UORA/VeRA updates: float32 ~3e-6, bf16 ~7e-3, fp16 ~1e-3.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 # Fixed verification prompts: varied enough to touch many tokens, short enough to run on CPU.

@@ -40,8 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
-    # The exact config: what was set (defaults omitted, so it re-validates and reloads as is),
-    # plus the fully resolved one for reading.
+    # The exact config (what was set: it re-validates and reloads as is), and the resolved one for reading.
     config_dump = ctx.config.model_dump(mode="json", exclude_unset=True)
     (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
     (work_dir / "config_resolved.yaml").write_text(to_yaml(ctx.config), encoding="utf-8")
@@ -65,10 +64,7 @@ def run(ctx: StageContext) -> StageResult:
     if (work_dir / worker.DONE).is_file():  # an earlier attempt saved everything, then stopped short
         code = 0
     elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed and not os.environ.get(LAUNCHER_ENV):
-        try:
-            code = worker.train(spec)
-        except worker.TrainingFailed as exc:
-            raise StageError(str(exc)) from None
+        code = worker.train(spec)  # its StageError is the stage's
     else:  # torchrun passes the signals on to every worker
         proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
         try:

@@ -44,16 +44,13 @@ import uora  # noqa: E402  (registers UORA with PEFT)
 from pipeline.adapters import build_peft_config  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.digests import sha256  # noqa: E402
+from pipeline.errors import StageError  # noqa: E402
 from pipeline.models import load_model, load_tokenizer  # noqa: E402
 from pipeline.tracking import metric_name  # noqa: E402
 
 # Names in the work folder; DONE is written last (every output is complete), PREEMPTED on a stop.
 CHECKPOINTS, ADAPTER, DONE, PREEMPTED = "checkpoints", "adapter", "DONE", "PREEMPTED"
 METRICS, LOSS_PNG = "metrics.json", "loss_curve.png"
-
-
-class TrainingFailed(RuntimeError):
-    """A user-facing failure inside the worker: printed as one line, non-zero exit."""
 
 
 def projection_digest(model: Any) -> str | None:
@@ -78,7 +75,7 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
     labels = evals["source"] if "source" in evals.column_names else []
     for source in sorted(set(labels)) if len(set(labels)) > 1 else []:
         if (name := metric_name(source)) in by_name:
-            raise TrainingFailed(f"eval sources {source!r} and another map to the same metric name {name!r}")
+            raise StageError(f"eval sources {source!r} and another map to the same metric name {name!r}")
         by_name[name] = shaped(evals.select([i for i, s in enumerate(labels) if s == source]), max_eval)
     return shaped(data["train"]), by_name or shaped(evals, max_eval)
 
@@ -97,18 +94,18 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     with its full (un-partitioned) shape: ZeRO-3 can silently save empty adapters (trl#4416, peft#2892)."""
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
-        raise TrainingFailed(f"adapter not saved: {path} missing")
+        raise StageError(f"adapter not saved: {path} missing")
     with safe_open(str(path), framework="pt") as handle:
         saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     empty = [k for k, shape in saved.items() if 0 in shape]
     if not saved or empty:
-        raise TrainingFailed(f"saved adapter {path} is empty or has empty tensors: {empty[:3]}")
+        raise StageError(f"saved adapter {path} is empty or has empty tensors: {empty[:3]}")
     adapter_name = model.active_adapter
     for name, param in model.named_parameters():
         key = name.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "")
         want = tuple(getattr(param, "ds_shape", param.shape))
         if param.requires_grad and saved.get(key) != want:
-            raise TrainingFailed(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
+            raise StageError(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
     return len(saved)
 
 
@@ -152,7 +149,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
             tokenizer.chat_template = choice.template
             log(f"assistant-only loss; chat template: {choice.reason}")
         elif tcfg.template_fallback == "error":
-            raise TrainingFailed(f"model.chat_template: {choice.reason}; provide a template with "
+            raise StageError(f"model.chat_template: {choice.reason}; provide a template with "
                                  "{% generation %} markers or set train.template_fallback: completion_only")
         else:
             completion_only = True
@@ -209,7 +206,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     final_eval = trainer.evaluate()
     digests = gather_object([projection_digest(trainer.model)])
     if len(set(digests)) > 1:
-        raise TrainingFailed(f"shared projections differ between ranks: {digests}")
+        raise StageError(f"shared projections differ between ranks: {digests}")
 
     # The adapter and tokenizer, verified, then the metrics and DONE.
     staging = work_dir / (ADAPTER + ".tmp")
@@ -506,7 +503,7 @@ def main() -> int:
         return 2
     try:
         return train(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
-    except TrainingFailed as exc:
+    except StageError as exc:  # the user can act on it: one line, non-zero exit
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
 
