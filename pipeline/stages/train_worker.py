@@ -304,9 +304,8 @@ class PreemptionCallback(transformers.TrainerCallback):
     """``handle`` is the SIGTERM/SIGUSR1 handler; after every optimizer step the ranks OR their flags, so
     a signal that reached only some stops all at the same step (the others would hang): save, stop."""
 
-    def __init__(self) -> None:
-        self.signal_name: str | None = None  # this rank's signal; once stopped, whichever rank's
-        self.stopped_at: int | None = None
+    signal_name: str | None = None  # this rank's signal; once stopped, whichever rank's
+    stopped_at: int | None = None
 
     def handle(self, signum: int, _frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -420,8 +419,7 @@ class MetricsCallback(transformers.TrainerCallback):
         now = time.perf_counter()
         self._busy, self._since = self._busy + now - self._since, now
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        logs = logs or {}
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any], **kwargs: Any) -> None:
         metrics = {k: float(v) for k, v in logs.items()
                    if k not in _SKIP and isinstance(v, (int, float)) and math.isfinite(v)}  # fmt: skip
         if "loss" in logs and self._mark is not None:
