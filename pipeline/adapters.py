@@ -1,7 +1,6 @@
-"""Adapters: the ``adapter:`` section -> its PEFT config (construction, no renaming: the section's
-field names are the PEFT config's own; tests/pipeline/test_schema_pins.py pins them), and the
-logit check that a merged adapter still computes what the unmerged one did (export saves a merged
-model only if it passes; evaluate answers with a merged model only if it passes)."""
+"""Adapters: the ``adapter:`` section -> its PEFT config (no renaming: the section's field names are the
+PEFT config's own; tests/pipeline/test_schema_pins.py pins them), and the logit check that a merged adapter
+computes what the unmerged one did (export and evaluate use a merged model only if it passes)."""
 
 from __future__ import annotations
 
@@ -10,17 +9,14 @@ import json
 from importlib import resources
 from typing import Any
 
-# Relative tolerance on max |merged - reference| / max |reference| per saved dtype. Merging and
-# verification run in float32 (half-precision bases are upcast exactly), so the only difference
-# left is the one rounding of each merged weight to the saved dtype. Measured on SmolLM2-135M with
-# random LoRA/UORA/VeRA updates: float32 ~3e-6, bfloat16 ~7e-3, float16 ~1e-3.
+# Relative tolerance on max |merged - reference| / max |reference| per saved dtype. Merging and checking run
+# in float32 (half-precision bases upcast exactly): what is left is each merged weight's one rounding to the
+# saved dtype. Measured on SmolLM2-135M, random LoRA/UORA/VeRA updates: float32 ~3e-6, bf16 ~7e-3, fp16 ~1e-3.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 # Fixed verification prompts: varied enough to touch many tokens, short enough to run on CPU.
-VERIFY_PROMPTS: tuple[str, ...] = tuple(
-    json.loads(line)["prompt"]
-    for line in (resources.files("pipeline") / "builtin" / "verify_prompts.jsonl").read_text().splitlines()
-)
+_PROMPTS = (resources.files("pipeline") / "builtin" / "verify_prompts.jsonl").read_text().splitlines()
+VERIFY_PROMPTS: tuple[str, ...] = tuple(json.loads(line)["prompt"] for line in _PROMPTS)
 
 PEFT_CONFIGS = {"uora": "uora.UoraConfig", "lora": "peft.LoraConfig", "vera": "peft.VeraConfig"}
 

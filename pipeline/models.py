@@ -1,7 +1,6 @@
-"""Base-model and tokenizer loading: hub id, local folder, or a GGUF file. Every stage loads its
-model here, so ``trust_remote_code`` (only when configured) and safetensors-only hold everywhere.
-A GGUF file is de-quantised once (tens of seconds) into a safetensors folder cached by the file's
-content digest; later loads (other stages, ranks, runs) read that folder."""
+"""Every stage loads its base model and tokenizer here (hub id, local folder, GGUF file), so
+``trust_remote_code`` (only when configured) and safetensors-only hold everywhere. A GGUF file is
+de-quantised once (tens of seconds) into a safetensors folder cached by its content digest."""
 
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ def resolve_package_dir(name_or_path: str) -> str:
     """Map ``pkg://<package>`` to the installed package's folder without importing the package."""
     if not name_or_path.startswith(PACKAGE_SCHEME):
         return name_or_path
-    package = name_or_path.removeprefix(PACKAGE_SCHEME)
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(package := name_or_path.removeprefix(PACKAGE_SCHEME))
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model.name_or_path: Python package {package!r} is not installed")
     return str(spec.submodule_search_locations[0])
@@ -56,10 +54,9 @@ def hub_cached(repo_id: str, revision: str | None = None) -> bool:
 
 
 def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
-    """One probe of the hub before a run needs it (``models``: config field → model). If it fails:
-    offline mode for this process and its workers (cached weights load at once, not after a minute
-    of retries per file), and the one line to fail with for weights that are not cached. Nothing to
-    do for local weights or under ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` (the user's choice)."""
+    """One probe of the hub before a run needs it (``models``: config field → model). If it fails: offline
+    mode for this process and its workers (cached weights load at once, not after a minute of retries),
+    and the line to fail with for weights not cached. Not for local weights or under ``*_OFFLINE``."""
     repos = {field: (m.name_or_path, m.revision) for field, m in models.items() if hub_model_id(m)}
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     if not repos or offline.lower() in ("1", "true", "yes", "on"):
@@ -73,9 +70,8 @@ def hub_preflight(models: dict[str, ModelConfig]) -> str | None:
     except OSError as error:  # URLError, timeouts, DNS
         reason = getattr(error, "reason", error)
     os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module in ("huggingface_hub.constants", "datasets.config"):  # already imported: read at import
-        if module in sys.modules:
-            sys.modules[module].HF_HUB_OFFLINE = True
+    for module in {"huggingface_hub.constants", "datasets.config"} & sys.modules.keys():  # read at import
+        sys.modules[module].HF_HUB_OFFLINE = True
     for field, (repo, revision) in repos.items():
         if not hub_cached(repo, revision):
             return (f"{field}.name_or_path: {repo} is not in the local Hugging Face cache and the hub "

@@ -1,10 +1,10 @@
-"""The 'train' stage: prepared chat data -> a PEFT adapter (UORA, LoRA or VeRA) via TRL's SFTTrainer.
-It runs ``train_worker``'s recipe in this process (one process, no DeepSpeed) or under ``torchrun``,
-forwards SIGTERM/SIGUSR1 so the workers can checkpoint, and turns the outcome into a ``StageResult``.
-Resuming needs no flag: ``ctx.work_dir`` survives an interrupted attempt, with its checkpoints."""
+"""The 'train' stage: prepared chat data -> a PEFT adapter (UORA, LoRA or VeRA) via TRL's SFTTrainer, with
+``train_worker``'s recipe in this process (one process, no DeepSpeed) or under ``torchrun`` (forwarding
+SIGTERM/SIGUSR1 so workers checkpoint). Resuming needs no flag: ``ctx.work_dir`` keeps its checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import config_slice, to_yaml
+from pipeline.digests import digest_of, sha256
 from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
 
 NAME = "train"
@@ -33,17 +35,15 @@ def run(ctx: StageContext) -> StageResult:
     from pipeline.stages import train_worker as worker
 
     work_dir, tcfg = ctx.work_dir, ctx.config.train
-    main_thread = threading.current_thread() is threading.main_thread()
-    caller_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None  # see the end of training
+    in_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if in_main else None  # see the end of training
     if ctx.force and work_dir.exists():
         shutil.rmtree(work_dir)  # --force: start over instead of resuming
     work_dir.mkdir(parents=True, exist_ok=True)
-    # The exact config: what was set (defaults omitted, so it re-validates and reloads as is),
-    # plus the fully resolved one for reading.
+    # The exact config (what was set: it re-validates and reloads as is), and the resolved one for reading.
     config_dump = ctx.config.model_dump(mode="json", exclude_unset=True)
     (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
-    resolved = yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False)
-    (work_dir / "config_resolved.yaml").write_text(resolved, encoding="utf-8")
+    (work_dir / "config_resolved.yaml").write_text(to_yaml(ctx.config), encoding="utf-8")
     prepared = ctx.input_dir("prepare")
     spec = {"work_dir": str(work_dir.resolve()), "dataset_dir": str((prepared / "dataset").resolve()),
             "identity": _identity(ctx.config, prepared), "config": config_dump,
@@ -52,10 +52,9 @@ def run(ctx: StageContext) -> StageResult:
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
     spec_path = work_dir / SPEC
-    try:
+    same_attempt = False
+    with contextlib.suppress(OSError, ValueError):
         same_attempt = json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == spec["identity"]
-    except (OSError, ValueError):
-        same_attempt = False
     if not same_attempt:  # checkpoints of another config or other data must not be resumed
         shutil.rmtree(work_dir / worker.CHECKPOINTS, ignore_errors=True)
         (work_dir / worker.DONE).unlink(missing_ok=True)
@@ -65,24 +64,25 @@ def run(ctx: StageContext) -> StageResult:
     if (work_dir / worker.DONE).is_file():  # an earlier attempt saved everything, then stopped short
         code = 0
     elif tcfg.nproc_per_node == 1 and not tcfg.deepspeed and not os.environ.get(LAUNCHER_ENV):
+        code = worker.train(spec)  # its StageError is the stage's
+    else:  # torchrun passes the signals on to every worker
+        proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
         try:
-            code = worker.train(spec)
-        except worker.TrainingFailed as exc:
-            raise StageError(str(exc)) from None
-    else:
-        code = _run_torchrun(spec_path, tcfg)
+            with worker.handling_signals(lambda signum, _frame: proc.send_signal(signum),
+                                         (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):  # fmt: skip
+                code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
-    preempted = work_dir / worker.PREEMPTED
-    if preempted.is_file():
+    if (preempted := work_dir / worker.PREEMPTED).is_file():
         info = json.loads(preempted.read_text())
         if info["signal"] == "SIGTERM" and callable(caller_sigterm):
             # The checkpoint is safe; now let the caller's own SIGTERM handler (the driver's: close the
             # MLflow run as KILLED, keep the .partial folder, exit 143) see the signal training intercepted.
             os.kill(os.getpid(), signal.SIGTERM)
-        raise StagePreempted(
-            f"training preempted ({info['signal']}) at step {info['step']}; checkpoint saved in "
-            f"{info['checkpoint']}; rerun the same command to resume"
-        )
+        raise StagePreempted(f"training preempted ({info['signal']}) at step {info['step']}; checkpoint "
+                             f"saved in {info['checkpoint']}; rerun the same command to resume")
     if code != 0 or not (work_dir / worker.DONE).is_file():
         raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
 
@@ -113,9 +113,6 @@ def summary(metrics: dict[str, float]) -> str:
 def _identity(config: Any, prepare_dir: Path) -> str:
     """What a checkpoint depends on: the config slice training reads (the driver's) and the prepared
     data, nothing else: editing an eval-only setting of a preempted run must not delete its training."""
-    from pipeline.config import config_slice
-    from pipeline.digests import digest_of, sha256
-
     files = [prepare_dir / name for name in ("manifest.json", "dataset/dataset_dict.json")]
     data = [path.read_bytes() for path in files if path.is_file()]
     return sha256(digest_of(config_slice(config, CONFIG_SECTIONS)), *data)
@@ -130,12 +127,10 @@ def cpu_threads(nproc: int, requested: int | None = None) -> int:
 
 def worker_env(tcfg: Any) -> dict[str, str]:
     """Environment for torchrun workers: our code first on the path, sane CPU threading."""
-    env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = str(cpu_threads(tcfg.nproc_per_node, tcfg.omp_num_threads))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {"TOKENIZERS_PARALLELISM": "false", **os.environ, "PYTHONPATH": path,
+            "OMP_NUM_THREADS": str(cpu_threads(tcfg.nproc_per_node, tcfg.omp_num_threads))}
 
 
 def torchrun_command(spec_path: Path, tcfg: Any) -> list[str]:
@@ -158,16 +153,3 @@ def _torchrun_knows(option: str) -> bool:
     from torch.distributed.run import get_args_parser
 
     return any(option in action.option_strings for action in get_args_parser()._actions)
-
-
-def _run_torchrun(spec_path: Path, tcfg: Any) -> int:
-    from pipeline.stages.train_worker import handling_signals
-
-    proc = subprocess.Popen(torchrun_command(spec_path, tcfg), env=worker_env(tcfg))
-    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # torchrun passes them on to every worker
-    try:
-        with handling_signals(lambda signum, _frame: proc.send_signal(signum), signals):
-            return proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()

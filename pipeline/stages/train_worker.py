@@ -1,12 +1,10 @@
 """One process of an SFT run (``python -m pipeline.stages.train_worker SPEC_JSON``), in-process or under
 torchrun/Slurm; the spec the train stage writes holds every input, so a requeued job needs nothing else.
-``_train`` is the recipe; below it: how N processes agree on devices, stopping and resuming; the chat
-template the loss mask comes from; throughput and MLflow logging (rank 0 only); the loss figure."""
+``_train`` is the recipe; below it: devices, preemption, the chat template, metrics, the loss figure."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -45,6 +43,8 @@ from trl.chat_template_utils import has_generation_markers  # noqa: E402
 import uora  # noqa: E402  (registers UORA with PEFT)
 from pipeline.adapters import build_peft_config  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.digests import sha256  # noqa: E402
+from pipeline.errors import StageError  # noqa: E402
 from pipeline.models import load_model, load_tokenizer  # noqa: E402
 from pipeline.tracking import metric_name  # noqa: E402
 
@@ -53,18 +53,11 @@ CHECKPOINTS, ADAPTER, DONE, PREEMPTED = "checkpoints", "adapter", "DONE", "PREEM
 METRICS, LOSS_PNG = "metrics.json", "loss_curve.png"
 
 
-class TrainingFailed(RuntimeError):
-    """A user-facing failure inside the worker: printed as one line, non-zero exit."""
-
-
 def projection_digest(model: Any) -> str | None:
     """sha256 of the UORA/VeRA shared projections (None for LoRA), as raw bytes (numpy has no bf16)."""
-    buffers = {name: b for name, b in model.named_buffers() if re.search("(uora|vera)_[AB]", name)}
-    digest = hashlib.sha256()
-    for name in sorted(buffers):
-        digest.update(name.encode())
-        digest.update(buffers[name].detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest() if buffers else None
+    raw = {name: b.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+           for name, b in model.named_buffers() if re.search("(uora|vera)_[AB]", name)}  # fmt: skip
+    return sha256(*(part for name in sorted(raw) for part in (name, raw[name]))) if raw else None
 
 
 def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) -> tuple[Any, Any]:
@@ -78,17 +71,13 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
         rows = rows.select_columns(["messages"]).take(cap or len(rows))
         return rows.map(to_prompt_completion, remove_columns=["messages"]) if completion_only else rows
 
-    evals = data["eval"]
+    evals, by_name = data["eval"], {}
     labels = evals["source"] if "source" in evals.column_names else []
-    if len(set(labels)) < 2:
-        return shaped(data["train"]), shaped(evals, max_eval)
-    by_name = {}
-    for source in sorted(set(labels)):
+    for source in sorted(set(labels)) if len(set(labels)) > 1 else []:
         if (name := metric_name(source)) in by_name:
-            raise TrainingFailed(f"eval sources {source!r} and another map to the same metric name {name!r}")
-        rows = evals.select([i for i, label in enumerate(labels) if label == source])
-        by_name[name] = shaped(rows, max_eval)
-    return shaped(data["train"]), by_name
+            raise StageError(f"eval sources {source!r} and another map to the same metric name {name!r}")
+        by_name[name] = shaped(evals.select([i for i, s in enumerate(labels) if s == source]), max_eval)
+    return shaped(data["train"]), by_name or shaped(evals, max_eval)
 
 
 def eval_losses(metrics: dict[str, Any], names: list[str] | None, key: str) -> dict[str, float]:
@@ -105,18 +94,18 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     with its full (un-partitioned) shape: ZeRO-3 can silently save empty adapters (trl#4416, peft#2892)."""
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
-        raise TrainingFailed(f"adapter not saved: {path} missing")
+        raise StageError(f"adapter not saved: {path} missing")
     with safe_open(str(path), framework="pt") as handle:
         saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     empty = [k for k, shape in saved.items() if 0 in shape]
     if not saved or empty:
-        raise TrainingFailed(f"saved adapter {path} is empty or has empty tensors: {empty[:3]}")
+        raise StageError(f"saved adapter {path} is empty or has empty tensors: {empty[:3]}")
     adapter_name = model.active_adapter
     for name, param in model.named_parameters():
         key = name.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "")
         want = tuple(getattr(param, "ds_shape", param.shape))
         if param.requires_grad and saved.get(key) != want:
-            raise TrainingFailed(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
+            raise StageError(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
     return len(saved)
 
 
@@ -160,7 +149,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
             tokenizer.chat_template = choice.template
             log(f"assistant-only loss; chat template: {choice.reason}")
         elif tcfg.template_fallback == "error":
-            raise TrainingFailed(f"model.chat_template: {choice.reason}; provide a template with "
+            raise StageError(f"model.chat_template: {choice.reason}; provide a template with "
                                  "{% generation %} markers or set train.template_fallback: completion_only")
         else:
             completion_only = True
@@ -217,7 +206,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     final_eval = trainer.evaluate()
     digests = gather_object([projection_digest(trainer.model)])
     if len(set(digests)) > 1:
-        raise TrainingFailed(f"shared projections differ between ranks: {digests}")
+        raise StageError(f"shared projections differ between ranks: {digests}")
 
     # The adapter and tokenizer, verified, then the metrics and DONE.
     staging = work_dir / (ADAPTER + ".tmp")
@@ -250,11 +239,10 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
         }
         if torch.cuda.is_available():
             metrics["peak_cuda_memory_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
-        if cfg.model.load_in_8bit:
-            import bitsandbytes as bnb
-
-            int8 = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-            metrics["base_int8_layers"] = float(len(int8))  # proves an 8-bit base is 8-bit
+        if cfg.model.load_in_8bit:  # proves an 8-bit base is 8-bit
+            from bitsandbytes.nn import Linear8bitLt
+            int8 = [m for m in trainer.model.modules() if isinstance(m, Linear8bitLt)]
+            metrics["base_int8_layers"] = float(len(int8))
         speeds = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
         if steady := speeds[1:] or speeds:  # the first step includes warm-up
             metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
@@ -278,16 +266,13 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
-    """Extra ``TrainingArguments`` so that N processes form ONE distributed training (README, "Several
-    processes, DeepSpeed"). No DDP buffer broadcast: UORA's shared projections (~90 MB a step for
-    Llama-2-7B at r=1024) agree anyway (``UoraReinitCallback`` broadcasts A/B once, re-init is
-    deterministic). CPU DeepSpeed is a WORKAROUND for accelerate 1.15 (``PartialState.__init__``):
-    DeepSpeed's comm on gloo, a MULTI_CPU ``PartialState`` marked DEEPSPEED the Trainer reuses."""
-    common: dict[str, Any] = {"ddp_broadcast_buffers": False}
-    if not use_cpu:
-        return common
-    if not deepspeed:
-        return {**common, "use_cpu": True}
+    """Extra ``TrainingArguments`` so N processes form ONE training. No DDP buffer broadcast: UORA's shared
+    projections (~90 MB a step for Llama-2-7B at r=1024) agree anyway (broadcast once, deterministic
+    re-init). CPU DeepSpeed WORKS AROUND accelerate 1.15 (``PartialState.__init__``): DeepSpeed's comm
+    on gloo, a MULTI_CPU ``PartialState`` marked DEEPSPEED the Trainer reuses."""
+    args: dict[str, Any] = {"ddp_broadcast_buffers": False, **({"use_cpu": True} if use_cpu else {})}
+    if not (use_cpu and deepspeed):
+        return args
     import deepspeed.comm as ds_comm
     import deepspeed.ops as ds_ops
 
@@ -299,16 +284,15 @@ def training_args_for_device(use_cpu: bool, deepspeed: bool) -> dict[str, Any]:
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     state = PartialState(cpu=True, backend="gloo")
     state.distributed_type = DistributedType.DEEPSPEED  # use_cpu stays: TrainingArguments wants it for bf16
-    return {**common, "use_cpu": True, "accelerator_config": {"use_configured_state": True}}
+    return {**args, "accelerator_config": {"use_configured_state": True}}
 
 
 @contextlib.contextmanager
 def handling_signals(handler: Callable[[int, Any], Any], signals: tuple[int, ...]) -> Iterator[None]:
     """``handler`` for ``signals`` inside the block (in the main thread, the only one Python delivers
     signals to; elsewhere the caller's handlers stay), the previous handlers after it."""
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handler) for sig in signals} if in_main else {}
     try:
         yield
     finally:
@@ -320,9 +304,8 @@ class PreemptionCallback(transformers.TrainerCallback):
     """``handle`` is the SIGTERM/SIGUSR1 handler; after every optimizer step the ranks OR their flags, so
     a signal that reached only some stops all at the same step (the others would hang): save, stop."""
 
-    def __init__(self) -> None:
-        self.signal_name: str | None = None  # this rank's signal; once stopped, whichever rank's
-        self.stopped_at: int | None = None
+    signal_name: str | None = None  # this rank's signal; once stopped, whichever rank's
+    stopped_at: int | None = None
 
     def handle(self, signum: int, _frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -375,30 +358,8 @@ def shipped_templates() -> dict[str, str]:
     return {e.name.removesuffix(".jinja"): e.read_text("utf-8") for e in entries if e.name.endswith(".jinja")}
 
 
-def renders_identically(tokenizer: Any, candidate: str, reference: str) -> bool:
-    """True when ``candidate`` renders exactly like ``reference`` on every probe conversation
-    (those ``reference`` accepts), with and without the generation prompt."""
-
-    def render(template: str, messages: list[dict[str, str]], prompt: bool) -> str | None:
-        try:
-            return tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
-            )
-        except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
-            return None
-
-    for probe in _PROBES:
-        for prompt in (False, True):
-            messages = [{"role": role, "content": text} for role, text in (probe[:-1] if prompt else probe)]
-            want = render(reference, messages, prompt)
-            if want is not None and render(candidate, messages, prompt) != want:
-                return False
-    return True
-
-
 def choose_training_template(tokenizer: Any) -> TemplateChoice:
-    """Pick the chat template to train with for this tokenizer (its current template is the
-    model's own, or the configured ``model.chat_template`` override)."""
+    """The chat template to train with (the tokenizer's is the model's own or ``model.chat_template``)."""
     current = tokenizer.chat_template
     if isinstance(current, dict):  # multi-template tokenizers: the default one is what chat uses
         current = current.get("default")
@@ -406,8 +367,20 @@ def choose_training_template(tokenizer: Any) -> TemplateChoice:
         return TemplateChoice(None, "none", "the tokenizer has no chat template (set model.chat_template)")
     if has_generation_markers(current):
         return TemplateChoice(current, "model", "the chat template already has generation markers")
+
+    def render(template: str, turns: list[tuple[str, str]], prompt: bool) -> str | None:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=prompt)  # fmt: skip
+        except Exception:  # a template may refuse a probe (e.g. role alternation): not a match
+            return None
+
+    # A shipped template must render every probe the model's own accepts, with and without the prompt.
+    cases = [(probe[:-1] if prompt else probe, prompt) for probe in _PROBES for prompt in (False, True)]
+    wanted = [(turns, prompt, render(current, turns, prompt)) for turns, prompt in cases]
     for name, text in shipped_templates().items():
-        if renders_identically(tokenizer, text, current):
+        if all(want is None or render(text, turns, prompt) == want for turns, prompt, want in wanted):
             return TemplateChoice(text, name, f"shipped template '{name}' renders like the model's own")
     return TemplateChoice(
         None, "none", "no shipped template with generation markers renders like this model's chat template"
@@ -430,9 +403,8 @@ class MetricsCallback(transformers.TrainerCallback):
     """Adds ``tokens_per_second`` and ``seconds_per_step`` (optimizer steps only, not eval or saving) to
     each log and sends logs to the stage's MLflow run from rank 0 (``MlflowClient``: no active run needed)."""
 
-    def __init__(
-        self, run_id: str | None, tracking_uri: str | None, is_rank0: bool, progress_path: Path | None = None
-    ) -> None:
+    def __init__(self, run_id: str | None, tracking_uri: str | None, is_rank0: bool,
+                 progress_path: Path | None = None) -> None:  # fmt: skip
         self.run_id, self.is_rank0, self.progress_path = run_id, is_rank0, progress_path
         self.client = MlflowClient(tracking_uri=tracking_uri) if run_id and is_rank0 else None
         self.history: list[dict[str, float]] = []
@@ -441,15 +413,13 @@ class MetricsCallback(transformers.TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._since = time.perf_counter()  # the pause since the last step (eval, save) does not count
-        if self._mark is None:  # first step of this process (fresh or resumed)
-            self._mark = (state.num_input_tokens_seen, state.global_step)
+        self._mark = self._mark or (state.num_input_tokens_seen, state.global_step)  # first of this process
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         now = time.perf_counter()
         self._busy, self._since = self._busy + now - self._since, now
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        logs = logs or {}
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any], **kwargs: Any) -> None:
         metrics = {k: float(v) for k, v in logs.items()
                    if k not in _SKIP and isinstance(v, (int, float)) and math.isfinite(v)}  # fmt: skip
         if "loss" in logs and self._mark is not None:
@@ -487,11 +457,9 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     labelled with its absolute first → last. Legends sit outside the curves. None without losses."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals: dict[str, list[tuple[int, float]]] = {}  # "eval" or one curve per eval source
-    for entry in log_history:
-        for key, value in entry.items():
-            found = re.fullmatch(r"eval_(?:(.+)_)?loss", key)
-            if found and "step" in entry:
-                evals.setdefault(found.group(1) or "eval", []).append((entry["step"], value))
+    for entry in (e for e in log_history if "step" in e):
+        for found in filter(None, map(re.compile(r"eval_(?:(.+)_)?loss").fullmatch, entry)):
+            evals.setdefault(found.group(1) or "eval", []).append((entry["step"], entry[found.string]))
     if not train and not evals:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -500,8 +468,8 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     per_source = len(evals) > 1
     fig = Figure(figsize=(11 if per_source else 6, 4), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if per_source else 1, squeeze=False)
-    left = axes[0][0]
+    axes = fig.subplots(1, 2 if per_source else 1, squeeze=False)[0]
+    left, right = axes[0], axes[-1]  # right: the per-source panel
     if train:
         left.plot(*zip(*train, strict=True), label="train loss")
     held_out = evals.pop("eval", [])
@@ -514,28 +482,26 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
                   label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
     left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
     if per_source:
-        right = axes[0][1]
         for name, points in sorted(evals.items()):
             steps, losses = zip(*points, strict=True)
             right.plot(steps, [loss / losses[0] for loss in losses], "o-",
                        label=f"{name}: {losses[0]:.2f} → {losses[-1]:.2f}")  # fmt: skip
         right.axhline(1.0, color="grey", linewidth=0.8)
         right.set(xlabel="optimizer step", ylabel="loss ÷ its first value", title="held-out loss per source")
-    for ax in axes[0]:
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
     fig.tight_layout()
     return fig
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
+def main() -> int:
+    if len(sys.argv) != 2:
         print("usage: python -m pipeline.stages.train_worker SPEC_JSON", file=sys.stderr)
         return 2
     try:
-        return train(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
-    except TrainingFailed as exc:
+        return train(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
+    except StageError as exc:  # the user can act on it: one line, non-zero exit
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
 
