@@ -30,8 +30,6 @@ LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker
 
 
 def run(ctx: StageContext) -> StageResult:
-    import mlflow
-
     from pipeline.stages import train_worker as worker
 
     work_dir, tcfg = ctx.work_dir, ctx.config.train
@@ -48,7 +46,7 @@ def run(ctx: StageContext) -> StageResult:
     spec = {"work_dir": str(work_dir.resolve()), "dataset_dir": str((prepared / "dataset").resolve()),
             "identity": _identity(ctx.config, prepared), "config": config_dump,
             "mlflow_run_id": ctx.mlflow_run_id,
-            "mlflow_tracking_uri": mlflow.get_tracking_uri() if ctx.mlflow_run_id else None}
+            "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None}
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
     spec_path = work_dir / SPEC
@@ -87,6 +85,8 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
 
     if ctx.mlflow_run_id:  # the train child run is active in this process
+        import mlflow
+
         for name in (worker.LOSS_PNG, "config.yaml", worker.METRICS):
             if (work_dir / name).is_file():
                 mlflow.log_artifact(str(work_dir / name))
@@ -153,3 +153,9 @@ def _torchrun_knows(option: str) -> bool:
     from torch.distributed.run import get_args_parser
 
     return any(option in action.option_strings for action in get_args_parser()._actions)
+
+
+def _tracking_uri() -> str:
+    import mlflow  # only when tracking: hosts that track nothing (the GPU kit's) need no mlflow
+
+    return mlflow.get_tracking_uri()

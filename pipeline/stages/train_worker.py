@@ -32,8 +32,6 @@ import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.utils import DistributedType, gather_object  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
 from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers.trainer_utils import sort_checkpoints  # noqa: E402
@@ -406,7 +404,11 @@ class MetricsCallback(transformers.TrainerCallback):
     def __init__(self, run_id: str | None, tracking_uri: str | None, is_rank0: bool,
                  progress_path: Path | None = None) -> None:  # fmt: skip
         self.run_id, self.is_rank0, self.progress_path = run_id, is_rank0, progress_path
-        self.client = MlflowClient(tracking_uri=tracking_uri) if run_id and is_rank0 else None
+        self.client = None
+        if run_id and is_rank0:  # imported here: hosts that track nothing (the GPU kit's) need no mlflow
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
         self.history: list[dict[str, float]] = []
         self._mark: tuple[int, int] | None = None  # tokens seen and step at the first step or last log
         self._since = self._busy = 0.0  # when training time last resumed; its sum since the mark
@@ -439,6 +441,8 @@ class MetricsCallback(transformers.TrainerCallback):
             staging.replace(self.progress_path)
         if self.client is not None:
             stamp = int(time.time() * 1000)
+            from mlflow.entities import Metric
+
             batch = [Metric(key, value, stamp, state.global_step) for key, value in metrics.items()]
             self.client.log_batch(self.run_id, metrics=batch)
 
