@@ -165,11 +165,10 @@ class LocalJudge:
             logprobs = [torch.log_softmax(first.logits[:, -1:].float(), dim=-1).cpu().expand(n, -1, -1)]
             if width > 0:
                 ids = torch.full((n, width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-                mask = torch.zeros((n, len(prefix) + width), dtype=torch.long)
-                mask[:, : len(prefix)] = 1
+                mask = torch.ones((n, len(prefix) + width), dtype=torch.long)
                 for row, cand in enumerate(candidates):
                     ids[row, : len(cand) - 1] = torch.tensor(cand[:-1])
-                    mask[row, len(prefix) : len(prefix) + len(cand) - 1] = 1
+                    mask[row, len(prefix) + len(cand) - 1 :] = 0
                 first.past_key_values.batch_repeat_interleave(n)
                 rest = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   past_key_values=first.past_key_values)  # fmt: skip

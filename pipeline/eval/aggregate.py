@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.digests import digest_of
 from pipeline.eval.questions import Question
-from pipeline.eval.stats import Units, compare, interval, verdict
+from pipeline.eval.stats import Units, compare, interval
 from pipeline.numbers import last_number, parse_number
 from pipeline.tracking import metric_name
 
@@ -160,12 +160,8 @@ def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
     exact = [f"exact_match_categories.{c}" for c in tuned["exact_match_categories"]]
     names = ["score_overall", "score_turn1", "score_turn2", *categories, "exact_match", *exact]
     found = {n: compare(units(rows, "base", n) or {}, units(rows, "tuned", n) or {}) for n in names}
-    outcomes = _pair_units(rows)
-    ci95 = interval(outcomes)
-    if ci95 is not None:  # mean of +1/0/-1 per judged turn: win rate - loss rate
-        values = [v for turns in outcomes.values() for v in turns if v is not None]
-        found["pairwise"] = {"diff": _mean(values), "ci95": ci95, "n": len(outcomes),
-                             "verdict": verdict(ci95)}  # fmt: skip
+    outcomes = _pair_units(rows)  # +1/0/-1 per judged turn against 0: win rate - loss rate
+    found["pairwise"] = compare({key: [0] * len(turns) for key, turns in outcomes.items()}, outcomes)
     return {"tuned-base": {name: c for name, c in found.items() if c is not None}}
 
 

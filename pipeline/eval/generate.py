@@ -63,9 +63,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: 
     # The chat template already added BOS where the model wants one.
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(model.device)  # fmt: skip
-    sampling: dict[str, Any] = {"do_sample": False}
-    if temperature >= 1e-4:  # FastChat's rule: below this, greedy
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    sampling = sampling if temperature >= 1e-4 else {"do_sample": False}  # FastChat's rule: below, greedy
     puts = itertools.count()  # a streamer's first put is the prompt, then one per generated token
     streamer = on_token and SimpleNamespace(put=lambda _: next(puts) and on_token(), end=lambda: None)
     torch.manual_seed(seed)
@@ -123,9 +122,8 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[Question], sett
                            for i in rows]  # fmt: skip
                 label = f"turn {turn + 1}/{turns}, token"
                 on_token = partial(_show_step, bar, label, max_new_tokens, itertools.count(1))
-                outputs = generate_fn(
-                    model, tokenizer, prompts, temperature, max_new_tokens, seed + turn, on_token
-                )
+                outputs = generate_fn(model, tokenizer, prompts, temperature, max_new_tokens, seed + turn,
+                                      on_token)  # fmt: skip
                 for i, text in zip(rows, outputs, strict=True):
                     answers[i].append(text)
             for q, said in zip(chunk, answers, strict=True):

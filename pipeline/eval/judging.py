@@ -51,14 +51,6 @@ class JudgeTask:
     user_prompt: str
     key: str
 
-    @classmethod
-    def build(cls, question: Question, model_id: str, turn: int, prompt: JudgePrompt,
-              fields: dict[str, str], identity: Any, samples: int) -> JudgeTask:  # fmt: skip
-        user_prompt = prompt.render(**fields)
-        payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
-                   "user_prompt": user_prompt, "samples": samples}  # fmt: skip
-        return cls(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
-
     @property
     def labels(self) -> dict[str, Any]:
         """The fields that say whose answer a judgment grades (a cached verdict may be shared)."""
@@ -67,32 +59,31 @@ class JudgeTask:
 
 
 def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
-                judge_identity: dict[str, Any], samples: int) -> list[JudgeTask]:  # fmt: skip
-    """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record)."""
+                judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] | None = None,
+                ) -> list[JudgeTask]:  # fmt: skip
+    """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record); with
+    ``pair``, pairwise ones instead: every turn of every question, ``pair`` as assistants A/B and swapped."""
     tasks = []
-    for model_id, records in answers.items():
+    for sides in [[pair, pair[::-1]]] if pair else [[(model,)] for model in answers]:
         for q in questions:
-            said = records[str(q.question_id)]["choices"][0]["turns"]
             for turn in range(1, len(q.turns) + 1):
-                prompt = prompts[prompt_name(q.category, turn, q.reference is not None)]
-                fields = prompt_fields(q.turns, said, q.reference, turn)
-                tasks.append(JudgeTask.build(q, model_id, turn, prompt, fields, judge_identity, samples))
+                prompt = prompts[prompt_name(q.category, turn, q.reference is not None, pairwise=bool(pair))]
+                for models in sides:
+                    said = [answers[m][str(q.question_id)]["choices"][0]["turns"] for m in models]
+                    fields = (pair_fields if pair else prompt_fields)(q.turns, *said, q.reference, turn)
+                    user_prompt = prompt.render(**fields)
+                    payload = {"judge": judge_identity, "user_prompt": user_prompt, "samples": samples,
+                               "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template]}
+                    key = digest_of(payload, compact=False)
+                    tasks.append(JudgeTask(q, "|".join(models), turn, prompt, user_prompt, key))
     return tasks
 
 
 def build_pair_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
                      judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] = ("tuned", "base"),
                      ) -> list[JudgeTask]:  # fmt: skip
-    """Pairwise tasks: every turn of every question, ``pair`` as assistants A/B and swapped."""
-    tasks = []
-    for q in questions:
-        said = {model: answers[model][str(q.question_id)]["choices"][0]["turns"] for model in pair}
-        for turn in range(1, len(q.turns) + 1):
-            prompt = prompts[prompt_name(q.category, turn, q.reference is not None, pairwise=True)]
-            for a, b in (pair, pair[::-1]):
-                fields = pair_fields(q.turns, said[a], said[b], q.reference, turn)
-                tasks.append(JudgeTask.build(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
-    return tasks
+    """``build_tasks`` for ``pair`` (tuned as assistant A first, then swapped)."""
+    return build_tasks(questions, answers, prompts, judge_identity, samples, pair)
 
 
 MIN_RATING, MAX_RATING = 1.0, 10.0
