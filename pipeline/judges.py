@@ -1,8 +1,7 @@
 """Judge backends (``pipeline.eval.judging.JudgeBackend``): an OpenAI-compatible endpoint through the
-``openai`` client, which already retries with backoff (honouring ``Retry-After``), or a local
-transformers model that generates a verdict or ("logits"/"expected") reads the ratings' probabilities
-after ``Rating: [[`` (small judges rarely write the format unprompted). The API key is read from the
-variable the config names and held only by the client; ``identity`` feeds the judgment cache key."""
+``openai`` client (it retries with backoff, honouring ``Retry-After``; it alone holds the API key, read from
+the variable the config names), or a local transformers model that generates a verdict or reads the
+ratings' probabilities after ``Rating: [[`` (small judges rarely write the format unprompted)."""
 
 from __future__ import annotations
 
@@ -81,8 +80,7 @@ class OpenAIJudge:
                 for future in as_completed(futures):
                     yield futures[future], future.result()  # re-raises the first failure
             finally:
-                for future in futures:
-                    future.cancel()
+                pool.shutdown(cancel_futures=True)
 
 
 class LocalJudge:

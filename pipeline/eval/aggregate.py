@@ -83,12 +83,10 @@ def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[
 def per_question(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
                  pair_outcomes: dict[tuple[str, int], int | None] | None = None,
                  judged_questions: list[Question] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per question: per model and turn the judge score, exact-match hit (1/0) and answer
-    length in words (None where there is none); the pairwise outcome per turn (+1 tuned won in
-    both orders, -1 base did, 0 a tie or a verdict that flipped with the order): what intervals,
-    comparisons and the promote gate are computed from. A row's ``key`` is the question's content,
-    not its id: held-out ids count rows of one run's eval split, so only content says that two runs
-    asked the same question."""
+    """One row per question, what intervals, comparisons and the promote gate are computed from: per
+    model and turn the judge score, exact-match hit (1/0) and answer length in words (None where there
+    is none), and the ``pair_outcomes`` per turn. ``key`` is the question's content, not its id: held-out
+    ids count rows of one run's eval split, so only content says that two runs asked the same question."""
     scores = {(r["model"], str(r["question_id"]), r["turn"]): r["score"]
               for r in judgments if not r["failed"]}  # fmt: skip
     judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}
@@ -96,13 +94,11 @@ def per_question(questions: list[Question], answers: Answers, judgments: list[di
     for q in questions:
         qid, turns = str(q.question_id), range(1, len(q.turns) + 1)
         key = digest_of([list(q.turns), list(q.exact_answer or ())], compact=False)[:16]
+        said = {model: records[qid]["choices"][0]["turns"] for model, records in answers.items()}
+        models = {m: {"score": [scores.get((m, qid, t)) for t in turns], "exact": _hits(q, s),
+                      "words": [len(text.split()) for text in s]} for m, s in said.items()}  # fmt: skip
         row: dict[str, Any] = {"question_id": q.question_id, "key": key, "category": q.category,
-                               "judged": qid in judged, "models": {}}  # fmt: skip
-        for model, records in answers.items():
-            said = records[qid]["choices"][0]["turns"]
-            words = [len(text.split()) for text in said]
-            row["models"][model] = {"score": [scores.get((model, qid, t)) for t in turns],
-                                    "exact": _hits(q, said), "words": words}  # fmt: skip
+                               "judged": qid in judged, "models": models}  # fmt: skip
         if pair_outcomes:
             row["pairwise"] = [pair_outcomes.get((qid, t)) for t in turns]
         rows.append(row)
@@ -156,9 +152,8 @@ def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
     if not {"base", "tuned"} <= set(models):
         return {}
     tuned = models["tuned"]
-    categories = [f"categories.{c}" for c in tuned["categories"]]
-    exact = [f"exact_match_categories.{c}" for c in tuned["exact_match_categories"]]
-    names = ["score_overall", "score_turn1", "score_turn2", *categories, "exact_match", *exact]
+    names = ["score_overall", "score_turn1", "score_turn2", *[f"categories.{c}" for c in tuned["categories"]],
+             "exact_match", *[f"exact_match_categories.{c}" for c in tuned["exact_match_categories"]]]
     found = {n: compare(units(rows, "base", n) or {}, units(rows, "tuned", n) or {}) for n in names}
     outcomes = _pair_units(rows)  # +1/0/-1 per judged turn against 0: win rate - loss rate
     found["pairwise"] = compare({key: [0] * len(turns) for key, turns in outcomes.items()}, outcomes)
@@ -180,9 +175,8 @@ def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any
 
 
 def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) -> dict[str, float | None]:
-    """``<model>.<name>`` metrics (``<model>.category.<cat>`` per judged category,
-    ``<model>.exact_match.<cat>`` per verifiable category): the one naming of MLflow's metrics, the
-    promote gate and the version tags. Intervals are left out; so are None values unless ``keep_none``."""
+    """``<model>.<name>`` metrics (``.category.<cat>``, ``.exact_match.<cat>`` per category): the one naming
+    of MLflow's metrics, the promote gate and the version tags. No intervals, no None unless ``keep_none``."""
     metrics: dict[str, float | None] = {}
     for model_id, row in models.items():
         for name, value in row.items():

@@ -1,8 +1,7 @@
 """Multi-turn answer generation as MT-Bench asks for it: turn 2 in the same conversation, after turn 1
 and the model's own answer; left-padded batches grouped by temperature and budget (one ``generate``
 call has one of each). Each finished question is appended at once to a FastChat-format answer JSONL
-keyed by model identity, question and settings, so a rerun regenerates only what is missing or stale.
-"""
+keyed by model identity, question and settings: a rerun regenerates only what is missing or stale."""
 
 from __future__ import annotations
 
@@ -42,9 +41,7 @@ class GenerationSettings:
         return self.temperatures.get(category, self.default_temperature)
 
     def max_tokens(self, question: Question) -> int:
-        if self.verifiable_max_new_tokens and is_verifiable(question):
-            return self.verifiable_max_new_tokens
-        return self.max_new_tokens
+        return (is_verifiable(question) and self.verifiable_max_new_tokens) or self.max_new_tokens
 
 
 def messages_for_turn(question: Question, answers: list[str], turn: int) -> list[dict[str, str]]:
@@ -75,13 +72,6 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: 
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def answer_key(model_identity: str, question: Question, settings: GenerationSettings) -> str:
-    """Cache key of one question's answers: who answered what, with which settings."""
-    return digest_of({"model": model_identity, "turns": list(question.turns), "seed": settings.seed,
-                      "temperature": settings.temperature(question.category),
-                      "max_new_tokens": settings.max_tokens(question)}, compact=False)  # fmt: skip
-
-
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:
     """Valid cached records by cache key; a truncated last line (killed mid-write) is ignored."""
     rows = read_jsonl(path, "cache", skip_invalid=True) if path.is_file() else []
@@ -101,7 +91,10 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[Question], sett
     """FastChat answer records for ``questions`` by ``str(question_id)``, from the cache where
     possible, generating the rest batch by batch (each finished batch is on disk before the next)."""
     cached = read_cache(cache_path)
-    keys = {str(q.question_id): answer_key(model_identity, q, settings) for q in questions}
+    # a question's cache key: who answered what, with which settings
+    keys = {str(q.question_id): digest_of({"model": model_identity, "turns": list(q.turns),
+            "seed": settings.seed, "temperature": settings.temperature(q.category),
+            "max_new_tokens": settings.max_tokens(q)}, compact=False) for q in questions}  # fmt: skip
     results = {qid: cached[key] for qid, key in keys.items() if key in cached}
     groups: dict[tuple[float, int], list[Question]] = {}  # question order kept within a group
     for q in questions:

@@ -159,15 +159,14 @@ def run_judging(backend: JudgeBackend, tasks: list[JudgeTask], cache_path: Path,
     todo = list({task.key: task for task in tasks if task.key not in cached}.values())
     chats = [[{"role": "system", "content": task.prompt.system_prompt},
               {"role": "user", "content": task.user_prompt}] for task in todo]  # fmt: skip
-    read = pair_verdict if pairwise else verdict
     desc = "pairwise judgments" if pairwise else "judgments"
     with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
         for index, outputs in backend.complete(chats, samples, pairwise=pairwise):
             task = todo[index]
             cached[task.key] = {**task.labels, "judge": [backend.name, task.prompt.name],
                                 "user_prompt": task.user_prompt, "judgment": outputs[0],
-                                "tstamp": time.time(), "judgments": outputs, **read(outputs),
-                                "cache_key": task.key}  # fmt: skip
+                                "tstamp": time.time(), "judgments": outputs,
+                                **(pair_verdict if pairwise else verdict)(outputs), "cache_key": task.key}
             append_record(cache_path, cached[task.key])
             bar.update(1)
     records = [{**cached[task.key], **task.labels} for task in tasks]

@@ -4,7 +4,6 @@ check; every source (built-in, JSONL, hub, the prepared eval split) becomes a :c
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,9 +42,8 @@ def _question_from_record(record: Any, where: str) -> Question:
     """Validate one FastChat question record; ``where`` names the file and line for errors."""
     if not isinstance(record, dict):
         raise StageError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for key in ("question_id", "category", "turns"):
-        if key not in record:
-            raise StageError(f"{where}: missing field '{key}'")
+    if missing := [key for key in ("question_id", "category", "turns") if key not in record]:
+        raise StageError(f"{where}: missing field '{missing[0]}'")
     turns = record["turns"]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise StageError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
@@ -166,7 +164,6 @@ def load_questions(config: EvalConfig, exclude_instructions: Iterable[str] = ())
     return select_questions(questions, config.categories, config.question_ids, config.max_questions)
 
 
-# held-out questions from the prepared eval split
 HELDOUT_COLUMNS = ("messages", "source", "answer")
 
 
@@ -196,7 +193,7 @@ def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | N
     known = sorted({str(s) for s in split["source"]})
     if unknown := sorted(set(sources or ()) - set(known)):
         raise StageError(f"eval.heldout_sources: unknown {unknown}; the eval split has sources {known}")
-    wanted, counters = set(sources or known), Counter[str]()
+    wanted = set(sources or known)
     questions: list[Question] = []
     for row in split.select_columns(list(HELDOUT_COLUMNS)):
         source, messages = str(row["source"]), row["messages"] or []
@@ -205,11 +202,9 @@ def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | N
         if source not in wanted or not answer or len(users) != 1 or not str(users[0]).strip():
             continue
         # No system message: asked exactly like an MT-Bench question (the answer cache keys on turns).
-        replies = [m["content"] for m in messages if m.get("role") == "assistant"]
-        reference = (str(replies[0]),) if replies else None
-        qid = f"heldout-{source}-{counters[source]}"
-        questions.append(Question(qid, source, (str(users[0]),), reference, (answer,)))
-        counters[source] += 1
+        replies = tuple(str(m["content"]) for m in messages if m.get("role") == "assistant")
+        qid = f"heldout-{source}-{sum(q.category == source for q in questions)}"
+        questions.append(Question(qid, source, (str(users[0]),), replies[:1] or None, (answer,)))
         if len(questions) == limit:
             break
     if not questions:
