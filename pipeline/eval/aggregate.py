@@ -42,38 +42,34 @@ def _hits(question: Question, said: list[str]) -> list[float | None]:
     return [None if want is None else float(is_exact_match(got, want)) for got, want in pairs]
 
 
-def exact_match(questions: list[Question], answers: dict[str, dict[str, Any]]) -> float | None:
-    """Share of verifiable answer turns that match their expected answer; None if none is verifiable."""
-    said = [(q, answers[str(q.question_id)]["choices"][0]["turns"]) for q in questions if q.exact_answer]
-    return _mean([hit for q, turns in said for hit in _hits(q, turns) if hit is not None])
-
-
-def exact_match_by_category(questions: list[Question], answers: dict[str, dict[str, Any]],
-                            ) -> dict[str, float | None]:  # fmt: skip
-    """``exact_match`` per category, for the categories that have verifiable turns (sorted)."""
-    verifiable = [q for q in questions if any(a is not None for a in q.exact_answer or ())]
-    categories = sorted({q.category for q in verifiable})
-    return {cat: exact_match([q for q in verifiable if q.category == cat], answers) for cat in categories}
+def _row_mean(rows: list[dict[str, Any]], model: str, field: str, category: str | None = None,
+              turn: int | None = None) -> float | None:  # fmt: skip
+    """Mean of ``field`` (``score``/``exact``) over the rows of ``category`` and turn index ``turn``."""
+    return _mean([v for row in rows if category in (None, row["category"])
+                  for i, v in enumerate(row["models"][model][field]) if v is not None and turn in (None, i)])
 
 
 def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
               judged_questions: list[Question] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Per model: overall/turn/category scores, judge failures, exact match, spread. Only categories of
-    ``judged_questions`` (default: all) get a score: exact-match-only questions add no empty axis."""
-    categories = sorted({q.category for q in (questions if judged_questions is None else judged_questions)})
+    """Per model: overall/turn/category scores, judge failures, exact match (overall, per category with
+    verifiable turns), spread. Only ``judged_questions``' (default: all) categories get a score."""
+    judged = questions if judged_questions is None else judged_questions
+    rows = per_question(questions, answers, judgments, judged_questions=judged)
+    categories = sorted({q.category for q in judged})
+    verifiable = sorted({q.category for q in questions if any(a is not None for a in q.exact_answer or ())})
     results: dict[str, dict[str, Any]] = {}
-    for model_id, said in answers.items():
-        records = [r for r in judgments if r["model"] == model_id]
+    for model in answers:
+        records = [r for r in judgments if r["model"] == model]
         graded = [r for r in records if not r["failed"]]
         spreads = [r["spread"] for r in graded if r.get("spread") is not None and len(r["scores"]) > 1]
-        results[model_id] = {
-            "score_overall": _mean([r["score"] for r in graded]),
-            "score_turn1": _mean([r["score"] for r in graded if r["turn"] == 1]),
-            "score_turn2": _mean([r["score"] for r in graded if r["turn"] == 2]),
-            "categories": {c: _mean([r["score"] for r in graded if r["category"] == c]) for c in categories},
+        results[model] = {
+            "score_overall": _row_mean(rows, model, "score"),
+            "score_turn1": _row_mean(rows, model, "score", turn=0),
+            "score_turn2": _row_mean(rows, model, "score", turn=1),
+            "categories": {c: _row_mean(rows, model, "score", c) for c in categories},
             "judge_failures": len(records) - len(graded),
-            "exact_match": exact_match(questions, said),
-            "exact_match_categories": exact_match_by_category(questions, said),
+            "exact_match": _row_mean(rows, model, "exact"),
+            "exact_match_categories": {c: _row_mean(rows, model, "exact", c) for c in verifiable},
             "judged": len(records),
             "judge_spread_mean": _mean(spreads),
         }

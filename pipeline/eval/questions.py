@@ -136,8 +136,7 @@ def select_questions(questions: list[Question], categories: list[str] | None = N
         if missing := sorted(wanted - {str(q.question_id) for q in selected}):
             raise StageError(f"eval.question_ids: not among the selected questions: {missing}")
         selected = [q for q in selected if str(q.question_id) in wanted]
-    selected = selected[:max_questions]
-    if not selected:
+    if not (selected := selected[:max_questions]):
         raise StageError("eval: no questions left after applying categories/question_ids/max_questions")
     return selected
 
