@@ -109,9 +109,8 @@ _NESTED = {"categories": "category", "exact_match_categories": "exact_match"}  #
 
 
 def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
-    """Per-question values behind ``<model>.<metric>`` (``score_overall``, ``categories.<c>``,
-    ``exact_match``, ``exact_match_categories.<c>``; also ``category.<c>``/``exact_match.<c>``),
-    or None for a metric that is not a mean over questions."""
+    """Per-question values behind ``<model>.<metric>`` (a results key, or ``category.<c>``/
+    ``exact_match.<c>``), or None for a metric that is not a mean over questions."""
     name, _, category = metric.partition(".")
     if name not in _FIELDS or (name in ("categories", "category", "exact_match_categories") and not category):
         return None

@@ -1,7 +1,6 @@
-"""Multi-turn answer generation as MT-Bench asks for it: turn 2 in the same conversation, after turn 1
-and the model's own answer; left-padded batches grouped by temperature and budget (one ``generate``
-call has one of each). Each finished question is appended at once to a FastChat-format answer JSONL
-keyed by model identity, question and settings: a rerun regenerates only what is missing or stale."""
+"""Multi-turn answer generation as MT-Bench asks for it (turn 2 follows turn 1 and the model's own answer),
+in left-padded batches of one temperature and budget. Each finished question is appended at once to a
+FastChat-format answer JSONL keyed by model identity, question and settings: a rerun resumes."""
 
 from __future__ import annotations
 

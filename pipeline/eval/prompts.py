@@ -70,8 +70,7 @@ def prompt_name(category: str, turn: int, has_reference: bool, pairwise: bool = 
     """Which of the four prompts grades this answer (``turn`` is 1-based): reference-guided exactly for
     math, reasoning and coding with a reference answer, as MT-Bench does; else the general one."""
     guided = category in REFERENCE_CATEGORIES and has_reference
-    names = PAIR_NAMES if pairwise else PROMPT_NAMES
-    return names[(2 if turn > 1 else 0) + guided]
+    return (PAIR_NAMES if pairwise else PROMPT_NAMES)[(2 if turn > 1 else 0) + guided]
 
 
 def prompt_fields(turns: tuple[str, ...], answers: list[str], reference: tuple[str, ...] | None, turn: int,

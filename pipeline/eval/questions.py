@@ -56,8 +56,7 @@ def _question_from_record(record: Any, where: str) -> Question:
 
 
 def _turn_list(value: Any, where: str, name: str) -> tuple[Any, ...] | None:
-    """A ``reference`` (strings; all blank, the hub's "no reference", is None) or an ``exact_answer``
-    (a string or null per turn)."""
+    """A ``reference`` (strings; all blank, the hub's "no reference": None) or an ``exact_answer``."""
     nullable = name == "exact_answer"
     if value is None:
         return None
@@ -142,8 +141,7 @@ def select_questions(questions: list[Question], categories: list[str] | None = N
 
 
 def load_questions(config: EvalConfig, exclude_instructions: Iterable[str] = ()) -> list[Question]:
-    """Every question the evaluate stage asks, per the ``eval`` config section; a reference-answer
-    file's answers replace the questions' own ``reference``."""
+    """The ``eval`` section's questions; a reference-answer file replaces their own ``reference``."""
     if config.questions == "builtin":
         questions = builtin_questions(config.builtin_verifiable, exclude_instructions)
     elif config.questions == "hub":  # in either FastChat or HuggingFaceH4 field names
@@ -163,9 +161,6 @@ def load_questions(config: EvalConfig, exclude_instructions: Iterable[str] = ())
     return select_questions(questions, config.categories, config.question_ids, config.max_questions)
 
 
-HELDOUT_COLUMNS = ("messages", "source", "answer")
-
-
 def is_verifiable(question: Question) -> bool:
     """Every turn has an expected answer: exact match alone scores it (no judge needed)."""
     answers = question.exact_answer or ()
@@ -183,18 +178,13 @@ def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | N
                          "stage first)")  # fmt: skip
     from datasets import load_from_disk
 
-    dataset = load_from_disk(str(dataset_dir))
-    if "eval" not in dataset:
-        raise StageError(f"eval.heldout_questions: {dataset_dir} has no 'eval' split (has {sorted(dataset)})")
-    split = dataset["eval"]
-    if missing := [c for c in HELDOUT_COLUMNS if c not in split.column_names]:
-        raise StageError(f"eval.heldout_questions: {dataset_dir} eval split lacks columns {missing}")
+    split = load_from_disk(str(dataset_dir))["eval"]  # prepare's schema: messages, source, answer
     known = sorted({str(s) for s in split["source"]})
     if unknown := sorted(set(sources or ()) - set(known)):
         raise StageError(f"eval.heldout_sources: unknown {unknown}; the eval split has sources {known}")
     wanted = set(sources or known)
     questions: list[Question] = []
-    for row in split.select_columns(list(HELDOUT_COLUMNS)):
+    for row in split.select_columns(["messages", "source", "answer"]):
         source, messages = str(row["source"]), row["messages"] or []
         answer = "" if row["answer"] is None else str(row["answer"]).strip()
         users = [m["content"] for m in messages if m.get("role") == "user"]

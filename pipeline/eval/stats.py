@@ -1,8 +1,7 @@
-"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions
-(two answers in one conversation are not independent); paired comparisons resample the *same*
-questions for both models, so question difficulty cancels out. ``Units``: question key -> per-turn
-values (``None``: no value). Below ``MIN_QUESTIONS`` there is no interval: a two-sided sign test
-needs 6 questions to reach p < 0.05."""
+"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions (two
+answers in one conversation are not independent); paired comparisons resample the *same* questions for
+both models, so question difficulty cancels out. ``Units``: question key -> per-turn values (``None``:
+none). Below ``MIN_QUESTIONS`` no interval: a two-sided sign test needs 6 questions to reach p < 0.05."""
 
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ def _bounds(statistics: np.ndarray) -> list[float]:
 
 def _rows(units: Units) -> list[list[float]]:
     """The questions' present values, for the questions that have any."""
-    rows = [[v for v in values if v is not None] for values in units.values()]
-    return [row for row in rows if row]
+    return [row for values in units.values() if (row := [v for v in values if v is not None])]
 
 
 def interval(units: Units, seed: int = SEED) -> list[float] | None:
@@ -56,8 +54,7 @@ def compare(reference: Units, candidate: Units, seed: int = SEED, paired: bool =
     if paired:
         pairs = [[(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
                  for key in candidate if key in reference]  # fmt: skip
-        pairs = [p for p in pairs if p]
-        ref, cand = [[r for r, _ in p] for p in pairs], [[c for _, c in p] for p in pairs]
+        ref, cand = ([[pair[side] for pair in p] for p in pairs if p] for side in (0, 1))
     else:
         ref, cand = _rows(reference), _rows(candidate)
     if min(len(ref), len(cand)) < MIN_QUESTIONS:
