@@ -172,5 +172,4 @@ class LocalJudge:
                                   past_key_values=first.past_key_values)  # fmt: skip
                 logprobs.append(torch.log_softmax(rest.logits.float(), dim=-1).cpu())
         table = torch.cat(logprobs, dim=1)  # [candidate, position, vocab]: position i predicts token i
-        rows = enumerate(candidates)
-        return [sum([table[row, i, token].item() for i, token in enumerate(cand)]) for row, cand in rows]
+        return [sum(table[row, i, t].item() for i, t in enumerate(c)) for row, c in enumerate(candidates)]

@@ -183,10 +183,8 @@ def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) 
 
 
 def _fmt(value: Any, ci95: list[float] | None = None) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:.2f}" if isinstance(value, float) else str(value)
-    return text + (f" [{ci95[0]:.2f}, {ci95[1]:.2f}]" if ci95 else "")
+    text = "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+    return text + (f" [{ci95[0]:.2f}, {ci95[1]:.2f}]" if ci95 and value is not None else "")
 
 
 _LABELS = {"score_overall": "score (overall)", "score_turn1": "score (turn 1)",

@@ -43,12 +43,13 @@ class GenerationSettings:
         return (is_verifiable(question) and self.verifiable_max_new_tokens) or self.max_new_tokens
 
 
-def messages_for_turn(question: Question, answers: list[str], turn: int) -> list[dict[str, str]]:
-    """The chat for asking turn ``turn`` (0-based): earlier questions with the model's own answers."""
+def render_turn(tokenizer: Any, question: Question, answers: list[str], turn: int) -> str:
+    """The prompt asking turn ``turn`` (0-based): earlier questions with the model's own answers first."""
     earlier = zip(question.turns[:turn], answers[:turn], strict=True)
     messages = [{"role": role, "content": text}
                 for q, a in earlier for role, text in (("user", q), ("assistant", a))]  # fmt: skip
-    return [*messages, {"role": "user", "content": question.turns[turn]}]
+    messages.append({"role": "user", "content": question.turns[turn]})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: float, max_new_tokens: int,
@@ -109,9 +110,7 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[Question], sett
             turns = max(len(q.turns) for q in chunk)
             for turn in range(turns):
                 rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
-                prompts = [tokenizer.apply_chat_template(messages_for_turn(chunk[i], answers[i], turn),
-                                                         tokenize=False, add_generation_prompt=True)
-                           for i in rows]  # fmt: skip
+                prompts = [render_turn(tokenizer, chunk[i], answers[i], turn) for i in rows]
                 label = f"turn {turn + 1}/{turns}, token"
                 on_token = partial(_show_step, bar, label, max_new_tokens, itertools.count(1))
                 outputs = generate_fn(model, tokenizer, prompts, temperature, max_new_tokens, seed + turn,

@@ -87,8 +87,5 @@ def pair_fields(turns: tuple[str, ...], answers_a: list[str], answers_b: list[st
                 reference: tuple[str, ...] | None, turn: int) -> dict[str, str]:  # fmt: skip
     """``prompt_fields`` for two assistants: ``answer`` becomes ``answer_a``/``answer_b``,
     ``answer_1`` becomes ``answer_a_1``/``answer_b_1`` (FastChat's pairwise placeholders)."""
-    fields: dict[str, str] = {}
-    for side, answers in (("a", answers_a), ("b", answers_b)):
-        fields |= {re.sub("^answer", f"answer_{side}", k): v
-                   for k, v in prompt_fields(turns, answers, reference, turn).items()}  # fmt: skip
-    return fields
+    return {re.sub("^answer", f"answer_{side}", k): v for side, said in (("a", answers_a), ("b", answers_b))
+            for k, v in prompt_fields(turns, said, reference, turn).items()}  # fmt: skip

@@ -85,8 +85,7 @@ def question_from_hub_row(row: dict[str, Any]) -> Question:
     ``turns`` to ``prompt`` and ``question_id`` to ``prompt_id`` (a hash of the turns, so FastChat
     reference files keyed by 81..160 do not match it; its own ``reference`` column is used)."""
     record = {"question_id": row.get("question_id", row.get("prompt_id")), "category": row.get("category"),
-              "turns": row.get("turns", row.get("prompt")),
-              "reference": row.get("reference") or None}  # fmt: skip
+              "turns": row.get("turns", row.get("prompt")), "reference": row.get("reference") or None}
     return _question_from_record(record, f"hub row {record['question_id']}")
 
 
