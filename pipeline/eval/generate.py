@@ -100,33 +100,29 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[Question], sett
     for q in questions:
         if str(q.question_id) not in results:
             groups.setdefault((settings.temperature(q.category), settings.max_tokens(q)), []).append(q)
+    size = settings.batch_size
+    chunks = [(key, group[i : i + size]) for key, group in groups.items() for i in range(0, len(group), size)]
     bar = tqdm(total=len(questions), initial=len(results), desc=f"answers [{model_id}]", disable=not progress)
-    for (temperature, max_new_tokens), group in groups.items():
-        for start in range(0, len(group), settings.batch_size):
-            chunk = group[start : start + settings.batch_size]
-            # A seed per chunk from its question ids: reruns of a chunk sample the same tokens.
-            seed = zlib.crc32(",".join(str(q.question_id) for q in chunk).encode()) ^ settings.seed
-            answers: list[list[str]] = [[] for _ in chunk]
-            turns = max(len(q.turns) for q in chunk)
-            for turn in range(turns):
-                rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
-                prompts = [render_turn(tokenizer, chunk[i], answers[i], turn) for i in rows]
-                label = f"turn {turn + 1}/{turns}, token"
-                on_token = partial(_show_step, bar, label, max_new_tokens, itertools.count(1))
-                outputs = generate_fn(model, tokenizer, prompts, temperature, max_new_tokens, seed + turn,
-                                      on_token)  # fmt: skip
-                for i, text in zip(rows, outputs, strict=True):
-                    answers[i].append(text)
-            for q, said in zip(chunk, answers, strict=True):
-                key = keys[str(q.question_id)]
-                results[str(q.question_id)] = {
-                    "question_id": q.question_id, "answer_id": key[:22], "model_id": model_id,
-                    "choices": [{"index": 0, "turns": said}], "tstamp": time.time(), "category": q.category,
-                    "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens},
-                    "cache_key": key,
-                }  # fmt: skip
-                append_record(cache_path, results[str(q.question_id)])
-            bar.update(len(chunk))
+    for (temperature, budget), chunk in chunks:
+        # A seed per chunk from its question ids: reruns of a chunk sample the same tokens.
+        seed = zlib.crc32(",".join(str(q.question_id) for q in chunk).encode()) ^ settings.seed
+        answers: list[list[str]] = [[] for _ in chunk]
+        turns = max(len(q.turns) for q in chunk)
+        for turn in range(turns):
+            rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
+            prompts = [render_turn(tokenizer, chunk[i], answers[i], turn) for i in rows]
+            on_token = partial(_show_step, bar, f"turn {turn + 1}/{turns}, token", budget, itertools.count(1))
+            outputs = generate_fn(model, tokenizer, prompts, temperature, budget, seed + turn, on_token)
+            for i, text in zip(rows, outputs, strict=True):
+                answers[i].append(text)
+        for q, said in zip(chunk, answers, strict=True):
+            key = keys[str(q.question_id)]
+            results[str(q.question_id)] = {
+                "question_id": q.question_id, "answer_id": key[:22], "model_id": model_id,
+                "choices": [{"index": 0, "turns": said}], "tstamp": time.time(), "category": q.category,
+                "generation": {"temperature": temperature, "max_new_tokens": budget}, "cache_key": key}
+            append_record(cache_path, results[str(q.question_id)])
+        bar.update(len(chunk))
     bar.close()
     rewrite_records(cache_path, [results[str(q.question_id)] for q in questions])
     return results
