@@ -88,8 +88,7 @@ class LocalJudge:
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str, identity: dict[str, Any],
                  scoring: str = "generate", temperature: float = 0.0, max_new_tokens: int = 512,
-                 batch_size: int = 4, seed: int = 0, model_config: ModelConfig | None = None,
-                 ) -> None:  # fmt: skip
+                 batch_size: int = 4, seed: int = 0, model_config: ModelConfig | None = None) -> None:
         self.model, self.tokenizer, self.name, self._identity = model, tokenizer, name, identity
         self.scoring, self.temperature, self.max_new_tokens = scoring, temperature, max_new_tokens
         self.batch_size, self.seed, self._model_config = batch_size, seed, model_config

@@ -85,9 +85,8 @@ def _show_step(bar: Any, label: str, total: int, steps: Iterator[int]) -> None:
 
 
 def generate_answers(model: Any, tokenizer: Any, questions: list[Question], settings: GenerationSettings, *,
-                     model_id: str, model_identity: str, cache_path: Path,
-                     generate_fn: GenerateFn = generate_batch, progress: bool = True,
-                     ) -> dict[str, dict[str, Any]]:  # fmt: skip
+                     model_id: str, model_identity: str, cache_path: Path, progress: bool = True,
+                     generate_fn: GenerateFn = generate_batch) -> dict[str, dict[str, Any]]:
     """FastChat answer records for ``questions`` by ``str(question_id)``, from the cache where
     possible, generating the rest batch by batch (each finished batch is on disk before the next)."""
     cached = read_cache(cache_path)

@@ -11,6 +11,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,11 +78,8 @@ def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, 
     return tasks
 
 
-def build_pair_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
-                     judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] = ("tuned", "base"),
-                     ) -> list[JudgeTask]:  # fmt: skip
-    """``build_tasks`` for ``pair`` (tuned as assistant A first, then swapped)."""
-    return build_tasks(questions, answers, prompts, judge_identity, samples, pair)
+# Pairwise tasks: tuned as assistant A, then swapped.
+build_pair_tasks = partial(build_tasks, pair=("tuned", "base"))
 
 
 MIN_RATING, MAX_RATING = 1.0, 10.0
