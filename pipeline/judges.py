@@ -1,8 +1,7 @@
 """Judge backends (``pipeline.eval.judging.JudgeBackend``): an OpenAI-compatible endpoint through the
-``openai`` client, which already retries with backoff (honouring ``Retry-After``), or a local
-transformers model that generates a verdict or ("logits"/"expected") reads the ratings' probabilities
-after ``Rating: [[`` (small judges rarely write the format unprompted). The API key is read from the
-variable the config names and held only by the client; ``identity`` feeds the judgment cache key."""
+``openai`` client (it retries with backoff, honouring ``Retry-After``; it alone holds the API key, read from
+the variable the config names), or a local transformers model that generates a verdict or reads the
+ratings' probabilities after ``Rating: [[`` (small judges rarely write the format unprompted)."""
 
 from __future__ import annotations
 
@@ -81,8 +80,7 @@ class OpenAIJudge:
                 for future in as_completed(futures):
                     yield futures[future], future.result()  # re-raises the first failure
             finally:
-                for future in futures:
-                    future.cancel()
+                pool.shutdown(cancel_futures=True)
 
 
 class LocalJudge:
@@ -90,8 +88,7 @@ class LocalJudge:
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str, identity: dict[str, Any],
                  scoring: str = "generate", temperature: float = 0.0, max_new_tokens: int = 512,
-                 batch_size: int = 4, seed: int = 0, model_config: ModelConfig | None = None,
-                 ) -> None:  # fmt: skip
+                 batch_size: int = 4, seed: int = 0, model_config: ModelConfig | None = None) -> None:
         self.model, self.tokenizer, self.name, self._identity = model, tokenizer, name, identity
         self.scoring, self.temperature, self.max_new_tokens = scoring, temperature, max_new_tokens
         self.batch_size, self.seed, self._model_config = batch_size, seed, model_config
@@ -165,15 +162,13 @@ class LocalJudge:
             logprobs = [torch.log_softmax(first.logits[:, -1:].float(), dim=-1).cpu().expand(n, -1, -1)]
             if width > 0:
                 ids = torch.full((n, width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-                mask = torch.zeros((n, len(prefix) + width), dtype=torch.long)
-                mask[:, : len(prefix)] = 1
+                mask = torch.ones((n, len(prefix) + width), dtype=torch.long)
                 for row, cand in enumerate(candidates):
                     ids[row, : len(cand) - 1] = torch.tensor(cand[:-1])
-                    mask[row, len(prefix) : len(prefix) + len(cand) - 1] = 1
+                    mask[row, len(prefix) + len(cand) - 1 :] = 0
                 first.past_key_values.batch_repeat_interleave(n)
                 rest = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   past_key_values=first.past_key_values)  # fmt: skip
                 logprobs.append(torch.log_softmax(rest.logits.float(), dim=-1).cpu())
         table = torch.cat(logprobs, dim=1)  # [candidate, position, vocab]: position i predicts token i
-        rows = enumerate(candidates)
-        return [sum([table[row, i, token].item() for i, token in enumerate(cand)]) for row, cand in rows]
+        return [sum(table[row, i, t].item() for i, t in enumerate(c)) for row, c in enumerate(candidates)]

@@ -1,2 +1,1 @@
-"""MT-Bench-style evaluation as a library (questions, generation, judging, aggregation, plots);
-``pipeline.stages.evaluate`` strings it together, ``pipeline.judges`` holds the judge backends."""
+"""MT-Bench-style evaluation as a library; ``pipeline.stages.evaluate`` strings it together."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.digests import digest_of
 from pipeline.eval.questions import Question
-from pipeline.eval.stats import Units, compare, interval, verdict
+from pipeline.eval.stats import Units, compare, interval
 from pipeline.numbers import last_number, parse_number
 from pipeline.tracking import metric_name
 
@@ -42,38 +42,34 @@ def _hits(question: Question, said: list[str]) -> list[float | None]:
     return [None if want is None else float(is_exact_match(got, want)) for got, want in pairs]
 
 
-def exact_match(questions: list[Question], answers: dict[str, dict[str, Any]]) -> float | None:
-    """Share of verifiable answer turns that match their expected answer; None if none is verifiable."""
-    said = [(q, answers[str(q.question_id)]["choices"][0]["turns"]) for q in questions if q.exact_answer]
-    return _mean([hit for q, turns in said for hit in _hits(q, turns) if hit is not None])
-
-
-def exact_match_by_category(questions: list[Question], answers: dict[str, dict[str, Any]],
-                            ) -> dict[str, float | None]:  # fmt: skip
-    """``exact_match`` per category, for the categories that have verifiable turns (sorted)."""
-    verifiable = [q for q in questions if any(a is not None for a in q.exact_answer or ())]
-    categories = sorted({q.category for q in verifiable})
-    return {cat: exact_match([q for q in verifiable if q.category == cat], answers) for cat in categories}
+def _row_mean(rows: list[dict[str, Any]], model: str, field: str, category: str | None = None,
+              turn: int | None = None) -> float | None:  # fmt: skip
+    """Mean of ``field`` (``score``/``exact``) over the rows of ``category`` and turn index ``turn``."""
+    return _mean([v for row in rows if category in (None, row["category"])
+                  for i, v in enumerate(row["models"][model][field]) if v is not None and turn in (None, i)])
 
 
 def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
               judged_questions: list[Question] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Per model: overall/turn/category scores, judge failures, exact match, spread. Only categories of
-    ``judged_questions`` (default: all) get a score: exact-match-only questions add no empty axis."""
-    categories = sorted({q.category for q in (questions if judged_questions is None else judged_questions)})
+    """Per model: overall/turn/category scores, judge failures, exact match (overall, per category with
+    verifiable turns), spread. Only ``judged_questions``' (default: all) categories get a score."""
+    judged = questions if judged_questions is None else judged_questions
+    rows = per_question(questions, answers, judgments, judged_questions=judged)
+    categories = sorted({q.category for q in judged})
+    verifiable = sorted({q.category for q in questions if any(a is not None for a in q.exact_answer or ())})
     results: dict[str, dict[str, Any]] = {}
-    for model_id, said in answers.items():
-        records = [r for r in judgments if r["model"] == model_id]
+    for model in answers:
+        records = [r for r in judgments if r["model"] == model]
         graded = [r for r in records if not r["failed"]]
         spreads = [r["spread"] for r in graded if r.get("spread") is not None and len(r["scores"]) > 1]
-        results[model_id] = {
-            "score_overall": _mean([r["score"] for r in graded]),
-            "score_turn1": _mean([r["score"] for r in graded if r["turn"] == 1]),
-            "score_turn2": _mean([r["score"] for r in graded if r["turn"] == 2]),
-            "categories": {c: _mean([r["score"] for r in graded if r["category"] == c]) for c in categories},
+        results[model] = {
+            "score_overall": _row_mean(rows, model, "score"),
+            "score_turn1": _row_mean(rows, model, "score", turn=0),
+            "score_turn2": _row_mean(rows, model, "score", turn=1),
+            "categories": {c: _row_mean(rows, model, "score", c) for c in categories},
             "judge_failures": len(records) - len(graded),
-            "exact_match": exact_match(questions, said),
-            "exact_match_categories": exact_match_by_category(questions, said),
+            "exact_match": _row_mean(rows, model, "exact"),
+            "exact_match_categories": {c: _row_mean(rows, model, "exact", c) for c in verifiable},
             "judged": len(records),
             "judge_spread_mean": _mean(spreads),
         }
@@ -83,12 +79,10 @@ def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[
 def per_question(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
                  pair_outcomes: dict[tuple[str, int], int | None] | None = None,
                  judged_questions: list[Question] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per question: per model and turn the judge score, exact-match hit (1/0) and answer
-    length in words (None where there is none); the pairwise outcome per turn (+1 tuned won in
-    both orders, -1 base did, 0 a tie or a verdict that flipped with the order): what intervals,
-    comparisons and the promote gate are computed from. A row's ``key`` is the question's content,
-    not its id: held-out ids count rows of one run's eval split, so only content says that two runs
-    asked the same question."""
+    """One row per question, what intervals, comparisons and the promote gate are computed from: per
+    model and turn the judge score, exact-match hit (1/0) and answer length in words (None where there
+    is none), and the ``pair_outcomes`` per turn. ``key`` is the question's content, not its id: held-out
+    ids count rows of one run's eval split, so only content says that two runs asked the same question."""
     scores = {(r["model"], str(r["question_id"]), r["turn"]): r["score"]
               for r in judgments if not r["failed"]}  # fmt: skip
     judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}
@@ -96,13 +90,11 @@ def per_question(questions: list[Question], answers: Answers, judgments: list[di
     for q in questions:
         qid, turns = str(q.question_id), range(1, len(q.turns) + 1)
         key = digest_of([list(q.turns), list(q.exact_answer or ())], compact=False)[:16]
+        said = {model: records[qid]["choices"][0]["turns"] for model, records in answers.items()}
+        models = {m: {"score": [scores.get((m, qid, t)) for t in turns], "exact": _hits(q, s),
+                      "words": [len(text.split()) for text in s]} for m, s in said.items()}  # fmt: skip
         row: dict[str, Any] = {"question_id": q.question_id, "key": key, "category": q.category,
-                               "judged": qid in judged, "models": {}}  # fmt: skip
-        for model, records in answers.items():
-            said = records[qid]["choices"][0]["turns"]
-            words = [len(text.split()) for text in said]
-            row["models"][model] = {"score": [scores.get((model, qid, t)) for t in turns],
-                                    "exact": _hits(q, said), "words": words}  # fmt: skip
+                               "judged": qid in judged, "models": models}  # fmt: skip
         if pair_outcomes:
             row["pairwise"] = [pair_outcomes.get((qid, t)) for t in turns]
         rows.append(row)
@@ -117,9 +109,8 @@ _NESTED = {"categories": "category", "exact_match_categories": "exact_match"}  #
 
 
 def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
-    """Per-question values behind ``<model>.<metric>`` (``score_overall``, ``categories.<c>``,
-    ``exact_match``, ``exact_match_categories.<c>``; also ``category.<c>``/``exact_match.<c>``),
-    or None for a metric that is not a mean over questions."""
+    """Per-question values behind ``<model>.<metric>`` (a results key, or ``category.<c>``/
+    ``exact_match.<c>``), or None for a metric that is not a mean over questions."""
     name, _, category = metric.partition(".")
     if name not in _FIELDS or (name in ("categories", "category", "exact_match_categories") and not category):
         return None
@@ -156,16 +147,11 @@ def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
     if not {"base", "tuned"} <= set(models):
         return {}
     tuned = models["tuned"]
-    categories = [f"categories.{c}" for c in tuned["categories"]]
-    exact = [f"exact_match_categories.{c}" for c in tuned["exact_match_categories"]]
-    names = ["score_overall", "score_turn1", "score_turn2", *categories, "exact_match", *exact]
+    names = ["score_overall", "score_turn1", "score_turn2", *[f"categories.{c}" for c in tuned["categories"]],
+             "exact_match", *[f"exact_match_categories.{c}" for c in tuned["exact_match_categories"]]]
     found = {n: compare(units(rows, "base", n) or {}, units(rows, "tuned", n) or {}) for n in names}
-    outcomes = _pair_units(rows)
-    ci95 = interval(outcomes)
-    if ci95 is not None:  # mean of +1/0/-1 per judged turn: win rate - loss rate
-        values = [v for turns in outcomes.values() for v in turns if v is not None]
-        found["pairwise"] = {"diff": _mean(values), "ci95": ci95, "n": len(outcomes),
-                             "verdict": verdict(ci95)}  # fmt: skip
+    outcomes = _pair_units(rows)  # +1/0/-1 per judged turn against 0: win rate - loss rate
+    found["pairwise"] = compare({key: [0] * len(turns) for key, turns in outcomes.items()}, outcomes)
     return {"tuned-base": {name: c for name, c in found.items() if c is not None}}
 
 
@@ -184,9 +170,8 @@ def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any
 
 
 def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) -> dict[str, float | None]:
-    """``<model>.<name>`` metrics (``<model>.category.<cat>`` per judged category,
-    ``<model>.exact_match.<cat>`` per verifiable category): the one naming of MLflow's metrics, the
-    promote gate and the version tags. Intervals are left out; so are None values unless ``keep_none``."""
+    """``<model>.<name>`` metrics (``.category.<cat>``, ``.exact_match.<cat>`` per category): the one naming
+    of MLflow's metrics, the promote gate and the version tags. No intervals, no None unless ``keep_none``."""
     metrics: dict[str, float | None] = {}
     for model_id, row in models.items():
         for name, value in row.items():
@@ -198,10 +183,8 @@ def flatten_metrics(models: dict[str, dict[str, Any]], keep_none: bool = False) 
 
 
 def _fmt(value: Any, ci95: list[float] | None = None) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:.2f}" if isinstance(value, float) else str(value)
-    return text + (f" [{ci95[0]:.2f}, {ci95[1]:.2f}]" if ci95 else "")
+    text = "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+    return text + (f" [{ci95[0]:.2f}, {ci95[1]:.2f}]" if ci95 and value is not None else "")
 
 
 _LABELS = {"score_overall": "score (overall)", "score_turn1": "score (turn 1)",

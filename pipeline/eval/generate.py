@@ -1,8 +1,6 @@
-"""Multi-turn answer generation as MT-Bench asks for it: turn 2 in the same conversation, after turn 1
-and the model's own answer; left-padded batches grouped by temperature and budget (one ``generate``
-call has one of each). Each finished question is appended at once to a FastChat-format answer JSONL
-keyed by model identity, question and settings, so a rerun regenerates only what is missing or stale.
-"""
+"""Multi-turn answer generation as MT-Bench asks for it (turn 2 follows turn 1 and the model's own answer),
+in left-padded batches of one temperature and budget. Each finished question is appended at once to a
+FastChat-format answer JSONL keyed by model identity, question and settings: a rerun resumes."""
 
 from __future__ import annotations
 
@@ -42,17 +40,16 @@ class GenerationSettings:
         return self.temperatures.get(category, self.default_temperature)
 
     def max_tokens(self, question: Question) -> int:
-        if self.verifiable_max_new_tokens and is_verifiable(question):
-            return self.verifiable_max_new_tokens
-        return self.max_new_tokens
+        return (is_verifiable(question) and self.verifiable_max_new_tokens) or self.max_new_tokens
 
 
-def messages_for_turn(question: Question, answers: list[str], turn: int) -> list[dict[str, str]]:
-    """The chat for asking turn ``turn`` (0-based): earlier questions with the model's own answers."""
+def render_turn(tokenizer: Any, question: Question, answers: list[str], turn: int) -> str:
+    """The prompt asking turn ``turn`` (0-based): earlier questions with the model's own answers first."""
     earlier = zip(question.turns[:turn], answers[:turn], strict=True)
     messages = [{"role": role, "content": text}
                 for q, a in earlier for role, text in (("user", q), ("assistant", a))]  # fmt: skip
-    return [*messages, {"role": "user", "content": question.turns[turn]}]
+    messages.append({"role": "user", "content": question.turns[turn]})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: float, max_new_tokens: int,
@@ -63,9 +60,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: 
     # The chat template already added BOS where the model wants one.
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(model.device)  # fmt: skip
-    sampling: dict[str, Any] = {"do_sample": False}
-    if temperature >= 1e-4:  # FastChat's rule: below this, greedy
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    sampling = sampling if temperature >= 1e-4 else {"do_sample": False}  # FastChat's rule: below, greedy
     puts = itertools.count()  # a streamer's first put is the prompt, then one per generated token
     streamer = on_token and SimpleNamespace(put=lambda _: next(puts) and on_token(), end=lambda: None)
     torch.manual_seed(seed)
@@ -74,13 +70,6 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: 
                                 streamer=streamer, **sampling)  # fmt: skip
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def answer_key(model_identity: str, question: Question, settings: GenerationSettings) -> str:
-    """Cache key of one question's answers: who answered what, with which settings."""
-    return digest_of({"model": model_identity, "turns": list(question.turns), "seed": settings.seed,
-                      "temperature": settings.temperature(question.category),
-                      "max_new_tokens": settings.max_tokens(question)}, compact=False)  # fmt: skip
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:
@@ -96,48 +85,43 @@ def _show_step(bar: Any, label: str, total: int, steps: Iterator[int]) -> None:
 
 
 def generate_answers(model: Any, tokenizer: Any, questions: list[Question], settings: GenerationSettings, *,
-                     model_id: str, model_identity: str, cache_path: Path,
-                     generate_fn: GenerateFn = generate_batch, progress: bool = True,
-                     ) -> dict[str, dict[str, Any]]:  # fmt: skip
+                     model_id: str, model_identity: str, cache_path: Path, progress: bool = True,
+                     generate_fn: GenerateFn = generate_batch) -> dict[str, dict[str, Any]]:
     """FastChat answer records for ``questions`` by ``str(question_id)``, from the cache where
     possible, generating the rest batch by batch (each finished batch is on disk before the next)."""
     cached = read_cache(cache_path)
-    keys = {str(q.question_id): answer_key(model_identity, q, settings) for q in questions}
+    # a question's cache key: who answered what, with which settings
+    keys = {str(q.question_id): digest_of({"model": model_identity, "turns": list(q.turns),
+            "seed": settings.seed, "temperature": settings.temperature(q.category),
+            "max_new_tokens": settings.max_tokens(q)}, compact=False) for q in questions}  # fmt: skip
     results = {qid: cached[key] for qid, key in keys.items() if key in cached}
     groups: dict[tuple[float, int], list[Question]] = {}  # question order kept within a group
     for q in questions:
         if str(q.question_id) not in results:
             groups.setdefault((settings.temperature(q.category), settings.max_tokens(q)), []).append(q)
+    size = settings.batch_size
+    chunks = [(key, group[i : i + size]) for key, group in groups.items() for i in range(0, len(group), size)]
     bar = tqdm(total=len(questions), initial=len(results), desc=f"answers [{model_id}]", disable=not progress)
-    for (temperature, max_new_tokens), group in groups.items():
-        for start in range(0, len(group), settings.batch_size):
-            chunk = group[start : start + settings.batch_size]
-            # A seed per chunk from its question ids: reruns of a chunk sample the same tokens.
-            seed = zlib.crc32(",".join(str(q.question_id) for q in chunk).encode()) ^ settings.seed
-            answers: list[list[str]] = [[] for _ in chunk]
-            turns = max(len(q.turns) for q in chunk)
-            for turn in range(turns):
-                rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
-                prompts = [tokenizer.apply_chat_template(messages_for_turn(chunk[i], answers[i], turn),
-                                                         tokenize=False, add_generation_prompt=True)
-                           for i in rows]  # fmt: skip
-                label = f"turn {turn + 1}/{turns}, token"
-                on_token = partial(_show_step, bar, label, max_new_tokens, itertools.count(1))
-                outputs = generate_fn(
-                    model, tokenizer, prompts, temperature, max_new_tokens, seed + turn, on_token
-                )
-                for i, text in zip(rows, outputs, strict=True):
-                    answers[i].append(text)
-            for q, said in zip(chunk, answers, strict=True):
-                key = keys[str(q.question_id)]
-                results[str(q.question_id)] = {
-                    "question_id": q.question_id, "answer_id": key[:22], "model_id": model_id,
-                    "choices": [{"index": 0, "turns": said}], "tstamp": time.time(), "category": q.category,
-                    "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens},
-                    "cache_key": key,
-                }  # fmt: skip
-                append_record(cache_path, results[str(q.question_id)])
-            bar.update(len(chunk))
+    for (temperature, budget), chunk in chunks:
+        # A seed per chunk from its question ids: reruns of a chunk sample the same tokens.
+        seed = zlib.crc32(",".join(str(q.question_id) for q in chunk).encode()) ^ settings.seed
+        answers: list[list[str]] = [[] for _ in chunk]
+        turns = max(len(q.turns) for q in chunk)
+        for turn in range(turns):
+            rows = [i for i, q in enumerate(chunk) if turn < len(q.turns)]
+            prompts = [render_turn(tokenizer, chunk[i], answers[i], turn) for i in rows]
+            on_token = partial(_show_step, bar, f"turn {turn + 1}/{turns}, token", budget, itertools.count(1))
+            outputs = generate_fn(model, tokenizer, prompts, temperature, budget, seed + turn, on_token)
+            for i, text in zip(rows, outputs, strict=True):
+                answers[i].append(text)
+        for q, said in zip(chunk, answers, strict=True):
+            key = keys[str(q.question_id)]
+            results[str(q.question_id)] = {
+                "question_id": q.question_id, "answer_id": key[:22], "model_id": model_id,
+                "choices": [{"index": 0, "turns": said}], "tstamp": time.time(), "category": q.category,
+                "generation": {"temperature": temperature, "max_new_tokens": budget}, "cache_key": key}
+            append_record(cache_path, results[str(q.question_id)])
+        bar.update(len(chunk))
     bar.close()
     rewrite_records(cache_path, [results[str(q.question_id)] for q in questions])
     return results

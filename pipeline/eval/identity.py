@@ -21,9 +21,8 @@ def weights_digest(folder: Path) -> str:
 
 
 def model_identity(config: ModelConfig) -> str:
-    """The base model as configured: where its weights come from and how they are loaded."""
-    payload = {  # a GGUF's cached folder name carries its content digest
-        "location": resolve_model_dir(config), "revision": config.revision, "dtype": config.dtype,
-        "load_in_8bit": config.load_in_8bit, "chat_template": sha256(read_chat_template(config) or ""),
-    }  # fmt: skip
+    """The base model as configured: where its weights come from (a GGUF's cached folder name carries
+    its content digest) and how they are loaded."""
+    payload = {"location": resolve_model_dir(config), "revision": config.revision, "dtype": config.dtype,
+               "load_in_8bit": config.load_in_8bit, "chat_template": sha256(read_chat_template(config) or "")}
     return sha256(repr(sorted(payload.items())))

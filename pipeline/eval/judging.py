@@ -1,8 +1,7 @@
-"""Judging: build the judge chats, run a backend, read and cache the verdicts (FastChat's records,
-plus all samples and a ``cache_key`` over judge, prompt texts and rendered prompt: a changed answer
-or judge is re-judged, nothing else). Pairwise judging asks in both orders (``model`` ``"tuned|base"``:
-tuned is assistant A) and a verdict that flips with the order is a tie, so position bias finds no
-difference. An unreadable verdict is a failure with a null score: a guess would bias the averages."""
+"""Judging: build the judge chats, run a backend, read and cache the verdicts (FastChat's records, plus
+all samples and a ``cache_key`` over judge, prompt texts and rendered prompt: only a changed answer or
+judge is re-judged). Pairwise judging asks in both orders (``model`` ``"tuned|base"``: tuned is assistant
+A); a verdict that flips with the order is a tie. An unreadable verdict is a failure, never a guess."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,9 +29,8 @@ Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastCh
 
 
 class JudgeBackend(Protocol):
-    """A judge: its model ``name`` (FastChat's ``judge[0]``), an ``identity`` (all that makes its
-    outputs what they are, never secrets) and ``samples`` outputs per chat (``pairwise``: the chats
-    ask for ``[[A]]``/``[[B]]``/``[[C]]``)."""
+    """A judge: its model ``name`` (FastChat's ``judge[0]``), an ``identity`` (all that makes its outputs
+    what they are, never secrets) and ``samples`` outputs per chat (``pairwise``: ``[[A]]``/``[[B]]``/...)."""
 
     name: str
 
@@ -51,14 +50,6 @@ class JudgeTask:
     user_prompt: str
     key: str
 
-    @classmethod
-    def build(cls, question: Question, model_id: str, turn: int, prompt: JudgePrompt,
-              fields: dict[str, str], identity: Any, samples: int) -> JudgeTask:  # fmt: skip
-        user_prompt = prompt.render(**fields)
-        payload = {"judge": identity, "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template],
-                   "user_prompt": user_prompt, "samples": samples}  # fmt: skip
-        return cls(question, model_id, turn, prompt, user_prompt, digest_of(payload, compact=False))
-
     @property
     def labels(self) -> dict[str, Any]:
         """The fields that say whose answer a judgment grades (a cached verdict may be shared)."""
@@ -67,32 +58,28 @@ class JudgeTask:
 
 
 def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
-                judge_identity: dict[str, Any], samples: int) -> list[JudgeTask]:  # fmt: skip
-    """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record)."""
+                judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] | None = None,
+                ) -> list[JudgeTask]:  # fmt: skip
+    """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record); with
+    ``pair``, pairwise ones instead: every turn of every question, ``pair`` as assistants A/B and swapped."""
     tasks = []
-    for model_id, records in answers.items():
+    for sides in [[pair, pair[::-1]]] if pair else [[(model,)] for model in answers]:
         for q in questions:
-            said = records[str(q.question_id)]["choices"][0]["turns"]
             for turn in range(1, len(q.turns) + 1):
-                prompt = prompts[prompt_name(q.category, turn, q.reference is not None)]
-                fields = prompt_fields(q.turns, said, q.reference, turn)
-                tasks.append(JudgeTask.build(q, model_id, turn, prompt, fields, judge_identity, samples))
+                prompt = prompts[prompt_name(q.category, turn, q.reference is not None, pairwise=bool(pair))]
+                for models in sides:
+                    said = [answers[m][str(q.question_id)]["choices"][0]["turns"] for m in models]
+                    fields = (pair_fields if pair else prompt_fields)(q.turns, *said, q.reference, turn)
+                    user_prompt = prompt.render(**fields)
+                    payload = {"judge": judge_identity, "user_prompt": user_prompt, "samples": samples,
+                               "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template]}
+                    key = digest_of(payload, compact=False)
+                    tasks.append(JudgeTask(q, "|".join(models), turn, prompt, user_prompt, key))
     return tasks
 
 
-def build_pair_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
-                     judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] = ("tuned", "base"),
-                     ) -> list[JudgeTask]:  # fmt: skip
-    """Pairwise tasks: every turn of every question, ``pair`` as assistants A/B and swapped."""
-    tasks = []
-    for q in questions:
-        said = {model: answers[model][str(q.question_id)]["choices"][0]["turns"] for model in pair}
-        for turn in range(1, len(q.turns) + 1):
-            prompt = prompts[prompt_name(q.category, turn, q.reference is not None, pairwise=True)]
-            for a, b in (pair, pair[::-1]):
-                fields = pair_fields(q.turns, said[a], said[b], q.reference, turn)
-                tasks.append(JudgeTask.build(q, f"{a}|{b}", turn, prompt, fields, judge_identity, samples))
-    return tasks
+# Pairwise tasks: tuned as assistant A, then swapped.
+build_pair_tasks = partial(build_tasks, pair=("tuned", "base"))
 
 
 MIN_RATING, MAX_RATING = 1.0, 10.0
@@ -108,8 +95,6 @@ def parse_rating(text: str) -> float | None:
     fallback; unlike it, the *last* match wins (judges quote the format, "e.g. Rating: [[5]]", before
     giving theirs), ``x/10`` is ``x``, ``[x]`` counts only after "rating"/"score" or at the very end,
     and ratings outside 1-10 are rejected."""
-    if not text:
-        return None
     matches = list(_DOUBLE.finditer(text)) or [
         m for m in _SINGLE.finditer(text)
         if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()]) or not text[m.end() :].strip(" .\n")
@@ -125,21 +110,17 @@ def parse_winner(text: str) -> str | None:
     return None if not matches else {"A": "A", "B": "B", "C": "tie"}[matches[-1]]
 
 
-def verdict(outputs: list[str]) -> dict[str, Any]:
-    """Ratings of all samples, their median as the score and max-min as the spread."""
-    ratings = [parse_rating(text) for text in outputs]
-    valid = [r for r in ratings if r is not None]
-    return {"score": statistics.median(valid) if valid else None, "scores": ratings,
-            "spread": (max(valid) - min(valid)) if valid else None, "failed": not valid,
-            "failed_samples": len(ratings) - len(valid)}  # fmt: skip
-
-
-def pair_verdict(outputs: list[str]) -> dict[str, Any]:
-    """The most common readable winner over samples (``A``, ``B`` or ``tie``), FastChat-style."""
-    winners = [parse_winner(text) for text in outputs]
-    valid = [w for w in winners if w is not None]
-    return {"winner": Counter(valid).most_common(1)[0][0] if valid else None, "winners": winners,
-            "failed": not valid, "failed_samples": len(winners) - len(valid)}  # fmt: skip
+def verdict(outputs: list[str], pairwise: bool = False) -> dict[str, Any]:
+    """All samples' ratings, their median as the score and max-min as the spread; ``pairwise``, all
+    samples' winners and the most common readable one (``A``, ``B`` or ``tie``), FastChat-style."""
+    found = [(parse_winner if pairwise else parse_rating)(text) for text in outputs]
+    valid = [v for v in found if v is not None]
+    if pairwise:
+        read = {"winner": Counter(valid).most_common(1)[0][0] if valid else None, "winners": found}
+    else:
+        read = {"score": statistics.median(valid) if valid else None, "scores": found,
+                "spread": (max(valid) - min(valid)) if valid else None}  # fmt: skip
+    return {**read, "failed": not valid, "failed_samples": len(found) - len(valid)}
 
 
 def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], int | None], int]:
@@ -160,23 +141,21 @@ def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], 
 def run_judging(backend: JudgeBackend, tasks: list[JudgeTask], cache_path: Path, samples: int = 1,
                 progress: bool = True, pairwise: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Judgment records for ``tasks`` (same order): cached ones reused, the rest judged and appended
-    to ``cache_path`` as each completes, so an interrupted run loses nothing already judged.
-    ``pairwise``: the tasks compare two answers (``build_pair_tasks``)."""
+    to ``cache_path`` as each completes, so an interrupted run loses nothing already judged."""
     cached = read_cache(cache_path)
     # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
     # once; the verdict is then reported for every task that shares it, labelled with its model.
     todo = list({task.key: task for task in tasks if task.key not in cached}.values())
     chats = [[{"role": "system", "content": task.prompt.system_prompt},
               {"role": "user", "content": task.user_prompt}] for task in todo]  # fmt: skip
-    read = pair_verdict if pairwise else verdict
     desc = "pairwise judgments" if pairwise else "judgments"
     with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
         for index, outputs in backend.complete(chats, samples, pairwise=pairwise):
             task = todo[index]
             cached[task.key] = {**task.labels, "judge": [backend.name, task.prompt.name],
                                 "user_prompt": task.user_prompt, "judgment": outputs[0],
-                                "tstamp": time.time(), "judgments": outputs, **read(outputs),
-                                "cache_key": task.key}  # fmt: skip
+                                "tstamp": time.time(), "judgments": outputs,
+                                **verdict(outputs, pairwise), "cache_key": task.key}
             append_record(cache_path, cached[task.key])
             bar.update(1)
     records = [{**cached[task.key], **task.labels} for task in tasks]

@@ -12,28 +12,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 
-LINE_STYLES = ("-", "--", ":", "-.")
-
 
 def radar_chart(models: dict[str, dict[str, Any]], path: Path) -> Path:
     """A radar chart (one axis per category, 0-10, one polygon per model) as PNG. Unscored categories
     are drawn at 0 and counted in the legend, so a gap is visible; models that score alike get their
     own line style and marker size and side-by-side interval bars, so neither hides the other."""
     categories = sorted({cat for row in models.values() for cat in row["categories"]})
-    if not categories:
-        raise ValueError("radar chart: no categories to draw")
     angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
-    figure = plt.figure(figsize=(6, 6))
-    axes = figure.add_subplot(polar=True)
+    figure, axes = plt.subplots(figsize=(6, 6), subplot_kw={"polar": True})
     for index, (name, row) in enumerate(models.items()):
         values = [row["categories"].get(cat) for cat in categories]
         missing, overall = sum(v is None for v in values), row.get("score_overall")
         label = name + (f" ({missing} categories unscored)" if missing else "")
         label += "" if overall is None else f" — overall {overall:.2f}"
         ring = [*angles, angles[0]], [0.0 if v is None else float(v) for v in [*values, values[0]]]
-        style = LINE_STYLES[index % len(LINE_STYLES)]
-        (line,) = axes.plot(*ring, label=label, linewidth=3.5 - index, linestyle=style, marker="o",
-                            markersize=max(3.0, 9.0 - 2.5 * index), zorder=2 + index)  # fmt: skip
+        (line,) = axes.plot(*ring, label=label, linestyle=("-", "--", ":", "-.")[index % 4], marker="o",
+                            linewidth=3.5 - index, markersize=max(3.0, 9.0 - 2.5 * index), zorder=2 + index)
         axes.fill(*ring, alpha=0.1)
         shift = (index - (len(models) - 1) / 2) * 0.06  # radians: side by side, not on top
         for angle, interval in zip(angles, map(row.get("categories_ci95", {}).get, categories), strict=True):

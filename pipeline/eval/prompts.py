@@ -4,6 +4,7 @@ a multi-turn variant, for single grading and pairwise. The project's texts ship 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ PAIR_NAMES = ("pair-v2", "pair-math-v1", "pair-v2-multi-turn", "pair-math-v1-mul
 
 @dataclass(frozen=True)
 class JudgePrompt:
-    """One FastChat judge-prompt record (single-answer grading)."""
+    """One FastChat judge-prompt record."""
 
     name: str
     system_prompt: str
@@ -40,13 +41,12 @@ def load_prompt_file(path: Path, names: tuple[str, ...] = PROMPT_NAMES) -> dict[
     ``judge_prompts.jsonl`` (other records are ignored); a missing one is an error naming the file."""
     prompts: dict[str, JudgePrompt] = {}
     for where, record in read_jsonl(path, "eval.judge.prompts"):
-        if not isinstance(record, dict) or record.get("name") not in names:
-            continue
         try:
-            prompts[record["name"]] = JudgePrompt(
-                record["name"], record["system_prompt"], record["prompt_template"],
-                record.get("output_format", "[[A]]" if names == PAIR_NAMES else "[[rating]]"),
-            )  # fmt: skip
+            if isinstance(record, dict) and record.get("name") in names:
+                prompts[record["name"]] = JudgePrompt(
+                    record["name"], record["system_prompt"], record["prompt_template"],
+                    record.get("output_format", "[[A]]" if names == PAIR_NAMES else "[[rating]]"),
+                )  # fmt: skip
         except KeyError as error:
             raise StageError(f"{where}: judge prompt record lacks {error}") from None
     if missing := [name for name in names if name not in prompts]:
@@ -62,20 +62,15 @@ BUILTIN_PAIR_PROMPTS = load_prompt_file(BUILTIN_FILE, PAIR_NAMES)
 
 def load_prompts(path: str | None, mode: str = "single") -> dict[str, JudgePrompt]:
     """The prompts judge mode ``mode`` needs: the built-in texts, or a FastChat-format file."""
-    prompts: dict[str, JudgePrompt] = {}
-    for names, builtin, wanted in ((PROMPT_NAMES, BUILTIN_PROMPTS, mode != "pairwise"),
-                                   (PAIR_NAMES, BUILTIN_PAIR_PROMPTS, mode != "single")):  # fmt: skip
-        if wanted:
-            prompts.update(builtin if path is None else load_prompt_file(Path(path), names))
-    return prompts
+    groups = [names for names, other in ((PROMPT_NAMES, "pairwise"), (PAIR_NAMES, "single")) if mode != other]
+    return {k: v for names in groups for k, v in load_prompt_file(Path(path or BUILTIN_FILE), names).items()}
 
 
 def prompt_name(category: str, turn: int, has_reference: bool, pairwise: bool = False) -> str:
     """Which of the four prompts grades this answer (``turn`` is 1-based): reference-guided exactly for
     math, reasoning and coding with a reference answer, as MT-Bench does; else the general one."""
     guided = category in REFERENCE_CATEGORIES and has_reference
-    names = PAIR_NAMES if pairwise else PROMPT_NAMES
-    return names[(2 if turn > 1 else 0) + guided]
+    return (PAIR_NAMES if pairwise else PROMPT_NAMES)[(2 if turn > 1 else 0) + guided]
 
 
 def prompt_fields(turns: tuple[str, ...], answers: list[str], reference: tuple[str, ...] | None, turn: int,
@@ -92,8 +87,5 @@ def pair_fields(turns: tuple[str, ...], answers_a: list[str], answers_b: list[st
                 reference: tuple[str, ...] | None, turn: int) -> dict[str, str]:  # fmt: skip
     """``prompt_fields`` for two assistants: ``answer`` becomes ``answer_a``/``answer_b``,
     ``answer_1`` becomes ``answer_a_1``/``answer_b_1`` (FastChat's pairwise placeholders)."""
-    fields: dict[str, str] = {}
-    for side, answers in (("a", answers_a), ("b", answers_b)):
-        for key, value in prompt_fields(turns, answers, reference, turn).items():
-            fields[key.replace("answer", f"answer_{side}", 1) if key.startswith("answer") else key] = value
-    return fields
+    return {re.sub("^answer", f"answer_{side}", k): v for side, said in (("a", answers_a), ("b", answers_b))
+            for k, v in prompt_fields(turns, said, reference, turn).items()}  # fmt: skip

@@ -4,7 +4,6 @@ check; every source (built-in, JSONL, hub, the prepared eval split) becomes a :c
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,9 +42,8 @@ def _question_from_record(record: Any, where: str) -> Question:
     """Validate one FastChat question record; ``where`` names the file and line for errors."""
     if not isinstance(record, dict):
         raise StageError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for key in ("question_id", "category", "turns"):
-        if key not in record:
-            raise StageError(f"{where}: missing field '{key}'")
+    if missing := [key for key in ("question_id", "category", "turns") if key not in record]:
+        raise StageError(f"{where}: missing field '{missing[0]}'")
     turns = record["turns"]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise StageError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
@@ -58,8 +56,7 @@ def _question_from_record(record: Any, where: str) -> Question:
 
 
 def _turn_list(value: Any, where: str, name: str) -> tuple[Any, ...] | None:
-    """A ``reference`` (strings; all blank, the hub's "no reference", is None) or an ``exact_answer``
-    (a string or null per turn)."""
+    """A ``reference`` (strings; all blank, the hub's "no reference": None) or an ``exact_answer``."""
     nullable = name == "exact_answer"
     if value is None:
         return None
@@ -88,8 +85,7 @@ def question_from_hub_row(row: dict[str, Any]) -> Question:
     ``turns`` to ``prompt`` and ``question_id`` to ``prompt_id`` (a hash of the turns, so FastChat
     reference files keyed by 81..160 do not match it; its own ``reference`` column is used)."""
     record = {"question_id": row.get("question_id", row.get("prompt_id")), "category": row.get("category"),
-              "turns": row.get("turns", row.get("prompt")),
-              "reference": row.get("reference") or None}  # fmt: skip
+              "turns": row.get("turns", row.get("prompt")), "reference": row.get("reference") or None}
     return _question_from_record(record, f"hub row {record['question_id']}")
 
 
@@ -138,15 +134,13 @@ def select_questions(questions: list[Question], categories: list[str] | None = N
         if missing := sorted(wanted - {str(q.question_id) for q in selected}):
             raise StageError(f"eval.question_ids: not among the selected questions: {missing}")
         selected = [q for q in selected if str(q.question_id) in wanted]
-    selected = selected[:max_questions]
-    if not selected:
+    if not (selected := selected[:max_questions]):
         raise StageError("eval: no questions left after applying categories/question_ids/max_questions")
     return selected
 
 
 def load_questions(config: EvalConfig, exclude_instructions: Iterable[str] = ()) -> list[Question]:
-    """Every question the evaluate stage asks, per the ``eval`` config section; a reference-answer
-    file's answers replace the questions' own ``reference``."""
+    """The ``eval`` section's questions; a reference-answer file replaces their own ``reference``."""
     if config.questions == "builtin":
         questions = builtin_questions(config.builtin_verifiable, exclude_instructions)
     elif config.questions == "hub":  # in either FastChat or HuggingFaceH4 field names
@@ -166,10 +160,6 @@ def load_questions(config: EvalConfig, exclude_instructions: Iterable[str] = ())
     return select_questions(questions, config.categories, config.question_ids, config.max_questions)
 
 
-# held-out questions from the prepared eval split
-HELDOUT_COLUMNS = ("messages", "source", "answer")
-
-
 def is_verifiable(question: Question) -> bool:
     """Every turn has an expected answer: exact match alone scores it (no judge needed)."""
     answers = question.exact_answer or ()
@@ -187,29 +177,22 @@ def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | N
                          "stage first)")  # fmt: skip
     from datasets import load_from_disk
 
-    dataset = load_from_disk(str(dataset_dir))
-    if "eval" not in dataset:
-        raise StageError(f"eval.heldout_questions: {dataset_dir} has no 'eval' split (has {sorted(dataset)})")
-    split = dataset["eval"]
-    if missing := [c for c in HELDOUT_COLUMNS if c not in split.column_names]:
-        raise StageError(f"eval.heldout_questions: {dataset_dir} eval split lacks columns {missing}")
+    split = load_from_disk(str(dataset_dir))["eval"]  # prepare's schema: messages, source, answer
     known = sorted({str(s) for s in split["source"]})
     if unknown := sorted(set(sources or ()) - set(known)):
         raise StageError(f"eval.heldout_sources: unknown {unknown}; the eval split has sources {known}")
-    wanted, counters = set(sources or known), Counter[str]()
+    wanted = set(sources or known)
     questions: list[Question] = []
-    for row in split.select_columns(list(HELDOUT_COLUMNS)):
+    for row in split.select_columns(["messages", "source", "answer"]):
         source, messages = str(row["source"]), row["messages"] or []
         answer = "" if row["answer"] is None else str(row["answer"]).strip()
         users = [m["content"] for m in messages if m.get("role") == "user"]
         if source not in wanted or not answer or len(users) != 1 or not str(users[0]).strip():
             continue
         # No system message: asked exactly like an MT-Bench question (the answer cache keys on turns).
-        replies = [m["content"] for m in messages if m.get("role") == "assistant"]
-        reference = (str(replies[0]),) if replies else None
-        qid = f"heldout-{source}-{counters[source]}"
-        questions.append(Question(qid, source, (str(users[0]),), reference, (answer,)))
-        counters[source] += 1
+        replies = tuple(str(m["content"]) for m in messages if m.get("role") == "assistant")
+        qid = f"heldout-{source}-{sum(q.category == source for q in questions)}"
+        questions.append(Question(qid, source, (str(users[0]),), replies[:1] or None, (answer,)))
         if len(questions) == limit:
             break
     if not questions:

@@ -1,8 +1,7 @@
-"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions
-(two answers in one conversation are not independent); paired comparisons resample the *same*
-questions for both models, so question difficulty cancels out. ``Units``: question key -> per-turn
-values (``None``: no value). Below ``MIN_QUESTIONS`` there is no interval: a two-sided sign test
-needs 6 questions to reach p < 0.05."""
+"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions (two
+answers in one conversation are not independent); paired comparisons resample the *same* questions for
+both models, so question difficulty cancels out. ``Units``: question key -> per-turn values (``None``:
+none). Below ``MIN_QUESTIONS`` no interval: a two-sided sign test needs 6 questions to reach p < 0.05."""
 
 from __future__ import annotations
 
@@ -21,11 +20,9 @@ def resample_indices(n: int, seed: int = SEED, resamples: int = RESAMPLES) -> np
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
-def _sums(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.array([sum(r) for r in rows], dtype=float), np.array([len(r) for r in rows], dtype=float)
-
-
-def _means(sums: np.ndarray, counts: np.ndarray, indices: np.ndarray) -> np.ndarray:
+def _means(rows: list[list[float]], indices: np.ndarray) -> np.ndarray:
+    """The mean over every value of the questions ``indices`` picks, per row of ``indices``."""
+    sums, counts = (np.array([f(row) for row in rows], dtype=float) for f in (sum, len))
     with np.errstate(invalid="ignore"):  # a resample of questions without values: nan, skipped
         return sums[indices].sum(axis=1) / counts[indices].sum(axis=1)
 
@@ -37,17 +34,13 @@ def _bounds(statistics: np.ndarray) -> list[float]:
 
 def _rows(units: Units) -> list[list[float]]:
     """The questions' present values, for the questions that have any."""
-    rows = [[v for v in values if v is not None] for values in units.values()]
-    return [row for row in rows if row]
+    return [row for values in units.values() if (row := [v for v in values if v is not None])]
 
 
 def interval(units: Units, seed: int = SEED) -> list[float] | None:
     """95% interval of the mean over every value, resampling questions; None for too few questions."""
     rows = _rows(units)
-    if len(rows) < MIN_QUESTIONS:
-        return None
-    sums, counts = _sums(rows)
-    return _bounds(_means(sums, counts, resample_indices(len(rows), seed)))
+    return None if len(rows) < MIN_QUESTIONS else _bounds(_means(rows, resample_indices(len(rows), seed)))
 
 
 def verdict(ci95: list[float]) -> str:
@@ -61,16 +54,13 @@ def compare(reference: Units, candidate: Units, seed: int = SEED, paired: bool =
     if paired:
         pairs = [[(r, c) for r, c in zip(reference[key], candidate[key], strict=False) if None not in (r, c)]
                  for key in candidate if key in reference]  # fmt: skip
-        pairs = [p for p in pairs if p]
-        sides = [[r for r, _ in p] for p in pairs], [[c for _, c in p] for p in pairs]
+        ref, cand = ([[pair[side] for pair in p] for p in pairs if p] for side in (0, 1))
     else:
-        sides = _rows(reference), _rows(candidate)
-    if min(map(len, sides)) < MIN_QUESTIONS:
+        ref, cand = _rows(reference), _rows(candidate)
+    if min(len(ref), len(cand)) < MIN_QUESTIONS:
         return None
-    (ref_sums, ref_counts), (cand_sums, cand_counts) = map(_sums, sides)
-    ref_indices = resample_indices(len(sides[0]), seed)
-    cand_indices = ref_indices if paired else resample_indices(len(sides[1]), seed + 1)
-    diffs = _means(cand_sums, cand_counts, cand_indices) - _means(ref_sums, ref_counts, ref_indices)
-    diff = cand_sums.sum() / cand_counts.sum() - ref_sums.sum() / ref_counts.sum()
-    ci95 = _bounds(diffs)
-    return {"diff": round(float(diff), 4), "ci95": ci95, "n": len(sides[1]), "verdict": verdict(ci95)}
+    ref_indices = resample_indices(len(ref), seed)
+    cand_indices = ref_indices if paired else resample_indices(len(cand), seed + 1)
+    ci95 = _bounds(_means(cand, cand_indices) - _means(ref, ref_indices))
+    diff = _means(cand, np.arange(len(cand))[None])[0] - _means(ref, np.arange(len(ref))[None])[0]
+    return {"diff": round(float(diff), 4), "ci95": ci95, "n": len(cand), "verdict": verdict(ci95)}
