@@ -184,18 +184,15 @@ def to_yaml(config: PipelineConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def flatten(config: PipelineConfig) -> dict[str, str]:
+def flatten(value: PipelineConfig | Any, prefix: str = "") -> dict[str, str]:
     """``{"dotted.path": "value"}`` for every leaf (a list of sections by index), e.g. MLflow params."""
-
-    def walk(prefix: str, value: Any) -> dict[str, str]:
-        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
-            value = dict(enumerate(value))
-        if isinstance(value, dict) and value:
-            return {k: v for key, item in value.items()
-                    for k, v in walk(f"{prefix}.{key}".lstrip("."), item).items()}  # fmt: skip
-        return {prefix: value if isinstance(value, str) else json.dumps(value)}
-
-    return walk("", config.model_dump(mode="json"))
+    value = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        value = dict(enumerate(value))
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items()
+                for k, v in flatten(item, f"{prefix}.{key}".lstrip(".")).items()}  # fmt: skip
+    return {prefix: value if isinstance(value, str) else json.dumps(value)}
 
 
 def config_slice(config: PipelineConfig, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -225,26 +222,24 @@ def _default_text(field: FieldInfo) -> str:
 def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
     """README's markdown tables (key, type, default, meaning) for the given sections, nested ones
     included; a union section has one table per member (``adapter`` with ``method: uora``, ...)."""
-    blocks: list[str] = []
+    blocks: list[list[str]] = []
 
     def tables(title: str, node: Any) -> None:
         if isinstance(node, dict):
             for tag, model in node.items():
                 tables(f"{title}` with `method: {tag}", model)
             return
-        doc = " ".join((node.__doc__ or "").strip().split("\n\n")[0].split())
-        rows = [f"**`{title}`** — {doc}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for name, field in node.model_fields.items():
+        blocks.append(rows := [f"**`{title}`** — {' '.join(node.__doc__.split())}", ""])
+        rows += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in node.model_fields.items():  # a nested section's table follows its parent's
             meaning = (field.description or "").replace("|", "\\|")
             rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {meaning} |")
-        blocks.append("\n".join(rows))
-        for name, field in node.model_fields.items():
             if _models(field.annotation):
                 tables(f"{title}.{name}" + "[]" * (typing.get_origin(field.annotation) is list), _node(field))
 
     for name in sections or tuple(PipelineConfig.model_fields):
         tables(name, _node(PipelineConfig.model_fields[name]))
-    return "\n\n".join(blocks) + "\n"
+    return "\n\n".join("\n".join(rows) for rows in blocks) + "\n"
 
 
 if __name__ == "__main__":  # python -m pipeline.config [SECTION ...]: print the reference
