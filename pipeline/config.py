@@ -1,6 +1,5 @@
-"""Loading a run config: YAML + ``key.sub=value`` overrides -> ``pipeline.schema.PipelineConfig``, or one
-``dotted.path: reason (got value)`` line per problem, a union's tag dropped (``adapter.r``, not
-``adapter.lora.r``). Also the config's records (flat params, slices) and reference (-m pipeline.config)."""
+"""A run config from YAML + ``key.sub=value`` overrides, or one ``dotted.path: reason (got value)`` line per
+problem (``adapter.r``, not ``adapter.lora.r``); the config's records (flat params, slices) and reference."""
 
 from __future__ import annotations
 
@@ -54,9 +53,8 @@ def _node(field: FieldInfo | None) -> Any:
 
 
 def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any, Any, dict, FieldInfo | None]:
-    """A pydantic error location or an override's keys as (dotted path, the model holding the last key, the
-    union tag on the way, that union's ``{tag: model}``, the last key's field). Without a tag, the first
-    union member with the key answers; a plain union's branch names (``'list[str]'``) are no keys."""
+    """An error location or an override's keys as (dotted path, the model of the last key, the union tag on
+    the way, its ``{tag: model}``, the last key's field); no tag: the first member with the key answers."""
     node, parent, tag, members, parts, field = root, None, None, {}, [], None
     for part in loc:
         if isinstance(node, dict) and part in node:
@@ -220,8 +218,7 @@ def _default_text(field: FieldInfo) -> str:
 
 
 def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
-    """README's markdown tables (key, type, default, meaning) for the given sections, nested ones
-    included; a union section has one table per member (``adapter`` with ``method: uora``, ...)."""
+    """README's markdown tables (key, type, default, meaning) of these sections and the nested ones."""
     blocks: list[list[str]] = []
 
     def tables(title: str, node: Any) -> None:

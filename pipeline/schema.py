@@ -1,6 +1,5 @@
-"""The run config's schema: a pydantic model per YAML section, ``extra="forbid"``, torch-free (validates in
-well under a second). Rules live on their field, so pydantic's error names it; cross-section ones on
-``PipelineConfig``. ``adapter:`` keys are PEFT's, ``SFTArgs`` TRL's ``SFTConfig``'s (see test_schema_pins)."""
+"""The run config's schema, torch-free: a strict pydantic model per YAML section. Rules live on their field,
+so the error names it (cross-section: ``PipelineConfig``); ``adapter:``/``train:`` keys are PEFT's/TRL's."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ class StrictModel(BaseModel):
 
 
 def _check(reason: str, ok: Callable[..., Any], *fields: str) -> AfterValidator:
-    """A field rule: ``ok(value, *earlier fields' values)`` must hold for a set value, else ``reason`` (its
-    ``{0}``... formatted with those values, ``{field}`` with the field's name)."""
+    """A field rule: ``ok(value, *earlier fields' values)`` holds for a set value, else ``reason``."""
     def check(value: Any, info: Any) -> Any:
         if value is not None and not ok(value, *(others := [info.data.get(name) for name in fields])):
             raise ValueError(reason.format(*others, field=info.field_name))
@@ -114,7 +112,6 @@ class DataSource(StrictModel):
 
     @property
     def label(self) -> str:
-        """The name stored in the dataset's ``source`` column."""
         hub = self.hub and self.hub + (f":{self.config}" if self.config else "")
         return self.name or (self.path and Path(self.path).name) or hub or "builtin"
 
@@ -188,8 +185,7 @@ class VeraAdapter(AdapterBase):
 
 ADAPTERS: dict[str, type[AdapterBase]] = {"uora": UoraAdapter, "lora": LoraAdapter, "vera": VeraAdapter}
 AdapterConfig = Annotated[UoraAdapter | LoraAdapter | VeraAdapter, Field(discriminator="method"),
-                          BeforeValidator(lambda value: {"method": "uora", **value} if isinstance(value, dict)
-                                          else value)]  # fmt: skip
+    BeforeValidator(lambda value: {"method": "uora", **value} if isinstance(value, dict) else value)]
 
 
 class SFTArgs(StrictModel):
@@ -291,11 +287,10 @@ class JudgeConfig(StrictModel):
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             # The key never enters the config (it is logged to MLflow), nor this line: it may be the key.
             raise ValueError("api_key_env must be the NAME of an environment variable, not the key itself")
-        if self.backend == "openai" and not self.api_key_env:
-            raise ValueError("api_key_env is required when backend is 'openai' (the NAME of the environment "
-                             "variable that holds the key, e.g. OPENAI_API_KEY)")
-        if self.backend == "openai" and not self.model:
-            raise ValueError("model is required when backend is 'openai' (e.g. gpt-4)")
+        for key, hint in (("api_key_env", "the NAME of the environment variable that holds the key, e.g. "
+                           "OPENAI_API_KEY"), ("model", "e.g. gpt-4")):  # fmt: skip
+            if self.backend == "openai" and not getattr(self, key):
+                raise ValueError(f"{key} is required when backend is 'openai' ({hint})")
         return self
 
 
