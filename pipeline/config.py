@@ -59,12 +59,11 @@ def _locate(loc: Any, root: type[BaseModel] = PipelineConfig) -> tuple[str, Any,
     for part in loc:
         if isinstance(node, dict) and part in node:
             members, tag, node = node, part, node[part]
-            continue
-        if isinstance(node, dict):
-            node = next((model for model in node.values() if part in model.model_fields), None)
-        if isinstance(part, int) or part.isdigit():
+        elif isinstance(part, int) or part.isdigit():
             parts.append(str(part))
         elif re.fullmatch(r"\w+", part):
+            if isinstance(node, dict):
+                node = next((model for model in node.values() if part in model.model_fields), None)
             parts.append(part)
             field = node.model_fields.get(part) if isinstance(node, type) else None
             parent, node = node, _node(field)
@@ -145,9 +144,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             node[key] = value
         elif not isinstance(node := node[key], dict | list):
             raise ConfigError([_line(here, "is a value, not a section", override)])
-    section = _locate(parts[:-1])[-1]
-    members = _node(section) if section is not None and section.discriminator == parts[-1] else None
-    if isinstance(members, dict) and isinstance(value, str) and value in members:  # keep what it shares
+    members = _node(section := _locate(parts[:-1])[-1])  # a union's new tag: keep what the members share
+    if isinstance(members, dict) and section.discriminator == parts[-1] and value in [*members]:
         for other in [k for k in node if k not in members[value].model_fields]:
             if any(other in model.model_fields for model in members.values()):
                 del node[other]
