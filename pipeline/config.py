@@ -133,17 +133,15 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             value = yaml.safe_load(raw) if raw.strip() else ""
     node: Any = data
     for depth, part in enumerate(parts):
-        here, key = ".".join(parts[: depth + 1]), part
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError([_line(here, "no such list item", override)])
-            key = int(part)
-        elif depth < len(parts) - 1 and node.get(part) is None:
+        key = int(part) if isinstance(node, list) and part.isdigit() else part
+        if isinstance(node, list) and (isinstance(key, str) or key >= len(node)):
+            raise ConfigError([_line(".".join(parts[: depth + 1]), "no such list item", override)])
+        if isinstance(node, dict) and depth < len(parts) - 1 and node.get(part) is None:
             node[part] = _default_json(_locate(parts[: depth + 1])[-1])
         if depth == len(parts) - 1:
             node[key] = value
         elif not isinstance(node := node[key], dict | list):
-            raise ConfigError([_line(here, "is a value, not a section", override)])
+            raise ConfigError([_line(".".join(parts[: depth + 1]), "is a value, not a section", override)])
     members = _node(section := _locate(parts[:-1])[-1])  # a union's new tag: keep what the members share
     if isinstance(members, dict) and section.discriminator == parts[-1] and value in [*members]:
         for other in [k for k in node if k not in members[value].model_fields]:

@@ -250,9 +250,8 @@ class TrainConfig(SFTArgs):
 # FastChat llm_judge's per-category sampling temperatures (0 = greedy); a config's are laid over them.
 MT_BENCH_TEMPERATURES: dict[str, float] = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
                                            "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
-Temperatures = Annotated[dict[str, float], _check("temperatures must be >= 0 (0 = greedy)",
-                                                  lambda temps: not any(t < 0 for t in temps.values())),
-                         AfterValidator(lambda temps: {**MT_BENCH_TEMPERATURES, **temps})]
+Temperatures = Annotated[dict[str, float], AfterValidator(lambda temps: {**MT_BENCH_TEMPERATURES, **temps}),
+    _check("temperatures must be >= 0 (0 = greedy)", lambda temps: not any(t < 0 for t in temps.values()))]
 EvalModels = Annotated[list[Literal["base", "tuned"]], _check(
     "judge.mode {0.mode!r} compares tuned with base: models needs both",
     lambda models, judge: not judge or judge.mode == "single" or {"base", "tuned"} <= set(models), "judge")]
