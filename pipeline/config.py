@@ -114,12 +114,6 @@ def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) 
     return list(lines.values())
 
 
-def _default_json(field: FieldInfo | None) -> Any:
-    """A section's default as JSON (so that ``data.sources.0.path=...`` edits the default list), or {}."""
-    value = field.get_default(call_default_factory=True) if _node(field) else None
-    return {} if value is None else TypeAdapter(Any).dump_python(value, mode="json", exclude_unset=True)
-
-
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply ``key.sub=value`` to the raw mapping in place: string fields take it verbatim (``run.name=007``:
     "007"), others as YAML; a union's new tag (``adapter.method=lora``) drops the old member's own keys."""
@@ -137,7 +131,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if isinstance(node, list) and (isinstance(key, str) or key >= len(node)):
             raise ConfigError([_line(".".join(parts[: depth + 1]), "no such list item", override)])
         if isinstance(node, dict) and depth < len(parts) - 1 and node.get(part) is None:
-            node[part] = _default_json(_locate(parts[: depth + 1])[-1])
+            section = _locate(parts[: depth + 1])[-1]  # its default, so that data.sources.0.path=x edits it
+            default = section.get_default(call_default_factory=True) if _node(section) else None
+            node[part] = {} if default is None else TypeAdapter(Any).dump_python(default, mode="json",
+                                                                                 exclude_unset=True)
         if depth == len(parts) - 1:
             node[key] = value
         elif not isinstance(node := node[key], dict | list):

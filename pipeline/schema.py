@@ -16,7 +16,6 @@ from pydantic_core import PydanticCustomError
 
 
 class StrictModel(BaseModel):
-    """Base for every section: unknown keys are errors, values are validated on assignment."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
