@@ -131,10 +131,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if isinstance(node, list) and (isinstance(key, str) or key >= len(node)):
             raise ConfigError([_line(".".join(parts[: depth + 1]), "no such list item", override)])
         if isinstance(node, dict) and depth < len(parts) - 1 and node.get(part) is None:
-            section = _locate(parts[: depth + 1])[-1]  # its default, so that data.sources.0.path=x edits it
-            default = section.get_default(call_default_factory=True) if _node(section) else None
-            node[part] = {} if default is None else TypeAdapter(Any).dump_python(default, mode="json",
-                                                                                 exclude_unset=True)
+            field = _locate(parts[: depth + 1])[-1]  # its default, so that data.sources.0.path=x edits it
+            default = field.default_factory() if _node(field) and field.default_factory else {}
+            node[part] = TypeAdapter(Any).dump_python(default, mode="json", exclude_unset=True)
         if depth == len(parts) - 1:
             node[key] = value
         elif not isinstance(node := node[key], dict | list):

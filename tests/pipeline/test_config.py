@@ -253,6 +253,15 @@ def test_overrides_are_typed_by_the_schema(write):
     assert config.tracking.experiment == "123"
 
 
+def test_an_override_builds_a_required_section_the_file_lacks(write):
+    """``run.name=x`` on a file without ``run:`` starts that section empty (it has no default to edit)."""
+    path = write(base=BASE[: BASE.index("run:")] + BASE[BASE.index("model:"):])
+    assert load_config(path, ["run.name=cli"]).run.name == "cli"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.lines == ["run: required field is missing"]
+
+
 def test_zero2_with_8bit_is_fine_and_flatten(write, tmp_path):
     config = load_config(write(), ["model.load_in_8bit=true", f"train.deepspeed={tmp_path / 'z2.json'}"])
     flat = flatten(config)
