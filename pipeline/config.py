@@ -99,14 +99,12 @@ def format_validation_error(error: Any, root: type[BaseModel] = PipelineConfig) 
             new = ctx["lines"]
         elif kind == "extra_forbidden":
             new = _unknown_key(path, value, model, tag, members)
-        elif kind == "missing":
-            new = [_line(path, "required field is missing")]
         elif kind == "union_tag_invalid":  # a method that is none of the union's
             expected, key = " or ".join(ctx["expected_tags"].rsplit(", ", 1)), ctx["discriminator"].strip("'")
             new = [_line(f"{path}.{key}", f"input should be {expected}", ctx["tag"])]
         elif kind != "default_factory_not_called":  # (that follows from another field's error)
-            reason = item["msg"].removeprefix("Value error, ")
-            reason = reason if kind == "value_error" else reason[0].lower() + reason[1:]
+            msg = "required field is missing" if kind == "missing" else item["msg"]
+            reason = msg.removeprefix("Value error, ") if kind == "value_error" else msg[0].lower() + msg[1:]
             merged = reasons.setdefault(path, [])  # a plain union's branches: "a valid list or 'all-linear'"
             merged.append(reason.removeprefix("input should be ") if merged else reason)
             lines[path] = _line(path, " or ".join(merged), ... if isinstance(value, dict) else value)
