@@ -1,25 +1,20 @@
 """Pre-flight plan (``python -m pipeline plan``): will this config fit these GPUs, and how long will it take?
-
-DeepSpeed's estimators count full fine-tuning's model states, accelerate's only inference weights; a PEFT
-run is a frozen (maybe 8-bit) base, a small adapter, activations and the LM head, all from shapes (the
-model built on the meta device from its config, the adapter applied by PEFT: exact counts). GiB (2^30
-bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's start). Per token and layer
-autograd saves (HF Llama + SDPA, pinned by tests/pipeline/test_plan.py; e = 2 bytes under bf16/fp16, else
-the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
-
-  2·(4h + 4)              two RMSNorms: fp32 input and rsqrt
-  4e·h + 4·heads + e·s    SDPA: q, k, v, output, logsumexp, no s² term (a padding/packing mask makes
-                          transformers repeat GQA's k/v to h and SDPA build the mask per layer)
-  3e·i                    SwiGLU: gate, silu(gate), up
-  adapter, per module     LoRA a·(in + r) (q/k/v and gate/up share an input nothing casts);
-                          UORA/VeRA a·(r + out); dropout adds its mask (and LoRA's dropped input)
-
-plus, under autocast (bf16/fp16 without DeepSpeed), 16-bit copies of the adapter matrices: Korthikanti et
+DeepSpeed's estimators count full fine-tuning, accelerate's only inference weights; a PEFT run is a frozen
+(maybe 8-bit) base, a small adapter, activations and the LM head, from shapes (PEFT applied on the meta
+device: exact counts). GiB (2^30 bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's
+start). Autograd saves per token and layer (HF Llama + SDPA, pinned by tests/pipeline/test_plan.py; e = 2
+bytes under bf16/fp16, else the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
+  2·(4h + 4)             two RMSNorms: fp32 input and rsqrt
+  4e·h + 4·heads + e·s   SDPA: q, k, v, output, logsumexp; no s² term (a padding/packing mask makes
+                         transformers repeat GQA's k/v to h and SDPA build the mask per layer)
+  3e·i                   SwiGLU: gate, silu(gate), up
+  per adapted module     LoRA a·(in + r) (q/k/v and gate/up share an input nothing casts), UORA/VeRA
+                         a·(r + out); dropout adds its mask (and LoRA's dropped input)
+plus 16-bit copies of the adapter matrices under autocast (bf16/fp16 without DeepSpeed): Korthikanti et
 al. 2022 adapted to SwiGLU, RMSNorm and SDPA. Checkpointing keeps e·h per layer + one layer recomputed.
 Logits: TRL's fused LM head builds tiles of min(tokens, 4096) × min(vocab, 32768), one on CUDA, ~8.5 fp32
 at once on CPU (measured), plus the hidden states' copy and fp32 gradient. FLOPs per token: 4·N (forward
-+ input gradients of frozen linears) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's), at an MFU.
-"""
++ input gradients of frozen linears) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's), at an MFU."""
 
 from __future__ import annotations
 
