@@ -34,17 +34,16 @@ def _fail(lines: list[str]) -> int:
 
 def select_stages(command: str, from_stage: str | None, only: str | None) -> list[str]:
     """The stages a command runs, in order; raises ValueError with a one-line reason."""
-    only_stages = [name.strip() for name in only.split(",")] if only is not None else []
-    for flag, value in [("--from", from_stage)] + [("--only", name) for name in only_stages]:
+    named = [name.strip() for name in only.split(",")] if only is not None else []
+    for flag, value in [("--from", from_stage)] + [("--only", name) for name in named]:
         if value is not None and value not in STAGE_ORDER:
             raise ValueError(f"{flag}: unknown stage {value!r} (stages: {', '.join(STAGE_ORDER)})")
     if from_stage and only:
         raise ValueError("--from and --only cannot be combined")
     if command in STAGE_ORDER and (from_stage or (only and only != command)):
         raise ValueError(f"'{command}' runs one stage; use 'run' with --from/--only")
-    start = STAGE_ORDER.index(command if command in STAGE_ORDER else from_stage or "prepare")
-    end = start + 1 if command in STAGE_ORDER else len(STAGE_ORDER)
-    return [name for name in STAGE_ORDER[start:end] if not only or name in only_stages]
+    start = STAGE_ORDER.index(from_stage or "prepare")  # a stage command runs just that one
+    return [command] if command in STAGE_ORDER else [n for n in STAGE_ORDER[start:] if not only or n in named]
 
 
 def readiness_warnings(config: Any) -> list[str]:

@@ -23,9 +23,8 @@ def sha256(*parts: bytes | str) -> str:
 def digest_of(value: Any, *, compact: bool = True) -> str:
     """sha256 of a JSON-able value with sorted keys. ``compact``: no spaces, ASCII escapes, other values
     as ``str`` (config digests); else json.dumps' separators, non-ASCII kept (evaluate's cache keys)."""
-    if compact:
-        return sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
-    return sha256(json.dumps(value, sort_keys=True, ensure_ascii=False))
+    options = {"separators": (",", ":"), "default": str} if compact else {"ensure_ascii": False}
+    return sha256(json.dumps(value, sort_keys=True, **options))
 
 
 def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:

@@ -217,7 +217,7 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
         if mlflow_status != "FINISHED":
             break
     tracker.finish(mlflow_status)
-    # The summary, one screen: what ran, how long, where the outputs are, how to open the MLflow UI.
+    # The summary, one screen: what ran, how long, the outputs, the MLflow UI command (unwrapped: pasteable).
     colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
     headers = ("stage", "status", "time", "output / reason", "key metrics")
     table = Table(*(Column(header, overflow="fold") for header in headers),
@@ -232,8 +232,7 @@ def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline,
     lines = [f"run dir:  {config.run_dir}", "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
              else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
              tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
-    for line in filter(None, lines):  # never wrapped: a command split over two lines cannot be pasted
-        console.print(line, soft_wrap=True, markup=False, highlight=False)
+    console.print(*filter(None, lines), sep="\n", soft_wrap=True, markup=False, highlight=False)
     return code
 
 

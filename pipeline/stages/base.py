@@ -17,9 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StageContext:
-    """Everything a stage gets from the driver. It writes all its outputs to ``work_dir`` (<stage>.partial:
-    kept for a rerun to resume from; renamed only after ``run`` returns). ``mlflow_run_id``: the stage's
-    active MLflow child run, for worker processes."""
+    """What the driver gives a stage. Its outputs all go to ``work_dir`` (<stage>.partial: kept for a rerun
+    to resume from, renamed after ``run`` returns); ``mlflow_run_id``: its MLflow child run, for workers."""
     config: PipelineConfig
     run_dir: Path
     work_dir: Path
