@@ -136,7 +136,7 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
     """Run ``stages`` (default: all, in order) and print a one-screen summary; returns an exit code."""
     from filelock import FileLock, Timeout
     from rich.console import Console
-    order = stage_registry.STAGE_ORDER
+    console, order = console or Console(), stage_registry.STAGE_ORDER
     selected, pipeline = [name for name in order if name in (stages or order)], Pipeline(config)
     problems = pipeline.missing_inputs(selected)
     if not problems and any(force or not (pipeline.disabled(n) or pipeline.up_to_date(n)) for n in selected):
@@ -161,79 +161,75 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, Terminated.on_signal) if main_thread else None
     try:
-        return _run_locked(config, selected, pipeline, force, config_path, console or Console())
+        from rich.table import Column, Table
+
+        from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
+        uri, tracker = resolve_uri(config), Tracker(config, config_path)
+        try:
+            if config.tracking.enabled:
+                check_reachable(uri)
+            tracker.start()
+        except Exception as error:  # TrackingUnavailable is one line; else a store that answers but refuses
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            line = f"tracking.uri: cannot start the MLflow run on {uri}: {first}"  # auth, schema, locked db
+            print(str(error) if isinstance(error, TrackingUnavailable) else line, file=sys.stderr)
+            return EXIT_TRACKING
+        reports, code, mlflow_status = [StageReport(name) for name in selected], 0, "FINISHED"
+        for report in reports:
+            name = report.name
+            if pipeline.disabled(name):
+                report.status, report.detail = "disabled", "promote.enabled is false"
+                continue
+            if not force and pipeline.up_to_date(name):
+                report.status, report.detail = "up to date", f"{name}/"
+                report.metrics = (read_manifest(config.run_dir / name) or {}).get("metrics", {})
+                continue
+            console.print(f"[bold]▶ {name}[/bold]")
+            began = time.perf_counter()
+            try:
+                with tracker.stage_run(name) as child_id:
+                    result, manifest_path = pipeline.execute(name, force=force, mlflow_run_id=child_id)
+                    tracker.log_stage_result(name, result.metrics, manifest_path)
+            except (Exception, KeyboardInterrupt, Terminated) as error:
+                kind = next(kind for kind in OUTCOMES if isinstance(error, kind))
+                if kind is Exception:
+                    traceback.print_exc()
+                (detail, line, code), texts = OUTCOMES[kind], {"error": error, "kind": type(error).__name__}
+                report.status = "preempted" if kind is StagePreempted else "failed"
+                report.detail = detail.format(**texts)
+                mlflow_status = "FAILED" if code == EXIT_STAGE_FAILED else "KILLED"
+                print(f"stage '{name}' " + line.format(**texts), file=sys.stderr)
+            else:
+                report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
+            report.seconds = time.perf_counter() - began
+            if report.status == "ran" and name not in REPORT_THEMSELVES:
+                line = f"{name}: {key_metrics(name, report.metrics)} ({report.seconds:.0f} s)"
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+            if mlflow_status != "FINISHED":
+                break
+        tracker.finish(mlflow_status)
+        # The summary, one screen: what ran, how long, the outputs, how to open MLflow (unwrapped: pasteable).
+        colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
+        headers = ("stage", "status", "time", "output / reason", "key metrics")
+        table = Table(*(Column(header, overflow="fold") for header in headers),
+                      title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
+        for report in reports:
+            colour = colours.get(report.status, "dim")
+            table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
+                          f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
+                          key_metrics(report.name, report.metrics))  # fmt: skip
+        console.print(table)
+        tracking, parent_id = config.tracking, tracker.parent_id
+        lines = [f"run dir:  {config.run_dir}",
+                 "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
+                 else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
+                 tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
+        console.print(*filter(None, lines), sep="\n", soft_wrap=True, markup=False, highlight=False)
+        return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         lock.release()
-
-
-def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
-                config_path: str | None, console: Any) -> int:  # fmt: skip
-    from rich.table import Column, Table
-
-    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
-    uri, tracker = resolve_uri(config), Tracker(config, config_path)
-    try:
-        if config.tracking.enabled:
-            check_reachable(uri)
-        tracker.start()
-    except Exception as error:  # TrackingUnavailable is one line; else a store that answers but refuses
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        line = f"tracking.uri: cannot start the MLflow run on {uri}: {first}"  # auth, schema, locked db
-        print(str(error) if isinstance(error, TrackingUnavailable) else line, file=sys.stderr)
-        return EXIT_TRACKING
-    reports, code, mlflow_status = [StageReport(name) for name in selected], 0, "FINISHED"
-    for report in reports:
-        name = report.name
-        if pipeline.disabled(name):
-            report.status, report.detail = "disabled", "promote.enabled is false"
-            continue
-        if not force and pipeline.up_to_date(name):
-            report.status, report.detail = "up to date", f"{name}/"
-            report.metrics = (read_manifest(config.run_dir / name) or {}).get("metrics", {})
-            continue
-        console.print(f"[bold]▶ {name}[/bold]")
-        began = time.perf_counter()
-        try:
-            with tracker.stage_run(name) as child_id:
-                result, manifest_path = pipeline.execute(name, force=force, mlflow_run_id=child_id)
-                tracker.log_stage_result(name, result.metrics, manifest_path)
-        except (Exception, KeyboardInterrupt, Terminated) as error:
-            kind = next(kind for kind in OUTCOMES if isinstance(error, kind))
-            if kind is Exception:
-                traceback.print_exc()
-            (detail, line, code), texts = OUTCOMES[kind], {"error": error, "kind": type(error).__name__}
-            report.status = "preempted" if kind is StagePreempted else "failed"
-            report.detail = detail.format(**texts)
-            mlflow_status = "FAILED" if code == EXIT_STAGE_FAILED else "KILLED"
-            print(f"stage '{name}' " + line.format(**texts), file=sys.stderr)
-        else:
-            report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
-        report.seconds = time.perf_counter() - began
-        if report.status == "ran" and name not in REPORT_THEMSELVES:
-            line = f"{name}: {key_metrics(name, report.metrics)} ({report.seconds:.0f} s)"
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-        if mlflow_status != "FINISHED":
-            break
-    tracker.finish(mlflow_status)
-    # The summary, one screen: what ran, how long, the outputs, the MLflow UI command (unwrapped: pasteable).
-    colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
-    headers = ("stage", "status", "time", "output / reason", "key metrics")
-    table = Table(*(Column(header, overflow="fold") for header in headers),
-                  title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
-    for report in reports:
-        colour = colours.get(report.status, "dim")
-        table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
-                      f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
-                      key_metrics(report.name, report.metrics))  # fmt: skip
-    console.print(table)
-    tracking, parent_id = config.tracking, tracker.parent_id
-    lines = [f"run dir:  {config.run_dir}", "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
-             else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
-             tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
-    console.print(*filter(None, lines), sep="\n", soft_wrap=True, markup=False, highlight=False)
-    return code
 
 
 def key_metrics(name: str, metrics: dict[str, Any]) -> str:
