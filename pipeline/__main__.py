@@ -6,6 +6,7 @@ also runs the plan when told the hardware (``--gpus-per-node``). Exit codes: 0 s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -104,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool = False) -> int:
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 

@@ -21,6 +21,7 @@ from pipeline import stages as stage_registry
 from pipeline.config import config_slice
 from pipeline.digests import digest_of, sha256
 from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
+from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -162,8 +163,6 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
     previous = signal.signal(signal.SIGTERM, Terminated.on_signal) if main_thread else None
     try:
         from rich.table import Column, Table
-
-        from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
         uri, tracker = resolve_uri(config), Tracker(config, config_path)
         try:
             if config.tracking.enabled:

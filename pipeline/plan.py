@@ -24,6 +24,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.adapters import build_peft_config
+from pipeline.models import resolve_package_dir
+
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig, PipelineConfig
 
@@ -47,8 +50,6 @@ class PlanError(Exception):
 def model_config(model: ModelConfig, override: str | None = None) -> Any:
     """The transformers config, offline: --model-config, the local folder, a GGUF header or the HF cache."""
     from transformers import AutoConfig
-
-    from pipeline.models import resolve_package_dir
     location = override or resolve_package_dir(model.name_or_path)
     file = Path(location) / "config.json" if Path(location).is_dir() else Path(location)
     if override and not file.is_file():
@@ -92,8 +93,6 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
     """Everything the plan needs from the model, counted once on the meta device."""
     from torch import nn
     from transformers import AutoModelForCausalLM
-
-    from pipeline.adapters import build_peft_config
     trust = config.model.trust_remote_code
     model = peft_on_meta(lambda: AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust),
                          build_peft_config(config.adapter))  # fmt: skip
