@@ -1,7 +1,6 @@
 """Command line: ``python -m pipeline run|prepare|train|evaluate|export|promote|validate|plan CONFIG ...``.
-The config is validated before anything heavy is imported (a typo costs a fraction of a second); ``validate``
-also runs the plan when told the hardware (``--gpus-per-node``). Exit codes: 0 success, 1 a stage failed
-(``plan``: it will not fit), 2 the config or command line is invalid (one line per problem)."""
+The config is validated before anything heavy is imported; ``validate`` also plans given ``--gpus-per-node``.
+Exit codes: 0 success, 1 a stage failed (``plan``: will not fit), 2 invalid config or command line."""
 
 from __future__ import annotations
 

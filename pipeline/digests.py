@@ -1,6 +1,5 @@
-"""sha256 digests, the one way the pipeline names content: bytes, a JSON value, a file, a folder. The
-encodings are persisted (manifests, the train identity, evaluate's caches, export's lineage): a change
-would re-run or orphan what users have (tests/pipeline/test_digests.py pins the values)."""
+"""sha256 digests of bytes, JSON values, files and folders. The encodings are persisted (manifests, train's
+identity, evaluate's caches, export's lineage): a change re-runs or orphans users' work (tests pin them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Runs the stages in order, skips those whose output is still valid, owns the MLflow parent run. A stage's
-output is trusted only through its manifest (``<stage>/manifest.json``: the digests of the config slice it
-reads and of its upstream manifests, so a changed upstream re-runs all downstream). A stage writes into
-``<stage>.partial``, renamed with its manifest only after ``run`` returns: a failed stage leaves no output."""
+"""Runs the stages in order, skipping those whose manifest (``<stage>/manifest.json``: digests of the config
+slice a stage reads and of its upstream manifests) still matches; owns the MLflow parent run. A stage writes
+into ``<stage>.partial``, renamed with its manifest only after ``run`` returns: a failure leaves no output."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import stages as stage_registry
 from pipeline.config import config_slice
 from pipeline.digests import digest_of, sha256
+from pipeline.models import hub_preflight
 from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
 from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
 
@@ -141,17 +141,14 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
     selected, pipeline = [name for name in order if name in (stages or order)], Pipeline(config)
     problems = pipeline.missing_inputs(selected)
     if not problems and any(force or not (pipeline.disabled(n) or pipeline.up_to_date(n)) for n in selected):
-        from pipeline.models import hub_preflight
-        judge = config.eval.judge  # before the run dir exists: a stage that never started leaves nothing
-        local = judge.local_model if judge.backend == "local" else None
+        local = config.eval.judge.local_model if config.eval.judge.backend == "local" else None
         models = {field: m for field, m in (("model", config.model), ("eval.judge.local_model", local)) if m}
         problems = [problem] if (problem := hub_preflight(models)) else []
     if problems:
         print(*problems, sep="\n", file=sys.stderr)
         return EXIT_STAGE_FAILED
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    # One driver per run directory: a second one would race on the same .partial folders. An OS file
-    # lock: a killed driver (or a requeued Slurm job) never leaves it stale.
+    config.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that never started leaves nothing
+    # One driver per run dir (a second would race on .partial folders); an OS lock: a killed one never stays.
     lock = FileLock(str(config.run_dir / "driver.lock"))
     try:
         lock.acquire(timeout=0)
@@ -174,8 +171,7 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
             print(str(error) if isinstance(error, TrackingUnavailable) else line, file=sys.stderr)
             return EXIT_TRACKING
         reports, code, mlflow_status = [StageReport(name) for name in selected], 0, "FINISHED"
-        for report in reports:
-            name = report.name
+        for name, report in zip(selected, reports, strict=True):
             if pipeline.disabled(name):
                 report.status, report.detail = "disabled", "promote.enabled is false"
                 continue

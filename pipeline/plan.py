@@ -144,10 +144,9 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
                 inputs.add((parent, SHARED_INPUT.get(leaf, leaf)))
         else:
             adapters += a * (adapter.r + fan_out) + (e * fan_in if dropout else 0)
-    final_norm = 4 * h + 4
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
-        return layers * e * h + layer + adapters / max(layers, 1) + final_norm
-    return layers * layer + adapters + final_norm
+        return layers * e * h + layer + adapters / max(layers, 1) + 4 * h + 4  # + the final RMSNorm
+    return layers * layer + adapters + 4 * h + 4
 
 
 def precision(config: PipelineConfig) -> tuple[int, bool, int]:
@@ -187,10 +186,9 @@ def mfu_from_results(method: str, base: str, r: int, results: Path | None = None
         header: list[str] | None = None
         for line in path.read_text(encoding="utf-8").splitlines():
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            if not line.lstrip().startswith("|"):
-                header = None
-            elif set(MFU_HEADER) <= set(cells):
-                header = cells
+            is_header = set(MFU_HEADER) <= set(cells)
+            if is_header or not line.lstrip().startswith("|"):  # a table starts or ends
+                header = cells if is_header else None
             elif header and len(cells) == len(header) and not set(line) <= set("|-: "):
                 row = dict(zip(header, cells, strict=True))
                 mfu, ours = row["MFU %"], (row["method"].lower(), row["base"].lower()) == (method, base)
