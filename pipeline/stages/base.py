@@ -1,7 +1,6 @@
-"""The contract between the driver and the stages. A stage is a module in ``pipeline.stages`` with ``NAME``
-(its folder in the run directory), ``INPUTS`` (upstream stages whose manifests' digests join its identity;
-optionally ``inputs(config)``, the subset a config reads), ``CONFIG_SECTIONS`` (the config slice whose
-digest joins it) and ``run(ctx: StageContext) -> StageResult``. Stages share only the run directory."""
+"""Driver/stage contract: a stage is a module in ``pipeline.stages`` with ``NAME`` (its run-dir folder),
+``INPUTS`` (upstream stages whose manifests' digests join its identity; ``inputs(config)``: those a config
+reads), ``CONFIG_SECTIONS`` (its config slice, digested too), ``run(ctx)``; stages share only the run dir."""
 
 from __future__ import annotations
 
