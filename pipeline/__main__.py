@@ -47,8 +47,7 @@ def select_stages(command: str, from_stage: str | None, only: str | None) -> lis
 
 
 def readiness_warnings(config: Any) -> list[str]:
-    """What a valid config will still trip over, found without network or torch: an unset judge key
-    variable, hub weights that are not cached (validate warns; it cannot tell a download will fail)."""
+    """Offline, no torch: an unset judge key, hub weights not cached (warnings: a download may still work)."""
     from pipeline.models import hub_cached, hub_model_id
     judge, lines = config.eval.judge, []
     if judge.backend == "openai" and not os.environ.get(judge.api_key_env):

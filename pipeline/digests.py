@@ -36,8 +36,7 @@ def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
 
 
 def folder_digest(folder: Path, paths: Iterable[Path] | None = None, separator: bytes = b"\0") -> str:
-    """sha256 over each file's path relative to ``folder`` (then ``separator``) and its content;
-    ``paths`` defaults to every file under ``folder``, in path order."""
+    """sha256 of each file's path relative to ``folder``, ``separator``, content (``paths``: all, sorted)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()) if paths is None else paths:
         digest.update(path.relative_to(folder).as_posix().encode() + separator)

@@ -39,7 +39,6 @@ class Terminated(BaseException):
 
 
 # A stage that raised: (summary detail, stderr line, exit code; MLflow status FAILED for 1, else KILLED).
-# Preemption is no failure: progress is saved in <stage>.partial; exit 0 lets a batch system requeue the job.
 OUTCOMES = {
     StagePreempted: ("{error}", "preempted: {error}", 0),
     StageError: ("{error}", "failed: {error}", 1),
@@ -228,8 +227,7 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
 
 
 def key_metrics(name: str, metrics: dict[str, Any]) -> str:
-    """The few numbers that say how a stage went: its own ``summary(metrics)`` where it has one; else
-    the headline numbers of ``base.*`` and ``tuned.*`` side by side (evaluate); else the first three."""
+    """Headline numbers: the stage's ``summary(metrics)``, else ``base.*`` → ``tuned.*``, else the first 3."""
     module = stage_registry.load_stage(name)
     if hasattr(module, "summary") and metrics:
         return module.summary(metrics)

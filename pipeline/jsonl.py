@@ -1,5 +1,4 @@
-"""JSON Lines, the format of the per-record files (questions, prompts, answers, judgments, results):
-one reader that names ``file:line`` in errors, and the two writers a cache needs."""
+"""JSON Lines (questions, answers, judgments, ...): a reader naming ``file:line``, a cache's two writers."""
 
 from __future__ import annotations
 
