@@ -1,11 +1,11 @@
 """Command line: ``python -m pipeline run|prepare|train|evaluate|export|promote|validate|plan CONFIG ...``.
-The config is validated before anything heavy is imported (a typo costs a fraction of a second); ``validate``
-also runs the plan when told the hardware (``--gpus-per-node``). Exit codes: 0 success, 1 a stage failed
-(``plan``: it will not fit), 2 the config or command line is invalid (one line per problem)."""
+The config is validated before anything heavy is imported; ``validate`` also plans given ``--gpus-per-node``.
+Exit codes: 0 success, 1 a stage failed (``plan``: will not fit), 2 invalid config or command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,22 +34,20 @@ def _fail(lines: list[str]) -> int:
 
 def select_stages(command: str, from_stage: str | None, only: str | None) -> list[str]:
     """The stages a command runs, in order; raises ValueError with a one-line reason."""
-    only_stages = [name.strip() for name in only.split(",")] if only is not None else []
-    for flag, value in [("--from", from_stage)] + [("--only", name) for name in only_stages]:
+    named = [name.strip() for name in only.split(",")] if only is not None else []
+    for flag, value in [("--from", from_stage)] + [("--only", name) for name in named]:
         if value is not None and value not in STAGE_ORDER:
             raise ValueError(f"{flag}: unknown stage {value!r} (stages: {', '.join(STAGE_ORDER)})")
     if from_stage and only:
         raise ValueError("--from and --only cannot be combined")
     if command in STAGE_ORDER and (from_stage or (only and only != command)):
         raise ValueError(f"'{command}' runs one stage; use 'run' with --from/--only")
-    start = STAGE_ORDER.index(command if command in STAGE_ORDER else from_stage or "prepare")
-    end = start + 1 if command in STAGE_ORDER else len(STAGE_ORDER)
-    return [name for name in STAGE_ORDER[start:end] if not only or name in only_stages]
+    start = STAGE_ORDER.index(from_stage or "prepare")  # a stage command runs just that one
+    return [command] if command in STAGE_ORDER else [n for n in STAGE_ORDER[start:] if not only or n in named]
 
 
 def readiness_warnings(config: Any) -> list[str]:
-    """What a valid config will still trip over, found without network or torch: an unset judge key
-    variable, hub weights that are not cached (validate warns; it cannot tell a download will fail)."""
+    """Offline, no torch: an unset judge key, hub weights not cached (warnings: a download may still work)."""
     from pipeline.models import hub_cached, hub_model_id
     judge, lines = config.eval.judge, []
     if judge.backend == "openai" and not os.environ.get(judge.api_key_env):
@@ -105,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool = False) -> int:
     """``plan``: the table (or JSON), exit 1 when it will not fit; for ``validate``, a warning only."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 

@@ -1,6 +1,5 @@
-"""sha256 digests, the one way the pipeline names content: bytes, a JSON value, a file, a folder. The
-encodings are persisted (manifests, the train identity, evaluate's caches, export's lineage): a change
-would re-run or orphan what users have (tests/pipeline/test_digests.py pins the values)."""
+"""sha256 digests of bytes, JSON values, files and folders. The encodings are persisted (manifests, train's
+identity, evaluate's caches, export's lineage): a change re-runs or orphans users' work (tests pin them)."""
 
 from __future__ import annotations
 
@@ -23,9 +22,8 @@ def sha256(*parts: bytes | str) -> str:
 def digest_of(value: Any, *, compact: bool = True) -> str:
     """sha256 of a JSON-able value with sorted keys. ``compact``: no spaces, ASCII escapes, other values
     as ``str`` (config digests); else json.dumps' separators, non-ASCII kept (evaluate's cache keys)."""
-    if compact:
-        return sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
-    return sha256(json.dumps(value, sort_keys=True, ensure_ascii=False))
+    options = {"separators": (",", ":"), "default": str} if compact else {"ensure_ascii": False}
+    return sha256(json.dumps(value, sort_keys=True, **options))
 
 
 def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
@@ -38,8 +36,7 @@ def file_digest(path: str | os.PathLike[str], digest: Any = None) -> str:
 
 
 def folder_digest(folder: Path, paths: Iterable[Path] | None = None, separator: bytes = b"\0") -> str:
-    """sha256 over each file's path relative to ``folder`` (then ``separator``) and its content;
-    ``paths`` defaults to every file under ``folder``, in path order."""
+    """sha256 of each file's path relative to ``folder``, ``separator``, content (``paths``: all, sorted)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()) if paths is None else paths:
         digest.update(path.relative_to(folder).as_posix().encode() + separator)

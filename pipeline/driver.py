@@ -1,7 +1,6 @@
-"""Runs the stages in order, skips those whose output is still valid, owns the MLflow parent run. A stage's
-output is trusted only through its manifest (``<stage>/manifest.json``: the digests of the config slice it
-reads and of its upstream manifests, so a changed upstream re-runs all downstream). A stage writes into
-``<stage>.partial``, renamed with its manifest only after ``run`` returns: a failed stage leaves no output."""
+"""Runs the stages in order, skipping those whose manifest (``<stage>/manifest.json``: digests of the config
+slice a stage reads and of its upstream manifests) still matches; owns the MLflow parent run. A stage writes
+into ``<stage>.partial``, renamed with its manifest only after ``run`` returns: a failure leaves no output."""
 
 from __future__ import annotations
 
@@ -20,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from pipeline import stages as stage_registry
 from pipeline.config import config_slice
 from pipeline.digests import digest_of, sha256
+from pipeline.models import hub_preflight
 from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
+from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -38,7 +39,6 @@ class Terminated(BaseException):
 
 
 # A stage that raised: (summary detail, stderr line, exit code; MLflow status FAILED for 1, else KILLED).
-# Preemption is no failure: progress is saved in <stage>.partial; exit 0 lets a batch system requeue the job.
 OUTCOMES = {
     StagePreempted: ("{error}", "preempted: {error}", 0),
     StageError: ("{error}", "failed: {error}", 1),
@@ -136,21 +136,18 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
     """Run ``stages`` (default: all, in order) and print a one-screen summary; returns an exit code."""
     from filelock import FileLock, Timeout
     from rich.console import Console
-    order = stage_registry.STAGE_ORDER
+    console, order = console or Console(), stage_registry.STAGE_ORDER
     selected, pipeline = [name for name in order if name in (stages or order)], Pipeline(config)
     problems = pipeline.missing_inputs(selected)
     if not problems and any(force or not (pipeline.disabled(n) or pipeline.up_to_date(n)) for n in selected):
-        from pipeline.models import hub_preflight
-        judge = config.eval.judge  # before the run dir exists: a stage that never started leaves nothing
-        local = judge.local_model if judge.backend == "local" else None
+        local = config.eval.judge.local_model if config.eval.judge.backend == "local" else None
         models = {field: m for field, m in (("model", config.model), ("eval.judge.local_model", local)) if m}
         problems = [problem] if (problem := hub_preflight(models)) else []
     if problems:
         print(*problems, sep="\n", file=sys.stderr)
         return EXIT_STAGE_FAILED
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    # One driver per run directory: a second one would race on the same .partial folders. An OS file
-    # lock: a killed driver (or a requeued Slurm job) never leaves it stale.
+    config.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that never started leaves nothing
+    # One driver per run dir (a second would race on .partial folders); an OS lock: a killed one never stays.
     lock = FileLock(str(config.run_dir / "driver.lock"))
     try:
         lock.acquire(timeout=0)
@@ -161,85 +158,76 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, Terminated.on_signal) if main_thread else None
     try:
-        return _run_locked(config, selected, pipeline, force, config_path, console or Console())
+        from rich.table import Column, Table
+        uri, tracker = resolve_uri(config), Tracker(config, config_path)
+        try:
+            if config.tracking.enabled:
+                check_reachable(uri)
+            tracker.start()
+        except Exception as error:  # TrackingUnavailable is one line; else a store that answers but refuses
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            line = f"tracking.uri: cannot start the MLflow run on {uri}: {first}"  # auth, schema, locked db
+            print(str(error) if isinstance(error, TrackingUnavailable) else line, file=sys.stderr)
+            return EXIT_TRACKING
+        reports, code, mlflow_status = [StageReport(name) for name in selected], 0, "FINISHED"
+        for name, report in zip(selected, reports, strict=True):
+            if pipeline.disabled(name):
+                report.status, report.detail = "disabled", "promote.enabled is false"
+                continue
+            if not force and pipeline.up_to_date(name):
+                report.status, report.detail = "up to date", f"{name}/"
+                report.metrics = (read_manifest(config.run_dir / name) or {}).get("metrics", {})
+                continue
+            console.print(f"[bold]▶ {name}[/bold]")
+            began = time.perf_counter()
+            try:
+                with tracker.stage_run(name) as child_id:
+                    result, manifest_path = pipeline.execute(name, force=force, mlflow_run_id=child_id)
+                    tracker.log_stage_result(name, result.metrics, manifest_path)
+            except (Exception, KeyboardInterrupt, Terminated) as error:
+                kind = next(kind for kind in OUTCOMES if isinstance(error, kind))
+                if kind is Exception:
+                    traceback.print_exc()
+                (detail, line, code), texts = OUTCOMES[kind], {"error": error, "kind": type(error).__name__}
+                report.status = "preempted" if kind is StagePreempted else "failed"
+                report.detail = detail.format(**texts)
+                mlflow_status = "FAILED" if code == EXIT_STAGE_FAILED else "KILLED"
+                print(f"stage '{name}' " + line.format(**texts), file=sys.stderr)
+            else:
+                report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
+            report.seconds = time.perf_counter() - began
+            if report.status == "ran" and name not in REPORT_THEMSELVES:
+                line = f"{name}: {key_metrics(name, report.metrics)} ({report.seconds:.0f} s)"
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+            if mlflow_status != "FINISHED":
+                break
+        tracker.finish(mlflow_status)
+        # The summary, one screen: what ran, how long, the outputs, how to open MLflow (unwrapped: pasteable).
+        colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
+        headers = ("stage", "status", "time", "output / reason", "key metrics")
+        table = Table(*(Column(header, overflow="fold") for header in headers),
+                      title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
+        for report in reports:
+            colour = colours.get(report.status, "dim")
+            table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
+                          f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
+                          key_metrics(report.name, report.metrics))  # fmt: skip
+        console.print(table)
+        tracking, parent_id = config.tracking, tracker.parent_id
+        lines = [f"run dir:  {config.run_dir}",
+                 "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
+                 else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
+                 tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
+        console.print(*filter(None, lines), sep="\n", soft_wrap=True, markup=False, highlight=False)
+        return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         lock.release()
 
 
-def _run_locked(config: PipelineConfig, selected: list[str], pipeline: Pipeline, force: bool,
-                config_path: str | None, console: Any) -> int:  # fmt: skip
-    from rich.table import Column, Table
-
-    from pipeline.tracking import Tracker, TrackingUnavailable, check_reachable, resolve_uri, ui_command
-    uri, tracker = resolve_uri(config), Tracker(config, config_path)
-    try:
-        if config.tracking.enabled:
-            check_reachable(uri)
-        tracker.start()
-    except Exception as error:  # TrackingUnavailable is one line; else a store that answers but refuses
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        line = f"tracking.uri: cannot start the MLflow run on {uri}: {first}"  # auth, schema, locked db
-        print(str(error) if isinstance(error, TrackingUnavailable) else line, file=sys.stderr)
-        return EXIT_TRACKING
-    reports, code, mlflow_status = [StageReport(name) for name in selected], 0, "FINISHED"
-    for report in reports:
-        name = report.name
-        if pipeline.disabled(name):
-            report.status, report.detail = "disabled", "promote.enabled is false"
-            continue
-        if not force and pipeline.up_to_date(name):
-            report.status, report.detail = "up to date", f"{name}/"
-            report.metrics = (read_manifest(config.run_dir / name) or {}).get("metrics", {})
-            continue
-        console.print(f"[bold]▶ {name}[/bold]")
-        began = time.perf_counter()
-        try:
-            with tracker.stage_run(name) as child_id:
-                result, manifest_path = pipeline.execute(name, force=force, mlflow_run_id=child_id)
-                tracker.log_stage_result(name, result.metrics, manifest_path)
-        except (Exception, KeyboardInterrupt, Terminated) as error:
-            kind = next(kind for kind in OUTCOMES if isinstance(error, kind))
-            if kind is Exception:
-                traceback.print_exc()
-            (detail, line, code), texts = OUTCOMES[kind], {"error": error, "kind": type(error).__name__}
-            report.status = "preempted" if kind is StagePreempted else "failed"
-            report.detail = detail.format(**texts)
-            mlflow_status = "FAILED" if code == EXIT_STAGE_FAILED else "KILLED"
-            print(f"stage '{name}' " + line.format(**texts), file=sys.stderr)
-        else:
-            report.status, report.detail, report.metrics = "ran", f"{name}/", result.metrics
-        report.seconds = time.perf_counter() - began
-        if report.status == "ran" and name not in REPORT_THEMSELVES:
-            line = f"{name}: {key_metrics(name, report.metrics)} ({report.seconds:.0f} s)"
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-        if mlflow_status != "FINISHED":
-            break
-    tracker.finish(mlflow_status)
-    # The summary, one screen: what ran, how long, where the outputs are, how to open the MLflow UI.
-    colours = {"ran": "green", "up to date": "cyan", "failed": "red", "preempted": "yellow"}
-    headers = ("stage", "status", "time", "output / reason", "key metrics")
-    table = Table(*(Column(header, overflow="fold") for header in headers),
-                  title=f"pipeline run '{config.run.name}'", title_justify="left")  # fmt: skip
-    for report in reports:
-        colour = colours.get(report.status, "dim")
-        table.add_row(report.name, f"[{colour}]{report.status}[/{colour}]",
-                      f"{report.seconds:.1f}s" if report.seconds else "", report.detail,
-                      key_metrics(report.name, report.metrics))  # fmt: skip
-    console.print(table)
-    tracking, parent_id = config.tracking, tracker.parent_id
-    lines = [f"run dir:  {config.run_dir}", "MLflow:   off (tracking.enabled: false)" if not tracking.enabled
-             else parent_id and f"MLflow:   experiment '{tracking.experiment}', parent run {parent_id}",
-             tracking.enabled and f"open UI:  {ui_command(uri)}"]  # fmt: skip
-    for line in filter(None, lines):  # never wrapped: a command split over two lines cannot be pasted
-        console.print(line, soft_wrap=True, markup=False, highlight=False)
-    return code
-
-
 def key_metrics(name: str, metrics: dict[str, Any]) -> str:
-    """The few numbers that say how a stage went: its own ``summary(metrics)`` where it has one; else
-    the headline numbers of ``base.*`` and ``tuned.*`` side by side (evaluate); else the first three."""
+    """Headline numbers: the stage's ``summary(metrics)``, else ``base.*`` → ``tuned.*``, else the first 3."""
     module = stage_registry.load_stage(name)
     if hasattr(module, "summary") and metrics:
         return module.summary(metrics)

@@ -1,5 +1,4 @@
-"""JSON Lines, the format of the per-record files (questions, prompts, answers, judgments, results):
-one reader that names ``file:line`` in errors, and the two writers a cache needs."""
+"""JSON Lines (questions, answers, judgments, ...): a reader naming ``file:line``, a cache's two writers."""
 
 from __future__ import annotations
 
@@ -17,14 +16,13 @@ def read_jsonl(path: Path, what: str, skip_invalid: bool = False) -> list[tuple[
     if not path.is_file():
         raise StageError(f"{what}: file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                if line.strip():
-                    rows.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                if not skip_invalid:
-                    raise StageError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        try:
+            if line.strip():
+                rows.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            if not skip_invalid:
+                raise StageError(f"{path}:{number}: invalid JSON ({error.msg})") from None
     return rows
 
 

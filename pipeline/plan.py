@@ -1,25 +1,20 @@
 """Pre-flight plan (``python -m pipeline plan``): will this config fit these GPUs, and how long will it take?
-
-DeepSpeed's estimators count full fine-tuning's model states, accelerate's only inference weights; a PEFT
-run is a frozen (maybe 8-bit) base, a small adapter, activations and the LM head, all from shapes (the
-model built on the meta device from its config, the adapter applied by PEFT: exact counts). GiB (2^30
-bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's start). Per token and layer
-autograd saves (HF Llama + SDPA, pinned by tests/pipeline/test_plan.py; e = 2 bytes under bf16/fp16, else
-the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
-
-  2·(4h + 4)              two RMSNorms: fp32 input and rsqrt
-  4e·h + 4·heads + e·s    SDPA: q, k, v, output, logsumexp, no s² term (a padding/packing mask makes
-                          transformers repeat GQA's k/v to h and SDPA build the mask per layer)
-  3e·i                    SwiGLU: gate, silu(gate), up
-  adapter, per module     LoRA a·(in + r) (q/k/v and gate/up share an input nothing casts);
-                          UORA/VeRA a·(r + out); dropout adds its mask (and LoRA's dropped input)
-
-plus, under autocast (bf16/fp16 without DeepSpeed), 16-bit copies of the adapter matrices: Korthikanti et
+DeepSpeed's estimators count full fine-tuning, accelerate's only inference weights; a PEFT run is a frozen
+(maybe 8-bit) base, a small adapter, activations and the LM head, from shapes (PEFT applied on the meta
+device: exact counts). GiB (2^30 bytes, as ``--gpu-memory``) per GPU, all parts live at once (the backward's
+start). Autograd saves per token and layer (HF Llama + SDPA, pinned by tests/pipeline/test_plan.py; e = 2
+bytes under bf16/fp16, else the base dtype's; a = 2 under bf16/fp16, else 4: PEFT keeps fp32):
+  2·(4h + 4)             two RMSNorms: fp32 input and rsqrt
+  4e·h + 4·heads + e·s   SDPA: q, k, v, output, logsumexp; no s² term (a padding/packing mask makes
+                         transformers repeat GQA's k/v to h and SDPA build the mask per layer)
+  3e·i                   SwiGLU: gate, silu(gate), up
+  per adapted module     LoRA a·(in + r) (q/k/v and gate/up share an input nothing casts), UORA/VeRA
+                         a·(r + out); dropout adds its mask (and LoRA's dropped input)
+plus 16-bit copies of the adapter matrices under autocast (bf16/fp16 without DeepSpeed): Korthikanti et
 al. 2022 adapted to SwiGLU, RMSNorm and SDPA. Checkpointing keeps e·h per layer + one layer recomputed.
 Logits: TRL's fused LM head builds tiles of min(tokens, 4096) × min(vocab, 32768), one on CUDA, ~8.5 fp32
 at once on CPU (measured), plus the hidden states' copy and fp32 gradient. FLOPs per token: 4·N (forward
-+ input gradients of frozen linears) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's), at an MFU.
-"""
++ input gradients of frozen linears) + 6·Σ r·(in + out) + 12·layers·h·s (attention, PaLM's), at an MFU."""
 
 from __future__ import annotations
 
@@ -28,6 +23,9 @@ import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.adapters import build_peft_config
+from pipeline.models import resolve_package_dir
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig, PipelineConfig
@@ -52,8 +50,6 @@ class PlanError(Exception):
 def model_config(model: ModelConfig, override: str | None = None) -> Any:
     """The transformers config, offline: --model-config, the local folder, a GGUF header or the HF cache."""
     from transformers import AutoConfig
-
-    from pipeline.models import resolve_package_dir
     location = override or resolve_package_dir(model.name_or_path)
     file = Path(location) / "config.json" if Path(location).is_dir() else Path(location)
     if override and not file.is_file():
@@ -97,8 +93,6 @@ def analyse(config: PipelineConfig, hf_config: Any) -> dict[str, Any]:
     """Everything the plan needs from the model, counted once on the meta device."""
     from torch import nn
     from transformers import AutoModelForCausalLM
-
-    from pipeline.adapters import build_peft_config
     trust = config.model.trust_remote_code
     model = peft_on_meta(lambda: AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust),
                          build_peft_config(config.adapter))  # fmt: skip
@@ -150,10 +144,9 @@ def activation_bytes(config: PipelineConfig, shape: dict[str, Any], checkpointin
                 inputs.add((parent, SHARED_INPUT.get(leaf, leaf)))
         else:
             adapters += a * (adapter.r + fan_out) + (e * fan_in if dropout else 0)
-    final_norm = 4 * h + 4
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
-        return layers * e * h + layer + adapters / max(layers, 1) + final_norm
-    return layers * layer + adapters + final_norm
+        return layers * e * h + layer + adapters / max(layers, 1) + 4 * h + 4  # + the final RMSNorm
+    return layers * layer + adapters + 4 * h + 4
 
 
 def precision(config: PipelineConfig) -> tuple[int, bool, int]:
@@ -193,10 +186,9 @@ def mfu_from_results(method: str, base: str, r: int, results: Path | None = None
         header: list[str] | None = None
         for line in path.read_text(encoding="utf-8").splitlines():
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            if not line.lstrip().startswith("|"):
-                header = None
-            elif set(MFU_HEADER) <= set(cells):
-                header = cells
+            is_header = set(MFU_HEADER) <= set(cells)
+            if is_header or not line.lstrip().startswith("|"):  # a table starts or ends
+                header = cells if is_header else None
             elif header and len(cells) == len(header) and not set(line) <= set("|-: "):
                 row = dict(zip(header, cells, strict=True))
                 mfu, ours = row["MFU %"], (row["method"].lower(), row["base"].lower()) == (method, base)

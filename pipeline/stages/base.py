@@ -1,7 +1,6 @@
-"""The contract between the driver and the stages. A stage is a module in ``pipeline.stages`` with ``NAME``
-(its folder in the run directory), ``INPUTS`` (upstream stages whose manifests' digests join its identity;
-optionally ``inputs(config)``, the subset a config reads), ``CONFIG_SECTIONS`` (the config slice whose
-digest joins it) and ``run(ctx: StageContext) -> StageResult``. Stages share only the run directory."""
+"""Driver/stage contract: a stage is a module in ``pipeline.stages`` with ``NAME`` (its run-dir folder),
+``INPUTS`` (upstream stages whose manifests' digests join its identity; ``inputs(config)``: those a config
+reads), ``CONFIG_SECTIONS`` (its config slice, digested too), ``run(ctx)``; stages share only the run dir."""
 
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StageContext:
-    """Everything a stage gets from the driver. It writes all its outputs to ``work_dir`` (<stage>.partial:
-    kept for a rerun to resume from; renamed only after ``run`` returns). ``mlflow_run_id``: the stage's
-    active MLflow child run, for worker processes."""
+    """What the driver gives a stage. Its outputs all go to ``work_dir`` (<stage>.partial: kept for a rerun
+    to resume from, renamed after ``run`` returns); ``mlflow_run_id``: its MLflow child run, for workers."""
     config: PipelineConfig
     run_dir: Path
     work_dir: Path
