@@ -28,8 +28,7 @@ def _arithmetic(rng: random.Random) -> Task:
     if kind == 1:
         start, given, friends = rng.randint(30, 120), rng.randint(1, 20), rng.randint(2, 6)
         gone = given * friends
-        while start < gone:
-            start += 10
+        start += max(0, gone - start + 9) // 10 * 10  # in steps of 10, up to the first that covers the gifts
         return (f"{name} had {start} {item} and gave {given} to each of {friends} friends. "
                 f"How many {item} are left?",
                 f"{given} × {friends} = {gone}; {start} − {gone} = {start - gone}.", str(start - gone))
@@ -41,16 +40,12 @@ def _arithmetic(rng: random.Random) -> Task:
 
 def _unit_conversion(rng: random.Random) -> Task:
     source, target, factor = rng.choice(_UNITS)
-    if rng.random() < 0.5:
-        value = rng.randint(2, 250)
-        answer, operator = value * factor, "×"
-        question = f"Convert {value} {source} to {target}. Reply with the number only."
-    else:  # the other direction, chosen so the result is a whole number
-        answer = rng.randint(2, 250)
-        value, operator = answer * factor, "÷"
-        question = f"How many {source} are {value} {target}? Reply with the number only."
-    steps = f"1 {source[:-1]} = {factor} {target}, so {value} {operator} {factor} = {answer}."
-    return question, steps, str(answer)
+    forward, number = rng.random() < 0.5, rng.randint(2, 250)  # backward: chosen so the result is whole
+    value, answer = (number, number * factor) if forward else (number * factor, number)
+    question = (f"Convert {value} {source} to {target}." if forward
+                else f"How many {source} are {value} {target}?")  # fmt: skip
+    steps = f"1 {source[:-1]} = {factor} {target}, so {value} {'×' if forward else '÷'} {factor} = {answer}."
+    return f"{question} Reply with the number only.", steps, str(answer)
 
 
 def _string_manipulation(rng: random.Random) -> Task:
@@ -108,10 +103,8 @@ def _json_formatting(rng: random.Random) -> Task:
     return question, "", json.dumps(items)
 
 
-GENERATORS = {
-    "arithmetic": _arithmetic, "unit_conversion": _unit_conversion, "string": _string_manipulation,
-    "list": _list_manipulation, "date": _date_arithmetic, "json": _json_formatting,
-}  # fmt: skip
+GENERATORS = {"arithmetic": _arithmetic, "unit_conversion": _unit_conversion, "string": _string_manipulation,
+              "list": _list_manipulation, "date": _date_arithmetic, "json": _json_formatting}  # fmt: skip
 CATEGORIES: tuple[str, ...] = tuple(GENERATORS)
 
 
