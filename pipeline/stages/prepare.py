@@ -198,8 +198,7 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], 
             if data.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": data.system_prompt})
             if source.answer_from == "last_number":
-                found = last_number(messages[-1]["content"])
-                answer = canonical(found) if found is not None else None
+                answer = canonical(last_number(messages[-1]["content"]))
             category = source.builtin is not None and record.get("category")
             rows.append({"messages": messages, "source": f"builtin:{category}" if category else label,
                          "answer": answer})  # fmt: skip
@@ -315,15 +314,12 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
         per_source, malformed, formats, rows_in = load_examples(config)
         counts: Counter = Counter(malformed=len(malformed))
         flat = [row for rows in per_source for row in rows]
-        lengths = dict(zip(map(key, flat), token_lengths(tokenizer, flat), strict=True))
-        seen: set[str] = set()
+        lengths = dict(zip(map(id, flat), token_lengths(tokenizer, flat), strict=True))
+        first = {key(row): id(row) for row in reversed(flat)}  # each conversation's first row
         for rows in per_source:
-            reasons = []
-            for row in rows:
-                length = lengths[key(row)]
-                reasons.append("duplicate" if config.data.dedupe and key(row) in seen else "template_error"
-                               if length is None else "too_long" if length > config.data.max_length else "")
-                seen.add(key(row))
+            reasons = [("duplicate" if config.data.dedupe and first[key(row)] != id(row) else
+                        "template_error" if lengths[id(row)] is None else
+                        "too_long" if lengths[id(row)] > config.data.max_length else "") for row in rows]
             counts.update(filter(None, reasons))
             rows[:] = [row for row, reason in zip(rows, reasons, strict=True) if not reason]
         train, held_out = split(per_source, config, counts)
@@ -337,7 +333,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     finally:
         if bars:
             datasets.enable_progress_bars()
-    kept_lengths, seed = [lengths[key(row)] for row in train + held_out], data_seed(config)
+    kept_lengths, seed = [lengths[id(row)] for row in train + held_out], data_seed(config)
     ordered, n = sorted(kept_lengths), len(kept_lengths)  # never empty: split() leaves a row or fails
     token_length = {f"p{p}": float(ordered[min(n - 1, int(p / 100 * n))]) for p in (50, 90, 95, 99)}
     out_per_source = sorted(Counter(row["source"] for row in train + held_out).items())
