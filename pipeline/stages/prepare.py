@@ -142,8 +142,7 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
         raise Malformed(f"row must be an object (got {type(record).__name__})")
     if fmt == "prompt_completion" and any(isinstance(record.get(k), list) for k in ("prompt", "completion")):
         keys = TURNS["messages"][1:]  # TRL's conversational variant
-        messages = [turn for part in ("prompt", "completion")
-                    for turn in _turns(record.get(part), part, *keys)]
+        messages = [t for part in ("prompt", "completion") for t in _turns(record.get(part), part, *keys)]
     elif fmt in TURNS:
         field, *keys = TURNS[fmt]
         if field not in record:
@@ -187,10 +186,9 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], 
                 if fmt == "auto":
                     fmt = next((name for name, keys in FORMAT_KEYS.items() if keys <= record.keys()), "auto")
                 if fmt == "auto":
-                    keys = ", ".join(sorted(map(str, record))[:8])
-                    raise StageError(f"data.sources.{index}.format: cannot detect the format of {label} (row "
-                                     f"{number} has keys: {keys}); set it to alpaca, sharegpt, messages or "
-                                     "prompt_completion")  # fmt: skip
+                    raise StageError(f"data.sources.{index}.format: cannot detect the format of {label} "
+                                     f"(row {number} has keys: {', '.join(sorted(record)[:8])}); set it to "
+                                     "alpaca, sharegpt, messages or prompt_completion")  # fmt: skip
                 messages, answer = normalise(record, fmt)
             except Malformed as problem:
                 malformed.append({"source": label, "row": number, "reason": str(problem)})
@@ -308,7 +306,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     from datasets import Dataset, DatasetDict, Features, List, Value
 
     check_template(tokenizer)
-    bars = datasets.is_progress_bar_enabled()
+    bars, seed = datasets.is_progress_bar_enabled(), data_seed(config)
     datasets.disable_progress_bars()  # a bar per file read, map and shard written: noise next to ours
     try:
         per_source, malformed, formats, rows_in = load_examples(config)
@@ -333,15 +331,14 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     finally:
         if bars:
             datasets.enable_progress_bars()
-    kept_lengths, seed = [lengths[id(row)] for row in train + held_out], data_seed(config)
-    ordered, n = sorted(kept_lengths), len(kept_lengths)  # never empty: split() leaves a row or fails
+    ordered, n = sorted(lengths[id(row)] for row in train + held_out), len(train) + len(held_out)  # n ≥ 1
     token_length = {f"p{p}": float(ordered[min(n - 1, int(p / 100 * n))]) for p in (50, 90, 95, 99)}
     out_per_source = sorted(Counter(row["source"] for row in train + held_out).items())
     digests = {name: sha256(*(json.dumps([row[column] for column in features], sort_keys=True)
                                   for row in rows)) for name, rows in splits.items()}
     stats = {
         "rows_in": {"total": sum(rows_in.values()), **{f"source:{k}": v for k, v in rows_in.items()}},
-        "rows_out": {"total": len(kept_lengths), "train": len(train), "eval": len(held_out),
+        "rows_out": {"total": n, "train": len(train), "eval": len(held_out),
                      **{f"source:{k}": v for k, v in out_per_source}},
         "dropped": {name: counts[name] for name in sorted(counts) if counts[name]},
         "token_length": token_length | {"min": float(ordered[0]), "max": float(ordered[-1]),
@@ -354,7 +351,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     if malformed:
         text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in malformed)
         (out_dir / "malformed.jsonl").write_text(text, encoding="utf-8")
-    plot_lengths(kept_lengths, config.data.max_length, out_dir / "token_lengths.png")
+    plot_lengths(ordered, config.data.max_length, out_dir / "token_lengths.png")
     return stats
 
 
