@@ -4,9 +4,9 @@ runs offline on data that ships with the project, and evaluation checks answers 
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import json
 import random
+from itertools import cycle, islice
 from pathlib import Path
 
 # names, items, words, cities; units as (from, to, factor): integer factors keep answers exact
@@ -79,8 +79,7 @@ def _list_manipulation(rng: random.Random) -> Task:
 
 
 def _date_arithmetic(rng: random.Random) -> Task:
-    start = _dt.date(2020, 1, 1) + _dt.timedelta(days=rng.randint(0, 2000))
-    days = rng.randint(1, 120)
+    start, days = _dt.date(2020, 1, 1) + _dt.timedelta(days=rng.randint(0, 2000)), rng.randint(1, 120)
     end = (start + _dt.timedelta(days=days)).isoformat()
     if rng.random() < 0.5:
         return f"What date is {days} days after {start.isoformat()}? Answer as YYYY-MM-DD.", "", end
@@ -113,9 +112,7 @@ def generate_tasks(n: int, seed: int) -> list[dict[str, str]]:
     ``output`` is a short worked solution ending in ``Answer: <answer>``."""
     if n < 0:
         raise ValueError(f"n must be >= 0 (got {n})")
-    rng, tasks = random.Random(seed), []
-    for category in itertools.islice(itertools.cycle(CATEGORIES), n):
-        instruction, steps, answer = GENERATORS[category](rng)
-        tasks.append({"category": category, "instruction": instruction,
-                      "output": (steps and f"{steps}\n") + f"Answer: {answer}", "answer": answer})
-    return tasks
+    rng = random.Random(seed)
+    tasks = [(name, *GENERATORS[name](rng)) for name in islice(cycle(CATEGORIES), n)]
+    return [{"category": name, "instruction": text, "output": (steps and f"{steps}\n") + f"Answer: {answer}",
+             "answer": answer} for name, text, steps, answer in tasks]
