@@ -27,8 +27,7 @@ CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "data", "model.name_or_path", "m
                                    "model.revision", "model.chat_template")  # fmt: skip
 
 ROLES = {role: role for role in ("system", "user", "assistant")}
-SHAREGPT_ROLES = ROLES | {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
-                          "bing": "assistant"}  # fmt: skip
+SHAREGPT_ROLES = ROLES | {"human": "user"} | dict.fromkeys(("gpt", "chatgpt", "bard", "bing"), "assistant")
 # format: the field holding its turns, their role and text keys, its role names → ours
 TURNS = {"sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
          "messages": ("messages", "role", "content", ROLES)}
@@ -165,8 +164,7 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
             raise Malformed(f"turns must alternate user/assistant (turn {position + 1} is {message['role']})")
     if body[-1]["role"] != "assistant":
         raise Malformed("last turn must be from the assistant")
-    answer = record.get("answer")
-    return messages, answer if isinstance(answer, str) else None
+    return messages, record["answer"] if isinstance(record.get("answer"), str) else None
 
 
 def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], dict[str, str], Counter]:
@@ -203,9 +201,8 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], 
         per_source.append(rows)
         formats[label] = fmt
     if data.strict and malformed:
-        first = malformed[0]
-        raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row "
-                         f"{first['row']}: {first['reason']}")  # fmt: skip
+        raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: "
+                         + "{source} row {row}: {reason}".format(**malformed[0]))
     return per_source, malformed, formats, rows_in
 
 
