@@ -4,9 +4,9 @@ runs offline on data that ships with the project, and evaluation checks answers 
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import json
 import random
+from itertools import cycle, islice
 from pathlib import Path
 
 # names, items, words, cities; units as (from, to, factor): integer factors keep answers exact
@@ -28,8 +28,7 @@ def _arithmetic(rng: random.Random) -> Task:
     if kind == 1:
         start, given, friends = rng.randint(30, 120), rng.randint(1, 20), rng.randint(2, 6)
         gone = given * friends
-        while start < gone:
-            start += 10
+        start += max(0, gone - start + 9) // 10 * 10  # in steps of 10, up to the first that covers the gifts
         return (f"{name} had {start} {item} and gave {given} to each of {friends} friends. "
                 f"How many {item} are left?",
                 f"{given} × {friends} = {gone}; {start} − {gone} = {start - gone}.", str(start - gone))
@@ -41,16 +40,12 @@ def _arithmetic(rng: random.Random) -> Task:
 
 def _unit_conversion(rng: random.Random) -> Task:
     source, target, factor = rng.choice(_UNITS)
-    if rng.random() < 0.5:
-        value = rng.randint(2, 250)
-        answer, operator = value * factor, "×"
-        question = f"Convert {value} {source} to {target}. Reply with the number only."
-    else:  # the other direction, chosen so the result is a whole number
-        answer = rng.randint(2, 250)
-        value, operator = answer * factor, "÷"
-        question = f"How many {source} are {value} {target}? Reply with the number only."
-    steps = f"1 {source[:-1]} = {factor} {target}, so {value} {operator} {factor} = {answer}."
-    return question, steps, str(answer)
+    forward, number = rng.random() < 0.5, rng.randint(2, 250)  # backward: chosen so the result is whole
+    value, answer = (number, number * factor) if forward else (number * factor, number)
+    question = (f"Convert {value} {source} to {target}." if forward
+                else f"How many {source} are {value} {target}?")  # fmt: skip
+    steps = f"1 {source[:-1]} = {factor} {target}, so {value} {'×' if forward else '÷'} {factor} = {answer}."
+    return f"{question} Reply with the number only.", steps, str(answer)
 
 
 def _string_manipulation(rng: random.Random) -> Task:
@@ -84,8 +79,7 @@ def _list_manipulation(rng: random.Random) -> Task:
 
 
 def _date_arithmetic(rng: random.Random) -> Task:
-    start = _dt.date(2020, 1, 1) + _dt.timedelta(days=rng.randint(0, 2000))
-    days = rng.randint(1, 120)
+    start, days = _dt.date(2020, 1, 1) + _dt.timedelta(days=rng.randint(0, 2000)), rng.randint(1, 120)
     end = (start + _dt.timedelta(days=days)).isoformat()
     if rng.random() < 0.5:
         return f"What date is {days} days after {start.isoformat()}? Answer as YYYY-MM-DD.", "", end
@@ -108,10 +102,8 @@ def _json_formatting(rng: random.Random) -> Task:
     return question, "", json.dumps(items)
 
 
-GENERATORS = {
-    "arithmetic": _arithmetic, "unit_conversion": _unit_conversion, "string": _string_manipulation,
-    "list": _list_manipulation, "date": _date_arithmetic, "json": _json_formatting,
-}  # fmt: skip
+GENERATORS = {"arithmetic": _arithmetic, "unit_conversion": _unit_conversion, "string": _string_manipulation,
+              "list": _list_manipulation, "date": _date_arithmetic, "json": _json_formatting}  # fmt: skip
 CATEGORIES: tuple[str, ...] = tuple(GENERATORS)
 
 
@@ -120,9 +112,7 @@ def generate_tasks(n: int, seed: int) -> list[dict[str, str]]:
     ``output`` is a short worked solution ending in ``Answer: <answer>``."""
     if n < 0:
         raise ValueError(f"n must be >= 0 (got {n})")
-    rng, tasks = random.Random(seed), []
-    for category in itertools.islice(itertools.cycle(CATEGORIES), n):
-        instruction, steps, answer = GENERATORS[category](rng)
-        tasks.append({"category": category, "instruction": instruction,
-                      "output": (steps and f"{steps}\n") + f"Answer: {answer}", "answer": answer})
-    return tasks
+    rng = random.Random(seed)
+    tasks = [(name, *GENERATORS[name](rng)) for name in islice(cycle(CATEGORIES), n)]
+    return [{"category": name, "instruction": text, "output": (steps and f"{steps}\n") + f"Answer: {answer}",
+             "answer": answer} for name, text, steps, answer in tasks]

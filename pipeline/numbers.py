@@ -23,7 +23,7 @@ def last_number(text: str) -> Decimal | None:
     return Decimal(found[-1].replace(",", "").replace("$", "")) if found else None
 
 
-def canonical(number: Decimal) -> str:
-    """The shortest plain spelling: 72.00 → "72", 0.50 → "0.5", -3 → "-3" (never "7.2E+1")."""
-    text = format(number.normalize(), "f")
+def canonical(number: Decimal | None) -> str | None:
+    """The shortest plain spelling: 72.00 → "72", 0.50 → "0.5", -3 → "-3" (never "7.2E+1"); None stays."""
+    text = format(number.normalize(), "f") if number is not None else None
     return "0" if text in ("-0", "") else text

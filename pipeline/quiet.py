@@ -4,7 +4,6 @@ before the libraries are imported (tqdm and datasets read their settings from th
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -15,20 +14,17 @@ from pathlib import Path
 # [logger, message start, why it is dropped], one per line
 LOG_MESSAGES = [json.loads(line) for line in (Path(__file__).parent / "builtin" / "quiet_log_messages.jsonl")
                 .read_text(encoding="utf-8").splitlines()]  # fmt: skip
-
-
-def _keep(start: str, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(start)
+# One filter object per message: logging adds an object once, so a second install() adds nothing.
+_FILTERS = [(name, lambda record, start=start: not record.getMessage().startswith(start))
+            for name, start, _why in LOG_MESSAGES]
 
 
 def install() -> None:
     """Add the filters (idempotent). Output that is not a terminal (a log file, a Slurm job) also gets
     progress bars redrawn every 5 s, at one position (a nested bar moves the cursor up with ``ESC[A``:
     debris in a file), and none for datasets' preprocessing passes (seconds each)."""
-    for name, start, _why in LOG_MESSAGES:
-        logger = logging.getLogger(name)
-        if not any(getattr(known, "args", None) == (start,) for known in logger.filters):
-            logger.addFilter(functools.partial(_keep, start))
+    for name, keep in _FILTERS:
+        logging.getLogger(name).addFilter(keep)
     # PEFT 0.21 reads transformers' old attribute name when wrapping a model (ours: activation_checkpointing)
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
     if not sys.stderr.isatty():

@@ -1,7 +1,6 @@
-"""The 'export' stage: copy the trained adapter, merge it into its base, verify, write a standalone model:
-reloaded from disk by plain ``transformers``, it must reproduce base + adapter's logits within the dtype's
-tolerance, else no ``merged/`` is left. The model card holds no scores (re-judging would invalidate a
-multi-GB model that did not change): they live in evaluate's MLflow run and promote's ``eval.*`` tags."""
+"""The 'export' stage: the adapter, and a merged model that plain ``transformers`` must reload with base +
+adapter's logits within the dtype's tolerance (else no ``merged/``). Cards hold no scores (re-judging would
+outdate an unchanged multi-GB model): they are in evaluate's MLflow run and promote's ``eval.*`` tags."""
 
 from __future__ import annotations
 
@@ -41,8 +40,7 @@ def run(ctx: StageContext) -> StageResult:
         adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise StageError(f"export: {config_path} is not valid JSON: {error}") from error
-    method = str(adapter_config.get("peft_type", "?")).lower()
-    work = ctx.work_dir
+    method, work = str(adapter_config.get("peft_type", "?")).lower(), ctx.work_dir
     shutil.rmtree(work, ignore_errors=True)  # an interrupted attempt's leftovers are never trusted
     shutil.copytree(source, work / "adapter")
     mlflow = active_mlflow()  # the stage's child run (ctx.mlflow_run_id), if tracking is on
@@ -73,10 +71,9 @@ def run(ctx: StageContext) -> StageResult:
 
 def summary(metrics: dict[str, float]) -> str:
     """The stage's result line."""
-    if "verify_rel_error" not in metrics:
-        return "adapter copied (export.mode: adapter_only)"
     return (f"merged model verified: relative logit error {metrics['verify_rel_error']:.2g}, top-1 agreement "
-            f"{metrics['verify_top1_agreement']:.3f}")  # fmt: skip
+            f"{metrics['verify_top1_agreement']:.3f}" if "verify_rel_error" in metrics
+            else "adapter copied (export.mode: adapter_only)")  # fmt: skip
 
 
 def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dict[str, Any]) -> dict:
@@ -101,10 +98,9 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
     else:
         log.warning("export: %s has no tokenizer; using the base model's", source)
         tokenizer = load_tokenizer(ctx.config.model)
-    # Unquantised, in the dtype we ship: that rounding is real.
+    # Unquantised, in the dtype we ship, then merged and verified in float32 (an exact upcast): the shipped
+    # weights are rounded once, at save, and the check measures that rounding, not half-precision compute.
     base = load_model(ctx.config.model.model_copy(update={"dtype": dtype_name}), quantize=False)
-    # Merge and verify in float32 (an exact upcast), so the shipped weights are rounded once, at save
-    # time, and the check measures that rounding rather than half-precision compute.
     model = PeftModel.from_pretrained(base.float(), str(source), is_trainable=True).eval()
     trainable, total = model.get_nb_trainable_parameters()
     prompts = verification_inputs(tokenizer, cfg.verify_prompts, cfg.verify_max_tokens)
@@ -146,8 +142,7 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
 
 
 def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any] | None, kind: str) -> str:
-    """The Hugging Face model card of ``merged/`` or ``adapter/`` (builtin/model_card.md.jinja, rendered as
-    huggingface_hub renders cards); ``report``: the merge verification (None in ``adapter_only`` mode)."""
+    """The Hugging Face card of ``merged/`` or ``adapter/``, rendered as huggingface_hub renders cards."""
     import jinja2
 
     text = (Path(__file__).parents[1] / "builtin" / "model_card.md.jinja").read_text(encoding="utf-8")

@@ -27,8 +27,7 @@ CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "data", "model.name_or_path", "m
                                    "model.revision", "model.chat_template")  # fmt: skip
 
 ROLES = {role: role for role in ("system", "user", "assistant")}
-SHAREGPT_ROLES = ROLES | {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
-                          "bing": "assistant"}  # fmt: skip
+SHAREGPT_ROLES = ROLES | {"human": "user"} | dict.fromkeys(("gpt", "chatgpt", "bard", "bing"), "assistant")
 # format: the field holding its turns, their role and text keys, its role names → ours
 TURNS = {"sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES),
          "messages": ("messages", "role", "content", ROLES)}
@@ -142,8 +141,7 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
         raise Malformed(f"row must be an object (got {type(record).__name__})")
     if fmt == "prompt_completion" and any(isinstance(record.get(k), list) for k in ("prompt", "completion")):
         keys = TURNS["messages"][1:]  # TRL's conversational variant
-        messages = [turn for part in ("prompt", "completion")
-                    for turn in _turns(record.get(part), part, *keys)]
+        messages = [t for part in ("prompt", "completion") for t in _turns(record.get(part), part, *keys)]
     elif fmt in TURNS:
         field, *keys = TURNS[fmt]
         if field not in record:
@@ -166,8 +164,7 @@ def normalise(record: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
             raise Malformed(f"turns must alternate user/assistant (turn {position + 1} is {message['role']})")
     if body[-1]["role"] != "assistant":
         raise Malformed("last turn must be from the assistant")
-    answer = record.get("answer")
-    return messages, answer if isinstance(answer, str) else None
+    return messages, record["answer"] if isinstance(record.get("answer"), str) else None
 
 
 def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], dict[str, str], Counter]:
@@ -187,10 +184,9 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], 
                 if fmt == "auto":
                     fmt = next((name for name, keys in FORMAT_KEYS.items() if keys <= record.keys()), "auto")
                 if fmt == "auto":
-                    keys = ", ".join(sorted(map(str, record))[:8])
-                    raise StageError(f"data.sources.{index}.format: cannot detect the format of {label} (row "
-                                     f"{number} has keys: {keys}); set it to alpaca, sharegpt, messages or "
-                                     "prompt_completion")  # fmt: skip
+                    raise StageError(f"data.sources.{index}.format: cannot detect the format of {label} "
+                                     f"(row {number} has keys: {', '.join(sorted(record)[:8])}); set it to "
+                                     "alpaca, sharegpt, messages or prompt_completion")  # fmt: skip
                 messages, answer = normalise(record, fmt)
             except Malformed as problem:
                 malformed.append({"source": label, "row": number, "reason": str(problem)})
@@ -198,17 +194,15 @@ def load_examples(config: PipelineConfig) -> tuple[list[list[Row]], list[dict], 
             if data.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": data.system_prompt})
             if source.answer_from == "last_number":
-                found = last_number(messages[-1]["content"])
-                answer = canonical(found) if found is not None else None
+                answer = canonical(last_number(messages[-1]["content"]))
             category = source.builtin is not None and record.get("category")
             rows.append({"messages": messages, "source": f"builtin:{category}" if category else label,
                          "answer": answer})  # fmt: skip
         per_source.append(rows)
         formats[label] = fmt
     if data.strict and malformed:
-        first = malformed[0]
-        raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: {first['source']} row "
-                         f"{first['row']}: {first['reason']}")  # fmt: skip
+        raise StageError(f"data.strict: {len(malformed)} malformed row(s); first: "
+                         + "{source} row {row}: {reason}".format(**malformed[0]))
     return per_source, malformed, formats, rows_in
 
 
@@ -309,21 +303,18 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     from datasets import Dataset, DatasetDict, Features, List, Value
 
     check_template(tokenizer)
-    bars = datasets.is_progress_bar_enabled()
+    bars, seed = datasets.is_progress_bar_enabled(), data_seed(config)
     datasets.disable_progress_bars()  # a bar per file read, map and shard written: noise next to ours
     try:
         per_source, malformed, formats, rows_in = load_examples(config)
         counts: Counter = Counter(malformed=len(malformed))
         flat = [row for rows in per_source for row in rows]
-        lengths = dict(zip(map(key, flat), token_lengths(tokenizer, flat), strict=True))
-        seen: set[str] = set()
+        lengths = dict(zip(map(id, flat), token_lengths(tokenizer, flat), strict=True))
+        first = {key(row): id(row) for row in reversed(flat)}  # each conversation's first row
         for rows in per_source:
-            reasons = []
-            for row in rows:
-                length = lengths[key(row)]
-                reasons.append("duplicate" if config.data.dedupe and key(row) in seen else "template_error"
-                               if length is None else "too_long" if length > config.data.max_length else "")
-                seen.add(key(row))
+            reasons = [("duplicate" if config.data.dedupe and first[key(row)] != id(row) else
+                        "template_error" if lengths[id(row)] is None else
+                        "too_long" if lengths[id(row)] > config.data.max_length else "") for row in rows]
             counts.update(filter(None, reasons))
             rows[:] = [row for row, reason in zip(rows, reasons, strict=True) if not reason]
         train, held_out = split(per_source, config, counts)
@@ -337,15 +328,14 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     finally:
         if bars:
             datasets.enable_progress_bars()
-    kept_lengths, seed = [lengths[key(row)] for row in train + held_out], data_seed(config)
-    ordered, n = sorted(kept_lengths), len(kept_lengths)  # never empty: split() leaves a row or fails
+    ordered, n = sorted(lengths[id(row)] for row in train + held_out), len(train) + len(held_out)  # n ≥ 1
     token_length = {f"p{p}": float(ordered[min(n - 1, int(p / 100 * n))]) for p in (50, 90, 95, 99)}
     out_per_source = sorted(Counter(row["source"] for row in train + held_out).items())
     digests = {name: sha256(*(json.dumps([row[column] for column in features], sort_keys=True)
                                   for row in rows)) for name, rows in splits.items()}
     stats = {
         "rows_in": {"total": sum(rows_in.values()), **{f"source:{k}": v for k, v in rows_in.items()}},
-        "rows_out": {"total": len(kept_lengths), "train": len(train), "eval": len(held_out),
+        "rows_out": {"total": n, "train": len(train), "eval": len(held_out),
                      **{f"source:{k}": v for k, v in out_per_source}},
         "dropped": {name: counts[name] for name in sorted(counts) if counts[name]},
         "token_length": token_length | {"min": float(ordered[0]), "max": float(ordered[-1]),
@@ -358,7 +348,7 @@ def build(config: PipelineConfig, tokenizer: Any, out_dir: Path) -> dict[str, An
     if malformed:
         text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in malformed)
         (out_dir / "malformed.jsonl").write_text(text, encoding="utf-8")
-    plot_lengths(kept_lengths, config.data.max_length, out_dir / "token_lengths.png")
+    plot_lengths(ordered, config.data.max_length, out_dir / "token_lengths.png")
     return stats
 
 
