@@ -1,6 +1,5 @@
-"""The 'promote' stage: log the exported model(s) to MLflow, register a version tagged with the
-scores (``eval.*``), lineage (``lineage.*``) and per-question results' URI, and move the alias
-(``models:/NAME@champion``) only if the gate passes. ``gate`` is pure: testable without MLflow."""
+"""The 'promote' stage: log the exported model(s) to MLflow, register a version tagged with scores, lineage
+and per-question results, and move ``models:/NAME@champion`` if the pure (MLflow-free) ``gate`` passes."""
 
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GateDecision:
     """Whether a candidate version takes the alias, and why (recorded verbatim as tags)."""
-
     promote: bool
     reason: str
     forced: bool
@@ -50,10 +48,9 @@ class GateDecision:
 def gate(*, metric: str, value: float | None, threshold: float | None, margin: float,
          champion_version: str | None, champion_value: float | None, force: bool = False,
          mode: str = "point", interval: dict[str, Any] | None = None) -> GateDecision:  # fmt: skip
-    """The promotion rule: ``value`` (higher is better) present, at or above any ``threshold``, and not
-    below the champion's by more than ``margin`` (a champion without a recorded value is kept). With
-    ``mode="ci"``, instead, the ``interval`` of candidate - champion (or - base before there is one)
-    must have its lower bound above ``-margin``. ``force`` promotes and says what the gate decided."""
+    """The promotion rule: ``value`` (higher is better) present, at or above any ``threshold``, not below
+    the champion's by more than ``margin`` (a champion without a recorded value is kept); ``mode="ci"``:
+    the ``interval`` of candidate - champion (or - base) has a lower bound > ``-margin``. ``force`` wins."""
     if value is None:
         passed, reason = False, f"{metric} is missing from the evaluation results (null)"
     elif threshold is not None and value < threshold:
@@ -126,14 +123,12 @@ def run(ctx: StageContext) -> StageResult:
         logged = {kind: _log_model(ctx, export_dir, kind) for kind in cfg.log}
         tags = {
             **{f"eval.{name}": str(value) for name, value in metrics.items() if value is not None},
-            "lineage.run_id": run_id,
+            "lineage.run_id": run_id, "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
             "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
-            "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
             "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
             **{f"lineage.{key}": str(lineage.get(key)) for key in ("adapter_digest", "base_model", "method")},
             "lineage.artifact": cfg.register_from,
-            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
-        }
+            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()}}
         if rows is not None:  # the next candidate's gate pairs its questions with these
             mlflow.log_artifact(str(per_question), artifact_path="evaluation")
             tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
