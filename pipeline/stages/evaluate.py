@@ -26,8 +26,7 @@ from pipeline.tracking import active_mlflow, metric_name
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
 CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
-# StageResult.outputs, each when it exists (no radar or judgments without a judge)
-OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",
+OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",  # each if written
            "per_question": "per_question.jsonl", "comparisons_plot": "comparisons.png", "answers": "answers",
            "judgments": "judgments"}  # fmt: skip
 
@@ -118,11 +117,9 @@ def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
 
 def generation_settings(config: PipelineConfig, greedy: Iterable[Question] = ()) -> GenerationSettings:
     """Sampling settings; ``greedy`` questions' categories at temperature 0 (exact match: no sample luck)."""
-    cfg = config.eval
-    return GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=config.run.seed,
-                              batch_size=cfg.batch_size, default_temperature=cfg.default_temperature,
-                              temperatures={q.category: 0.0 for q in greedy} | dict(cfg.temperatures),
-                              verifiable_max_new_tokens=cfg.verifiable_max_new_tokens)  # fmt: skip
+    same = {"max_new_tokens", "batch_size", "default_temperature", "verifiable_max_new_tokens"}  # same names
+    return GenerationSettings(**config.eval.model_dump(include=same), seed=config.run.seed,
+                              temperatures={q.category: 0.0 for q in greedy} | config.eval.temperatures)
 
 
 def generate_all(config: PipelineConfig, questions: list[Question], answers_dir: Path,
@@ -140,10 +137,9 @@ def generate_all(config: PipelineConfig, questions: list[Question], answers_dir:
         answers[name] = generate_answers(model, tokenizer, questions, settings, model_id=name,
                                          model_identity=identity, cache_path=answers_dir / f"{name}.jsonl")
 
-    model = None
-    if "base" in config.eval.models or adapter:
-        model = load_model(config.model, device_map=device_map).eval()
-    if "base" in config.eval.models:
+    base = "base" in config.eval.models
+    model = load_model(config.model, device_map=device_map).eval() if base or adapter else None
+    if base:
         answer("base", model, load_tokenizer(config.model), base_identity)
     if adapter:
         own = config.model.model_copy(update=folder | {"chat_template": None})  # saved with it: its template
