@@ -143,8 +143,7 @@ class Tracker:
 
     @contextlib.contextmanager
     def stage_run(self, stage: str) -> Iterator[str | None]:
-        """A child run for one stage execution, active for the duration of the block: FINISHED, FAILED
-        if the block raises, KILLED if interrupted (Ctrl-C, SIGTERM) or preempted (a rerun resumes)."""
+        """A child run for the block: FINISHED, FAILED if it raises, KILLED if interrupted or preempted."""
         if self.mlflow is None:
             yield None
             return

@@ -1,6 +1,5 @@
-"""The 'evaluate' stage, MT-Bench's recipe (FastChat ``llm_judge``): base and tuned model answer
-``eval.questions`` and held-out eval-split rows, a judge grades them (single and/or pairwise), scores get
-95% bootstrap intervals and paired tuned-base comparisons. Answers and judgments are cached: reruns resume."""
+"""The 'evaluate' stage (MT-Bench's recipe): base and tuned answer ``eval.questions`` and held-out rows, a
+judge grades them; scores get 95% bootstrap intervals and paired tuned-base diffs. Caches: reruns resume."""
 
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ from pipeline.tracking import active_mlflow, metric_name
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("prepare", "train")
 CONFIG_SECTIONS: tuple[str, ...] = ("run.seed", "model", "eval")  # generation is seeded by run.seed
-# StageResult.outputs, each when it exists (no radar or judgments without a judge)
-OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",
+OUTPUTS = {"results": "results.json", "table": "results.md", "radar": "radar.png",  # each if written
            "per_question": "per_question.jsonl", "comparisons_plot": "comparisons.png", "answers": "answers",
            "judgments": "judgments"}  # fmt: skip
 
@@ -49,8 +47,7 @@ def run(ctx: StageContext) -> StageResult:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
 
-    # Everything that can be wrong with the inputs fails here, before a model loads.
-    questions, heldout = all_questions(ctx)
+    questions, heldout = all_questions(ctx)  # what can be wrong with the inputs fails before a model loads
     prompts = load_prompts(cfg.judge.prompts, cfg.judge.mode)
     from pipeline.judges import LocalJudge, OpenAIJudge  # an HTTP judge checks that its key's env var is set
 
@@ -99,8 +96,7 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
-    """(every question, the held-out ones): ``eval.questions`` (generated tasks leave out the training
-    split's user messages), then ``eval.heldout_questions`` rows of the prepared eval split."""
+    """(all, held-out): ``eval.questions`` (generated: no trained user message), then eval-split rows."""
     cfg, dataset_dir = ctx.config.eval, ctx.run_dir / "prepare" / "dataset"
     trained: list[str] = []
     if dataset_dir.is_dir():
@@ -120,19 +116,15 @@ def all_questions(ctx: StageContext) -> tuple[list[Question], list[Question]]:
 
 
 def generation_settings(config: PipelineConfig, greedy: Iterable[Question] = ()) -> GenerationSettings:
-    """Sampling settings; ``greedy`` questions' categories (held-out, exact match: no sampling luck, as
-    MT-Bench's temperature 0 for math) are decoded greedily unless ``eval.temperatures`` names them."""
-    cfg = config.eval
-    return GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=config.run.seed,
-                              batch_size=cfg.batch_size, default_temperature=cfg.default_temperature,
-                              temperatures={q.category: 0.0 for q in greedy} | dict(cfg.temperatures),
-                              verifiable_max_new_tokens=cfg.verifiable_max_new_tokens)  # fmt: skip
+    """Sampling settings; ``greedy`` questions' categories at temperature 0 (exact match: no sample luck)."""
+    same = {"max_new_tokens", "batch_size", "default_temperature", "verifiable_max_new_tokens"}  # same names
+    return GenerationSettings(**config.eval.model_dump(include=same), seed=config.run.seed,
+                              temperatures={q.category: 0.0 for q in greedy} | config.eval.temperatures)
 
 
 def generate_all(config: PipelineConfig, questions: list[Question], answers_dir: Path,
                  tuned_path: Path | None, greedy: Iterable[Question] = ()) -> dict[str, dict[str, Any]]:
-    """Answers of ``base`` then ``tuned``, cached in ``answers_dir``. One base model is loaded: it
-    answers as ``base``, then carries the adapter for ``tuned`` (a merged folder is loaded instead)."""
+    """Base's, then tuned's answers (cached): one base model answers, then carries any adapter for tuned."""
     import torch
 
     settings, base_identity = generation_settings(config, greedy), model_identity(config.model)
@@ -145,10 +137,9 @@ def generate_all(config: PipelineConfig, questions: list[Question], answers_dir:
         answers[name] = generate_answers(model, tokenizer, questions, settings, model_id=name,
                                          model_identity=identity, cache_path=answers_dir / f"{name}.jsonl")
 
-    model = None
-    if "base" in config.eval.models or adapter:
-        model = load_model(config.model, device_map=device_map).eval()
-    if "base" in config.eval.models:
+    base = "base" in config.eval.models
+    model = load_model(config.model, device_map=device_map).eval() if base or adapter else None
+    if base:
         answer("base", model, load_tokenizer(config.model), base_identity)
     if adapter:
         own = config.model.model_copy(update=folder | {"chat_template": None})  # saved with it: its template
@@ -177,9 +168,8 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
 
 
 def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[Any, bool]:
-    """The adapter merged into the base weights (generation then costs exactly the base's), when the
-    merged logits match the unmerged adapter's on export's prompts within export's tolerance; else
-    unmerged. An 8-bit base stays unmerged: merging into int8 weights loses most of a low-rank update."""
+    """The adapter merged into the base (generation then costs the base's) if the merged logits match the
+    unmerged on export's prompts and tolerance; an 8-bit base stays unmerged (int8 loses low-rank updates)."""
     if config.model.load_in_8bit:
         log.info("evaluate: 8-bit base; the tuned model answers unmerged (no merge into int8 weights)")
         return model, False
@@ -198,17 +188,15 @@ def merge_verified(model: Any, tokenizer: Any, config: PipelineConfig) -> tuple[
 def judge_summary(config: PipelineConfig) -> dict[str, Any]:
     """What graded the answers, for the report (no secrets)."""
     judge, local = config.eval.judge, config.eval.judge.local_model or config.model
-    summary = {"backend": judge.backend, "prompts": judge.prompts or "builtin", "mode": judge.mode,
+    about = {"backend": judge.backend, "prompts": judge.prompts or "builtin", "mode": judge.mode,
                "samples": judge.samples, "temperature": judge.temperature}  # fmt: skip
     if judge.backend == "openai":
-        return summary | {"model": judge.model, "base_url": judge.base_url or "https://api.openai.com/v1"}
-    return summary | {"model": local.name_or_path, "gguf_file": local.gguf_file,
-                      "scoring": judge.local_scoring}  # fmt: skip
+        return about | {"model": judge.model, "base_url": judge.base_url or "https://api.openai.com/v1"}
+    return about | {"model": local.name_or_path, "gguf_file": local.gguf_file, "scoring": judge.local_scoring}
 
 
 def write_results(work: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
-    """results.json, per_question.jsonl, results.md and the plots (each written whole, then renamed);
-    returns the stage's outputs, also logged, with tags, to the active (evaluate child) run if any."""
+    """Write the results and plots (each whole, then renamed); log them to the active MLflow run, if any."""
     from pipeline.eval.plots import comparison_chart, radar_chart
 
     judge, asked = results["judge"], results["questions"]

@@ -1,6 +1,5 @@
-"""The 'promote' stage: log the exported model(s) to MLflow, register a version tagged with the
-scores (``eval.*``), lineage (``lineage.*``) and per-question results' URI, and move the alias
-(``models:/NAME@champion``) only if the gate passes. ``gate`` is pure: testable without MLflow."""
+"""The 'promote' stage: log the exported model(s) to MLflow, register a version tagged with scores, lineage
+and per-question results, and move ``models:/NAME@champion`` if the pure (MLflow-free) ``gate`` passes."""
 
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GateDecision:
     """Whether a candidate version takes the alias, and why (recorded verbatim as tags)."""
-
     promote: bool
     reason: str
     forced: bool
@@ -42,45 +40,42 @@ class GateDecision:
     interval: dict[str, Any] | None = None  # the ci gate's: diff, ci95, n, against, paired, note
 
     def as_tags(self) -> dict[str, str]:
-        return {"promotion.decision": "promoted" if self.promote else "refused",
-                "promotion.reason": self.reason, "promotion.forced": str(self.forced).lower(),
-                "promotion.gate": self.gate}  # fmt: skip
+        return {"promotion.decision": "promoted" if self.promote else "refused", "promotion.gate": self.gate,
+                "promotion.reason": self.reason, "promotion.forced": str(self.forced).lower()}  # fmt: skip
 
 
 def gate(*, metric: str, value: float | None, threshold: float | None, margin: float,
          champion_version: str | None, champion_value: float | None, force: bool = False,
          mode: str = "point", interval: dict[str, Any] | None = None) -> GateDecision:  # fmt: skip
-    """The promotion rule: ``value`` (higher is better) present, at or above any ``threshold``, and not
-    below the champion's by more than ``margin`` (a champion without a recorded value is kept). With
-    ``mode="ci"``, instead, the ``interval`` of candidate - champion (or - base before there is one)
-    must have its lower bound above ``-margin``. ``force`` promotes and says what the gate decided."""
+    """The promotion rule: ``value`` (higher is better) present, at or above any ``threshold``, not below
+    the champion's by more than ``margin`` (a champion without a recorded value is kept); ``mode="ci"``:
+    the ``interval`` of candidate - champion (or - base) has a lower bound > ``-margin``. ``force`` wins."""
     if value is None:
-        passed, reason = False, f"{metric} is missing from the evaluation results (null)"
+        ok, reason = False, f"{metric} is missing from the evaluation results (null)"
     elif threshold is not None and value < threshold:
-        passed, reason = False, f"{metric}={value:g} is below the threshold {threshold:g}"
+        ok, reason = False, f"{metric}={value:g} is below the threshold {threshold:g}"
     elif mode == "ci" and interval is not None:
         low, high = interval["ci95"]
-        passed, kind = low > -margin, "shared" if interval["paired"] else "(unpaired)"
+        ok, kind = low > -margin, "shared" if interval["paired"] else "(unpaired)"
         note = f"{interval['note']}; " if interval.get("note") else ""
         reason = (f"{note}{metric}: candidate - {interval['against']} = {interval['diff']:+.4g}, 95% "
                   f"interval [{low:+.4g}, {high:+.4g}] over {interval['n']} {kind} questions; its lower "
-                  f"bound is {'' if passed else 'not '}above -margin ({-margin or 0.0:g})")  # fmt: skip
+                  f"bound is {'' if ok else 'not '}above -margin ({-margin or 0.0:g})")  # fmt: skip
     elif champion_version is None:
         floor = f" and meets the threshold {threshold:g}" if threshold is not None else ""
-        passed, reason = True, f"no current champion; {metric}={value:g}{floor}"
+        ok, reason = True, f"no current champion; {metric}={value:g}{floor}"
     elif champion_value is None:
-        passed = False
+        ok = False
         reason = f"the current champion (version {champion_version}) has no recorded {metric} to compare with"
     else:
-        passed = not value < champion_value - margin
+        ok = not value < champion_value - margin
         champion = f"the champion's {champion_value:g} (version {champion_version})"
         reason = f"{metric}={value:g} " + (
-            f"is within the margin {margin:g} of or better than {champion}" if passed
+            f"is within the margin {margin:g} of or better than {champion}" if ok
             else f"is worse than {champion} by more than the margin {margin:g}")  # fmt: skip
     if force:
-        reason, passed = f"forced with --force (gate {'passed' if passed else 'failed'}: {reason})", True
-    return GateDecision(passed, reason, force, metric, value, champion_version, champion_value, mode,
-                        interval)
+        reason, ok = f"forced with --force (gate {'passed' if ok else 'failed'}: {reason})", True
+    return GateDecision(ok, reason, force, metric, value, champion_version, champion_value, mode, interval)
 
 
 def pip_requirements(*, peft: bool) -> list[str]:
@@ -124,16 +119,13 @@ def run(ctx: StageContext) -> StageResult:
             own_run.callback(mlflow.end_run)
         client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
         logged = {kind: _log_model(ctx, export_dir, kind) for kind in cfg.log}
-        tags = {
-            **{f"eval.{name}": str(value) for name, value in metrics.items() if value is not None},
-            "lineage.run_id": run_id,
+        tags = {f"eval.{name}": str(value) for name, value in metrics.items() if value is not None} | {
+            "lineage.run_id": run_id, "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
             "lineage.parent_run_id": str(mlflow.get_run(run_id).data.tags.get("mlflow.parentRunId")),
-            "lineage.export_run_id": str(lineage.get("mlflow_run_id")),
             "lineage.config_digest": digest_of(ctx.config.model_dump(mode="json")),  # the parent run's tag
             **{f"lineage.{key}": str(lineage.get(key)) for key in ("adapter_digest", "base_model", "method")},
             "lineage.artifact": cfg.register_from,
-            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()},
-        }
+            **{f"lineage.data_digest.{k}": v for k, v in lineage.get("data_digests", {}).items()}}
         if rows is not None:  # the next candidate's gate pairs its questions with these
             mlflow.log_artifact(str(per_question), artifact_path="evaluation")
             tags[PER_QUESTION_TAG] = f"runs:/{run_id}/evaluation/per_question.jsonl"
@@ -193,8 +185,7 @@ def _log_model(ctx: StageContext, export_dir: Path, kind: str) -> str:
 
 def gate_interval(rows: list[dict[str, Any]], metric: str, holder: Any | None, champion_value: float | None,
                   value: float | None) -> dict[str, Any] | None:  # fmt: skip
-    """The ci gate's evidence, None if nothing compares: candidate - champion on ``metric``, paired (else
-    unpaired; else the candidate's interval minus the champion's recorded value), or - base before one."""
+    """The ci gate's evidence (None if nothing compares): candidate - champion, or - base before one."""
     import mlflow
 
     model, name = metric.split(".", 1)
