@@ -1,7 +1,6 @@
-"""Judge backends (``pipeline.eval.judging.JudgeBackend``): an OpenAI-compatible endpoint through the
-``openai`` client (it retries with backoff, honouring ``Retry-After``; it alone holds the API key, read from
-the variable the config names), or a local transformers model that generates a verdict or reads the
-ratings' probabilities after ``Rating: [[`` (small judges rarely write the format unprompted)."""
+"""Judge backends (``pipeline.eval.judging.JudgeBackend``): an OpenAI-compatible endpoint (the ``openai``
+client retries, honouring ``Retry-After``; only it holds the key, from the env variable named), or a local
+transformers model that generates verdicts or reads rating probabilities (small judges rarely write them)."""
 
 from __future__ import annotations
 
@@ -143,9 +142,8 @@ class LocalJudge:
         # "expected": the probability-weighted mean rating, as G-Eval scores. Small judges put most
         # mass on one habitual number, so the arg-max barely moves; the expectation still follows
         # how the judge's belief shifts between answers.
-        ratings = torch.arange(1, 11, dtype=torch.float64)
-        means = [float((torch.tensor(s, dtype=torch.float64).softmax(dim=0) * ratings).sum()) for s in scores]
-        return [f"Rating: [[{mean:.2f}]]" for mean in means]
+        means = torch.tensor(scores, dtype=torch.float64).softmax(dim=1) @ torch.arange(1.0, 11.0).double()
+        return [f"Rating: [[{mean:.2f}]]" for mean in means.tolist()]
 
     def rating_logprobs(self, prompt: str) -> list[float]:
         """log p("k]]" | prompt + "Rating: [[") for k = 1..10."""

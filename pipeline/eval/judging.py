@@ -41,20 +41,12 @@ class JudgeBackend(Protocol):
 
 @dataclass(frozen=True)
 class JudgeTask:
-    """One answer turn to grade (``turn`` is 1-based, like FastChat)."""
+    """One answer turn to grade; ``labels`` say whose (a cached verdict may be shared by several)."""
 
-    question: Question
-    model_id: str
-    turn: int
+    labels: dict[str, Any]  # question_id, model ("tuned|base": a pair), turn (1-based, as FastChat), category
     prompt: JudgePrompt
     user_prompt: str
     key: str
-
-    @property
-    def labels(self) -> dict[str, Any]:
-        """The fields that say whose answer a judgment grades (a cached verdict may be shared)."""
-        return {"question_id": self.question.question_id, "model": self.model_id, "turn": self.turn,
-                "category": self.question.category}  # fmt: skip
 
 
 def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
@@ -74,7 +66,9 @@ def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, 
                     payload = {"judge": judge_identity, "user_prompt": user_prompt, "samples": samples,
                                "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template]}
                     key = digest_of(payload, compact=False)
-                    tasks.append(JudgeTask(q, "|".join(models), turn, prompt, user_prompt, key))
+                    labels = {"question_id": q.question_id, "model": "|".join(models), "turn": turn,
+                              "category": q.category}  # fmt: skip
+                    tasks.append(JudgeTask(labels, prompt, user_prompt, key))
     return tasks
 
 
