@@ -22,10 +22,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def is_exact_match(response: str, expected: str) -> bool:
-    """The response is the expected answer, or ends with it ("... so the answer is 42."); or, for a
-    numeric expected answer, the response's last number equals it ("... she earned $10.00 in
-    total." matches "10"), as GSM8K is scored: the reasoning comes first, the answer last."""
-    # Case, surrounding quotes/backticks/punctuation and inner whitespace do not matter.
+    """The response is the expected answer (case, quotes, end punctuation, whitespace aside) or ends with it
+    ("... so the answer is 42."); or, numeric, its last number equals it ("... she earned $10.00 in total."
+    matches "10"), as GSM8K is scored: the reasoning comes first, the answer last."""
     got, want = (re.sub(r"\s+", " ", text.strip().lower()).strip(" \"'`.!") for text in (response, expected))
     if not want:
         return False
@@ -79,10 +78,9 @@ def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[
 def per_question(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
                  pair_outcomes: dict[tuple[str, int], int | None] | None = None,
                  judged_questions: list[Question] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per question, what intervals, comparisons and the promote gate are computed from: per
-    model and turn the judge score, exact-match hit (1/0) and answer length in words (None where there
-    is none), and the ``pair_outcomes`` per turn. ``key`` is the question's content, not its id: held-out
-    ids count rows of one run's eval split, so only content says that two runs asked the same question."""
+    """One row per question, what intervals, comparisons and the promote gate use: per model and turn the
+    judge score, exact-match hit (1/0), answer length in words (None: none), and ``pair_outcomes``. ``key``
+    is the content, not the id: held-out ids count one run's eval rows; content says two runs asked alike."""
     scores = {(r["model"], str(r["question_id"]), r["turn"]): r["score"]
               for r in judgments if not r["failed"]}  # fmt: skip
     judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}

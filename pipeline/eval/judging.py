@@ -1,7 +1,6 @@
-"""Judging: build the judge chats, run a backend, read and cache the verdicts (FastChat's records, plus
-all samples and a ``cache_key`` over judge, prompt texts and rendered prompt: only a changed answer or
-judge is re-judged). Pairwise judging asks in both orders (``model`` ``"tuned|base"``: tuned is assistant
-A); a verdict that flips with the order is a tie. An unreadable verdict is a failure, never a guess."""
+"""Judging: build the chats, run a backend, read and cache verdicts (FastChat's records, all samples, a
+``cache_key`` over judge, prompt and rendered answers). Pairwise asks in both orders (``"tuned|base"``: tuned
+is A); a verdict that flips with the order is a tie. An unreadable verdict is a failure, never a guess."""
 
 from __future__ import annotations
 
@@ -85,10 +84,9 @@ _WINNER = re.compile(r"\[\[([ABC])\]\]")
 
 
 def parse_rating(text: str) -> float | None:
-    """The rating in a judge's output, or ``None``. Like FastChat, ``[[x]]`` first and ``[x]`` as
-    fallback; unlike it, the *last* match wins (judges quote the format, "e.g. Rating: [[5]]", before
-    giving theirs), ``x/10`` is ``x``, ``[x]`` counts only after "rating"/"score" or at the very end,
-    and ratings outside 1-10 are rejected."""
+    """The rating in a judge's output, or ``None``. Like FastChat, ``[[x]]`` first, ``[x]`` as fallback;
+    unlike it, the *last* match wins (judges quote the format, "e.g. Rating: [[5]]", before theirs),
+    ``x/10`` is ``x``, ``[x]`` counts only after "rating"/"score" or at the end, and only 1-10 counts."""
     matches = list(_DOUBLE.finditer(text)) or [
         m for m in _SINGLE.finditer(text)
         if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()]) or not text[m.end() :].strip(" .\n")
@@ -98,8 +96,7 @@ def parse_rating(text: str) -> float | None:
 
 
 def parse_winner(text: str) -> str | None:
-    """A pairwise verdict: ``"A"``, ``"B"`` or ``"tie"`` (``[[C]]``) from the last ``[[A]]``/``[[B]]``/
-    ``[[C]]`` in the output (FastChat's format; the last one, as for ratings), else None."""
+    """``"A"``, ``"B"``, ``"tie"`` (``[[C]]``) or None: the output's last FastChat pairwise verdict."""
     matches = _WINNER.findall(text or "")
     return None if not matches else {"A": "A", "B": "B", "C": "tie"}[matches[-1]]
 

@@ -1,6 +1,5 @@
-"""Judge prompts in FastChat's ``judge_prompts.jsonl`` format: general and reference-guided, each with
-a multi-turn variant, for single grading and pairwise. The project's texts ship as
-``pipeline/builtin/judge_prompts.jsonl``; FastChat's file has the same placeholders."""
+"""Judge prompts in FastChat's ``judge_prompts.jsonl`` format (general and reference-guided, each also
+multi-turn, single grading and pairwise); ours, with FastChat's placeholders, are in ``pipeline/builtin``."""
 
 from __future__ import annotations
 
@@ -31,9 +30,8 @@ class JudgePrompt:
         """The user message: the template with question/answer/reference fields filled in."""
         try:
             return self.prompt_template.format(**fields)
-        except (KeyError, IndexError, ValueError) as error:
-            message = f"judge prompt {self.name!r}: cannot fill template placeholder {error}"
-            raise StageError(message) from None
+        except (KeyError, IndexError, ValueError) as e:
+            raise StageError(f"judge prompt {self.name!r}: cannot fill template placeholder {e}") from None
 
 
 def load_prompt_file(path: Path, names: tuple[str, ...] = PROMPT_NAMES) -> dict[str, JudgePrompt]:

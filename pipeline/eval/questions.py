@@ -1,6 +1,5 @@
-"""Evaluation questions as FastChat's ``question.jsonl`` records (``question_id``, ``category``,
-``turns``, optional ``reference``) plus an optional per-turn ``exact_answer`` a string match can
-check; every source (built-in, JSONL, hub, the prepared eval split) becomes a :class:`Question`."""
+"""Evaluation questions: FastChat's ``question.jsonl`` records plus an optional per-turn ``exact_answer`` a
+string match checks; every source (built-in, JSONL, hub, the prepared eval split) becomes a ``Question``."""
 
 from __future__ import annotations
 
@@ -90,9 +89,8 @@ def question_from_hub_row(row: dict[str, Any]) -> Question:
 
 
 def builtin_questions(n_verifiable: int, exclude_instructions: Iterable[str] = ()) -> list[Question]:
-    """The project's offline set: hand-written MT-Bench-style questions (one or more per category)
-    plus ``n_verifiable`` tasks of the project's task generator with exact-match answers, skipping any
-    whose instruction is in ``exclude_instructions`` (the training split) to keep the score clean."""
+    """The offline set: hand-written MT-Bench-style questions plus ``n_verifiable`` generated tasks with exact
+    answers, minus any whose instruction is in ``exclude_instructions`` (training split): a clean score."""
     excluded = {text.strip() for text in exclude_instructions}
     # Over-generate so that decontamination still leaves n_verifiable tasks.
     tasks = generate_tasks(n_verifiable * 4 + 8, BUILTIN_TASK_SEED)
