@@ -139,9 +139,8 @@ class LocalJudge:
         scores = [self.rating_logprobs(p) for p in prompts]
         if self.scoring == "logits":  # the most likely rating
             return [f"Rating: [[{max(range(10), key=s.__getitem__) + 1}]]" for s in scores]
-        # "expected": the probability-weighted mean rating, as G-Eval scores. Small judges put most
-        # mass on one habitual number, so the arg-max barely moves; the expectation still follows
-        # how the judge's belief shifts between answers.
+        # "expected": the probability-weighted mean rating, as G-Eval scores. Small judges put most mass on
+        # one habitual number, so the arg-max barely moves; the expectation follows how their belief shifts.
         means = torch.tensor(scores, dtype=torch.float64).softmax(dim=1) @ torch.arange(1.0, 11.0).double()
         return [f"Rating: [[{mean:.2f}]]" for mean in means.tolist()]
 

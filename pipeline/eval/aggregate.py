@@ -1,6 +1,5 @@
-"""From judgments to the report's numbers: MT-Bench averages (FastChat's ``show_result``: means over
-the graded answers; failed judgments are counted, never averaged in), exact match, intervals and a
-Markdown table. A number with nothing behind it is ``None`` (null in JSON), not 0."""
+"""From judgments to the report's numbers: MT-Bench means over graded answers (FastChat's ``show_result``;
+failed judgments counted, never averaged in), exact match, intervals, a table. No data: ``None``, not 0."""
 
 from __future__ import annotations
 
@@ -118,8 +117,7 @@ def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
 
 
 def with_intervals(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``models`` with ``<metric>_ci95`` after each score and exact-match rate (a dict of intervals
-    after a dict of categories) and the judged answers' mean length in words."""
+    """``models`` with a ``<metric>_ci95`` after each mean over questions; the judged answers' mean words."""
     out: dict[str, dict[str, Any]] = {}
     for model, row in models.items():
         out[model] = entry = {}

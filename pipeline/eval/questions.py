@@ -165,9 +165,8 @@ def is_verifiable(question: Question) -> bool:
 
 
 def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | None = None) -> list[Question]:
-    """Up to ``limit`` rows of the prepared ``eval`` split with a non-empty ``answer`` and exactly one
-    user turn, as one-turn questions in split order. ``k`` in ``heldout-<source>-<k>`` counts a
-    source's eligible rows from 0, so a row keeps its id when ``limit`` or ``sources`` change."""
+    """Up to ``limit`` eval-split rows with an ``answer`` and one user turn, as questions in split order;
+    ``k`` in ``heldout-<source>-<k>`` counts a source's eligible rows: ids survive other limits/sources."""
     if limit <= 0:
         return []
     if not dataset_dir.is_dir():
