@@ -28,8 +28,7 @@ Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastCh
 
 
 class JudgeBackend(Protocol):
-    """A judge: its model ``name`` (FastChat's ``judge[0]``), an ``identity`` (all that makes its outputs
-    what they are, never secrets) and ``samples`` outputs per chat (``pairwise``: ``[[A]]``/``[[B]]``/...)."""
+    """A judge: ``name`` (FastChat's ``judge[0]``), ``identity()`` (what decides its outputs, no secrets)."""
 
     name: str
 
@@ -51,8 +50,7 @@ class JudgeTask:
 def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
                 judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] | None = None,
                 ) -> list[JudgeTask]:  # fmt: skip
-    """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record); with
-    ``pair``, pairwise ones instead: every turn of every question, ``pair`` as assistants A/B and swapped."""
+    """Tasks grading every model's every answer turn; with ``pair``, every turn pairwise, in both orders."""
     tasks = []
     for sides in [[pair, pair[::-1]]] if pair else [[(model,)] for model in answers]:
         for q in questions:
@@ -75,7 +73,6 @@ def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, 
 build_pair_tasks = partial(build_tasks, pair=("tuned", "base"))
 
 
-MIN_RATING, MAX_RATING = 1.0, 10.0
 _NUMBER = r"\s*(\d+(?:\.\d+)?|\d+\.)\s*(?:/\s*10\s*)?"
 _DOUBLE, _SINGLE = re.compile(r"\[\[" + _NUMBER + r"\]\]"), re.compile(r"\[" + _NUMBER + r"\]")
 # A lone "[7]" is accepted only where it is plainly the verdict, not a citation like "see [1]".
@@ -92,7 +89,7 @@ def parse_rating(text: str) -> float | None:
         if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()]) or not text[m.end() :].strip(" .\n")
     ]  # fmt: skip
     value = float(matches[-1].group(1)) if matches else None
-    return value if value is not None and MIN_RATING <= value <= MAX_RATING else None
+    return value if value is not None and 1 <= value <= 10 else None
 
 
 def parse_winner(text: str) -> str | None:
@@ -106,11 +103,9 @@ def verdict(outputs: list[str], pairwise: bool = False) -> dict[str, Any]:
     samples' winners and the most common readable one (``A``, ``B`` or ``tie``), FastChat-style."""
     found = [(parse_winner if pairwise else parse_rating)(text) for text in outputs]
     valid = [v for v in found if v is not None]
-    if pairwise:
-        read = {"winner": Counter(valid).most_common(1)[0][0] if valid else None, "winners": found}
-    else:
-        read = {"score": statistics.median(valid) if valid else None, "scores": found,
-                "spread": (max(valid) - min(valid)) if valid else None}  # fmt: skip
+    read = ({"winner": Counter(valid).most_common(1)[0][0] if valid else None, "winners": found} if pairwise
+            else {"score": statistics.median(valid) if valid else None, "scores": found,
+                  "spread": (max(valid) - min(valid)) if valid else None})  # fmt: skip
     return {**read, "failed": not valid, "failed_samples": len(found) - len(valid)}
 
 

@@ -40,8 +40,7 @@ def radar_chart(models: dict[str, dict[str, Any]], path: Path) -> Path:
 
 
 def comparison_chart(comparisons: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Each metric's tuned - base difference as a dot with its paired 95% interval as a bar; judge
-    scores (1-10 scale) and rates (exact match, pairwise preference) in separate panels."""
+    """Each metric's tuned - base difference on its paired 95% interval; scores (1-10) and rates apart."""
     rates = [n for n in comparisons if n.startswith(("exact_match", "pairwise"))][::-1]
     scores = [n for n in comparisons if n not in rates][::-1]
     panels = [names for names in (scores, rates) if names]

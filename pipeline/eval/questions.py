@@ -16,8 +16,7 @@ if TYPE_CHECKING:
     from pipeline.config import EvalConfig
 
 BUILTIN_FILE = Path(__file__).resolve().parents[1] / "builtin" / "mt_bench_questions.jsonl"
-# Fixed, not the run seed: every run is scored on the same questions, so runs stay comparable.
-BUILTIN_TASK_SEED = 20_251
+BUILTIN_TASK_SEED = 20_251  # fixed, not the run seed: every run scores the same questions, runs compare
 BUILTIN_TASK_ID_OFFSET = 1_000
 FINAL_ANSWER_TURN = "Now reply with only the final answer, nothing else."
 
@@ -80,9 +79,8 @@ def read_question_file(path: Path) -> list[Question]:
 
 
 def question_from_hub_row(row: dict[str, Any]) -> Question:
-    """Map a ``HuggingFaceH4/mt_bench_prompts`` row to FastChat's fields: that dataset renamed
-    ``turns`` to ``prompt`` and ``question_id`` to ``prompt_id`` (a hash of the turns, so FastChat
-    reference files keyed by 81..160 do not match it; its own ``reference`` column is used)."""
+    """A ``HuggingFaceH4/mt_bench_prompts`` row in FastChat fields: its ``prompt`` is ``turns``, ``prompt_id``
+    hashes the turns (FastChat's references keyed 81..160 do not match it; its ``reference`` is used)."""
     record = {"question_id": row.get("question_id", row.get("prompt_id")), "category": row.get("category"),
               "turns": row.get("turns", row.get("prompt")), "reference": row.get("reference") or None}
     return _question_from_record(record, f"hub row {record['question_id']}")
