@@ -94,8 +94,7 @@ class LocalJudge:
 
     @classmethod
     def from_config(cls, config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> LocalJudge:
-        """The configured judge (``local_model``, or the base model when unset); its weights load
-        on first use, so a fully cached evaluation never loads them."""
+        """``local_model`` or the base model; weights load on first use (a cached run never needs them)."""
         cfg = config.local_model or base_model
         settings = {"scoring": config.local_scoring, "temperature": config.temperature,
                     "max_new_tokens": config.max_new_tokens}  # fmt: skip

@@ -138,8 +138,7 @@ def _pair_units(rows: list[dict[str, Any]]) -> Units:
 
 
 def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"tuned-base": {metric: {diff, ci95, n, verdict}}}``, paired over the same questions, for
-    every score and exact-match rate both have (and the pairwise preference, if judged)."""
+    """``{"tuned-base": {metric: {diff, ci95, n, verdict}}}``, paired over questions; pairwise too."""
     if not {"base", "tuned"} <= set(models):
         return {}
     tuned = models["tuned"]
@@ -152,8 +151,7 @@ def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
 
 
 def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any] | None:
-    """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates over the judged
-    turns (with intervals); ``failures`` turns without a readable verdict in either order."""
+    """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates, intervals, ``failures``."""
     outcomes = _pair_units(rows)
     if not (judged := sum(v is not None for t in outcomes.values() for v in t)):
         return None

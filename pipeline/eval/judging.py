@@ -110,9 +110,8 @@ def verdict(outputs: list[str], pairwise: bool = False) -> dict[str, Any]:
 
 
 def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], int | None], int]:
-    """Per (question id, turn): +1 when the first model of the pair wins in both orders, -1 when
-    the second does, 0 otherwise (tie, or a verdict that flips with the order: FastChat's
-    "inconsistent"); None when either order has no readable verdict. Also the number of those."""
+    """Per (question id, turn): +1 if the pair's first model wins in both orders, -1 if the second does,
+    else 0 (tie, or flips with the order: FastChat's "inconsistent"); None, counted, if one is unreadable."""
     orders: dict[tuple[str, int], list[str | None]] = defaultdict(list)
     first: dict[tuple[str, int], str] = {}
     for r in records:
@@ -126,8 +125,7 @@ def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], 
 
 def run_judging(backend: JudgeBackend, tasks: list[JudgeTask], cache_path: Path, samples: int = 1,
                 progress: bool = True, pairwise: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """Judgment records for ``tasks`` (same order): cached ones reused, the rest judged and appended
-    to ``cache_path`` as each completes, so an interrupted run loses nothing already judged."""
+    """Judgment records for ``tasks``, in order: cached, or judged and appended as each completes."""
     cached = read_cache(cache_path)
     # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
     # once; the verdict is then reported for every task that shares it, labelled with its model.
