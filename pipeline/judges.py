@@ -1,7 +1,6 @@
-"""Judge backends (``pipeline.eval.judging.JudgeBackend``): an OpenAI-compatible endpoint through the
-``openai`` client (it retries with backoff, honouring ``Retry-After``; it alone holds the API key, read from
-the variable the config names), or a local transformers model that generates a verdict or reads the
-ratings' probabilities after ``Rating: [[`` (small judges rarely write the format unprompted)."""
+"""Judge backends (``pipeline.eval.judging.JudgeBackend``): an OpenAI-compatible endpoint (the ``openai``
+client retries, honouring ``Retry-After``; only it holds the key, from the env variable named), or a local
+transformers model that generates verdicts or reads rating probabilities (small judges rarely write them)."""
 
 from __future__ import annotations
 
@@ -95,8 +94,7 @@ class LocalJudge:
 
     @classmethod
     def from_config(cls, config: JudgeConfig, base_model: ModelConfig, seed: int = 0) -> LocalJudge:
-        """The configured judge (``local_model``, or the base model when unset); its weights load
-        on first use, so a fully cached evaluation never loads them."""
+        """``local_model`` or the base model; weights load on first use (a cached run never needs them)."""
         cfg = config.local_model or base_model
         settings = {"scoring": config.local_scoring, "temperature": config.temperature,
                     "max_new_tokens": config.max_new_tokens}  # fmt: skip
@@ -140,12 +138,10 @@ class LocalJudge:
         scores = [self.rating_logprobs(p) for p in prompts]
         if self.scoring == "logits":  # the most likely rating
             return [f"Rating: [[{max(range(10), key=s.__getitem__) + 1}]]" for s in scores]
-        # "expected": the probability-weighted mean rating, as G-Eval scores. Small judges put most
-        # mass on one habitual number, so the arg-max barely moves; the expectation still follows
-        # how the judge's belief shifts between answers.
-        ratings = torch.arange(1, 11, dtype=torch.float64)
-        means = [float((torch.tensor(s, dtype=torch.float64).softmax(dim=0) * ratings).sum()) for s in scores]
-        return [f"Rating: [[{mean:.2f}]]" for mean in means]
+        # "expected": the probability-weighted mean rating, as G-Eval scores. Small judges put most mass on
+        # one habitual number, so the arg-max barely moves; the expectation follows how their belief shifts.
+        means = torch.tensor(scores, dtype=torch.float64).softmax(dim=1) @ torch.arange(1.0, 11.0).double()
+        return [f"Rating: [[{mean:.2f}]]" for mean in means.tolist()]
 
     def rating_logprobs(self, prompt: str) -> list[float]:
         """log p("k]]" | prompt + "Rating: [[") for k = 1..10."""

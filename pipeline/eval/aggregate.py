@@ -1,6 +1,5 @@
-"""From judgments to the report's numbers: MT-Bench averages (FastChat's ``show_result``: means over
-the graded answers; failed judgments are counted, never averaged in), exact match, intervals and a
-Markdown table. A number with nothing behind it is ``None`` (null in JSON), not 0."""
+"""From judgments to the report's numbers: MT-Bench means over graded answers (FastChat's ``show_result``;
+failed judgments counted, never averaged in), exact match, intervals, a table. No data: ``None``, not 0."""
 
 from __future__ import annotations
 
@@ -22,10 +21,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def is_exact_match(response: str, expected: str) -> bool:
-    """The response is the expected answer, or ends with it ("... so the answer is 42."); or, for a
-    numeric expected answer, the response's last number equals it ("... she earned $10.00 in
-    total." matches "10"), as GSM8K is scored: the reasoning comes first, the answer last."""
-    # Case, surrounding quotes/backticks/punctuation and inner whitespace do not matter.
+    """The response is the expected answer (case, quotes, end punctuation, whitespace aside) or ends with it
+    ("... so the answer is 42."); or, numeric, its last number equals it ("... she earned $10.00 in total."
+    matches "10"), as GSM8K is scored: the reasoning comes first, the answer last."""
     got, want = (re.sub(r"\s+", " ", text.strip().lower()).strip(" \"'`.!") for text in (response, expected))
     if not want:
         return False
@@ -79,10 +77,9 @@ def aggregate(questions: list[Question], answers: Answers, judgments: list[dict[
 def per_question(questions: list[Question], answers: Answers, judgments: list[dict[str, Any]],
                  pair_outcomes: dict[tuple[str, int], int | None] | None = None,
                  judged_questions: list[Question] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per question, what intervals, comparisons and the promote gate are computed from: per
-    model and turn the judge score, exact-match hit (1/0) and answer length in words (None where there
-    is none), and the ``pair_outcomes`` per turn. ``key`` is the question's content, not its id: held-out
-    ids count rows of one run's eval split, so only content says that two runs asked the same question."""
+    """One row per question, what intervals, comparisons and the promote gate use: per model and turn the
+    judge score, exact-match hit (1/0), answer length in words (None: none), and ``pair_outcomes``. ``key``
+    is the content, not the id: held-out ids count one run's eval rows; content says two runs asked alike."""
     scores = {(r["model"], str(r["question_id"]), r["turn"]): r["score"]
               for r in judgments if not r["failed"]}  # fmt: skip
     judged = {str(q.question_id) for q in (questions if judged_questions is None else judged_questions)}
@@ -120,8 +117,7 @@ def units(rows: list[dict[str, Any]], model: str, metric: str) -> Units | None:
 
 
 def with_intervals(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``models`` with ``<metric>_ci95`` after each score and exact-match rate (a dict of intervals
-    after a dict of categories) and the judged answers' mean length in words."""
+    """``models`` with a ``<metric>_ci95`` after each mean over questions; the judged answers' mean words."""
     out: dict[str, dict[str, Any]] = {}
     for model, row in models.items():
         out[model] = entry = {}
@@ -142,8 +138,7 @@ def _pair_units(rows: list[dict[str, Any]]) -> Units:
 
 
 def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"tuned-base": {metric: {diff, ci95, n, verdict}}}``, paired over the same questions, for
-    every score and exact-match rate both have (and the pairwise preference, if judged)."""
+    """``{"tuned-base": {metric: {diff, ci95, n, verdict}}}``, paired over questions; pairwise too."""
     if not {"base", "tuned"} <= set(models):
         return {}
     tuned = models["tuned"]
@@ -156,8 +151,7 @@ def comparisons(models: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -
 
 
 def pairwise_summary(rows: list[dict[str, Any]], failures: int) -> dict[str, Any] | None:
-    """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates over the judged
-    turns (with intervals); ``failures`` turns without a readable verdict in either order."""
+    """Tuned vs base as FastChat's pairwise mode reports it: win/tie/loss rates, intervals, ``failures``."""
     outcomes = _pair_units(rows)
     if not (judged := sum(v is not None for t in outcomes.values() for v in t)):
         return None

@@ -1,6 +1,5 @@
-"""Multi-turn answer generation as MT-Bench asks for it (turn 2 follows turn 1 and the model's own answer),
-in left-padded batches of one temperature and budget. Each finished question is appended at once to a
-FastChat-format answer JSONL keyed by model identity, question and settings: a rerun resumes."""
+"""Multi-turn answers as MT-Bench asks (turn 2 follows the model's own turn 1), in left-padded batches of one
+temperature and budget; cached in a FastChat answer JSONL keyed by model, question and settings."""
 
 from __future__ import annotations
 
@@ -87,8 +86,7 @@ def _show_step(bar: Any, label: str, total: int, steps: Iterator[int]) -> None:
 def generate_answers(model: Any, tokenizer: Any, questions: list[Question], settings: GenerationSettings, *,
                      model_id: str, model_identity: str, cache_path: Path, progress: bool = True,
                      generate_fn: GenerateFn = generate_batch) -> dict[str, dict[str, Any]]:
-    """FastChat answer records for ``questions`` by ``str(question_id)``, from the cache where
-    possible, generating the rest batch by batch (each finished batch is on disk before the next)."""
+    """FastChat answer records by ``str(question_id)``: cached, or generated and saved batch by batch."""
     cached = read_cache(cache_path)
     # a question's cache key: who answered what, with which settings
     keys = {str(q.question_id): digest_of({"model": model_identity, "turns": list(q.turns),

@@ -1,6 +1,5 @@
-"""Identities of the models in an evaluation, for cache keys: an answer is reusable only if it came
-from the same weights with the same chat template, described cheaply (paths, revisions, content
-digests of the small files that change when weights change) without loading anything."""
+"""Model identities for cache keys: an answer is reusable only from the same weights and chat template,
+described cheaply (paths, revisions, digests of the small files that change with the weights), unloaded."""
 
 from __future__ import annotations
 

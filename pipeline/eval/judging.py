@@ -1,7 +1,6 @@
-"""Judging: build the judge chats, run a backend, read and cache the verdicts (FastChat's records, plus
-all samples and a ``cache_key`` over judge, prompt texts and rendered prompt: only a changed answer or
-judge is re-judged). Pairwise judging asks in both orders (``model`` ``"tuned|base"``: tuned is assistant
-A); a verdict that flips with the order is a tie. An unreadable verdict is a failure, never a guess."""
+"""Judging: build the chats, run a backend, read and cache verdicts (FastChat's records, all samples, a
+``cache_key`` over judge, prompt and rendered answers). Pairwise asks in both orders (``"tuned|base"``: tuned
+is A); a verdict that flips with the order is a tie. An unreadable verdict is a failure, never a guess."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ Answers = dict[str, dict[str, dict[str, Any]]]  # model -> question id -> FastCh
 
 
 class JudgeBackend(Protocol):
-    """A judge: its model ``name`` (FastChat's ``judge[0]``), an ``identity`` (all that makes its outputs
-    what they are, never secrets) and ``samples`` outputs per chat (``pairwise``: ``[[A]]``/``[[B]]``/...)."""
+    """A judge: ``name`` (FastChat's ``judge[0]``), ``identity()`` (what decides its outputs, no secrets)."""
 
     name: str
 
@@ -41,27 +39,18 @@ class JudgeBackend(Protocol):
 
 @dataclass(frozen=True)
 class JudgeTask:
-    """One answer turn to grade (``turn`` is 1-based, like FastChat)."""
+    """One answer turn to grade; ``labels`` say whose (a cached verdict may be shared by several)."""
 
-    question: Question
-    model_id: str
-    turn: int
+    labels: dict[str, Any]  # question_id, model ("tuned|base": a pair), turn (1-based, as FastChat), category
     prompt: JudgePrompt
     user_prompt: str
     key: str
-
-    @property
-    def labels(self) -> dict[str, Any]:
-        """The fields that say whose answer a judgment grades (a cached verdict may be shared)."""
-        return {"question_id": self.question.question_id, "model": self.model_id, "turn": self.turn,
-                "category": self.question.category}  # fmt: skip
 
 
 def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, JudgePrompt],
                 judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] | None = None,
                 ) -> list[JudgeTask]:  # fmt: skip
-    """Grading tasks for every model's every answer turn (``answers``: model -> qid -> record); with
-    ``pair``, pairwise ones instead: every turn of every question, ``pair`` as assistants A/B and swapped."""
+    """Tasks grading every model's every answer turn; with ``pair``, every turn pairwise, in both orders."""
     tasks = []
     for sides in [[pair, pair[::-1]]] if pair else [[(model,)] for model in answers]:
         for q in questions:
@@ -74,7 +63,9 @@ def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, 
                     payload = {"judge": judge_identity, "user_prompt": user_prompt, "samples": samples,
                                "prompt": [prompt.name, prompt.system_prompt, prompt.prompt_template]}
                     key = digest_of(payload, compact=False)
-                    tasks.append(JudgeTask(q, "|".join(models), turn, prompt, user_prompt, key))
+                    labels = {"question_id": q.question_id, "model": "|".join(models), "turn": turn,
+                              "category": q.category}  # fmt: skip
+                    tasks.append(JudgeTask(labels, prompt, user_prompt, key))
     return tasks
 
 
@@ -82,7 +73,6 @@ def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, 
 build_pair_tasks = partial(build_tasks, pair=("tuned", "base"))
 
 
-MIN_RATING, MAX_RATING = 1.0, 10.0
 _NUMBER = r"\s*(\d+(?:\.\d+)?|\d+\.)\s*(?:/\s*10\s*)?"
 _DOUBLE, _SINGLE = re.compile(r"\[\[" + _NUMBER + r"\]\]"), re.compile(r"\[" + _NUMBER + r"\]")
 # A lone "[7]" is accepted only where it is plainly the verdict, not a citation like "see [1]".
@@ -91,21 +81,19 @@ _WINNER = re.compile(r"\[\[([ABC])\]\]")
 
 
 def parse_rating(text: str) -> float | None:
-    """The rating in a judge's output, or ``None``. Like FastChat, ``[[x]]`` first and ``[x]`` as
-    fallback; unlike it, the *last* match wins (judges quote the format, "e.g. Rating: [[5]]", before
-    giving theirs), ``x/10`` is ``x``, ``[x]`` counts only after "rating"/"score" or at the very end,
-    and ratings outside 1-10 are rejected."""
+    """The rating in a judge's output, or ``None``. Like FastChat, ``[[x]]`` first, ``[x]`` as fallback;
+    unlike it, the *last* match wins (judges quote the format, "e.g. Rating: [[5]]", before theirs),
+    ``x/10`` is ``x``, ``[x]`` counts only after "rating"/"score" or at the end, and only 1-10 counts."""
     matches = list(_DOUBLE.finditer(text)) or [
         m for m in _SINGLE.finditer(text)
         if _VERDICT_WORD.search(text[max(0, m.start() - 40) : m.start()]) or not text[m.end() :].strip(" .\n")
     ]  # fmt: skip
     value = float(matches[-1].group(1)) if matches else None
-    return value if value is not None and MIN_RATING <= value <= MAX_RATING else None
+    return value if value is not None and 1 <= value <= 10 else None
 
 
 def parse_winner(text: str) -> str | None:
-    """A pairwise verdict: ``"A"``, ``"B"`` or ``"tie"`` (``[[C]]``) from the last ``[[A]]``/``[[B]]``/
-    ``[[C]]`` in the output (FastChat's format; the last one, as for ratings), else None."""
+    """``"A"``, ``"B"``, ``"tie"`` (``[[C]]``) or None: the output's last FastChat pairwise verdict."""
     matches = _WINNER.findall(text or "")
     return None if not matches else {"A": "A", "B": "B", "C": "tie"}[matches[-1]]
 
@@ -115,18 +103,15 @@ def verdict(outputs: list[str], pairwise: bool = False) -> dict[str, Any]:
     samples' winners and the most common readable one (``A``, ``B`` or ``tie``), FastChat-style."""
     found = [(parse_winner if pairwise else parse_rating)(text) for text in outputs]
     valid = [v for v in found if v is not None]
-    if pairwise:
-        read = {"winner": Counter(valid).most_common(1)[0][0] if valid else None, "winners": found}
-    else:
-        read = {"score": statistics.median(valid) if valid else None, "scores": found,
-                "spread": (max(valid) - min(valid)) if valid else None}  # fmt: skip
+    read = ({"winner": Counter(valid).most_common(1)[0][0] if valid else None, "winners": found} if pairwise
+            else {"score": statistics.median(valid) if valid else None, "scores": found,
+                  "spread": (max(valid) - min(valid)) if valid else None})  # fmt: skip
     return {**read, "failed": not valid, "failed_samples": len(found) - len(valid)}
 
 
 def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], int | None], int]:
-    """Per (question id, turn): +1 when the first model of the pair wins in both orders, -1 when
-    the second does, 0 otherwise (tie, or a verdict that flips with the order: FastChat's
-    "inconsistent"); None when either order has no readable verdict. Also the number of those."""
+    """Per (question id, turn): +1 if the pair's first model wins in both orders, -1 if the second does,
+    else 0 (tie, or flips with the order: FastChat's "inconsistent"); None, counted, if one is unreadable."""
     orders: dict[tuple[str, int], list[str | None]] = defaultdict(list)
     first: dict[tuple[str, int], str] = {}
     for r in records:
@@ -140,8 +125,7 @@ def pair_outcomes(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], 
 
 def run_judging(backend: JudgeBackend, tasks: list[JudgeTask], cache_path: Path, samples: int = 1,
                 progress: bool = True, pairwise: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """Judgment records for ``tasks`` (same order): cached ones reused, the rest judged and appended
-    to ``cache_path`` as each completes, so an interrupted run loses nothing already judged."""
+    """Judgment records for ``tasks``, in order: cached, or judged and appended as each completes."""
     cached = read_cache(cache_path)
     # Identical judge prompts (base and tuned often answer alike under greedy decoding) are judged
     # once; the verdict is then reported for every task that shares it, labelled with its model.

@@ -14,9 +14,8 @@ import matplotlib.pyplot as plt
 
 
 def radar_chart(models: dict[str, dict[str, Any]], path: Path) -> Path:
-    """A radar chart (one axis per category, 0-10, one polygon per model) as PNG. Unscored categories
-    are drawn at 0 and counted in the legend, so a gap is visible; models that score alike get their
-    own line style and marker size and side-by-side interval bars, so neither hides the other."""
+    """Radar PNG (an axis per category, 0-10, a polygon per model); unscored categories at 0, counted in the
+    legend; each model its own line style, marker size and shifted interval bars, so none hides another."""
     categories = sorted({cat for row in models.values() for cat in row["categories"]})
     angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
     figure, axes = plt.subplots(figsize=(6, 6), subplot_kw={"polar": True})
@@ -41,8 +40,7 @@ def radar_chart(models: dict[str, dict[str, Any]], path: Path) -> Path:
 
 
 def comparison_chart(comparisons: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Each metric's tuned - base difference as a dot with its paired 95% interval as a bar; judge
-    scores (1-10 scale) and rates (exact match, pairwise preference) in separate panels."""
+    """Each metric's tuned - base difference on its paired 95% interval; scores (1-10) and rates apart."""
     rates = [n for n in comparisons if n.startswith(("exact_match", "pairwise"))][::-1]
     scores = [n for n in comparisons if n not in rates][::-1]
     panels = [names for names in (scores, rates) if names]

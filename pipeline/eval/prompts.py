@@ -1,6 +1,5 @@
-"""Judge prompts in FastChat's ``judge_prompts.jsonl`` format: general and reference-guided, each with
-a multi-turn variant, for single grading and pairwise. The project's texts ship as
-``pipeline/builtin/judge_prompts.jsonl``; FastChat's file has the same placeholders."""
+"""Judge prompts in FastChat's ``judge_prompts.jsonl`` format (general and reference-guided, each also
+multi-turn, single grading and pairwise); ours, with FastChat's placeholders, are in ``pipeline/builtin``."""
 
 from __future__ import annotations
 
@@ -11,8 +10,7 @@ from pathlib import Path
 from pipeline.errors import StageError
 from pipeline.jsonl import read_jsonl
 
-# Categories whose answers are graded against a reference (FastChat's NEED_REF_CATS).
-REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
+REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})  # graded against a reference: NEED_REF_CATS
 
 PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
 PAIR_NAMES = ("pair-v2", "pair-math-v1", "pair-v2-multi-turn", "pair-math-v1-multi-turn")
@@ -31,14 +29,12 @@ class JudgePrompt:
         """The user message: the template with question/answer/reference fields filled in."""
         try:
             return self.prompt_template.format(**fields)
-        except (KeyError, IndexError, ValueError) as error:
-            message = f"judge prompt {self.name!r}: cannot fill template placeholder {error}"
-            raise StageError(message) from None
+        except (KeyError, IndexError, ValueError) as e:
+            raise StageError(f"judge prompt {self.name!r}: cannot fill template placeholder {e}") from None
 
 
 def load_prompt_file(path: Path, names: tuple[str, ...] = PROMPT_NAMES) -> dict[str, JudgePrompt]:
-    """The prompts ``names`` (default: the four single-grading ones) from a FastChat
-    ``judge_prompts.jsonl`` (other records are ignored); a missing one is an error naming the file."""
+    """The prompts ``names`` from a FastChat ``judge_prompts.jsonl`` (others ignored); all must be there."""
     prompts: dict[str, JudgePrompt] = {}
     for where, record in read_jsonl(path, "eval.judge.prompts"):
         try:
@@ -67,8 +63,7 @@ def load_prompts(path: str | None, mode: str = "single") -> dict[str, JudgePromp
 
 
 def prompt_name(category: str, turn: int, has_reference: bool, pairwise: bool = False) -> str:
-    """Which of the four prompts grades this answer (``turn`` is 1-based): reference-guided exactly for
-    math, reasoning and coding with a reference answer, as MT-Bench does; else the general one."""
+    """The prompt grading this answer (``turn`` 1-based): with a reference in REFERENCE_CATEGORIES, guided."""
     guided = category in REFERENCE_CATEGORIES and has_reference
     return (PAIR_NAMES if pairwise else PROMPT_NAMES)[(2 if turn > 1 else 0) + guided]
 
@@ -85,7 +80,6 @@ def prompt_fields(turns: tuple[str, ...], answers: list[str], reference: tuple[s
 
 def pair_fields(turns: tuple[str, ...], answers_a: list[str], answers_b: list[str],
                 reference: tuple[str, ...] | None, turn: int) -> dict[str, str]:  # fmt: skip
-    """``prompt_fields`` for two assistants: ``answer`` becomes ``answer_a``/``answer_b``,
-    ``answer_1`` becomes ``answer_a_1``/``answer_b_1`` (FastChat's pairwise placeholders)."""
+    """``prompt_fields`` for assistants A and B: ``answer_1`` is ``answer_a_1``/``answer_b_1`` (FastChat)."""
     return {re.sub("^answer", f"answer_{side}", k): v for side, said in (("a", answers_a), ("b", answers_b))
             for k, v in prompt_fields(turns, said, reference, turn).items()}  # fmt: skip

@@ -1,6 +1,5 @@
-"""Evaluation questions as FastChat's ``question.jsonl`` records (``question_id``, ``category``,
-``turns``, optional ``reference``) plus an optional per-turn ``exact_answer`` a string match can
-check; every source (built-in, JSONL, hub, the prepared eval split) becomes a :class:`Question`."""
+"""Evaluation questions: FastChat's ``question.jsonl`` records plus an optional per-turn ``exact_answer`` a
+string match checks; every source (built-in, JSONL, hub, the prepared eval split) becomes a ``Question``."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ if TYPE_CHECKING:
     from pipeline.config import EvalConfig
 
 BUILTIN_FILE = Path(__file__).resolve().parents[1] / "builtin" / "mt_bench_questions.jsonl"
-# Fixed, not the run seed: every run is scored on the same questions, so runs stay comparable.
-BUILTIN_TASK_SEED = 20_251
+BUILTIN_TASK_SEED = 20_251  # fixed, not the run seed: every run scores the same questions, runs compare
 BUILTIN_TASK_ID_OFFSET = 1_000
 FINAL_ANSWER_TURN = "Now reply with only the final answer, nothing else."
 
@@ -81,18 +79,16 @@ def read_question_file(path: Path) -> list[Question]:
 
 
 def question_from_hub_row(row: dict[str, Any]) -> Question:
-    """Map a ``HuggingFaceH4/mt_bench_prompts`` row to FastChat's fields: that dataset renamed
-    ``turns`` to ``prompt`` and ``question_id`` to ``prompt_id`` (a hash of the turns, so FastChat
-    reference files keyed by 81..160 do not match it; its own ``reference`` column is used)."""
+    """A ``HuggingFaceH4/mt_bench_prompts`` row in FastChat fields: its ``prompt`` is ``turns``, ``prompt_id``
+    hashes the turns (FastChat's references keyed 81..160 do not match it; its ``reference`` is used)."""
     record = {"question_id": row.get("question_id", row.get("prompt_id")), "category": row.get("category"),
               "turns": row.get("turns", row.get("prompt")), "reference": row.get("reference") or None}
     return _question_from_record(record, f"hub row {record['question_id']}")
 
 
 def builtin_questions(n_verifiable: int, exclude_instructions: Iterable[str] = ()) -> list[Question]:
-    """The project's offline set: hand-written MT-Bench-style questions (one or more per category)
-    plus ``n_verifiable`` tasks of the project's task generator with exact-match answers, skipping any
-    whose instruction is in ``exclude_instructions`` (the training split) to keep the score clean."""
+    """The offline set: hand-written MT-Bench-style questions plus ``n_verifiable`` generated tasks with exact
+    answers, minus any whose instruction is in ``exclude_instructions`` (training split): a clean score."""
     excluded = {text.strip() for text in exclude_instructions}
     # Over-generate so that decontamination still leaves n_verifiable tasks.
     tasks = generate_tasks(n_verifiable * 4 + 8, BUILTIN_TASK_SEED)
@@ -167,9 +163,8 @@ def is_verifiable(question: Question) -> bool:
 
 
 def load_heldout_questions(dataset_dir: Path, limit: int, sources: list[str] | None = None) -> list[Question]:
-    """Up to ``limit`` rows of the prepared ``eval`` split with a non-empty ``answer`` and exactly one
-    user turn, as one-turn questions in split order. ``k`` in ``heldout-<source>-<k>`` counts a
-    source's eligible rows from 0, so a row keeps its id when ``limit`` or ``sources`` change."""
+    """Up to ``limit`` eval-split rows with an ``answer`` and one user turn, as questions in split order;
+    ``k`` in ``heldout-<source>-<k>`` counts a source's eligible rows: ids survive other limits/sources."""
     if limit <= 0:
         return []
     if not dataset_dir.is_dir():

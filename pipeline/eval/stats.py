@@ -1,7 +1,5 @@
-"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions (two
-answers in one conversation are not independent); paired comparisons resample the *same* questions for
-both models, so question difficulty cancels out. ``Units``: question key -> per-turn values (``None``:
-none). Below ``MIN_QUESTIONS`` no interval: a two-sided sign test needs 6 questions to reach p < 0.05."""
+"""How sure is a score? Seeded 95% percentile-bootstrap intervals of the mean, resampling questions (a
+conversation's turns are not independent); paired comparisons resample the *same* questions for both."""
 
 from __future__ import annotations
 
@@ -11,8 +9,8 @@ import numpy as np
 
 RESAMPLES = 10_000
 SEED = 0
-MIN_QUESTIONS = 6
-Units = dict[str, list[float | None]]
+MIN_QUESTIONS = 6  # fewer: no interval (a two-sided sign test needs 6 questions to reach p < 0.05)
+Units = dict[str, list[float | None]]  # question key -> per-turn values (None: none)
 
 
 def resample_indices(n: int, seed: int = SEED, resamples: int = RESAMPLES) -> np.ndarray:

@@ -156,7 +156,7 @@ def _judge_pairs(tmp_path, rule, name):
     judge = ScriptedJudge(rule)
     tasks = build_pair_tasks(JUDGED, answers, prompts, judge.identity(), samples=1)
     assert len(tasks) == 2 * 7  # 7 judged turns, each in both orders
-    assert {t.model_id for t in tasks} == {"tuned|base", "base|tuned"}
+    assert {t.labels["model"] for t in tasks} == {"tuned|base", "base|tuned"}
     records = run_judging(judge, tasks, tmp_path / f"{name}.jsonl", samples=1, pairwise=True, progress=False)
     return answers, records, judge
 
