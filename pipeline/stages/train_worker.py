@@ -239,8 +239,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
             metrics["peak_cuda_memory_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
         if cfg.model.load_in_8bit:  # proves an 8-bit base is 8-bit
             from bitsandbytes.nn import Linear8bitLt
-            int8 = [m for m in trainer.model.modules() if isinstance(m, Linear8bitLt)]
-            metrics["base_int8_layers"] = float(len(int8))
+            metrics["base_int8_layers"] = float(sum(isinstance(m, Linear8bitLt) for m in model.modules()))
         speeds = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
         if steady := speeds[1:] or speeds:  # the first step includes warm-up
             metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
@@ -253,7 +252,8 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
         if digests[0] is not None:
             (work_dir / "projection_digests.json").write_text(json.dumps(digests))
         (work_dir / "log_history.json").write_text(json.dumps(history, indent=1))
-        plot_loss_curve(history, work_dir / LOSS_PNG)
+        if (fig := loss_figure(history)) is not None:
+            fig.savefig(work_dir / LOSS_PNG, bbox_inches="tight")
         (work_dir / DONE).write_text("ok\n")
     trainer.accelerator.wait_for_everyone()
     return 0
@@ -445,14 +445,6 @@ class MetricsCallback(transformers.TrainerCallback):
 
             batch = [Metric(key, value, stamp, state.global_step) for key, value in metrics.items()]
             self.client.log_batch(self.run_id, metrics=batch)
-
-
-def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """The loss figure (see :func:`loss_figure`) as a PNG."""
-    if (fig := loss_figure(log_history)) is None:
-        return None
-    fig.savefig(path, bbox_inches="tight")
-    return path
 
 
 def loss_figure(log_history: list[dict[str, Any]]) -> Any:
