@@ -336,9 +336,8 @@ def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
 
 
 # The training chat template: TRL masks the loss with ``{% generation %}`` markers, which most models'
-# own templates lack. ``pipeline/templates/`` ships marked copies; the one that renders byte-for-byte
-# like the model's own on these probes (with and without a system prompt, one and several turns)
-# is used, so training sees exactly the text inference will (the markers are no-ops outside training).
+# own templates lack. ``pipeline/templates/`` ships marked copies; the one that renders byte-for-byte like
+# the model's own on these probes is used: training sees the text inference will (markers are no-ops there).
 _PROBES = (
     [("user", "What is 2 + 2?"), ("assistant", "4")],
     [("system", "Answer briefly."), ("user", " Name a colour. "), ("assistant", "Blue."),
@@ -380,9 +379,8 @@ def choose_training_template(tokenizer: Any) -> TemplateChoice:
     for name, text in shipped_templates().items():
         if all(want is None or render(text, turns, prompt) == want for turns, prompt, want in wanted):
             return TemplateChoice(text, name, f"shipped template '{name}' renders like the model's own")
-    return TemplateChoice(
-        None, "none", "no shipped template with generation markers renders like this model's chat template"
-    )
+    return TemplateChoice(None, "none", "no shipped template with generation markers renders like this "
+                                        "model's chat template")
 
 
 def to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
@@ -469,21 +467,20 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     if train:
         left.plot(*zip(*train, strict=True), label="train loss")
     held_out = evals.pop("eval", [])
-    if per_source:  # the stage's eval_loss_* metrics: the unweighted mean over sources
+    if per_source:  # left: the unweighted mean over sources (the stage's eval_loss_*); right: each source
         by_step = [dict(points) for points in evals.values()]
         steps = sorted(set.intersection(*(set(points) for points in by_step)))
         held_out = [(step, sum(points[step] for points in by_step) / len(by_step)) for step in steps]
-    if held_out:
-        left.plot(*zip(*held_out, strict=True), "o-",
-                  label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
-    left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
-    if per_source:
         for name, points in sorted(evals.items()):
             steps, losses = zip(*points, strict=True)
             right.plot(steps, [loss / losses[0] for loss in losses], "o-",
                        label=f"{name}: {losses[0]:.2f} → {losses[-1]:.2f}")  # fmt: skip
         right.axhline(1.0, color="grey", linewidth=0.8)
         right.set(xlabel="optimizer step", ylabel="loss ÷ its first value", title="held-out loss per source")
+    if held_out:
+        left.plot(*zip(*held_out, strict=True), "o-",
+                  label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
+    left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
