@@ -98,9 +98,8 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     empty = [k for k, shape in saved.items() if 0 in shape]
     if not saved or empty:
         raise StageError(f"saved adapter {path} is empty or has empty tensors: {empty[:3]}")
-    adapter_name = model.active_adapter
     for name, param in model.named_parameters():
-        key = name.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "")
+        key = name.replace(f".{model.active_adapter}.", ".").replace(f".{model.active_adapter}", "")
         want = tuple(getattr(param, "ds_shape", param.shape))
         if param.requires_grad and saved.get(key) != want:
             raise StageError(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
@@ -155,9 +154,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     train_ds, eval_ds = _datasets(Path(spec["dataset_dir"]), tcfg.max_eval_samples, completion_only)
 
     ckpt_dir = work_dir / CHECKPOINTS
-    if is_rank0:
-        remove_incomplete_checkpoints(ckpt_dir)
-    resume = last_complete_checkpoint(ckpt_dir)
+    resume = last_complete_checkpoint(ckpt_dir, remove_incomplete=is_rank0)
     # The train section's SFTConfig fields go in as they are; the rest is the stage's own wiring.
     reentrant = {"use_reentrant": False}
     wiring = dict(
@@ -321,18 +318,14 @@ class PreemptionCallback(transformers.TrainerCallback):
         return control
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last."""
-    complete = [path for path in sort_checkpoints(str(folder)) if Path(path, "trainer_state.json").is_file()]
-    return Path(complete[-1]) if complete else None
-
-
-def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
-    """Delete checkpoints a crash left half-written (no ``trainer_state.json``); rank 0 only."""
-    removed = [Path(p) for p in sort_checkpoints(str(folder)) if not Path(p, "trainer_state.json").is_file()]
-    for path in removed:
+def last_complete_checkpoint(folder: Path, remove_incomplete: bool = False) -> Path | None:
+    """The highest-step ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last;
+    ``remove_incomplete`` (rank 0 only) deletes the ones a crash left without it."""
+    found = [Path(path) for path in sort_checkpoints(str(folder))]
+    complete = [path for path in found if (path / "trainer_state.json").is_file()]
+    for path in set(found) - set(complete) if remove_incomplete else ():
         shutil.rmtree(path, ignore_errors=True)
-    return removed
+    return complete[-1] if complete else None
 
 
 # The training chat template: TRL masks the loss with ``{% generation %}`` markers, which most models'
