@@ -48,9 +48,8 @@ def logits_of(model: Any, inputs: list[Any]) -> list[Any]:
     """Float32 logits for each prompt (one forward each: no padding, so nothing to mask)."""
     import torch
 
-    device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
+        return [model(input_ids=ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
 
 
 def compare_logits(reference: list[Any], candidate: list[Any]) -> dict[str, float]:

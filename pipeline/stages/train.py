@@ -26,7 +26,6 @@ NAME = "train"
 INPUTS: tuple[str, ...] = ("prepare",)
 CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
 
-SPEC = "train_spec.json"
 LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker launcher
 
 
@@ -49,7 +48,7 @@ def run(ctx: StageContext) -> StageResult:
             "mlflow_run_id": ctx.mlflow_run_id, "mlflow_tracking_uri": mlflow and mlflow.get_tracking_uri()}
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
-    spec_path = work_dir / SPEC
+    spec_path = work_dir / "train_spec.json"
     same_attempt = False
     with contextlib.suppress(OSError, ValueError):
         same_attempt = json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == spec["identity"]

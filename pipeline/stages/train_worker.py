@@ -109,9 +109,8 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     caching, threads = datasets.is_caching_enabled(), torch.get_num_threads()
-    preempt = PreemptionCallback()
     try:
-        with handling_signals(preempt.handle, PREEMPT_SIGNALS):
+        with handling_signals((preempt := PreemptionCallback()).handle, PREEMPT_SIGNALS):
             return _train(spec, preempt)
     finally:  # leave an in-process caller (the driver) as we found it
         torch.set_num_threads(threads)
