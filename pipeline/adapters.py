@@ -4,8 +4,8 @@ computes what the unmerged one did (export and evaluate use a merged model only 
 
 from __future__ import annotations
 
-import importlib
 import json
+import pkgutil
 from importlib import resources
 from typing import Any
 
@@ -24,8 +24,7 @@ PEFT_CONFIGS = {"uora": "uora.UoraConfig", "lora": "peft.LoraConfig", "vera": "p
 def peft_config_class(method: str) -> type:
     """``UoraConfig`` / ``LoraConfig`` / ``VeraConfig``, imported only now (never while validating);
     importing ``uora`` also registers the method with PEFT."""
-    module, name = PEFT_CONFIGS[method].split(".")
-    return getattr(importlib.import_module(module), name)
+    return pkgutil.resolve_name(PEFT_CONFIGS[method])
 
 
 def build_peft_config(adapter: Any, task_type: str | None = "CAUSAL_LM") -> Any:
@@ -37,23 +36,20 @@ def verification_inputs(tokenizer: Any, count: int, max_tokens: int) -> list[Any
     """Token-id tensors for the first ``count`` fixed prompts, rendered with the chat template."""
     import torch
 
-    inputs = []
-    for text in VERIFY_PROMPTS[:count]:
-        if tokenizer.chat_template:
-            messages = [{"role": "user", "content": text}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        inputs.append(torch.tensor([ids], dtype=torch.long))
-    return inputs
+    texts = VERIFY_PROMPTS[:count]
+    if tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True) for text in texts]  # fmt: skip
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens] for text in texts]
+    return [torch.tensor([row], dtype=torch.long) for row in ids]
 
 
 def logits_of(model: Any, inputs: list[Any]) -> list[Any]:
     """Float32 logits for each prompt (one forward each: no padding, so nothing to mask)."""
     import torch
 
-    device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
+        return [model(input_ids=ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
 
 
 def compare_logits(reference: list[Any], candidate: list[Any]) -> dict[str, float]:
@@ -63,9 +59,8 @@ def compare_logits(reference: list[Any], candidate: list[Any]) -> dict[str, floa
 
     ref, cand = torch.cat(reference), torch.cat(candidate)
     diff = (ref - cand).abs()
-    max_abs = float(diff.max())
     return {
-        "max_abs_error": max_abs,
+        "max_abs_error": (max_abs := float(diff.max())),
         "mean_abs_error": float(diff.mean()),
         "rel_error": max_abs / max(float(ref.abs().max()), 1e-12),
         "top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).float().mean()),

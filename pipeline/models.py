@@ -108,9 +108,8 @@ def convert_gguf(directory: str, gguf_file: str) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder, name = str(source.parent), source.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder := str(source.parent), gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=source.name, dtype=torch.float32)
         # The de-quantised weights are plain float tensors: drop the GGUF marker to save them as such.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -133,13 +132,12 @@ def base_model_card(config: ModelConfig) -> dict[str, str]:
     """``base_model`` (hub id) and ``license`` for a model card, read offline, where known: a hub id as
     configured with its cached card's licence; a GGUF file as ``<general.organization>/<file name less
     its quantisation suffix>`` with its metadata's licence; a local folder: nothing."""
-    location = resolve_package_dir(config.name_or_path)
     if config.gguf_file:
-        meta = gguf_general_metadata(Path(location) / config.gguf_file)
+        meta = gguf_general_metadata(Path(resolve_package_dir(config.name_or_path)) / config.gguf_file)
         name = re.sub(r"[.-](?:I?Q\d\w*|B?F16|F32)$", "", Path(config.gguf_file).stem, flags=re.IGNORECASE)
         card = {"base_model": f"{meta['organization']}/{name}" if "organization" in meta else None}
         return {key: value for key, value in {**card, "license": meta.get("license")}.items() if value}
-    if Path(location).exists():
+    if (location := hub_model_id(config)) is None:
         return {}
     readme = try_to_load_from_cache(location, "README.md", revision=config.revision)
     licence = ModelCard.load(readme).data.license if isinstance(readme, str) else None

@@ -20,12 +20,12 @@ import yaml
 from pipeline.config import config_slice, to_yaml
 from pipeline.digests import digest_of, sha256
 from pipeline.stages.base import StageContext, StageError, StagePreempted, StageResult
+from pipeline.tracking import active_mlflow
 
 NAME = "train"
 INPUTS: tuple[str, ...] = ("prepare",)
 CONFIG_SECTIONS: tuple[str, ...] = ("run", "model", "adapter", "train")
 
-SPEC = "train_spec.json"
 LAUNCHER_ENV = "UORA_TRAIN_LAUNCHER"  # set by slurm/train.sh: multi-node worker launcher
 
 
@@ -42,14 +42,13 @@ def run(ctx: StageContext) -> StageResult:
     config_dump = ctx.config.model_dump(mode="json", exclude_unset=True)
     (work_dir / "config.yaml").write_text(yaml.safe_dump(config_dump, sort_keys=False), encoding="utf-8")
     (work_dir / "config_resolved.yaml").write_text(to_yaml(ctx.config), encoding="utf-8")
-    prepared = ctx.input_dir("prepare")
+    prepared, mlflow = ctx.input_dir("prepare"), ctx.mlflow_run_id and active_mlflow()  # the child run
     spec = {"work_dir": str(work_dir.resolve()), "dataset_dir": str((prepared / "dataset").resolve()),
             "identity": _identity(ctx.config, prepared), "config": config_dump,
-            "mlflow_run_id": ctx.mlflow_run_id,
-            "mlflow_tracking_uri": _tracking_uri() if ctx.mlflow_run_id else None}
+            "mlflow_run_id": ctx.mlflow_run_id, "mlflow_tracking_uri": mlflow and mlflow.get_tracking_uri()}
     if tcfg.deepspeed:  # workers may run from another folder
         spec["config"]["train"]["deepspeed"] = str(Path(tcfg.deepspeed).resolve())
-    spec_path = work_dir / SPEC
+    spec_path = work_dir / "train_spec.json"
     same_attempt = False
     with contextlib.suppress(OSError, ValueError):
         same_attempt = json.loads(spec_path.read_text(encoding="utf-8")).get("identity") == spec["identity"]
@@ -84,9 +83,7 @@ def run(ctx: StageContext) -> StageResult:
     if code != 0 or not (work_dir / worker.DONE).is_file():
         raise StageError(f"training failed (exit status {code}); see the log above and {work_dir}")
 
-    if ctx.mlflow_run_id:  # the train child run is active in this process
-        import mlflow
-
+    if mlflow:
         for name in (worker.LOSS_PNG, "config.yaml", worker.METRICS):
             if (work_dir / name).is_file():
                 mlflow.log_artifact(str(work_dir / name))
@@ -153,9 +150,3 @@ def _torchrun_knows(option: str) -> bool:
     from torch.distributed.run import get_args_parser
 
     return any(option in action.option_strings for action in get_args_parser()._actions)
-
-
-def _tracking_uri() -> str:
-    import mlflow  # only when tracking: hosts that track nothing (the GPU kit's) need no mlflow
-
-    return mlflow.get_tracking_uri()

@@ -98,9 +98,8 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
     empty = [k for k, shape in saved.items() if 0 in shape]
     if not saved or empty:
         raise StageError(f"saved adapter {path} is empty or has empty tensors: {empty[:3]}")
-    adapter_name = model.active_adapter
     for name, param in model.named_parameters():
-        key = name.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "")
+        key = name.replace(f".{model.active_adapter}.", ".").replace(f".{model.active_adapter}", "")
         want = tuple(getattr(param, "ds_shape", param.shape))
         if param.requires_grad and saved.get(key) != want:
             raise StageError(f"saved adapter {path}: tensor {key} is {saved.get(key)}, expected {want}")
@@ -110,9 +109,8 @@ def verify_adapter(adapter_dir: Path, model: Any) -> int:
 def train(spec: dict[str, Any]) -> int:
     """Run (or resume) one training process; returns the process exit code."""
     caching, threads = datasets.is_caching_enabled(), torch.get_num_threads()
-    preempt = PreemptionCallback()
     try:
-        with handling_signals(preempt.handle, PREEMPT_SIGNALS):
+        with handling_signals((preempt := PreemptionCallback()).handle, PREEMPT_SIGNALS):
             return _train(spec, preempt)
     finally:  # leave an in-process caller (the driver) as we found it
         torch.set_num_threads(threads)
@@ -155,9 +153,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
     train_ds, eval_ds = _datasets(Path(spec["dataset_dir"]), tcfg.max_eval_samples, completion_only)
 
     ckpt_dir = work_dir / CHECKPOINTS
-    if is_rank0:
-        remove_incomplete_checkpoints(ckpt_dir)
-    resume = last_complete_checkpoint(ckpt_dir)
+    resume = last_complete_checkpoint(ckpt_dir, remove_incomplete=is_rank0)
     # The train section's SFTConfig fields go in as they are; the rest is the stage's own wiring.
     reentrant = {"use_reentrant": False}
     wiring = dict(
@@ -239,8 +235,7 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
             metrics["peak_cuda_memory_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
         if cfg.model.load_in_8bit:  # proves an 8-bit base is 8-bit
             from bitsandbytes.nn import Linear8bitLt
-            int8 = [m for m in trainer.model.modules() if isinstance(m, Linear8bitLt)]
-            metrics["base_int8_layers"] = float(len(int8))
+            metrics["base_int8_layers"] = float(sum(isinstance(m, Linear8bitLt) for m in model.modules()))
         speeds = [m["tokens_per_second"] for m in metrics_cb.history if "tokens_per_second" in m]
         if steady := speeds[1:] or speeds:  # the first step includes warm-up
             metrics["tokens_per_second_mean"] = sum(steady) / len(steady)
@@ -253,7 +248,8 @@ def _train(spec: dict[str, Any], preempt: PreemptionCallback) -> int:
         if digests[0] is not None:
             (work_dir / "projection_digests.json").write_text(json.dumps(digests))
         (work_dir / "log_history.json").write_text(json.dumps(history, indent=1))
-        plot_loss_curve(history, work_dir / LOSS_PNG)
+        if (fig := loss_figure(history)) is not None:
+            fig.savefig(work_dir / LOSS_PNG, bbox_inches="tight")
         (work_dir / DONE).write_text("ok\n")
     trainer.accelerator.wait_for_everyone()
     return 0
@@ -321,24 +317,19 @@ class PreemptionCallback(transformers.TrainerCallback):
         return control
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last."""
-    complete = [path for path in sort_checkpoints(str(folder)) if Path(path, "trainer_state.json").is_file()]
-    return Path(complete[-1]) if complete else None
-
-
-def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
-    """Delete checkpoints a crash left half-written (no ``trainer_state.json``); rank 0 only."""
-    removed = [Path(p) for p in sort_checkpoints(str(folder)) if not Path(p, "trainer_state.json").is_file()]
-    for path in removed:
+def last_complete_checkpoint(folder: Path, remove_incomplete: bool = False) -> Path | None:
+    """The highest-step ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last;
+    ``remove_incomplete`` (rank 0 only) deletes the ones a crash left without it."""
+    found = [Path(path) for path in sort_checkpoints(str(folder))]
+    complete = [path for path in found if (path / "trainer_state.json").is_file()]
+    for path in set(found) - set(complete) if remove_incomplete else ():
         shutil.rmtree(path, ignore_errors=True)
-    return removed
+    return complete[-1] if complete else None
 
 
 # The training chat template: TRL masks the loss with ``{% generation %}`` markers, which most models'
-# own templates lack. ``pipeline/templates/`` ships marked copies; the one that renders byte-for-byte
-# like the model's own on these probes (with and without a system prompt, one and several turns)
-# is used, so training sees exactly the text inference will (the markers are no-ops outside training).
+# own templates lack. ``pipeline/templates/`` ships marked copies; the one that renders byte-for-byte like
+# the model's own on these probes is used: training sees the text inference will (markers are no-ops there).
 _PROBES = (
     [("user", "What is 2 + 2?"), ("assistant", "4")],
     [("system", "Answer briefly."), ("user", " Name a colour. "), ("assistant", "Blue."),
@@ -380,9 +371,8 @@ def choose_training_template(tokenizer: Any) -> TemplateChoice:
     for name, text in shipped_templates().items():
         if all(want is None or render(text, turns, prompt) == want for turns, prompt, want in wanted):
             return TemplateChoice(text, name, f"shipped template '{name}' renders like the model's own")
-    return TemplateChoice(
-        None, "none", "no shipped template with generation markers renders like this model's chat template"
-    )
+    return TemplateChoice(None, "none", "no shipped template with generation markers renders like this "
+                                        "model's chat template")
 
 
 def to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
@@ -447,14 +437,6 @@ class MetricsCallback(transformers.TrainerCallback):
             self.client.log_batch(self.run_id, metrics=batch)
 
 
-def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """The loss figure (see :func:`loss_figure`) as a PNG."""
-    if (fig := loss_figure(log_history)) is None:
-        return None
-    fig.savefig(path, bbox_inches="tight")
-    return path
-
-
 def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     """Train loss against optimizer step; with held-out losses per source, a second panel shows each
     relative to its first value (sources differ in scale: a 4.4 would flatten a 1.2 on one axis),
@@ -477,21 +459,20 @@ def loss_figure(log_history: list[dict[str, Any]]) -> Any:
     if train:
         left.plot(*zip(*train, strict=True), label="train loss")
     held_out = evals.pop("eval", [])
-    if per_source:  # the stage's eval_loss_* metrics: the unweighted mean over sources
+    if per_source:  # left: the unweighted mean over sources (the stage's eval_loss_*); right: each source
         by_step = [dict(points) for points in evals.values()]
         steps = sorted(set.intersection(*(set(points) for points in by_step)))
         held_out = [(step, sum(points[step] for points in by_step) / len(by_step)) for step in steps]
-    if held_out:
-        left.plot(*zip(*held_out, strict=True), "o-",
-                  label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
-    left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
-    if per_source:
         for name, points in sorted(evals.items()):
             steps, losses = zip(*points, strict=True)
             right.plot(steps, [loss / losses[0] for loss in losses], "o-",
                        label=f"{name}: {losses[0]:.2f} → {losses[-1]:.2f}")  # fmt: skip
         right.axhline(1.0, color="grey", linewidth=0.8)
         right.set(xlabel="optimizer step", ylabel="loss ÷ its first value", title="held-out loss per source")
+    if held_out:
+        left.plot(*zip(*held_out, strict=True), "o-",
+                  label="held-out loss" + (" (mean of sources)" if per_source else ""))  # fmt: skip
+    left.set(xlabel="optimizer step", ylabel="loss", title="SFT loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)

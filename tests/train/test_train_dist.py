@@ -14,7 +14,6 @@ from pipeline.stages.train_worker import (
     PreemptionCallback,
     handling_signals,
     last_complete_checkpoint,
-    remove_incomplete_checkpoints,
     training_args_for_device,
 )
 
@@ -44,7 +43,8 @@ def test_last_complete_checkpoint_ignores_half_written_ones(tmp_path):
             (folder / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
-    assert remove_incomplete_checkpoints(tmp_path) == [tmp_path / "checkpoint-15"]
+    assert (tmp_path / "checkpoint-15").is_dir()  # deleted only when asked
+    assert last_complete_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-10"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-5", "checkpoint-x"]
 
 
