@@ -24,10 +24,11 @@ EXIT_CONFIG = 2
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like config errors."""
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise SystemExit(_fail([f"error: {message} (see python -m pipeline --help)"]))
+        raise SystemExit(_to_stderr([f"error: {message} (see python -m pipeline --help)"]))
 
 
-def _fail(lines: list[str]) -> int:
+def _to_stderr(lines: list[str]) -> int:
+    """Errors and warnings go to stderr, one per line; returns the config-error exit status."""
     print("".join(f"{line}\n" for line in lines), end="", file=sys.stderr)
     return EXIT_CONFIG
 
@@ -81,17 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="plan: print the plan as JSON")
     args = parser.parse_args(argv)
     if args.command not in COMMANDS:
-        return _fail([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
+        return _to_stderr([f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})"])
     from pipeline.config import ConfigError, load_config, to_yaml
     try:
         stages = select_stages(args.command, args.from_stage, args.only)
         config = load_config(args.config, args.overrides)
     except (ValueError, ConfigError) as error:  # a ConfigError's str: its lines
-        return _fail([str(error)])
+        return _to_stderr([str(error)])
     if args.command == "validate":
         if args.print_config:
             print(to_yaml(config), end="")
-        _fail([f"warning: {line}" for line in readiness_warnings(config)])
+        _to_stderr([f"warning: {line}" for line in readiness_warnings(config)])
         elapsed = time.perf_counter() - started
         print(f"{args.config}: valid (run dir {config.run_dir}, validated in {elapsed:.2f} s)")
         return 0 if args.gpus_per_node is None else run_plan(config, args, warn_only=True)
@@ -112,7 +113,7 @@ def run_plan(config: PipelineConfig, args: argparse.Namespace, warn_only: bool =
         result = plan(config, nodes=args.nodes, gpus_per_node=gpus, gpu_memory=args.gpu_memory,
                       model_config_path=args.model_config)  # fmt: skip
     except PlanError as error:
-        _fail([f"warning: plan skipped: {error}" if warn_only else str(error)])
+        _to_stderr([f"warning: plan skipped: {error}" if warn_only else str(error)])
         return 0 if warn_only else EXIT_CONFIG
     gpu, batch, hours = result["per_gpu"], result["max_per_device_batch"], result["hours_estimate"]
     need = f"{gpu['total_gb']:.1f} GiB per GPU of {gpu['capacity_gb']:.1f}"

@@ -216,7 +216,7 @@ def reference_markdown(sections: tuple[str, ...] | None = None) -> str:
             for tag, model in node.items():
                 tables(f"{title}` with `method: {tag}", model)
             return
-        blocks.append(rows := [f"**`{title}`** — {' '.join(node.__doc__.split())}", ""])
+        blocks.append(rows := [f"**`{title}`** — {' '.join((node.__doc__ or '').split())}", ""])
         rows += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in node.model_fields.items():  # a nested section's table follows its parent's
             meaning = (field.description or "").replace("|", "\\|")

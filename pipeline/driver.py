@@ -188,7 +188,8 @@ def run_pipeline(config: PipelineConfig, *, stages: list[str] | None = None, for
                 kind = next(kind for kind in OUTCOMES if isinstance(error, kind))
                 if kind is Exception:
                     traceback.print_exc()
-                (detail, line, code), texts = OUTCOMES[kind], {"error": error, "kind": type(error).__name__}
+                detail, line, code = OUTCOMES[kind]  # code: this invocation's exit status
+                texts = {"error": error, "kind": type(error).__name__}
                 report.status = "preempted" if kind is StagePreempted else "failed"
                 report.detail = detail.format(**texts)
                 mlflow_status = "FAILED" if code == EXIT_STAGE_FAILED else "KILLED"

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
-from huggingface_hub import ModelCard, try_to_load_from_cache
 
 from pipeline.digests import file_digest
 
@@ -50,6 +49,8 @@ def hub_model_id(config: ModelConfig) -> str | None:
 
 def hub_cached(repo_id: str, revision: str | None = None) -> bool:
     """Whether the Hugging Face cache holds ``repo_id``'s config.json (no network, no torch)."""
+    from huggingface_hub import try_to_load_from_cache  # here: validate imports this module, keep it light
+
     return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
@@ -139,6 +140,8 @@ def base_model_card(config: ModelConfig) -> dict[str, str]:
         return {key: value for key, value in {**card, "license": meta.get("license")}.items() if value}
     if (location := hub_model_id(config)) is None:
         return {}
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
     readme = try_to_load_from_cache(location, "README.md", revision=config.revision)
     licence = ModelCard.load(readme).data.license if isinstance(readme, str) else None
     return {"base_model": location, **({"license": licence} if licence else {})}

@@ -115,7 +115,9 @@ class Tracker:
         experiment_id = mlflow.set_experiment(name).experiment_id
         ours = {"uri": self.uri, "config_digest": digest_of(self.config.model_dump(mode="json"))}
         record_file, previous = self.config.run_dir / "mlflow_run.json", None
-        with contextlib.suppress(Exception):  # none, unreadable, deleted or a different store: a new one
+        with contextlib.suppress(OSError, ValueError, LookupError, AttributeError, TypeError,
+                                 mlflow.exceptions.MlflowException):
+            # none, unreadable, deleted, or of a different store or config: a new parent run
             recorded = json.loads(record_file.read_text())
             if ours.items() <= recorded.items():  # the parent run recorded here, of this store and config
                 previous = mlflow.get_run(recorded["run_id"]).info.run_id

@@ -142,7 +142,7 @@ def _merge_verify_save(ctx: StageContext, source: Path, work: Path, lineage: dic
 
 
 def model_card(ctx: StageContext, lineage: dict[str, Any], report: dict[str, Any] | None, kind: str) -> str:
-    """The Hugging Face card of ``merged/`` or ``adapter/``, rendered as huggingface_hub renders cards."""
+    """The Hugging Face card of ``merged/`` or ``adapter/``, rendered from ``builtin/model_card.md.jinja``."""
     import jinja2
 
     text = (Path(__file__).parents[1] / "builtin" / "model_card.md.jinja").read_text(encoding="utf-8")

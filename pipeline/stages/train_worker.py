@@ -63,6 +63,8 @@ def _datasets(dataset_dir: Path, max_eval: int | None, completion_only: bool) ->
     when it holds several sources, so the trainer reports a held-out loss per source."""
     # Mapping a dataset loaded from disk would write cache files into the prepare stage's output.
     datasets.disable_caching()
+    if not (dataset_dir / "dataset_dict.json").is_file():
+        raise StageError(f"prepared dataset not found: {dataset_dir} (run the 'prepare' stage first)")
     data = datasets.load_from_disk(str(dataset_dir))
 
     def shaped(rows: Any, cap: int | None = None) -> Any:

@@ -281,7 +281,7 @@ started = time.perf_counter()
 from pipeline.__main__ import main
 code = main(["validate", sys.argv[1]])
 elapsed = time.perf_counter() - started
-heavy = sorted(m for m in ("torch", "transformers", "datasets", "mlflow", "peft", "trl") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "datasets", "mlflow", "peft", "trl", "huggingface_hub") if m in sys.modules)
 print("RESULT", code, ",".join(heavy) or "-", f"{elapsed:.3f}")
 """
 

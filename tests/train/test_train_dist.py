@@ -87,3 +87,12 @@ def test_torchrun_forwards_sigusr1_and_slurm_launcher_replaces_it(tmp_path, monk
     ]
     env = train.worker_env(tcfg)
     assert env["OMP_NUM_THREADS"] == str(train.cpu_threads(2))
+
+
+def test_a_missing_prepared_dataset_is_one_line(tmp_path):
+    """The worker names the folder and the stage to run, instead of datasets' FileNotFoundError."""
+    from pipeline.errors import StageError
+    from pipeline.stages.train_worker import _datasets
+
+    with pytest.raises(StageError, match=r"prepared dataset not found: .*run the 'prepare' stage first"):
+        _datasets(tmp_path / "dataset", None, completion_only=False)
