@@ -241,7 +241,8 @@ def plan(config: PipelineConfig, *, nodes: int = 1, gpus_per_node: int = 1, gpu_
     measured = mfu_from_results(config.adapter.method, "int8" if config.model.load_in_8bit else "bf16",
                                 config.adapter.r)  # fmt: skip
     mfu, mfu_source = measured or (DEFAULT_MFU, "assumed (no matching row in benchmarks/results/gpu_*.md)")
-    key = next((k for name in (gpu_name, mfu_source) for k in PEAK_TFLOPS if k in name.lower()), "h100")
+    measured_on = mfu_source.split(":")[0]  # the results file's name, e.g. gpu_nvidia_h200.md
+    key = next((k for name in (gpu_name, measured_on) for k in PEAK_TFLOPS if k in name.lower()), "h100")
     peak = PEAK_TFLOPS[key][0 if e == 2 else 1] * 1e12
     flops = 4 * shape["matmul_params"] + 6 * shape["adapter_matrices"]
     flops += 12 * shape["layers"] * shape["hidden"] * s

@@ -61,7 +61,7 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], temperature: 
                       add_special_tokens=False).to(model.device)  # fmt: skip
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
     sampling = sampling if temperature >= 1e-4 else {"do_sample": False}  # FastChat's rule: below, greedy
-    puts = itertools.count()  # a streamer's first put is the prompt, then one per generated token
+    puts = itertools.count()  # a streamer's first put (count 0: no call) is the prompt, then one per token
     streamer = on_token and SimpleNamespace(put=lambda _: next(puts) and on_token(), end=lambda: None)
     torch.manual_seed(seed)
     with torch.no_grad():

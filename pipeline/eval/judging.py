@@ -51,7 +51,7 @@ def build_tasks(questions: list[Question], answers: Answers, prompts: dict[str, 
                 judge_identity: dict[str, Any], samples: int, pair: tuple[str, str] | None = None,
                 ) -> list[JudgeTask]:  # fmt: skip
     """Tasks grading every model's every answer turn; with ``pair``, every turn pairwise, in both orders."""
-    tasks = []
+    tasks = []  # sides: the model tuples judged on one prompt — (a, b) and (b, a) pairwise, else (model,)
     for sides in [[pair, pair[::-1]]] if pair else [[(model,)] for model in answers]:
         for q in questions:
             for turn in range(1, len(q.turns) + 1):

@@ -142,7 +142,7 @@ def generate_all(config: PipelineConfig, questions: list[Question], answers_dir:
     if base:
         answer("base", model, load_tokenizer(config.model), base_identity)
     if adapter:
-        own = config.model.model_copy(update=folder | {"chat_template": None})  # saved with it: its template
+        own = config.model.model_copy(update=folder | {"chat_template": None, "trust_remote_code": False})
         tokenizer = load_tokenizer(own if (tuned_path / "tokenizer_config.json").is_file() else config.model)
         model, merged = merge_verified(attach_adapter(model, tuned_path), tokenizer, config)
         suffix = f"+adapter:{weights_digest(tuned_path)}" + ("+merged" if merged else "")
