@@ -255,6 +255,7 @@ def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) 
     per-source slices, the first ``eval_size`` / ``eval_fraction`` of the mixture in hash order are eval."""
     data, seed = config.data, data_seed(config)
     rng, held_out, mixed = random.Random(seed), [], []
+    per_source = [list(rows) for rows in per_source]  # the caller's lists stay as they are
     for index, (source, rows) in enumerate(zip(data.sources, per_source, strict=True)):
         k = source.eval_samples or 0
         if k and k >= len(rows):
@@ -278,8 +279,12 @@ def split(per_source: list[list[Row]], config: PipelineConfig, counts: Counter) 
     if not mixed:
         raise StageError(f"data: no examples left after filtering (dropped: {dict(counts)})")
     n, fraction = len(mixed), data.eval_fraction
-    k = 0 if held_out else data.eval_size if data.eval_size is not None else max(
-        round(fraction * n), int(fraction > 0 and n >= 2))  # fmt: skip
+    if held_out:  # the per-source slices are the eval split
+        k = 0
+    elif data.eval_size is not None:
+        k = data.eval_size
+    else:  # a fraction > 0 holds out at least one row once there are two
+        k = max(round(fraction * n), int(fraction > 0 and n >= 2))
     if k >= n:
         raise StageError(f"data.eval_size: {k} eval rows leave no training rows ({n} rows after filtering)")
     ordered = hash_order(mixed, seed)
